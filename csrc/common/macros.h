@@ -1,0 +1,27 @@
+// Host/device qualifiers shared by the CPU (C++) and CUDA (.cu) builds. No torch here.
+#pragma once
+
+#if defined(__CUDACC__)
+#define DK_HD __host__ __device__ __forceinline__
+#else
+#define DK_HD inline
+#endif
+
+#include <cstdint>
+
+namespace distkern {
+
+// Element type of a tensor handed to a pure-CUDA launcher (the .cu files see no torch types).
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "float32";
+    case DType::F16: return "float16";
+    case DType::BF16: return "bfloat16";
+    case DType::F64: return "float64";
+  }
+  return "?";
+}
+
+}  // namespace distkern

@@ -1,0 +1,65 @@
+// The one torch library of distkern: every op schema lives here, and the Python module _C exposes
+// the build facts. Per-op CPU / CUDA files add their kernels with TORCH_LIBRARY_IMPL.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef DISTKERN_VERSION
+#define DISTKERN_VERSION "0+unknown"
+#endif
+#ifndef DISTKERN_ARCHS
+#define DISTKERN_ARCHS ""
+#endif
+
+TORCH_LIBRARY(distkern, m) {
+  // Squared Mahalanobis distance of each row of x (N, D) to N(mean, Σ) with Σ⁻¹ = W Wᵀ,
+  // W = factor (D, R): lower-triangular (D, D) when lower, any (D, R) otherwise. Returns (N,)
+  // in float32 (float64 for float64 x).
+  m.def("mahalanobis(Tensor x, Tensor mean, Tensor factor, bool lower=True) -> Tensor");
+  // Gradients of Σₙ grad[n]·d²[n]: (∂/∂x (N, D) in x's dtype, ∂/∂mean (D,) in float32/float64).
+  m.def(
+      "mahalanobis_backward(Tensor grad, Tensor x, Tensor mean, Tensor factor, bool lower=True)"
+      " -> (Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["version"] = DISTKERN_VERSION;
+  d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                       std::to_string(TORCH_VERSION_MINOR) + "." +
+                       std::to_string(TORCH_VERSION_PATCH);
+#ifdef DISTKERN_WITH_CUDA
+  d["cuda"] = true;
+#ifdef CUDA_VERSION
+  d["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string((CUDA_VERSION % 1000) / 10);
+#endif
+  d["cuda_archs"] = DISTKERN_ARCHS;
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = "";
+#endif
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["omp_max_threads"] = omp_get_max_threads();
+#else
+  d["openmp"] = false;
+  d["omp_max_threads"] = 1;
+#endif
+  d["intraop_threads"] = at::get_num_threads();
+  d["compiler"] = __VERSION__;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "distkern compiled kernels (ops are registered under torch.ops.distkern)";
+  m.def("build_info", &build_info, "Facts about how this module was built");
+}

@@ -1,0 +1,66 @@
+"""From a covariance to the whitening factor the Mahalanobis op takes."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["NotPositiveDefiniteError", "whitening_factor"]
+
+
+class NotPositiveDefiniteError(ValueError):
+    """A covariance that has no Cholesky factorisation (not positive definite)."""
+
+    def __init__(self, message: str, index: tuple[int, ...] | None = None, min_eigenvalue: float | None = None):
+        super().__init__(message)
+        self.index = index
+        self.min_eigenvalue = min_eigenvalue
+
+
+def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    r"""Lower-triangular ``L`` with ``(Σ + ridge·I)⁻¹ = L Lᵀ``, for :func:`distkern.mahalanobis`.
+
+    Computed in float64 without forming the inverse: with ``J`` the reversal permutation and
+    ``JΣJ = C Cᵀ`` (Cholesky), ``Σ = U Uᵀ`` with ``U = JCJ`` upper-triangular, and
+    ``L = U⁻ᵀ`` is lower-triangular with ``L Lᵀ = Σ⁻¹``; then ``Lᵀ(x − μ) = U⁻¹(x − μ)``.
+
+    Args:
+        cov: ``(..., D, D)`` symmetric covariance(s); a batch gives one factor per matrix.
+        ridge: added to the diagonal before factorising (diagonal loading), ``≥ 0``.
+        dtype: dtype of the returned factor (``None``: float64).
+
+    Raises:
+        NotPositiveDefiniteError: a covariance is not positive definite; the message names its
+            batch index and its smallest eigenvalue, and suggests a ridge.
+        ValueError: wrong shape, non-finite entries, or a negative ridge.
+    """
+    if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
+        raise ValueError(f"whitening_factor: cov must be a (..., D, D) square matrix; got shape {tuple(cov.shape)}")
+    if ridge < 0:
+        raise ValueError(f"whitening_factor: ridge must be >= 0; got {ridge}")
+    c = cov.to(torch.float64)
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("whitening_factor: cov has non-finite (inf or NaN) entries")
+    c = 0.5 * (c + c.transpose(-1, -2))
+    D = c.shape[-1]
+    if ridge:
+        c = c + ridge * torch.eye(D, dtype=c.dtype, device=c.device)
+    rev = torch.arange(D - 1, -1, -1, device=c.device)
+    c_rev = c[..., rev, :][..., :, rev]
+    chol, info = torch.linalg.cholesky_ex(c_rev)
+    bad = torch.nonzero(info.reshape(-1) > 0)
+    if bad.numel():
+        flat = int(bad[0, 0])
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), info.shape)) if info.dim() else ()
+        eig = torch.linalg.eigvalsh(c.reshape(-1, D, D)[flat])
+        where = f" at batch index {index}" if index else ""
+        raise NotPositiveDefiniteError(
+            f"whitening_factor: covariance{where} is not positive definite: smallest eigenvalue "
+            f"{float(eig[0]):.6g} (largest {float(eig[-1]):.6g}). Use shrinkage (e.g. Ledoit-Wolf) or "
+            f"pass ridge > 0 (e.g. ridge={max(1e-6, 1e-6 * abs(float(eig[-1]))):.1g}).",
+            index=index,
+            min_eigenvalue=float(eig[0]),
+        )
+    u = chol[..., rev, :][..., :, rev]  # Σ = U Uᵀ, U upper-triangular
+    eye = torch.eye(D, dtype=c.dtype, device=c.device).expand_as(u)
+    u_inv = torch.linalg.solve_triangular(u, eye, upper=True)
+    L = u_inv.transpose(-1, -2).tril().contiguous()
+    return L if dtype is None else L.to(dtype)

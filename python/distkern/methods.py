@@ -1,0 +1,1 @@
+"""Plugin registry (placeholder until the registry lands)."""
