@@ -22,6 +22,31 @@ from _version import __version__  # noqa: E402
 
 sys.path.pop(0)
 
+
+
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (as /usr/local/bin/nvcc
+    on some machines) makes it guess /usr/local, which has no CUDA headers. Prefer a directory that
+    has them."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    cands = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in cands:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")) and os.path.exists(
+            os.path.join(home, "bin", "nvcc")
+        ):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_find_cuda_home()
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -74,10 +99,11 @@ cpu_sources = ["csrc/distkern.cpp"] + [
 cuda_sources = _sources(["*/*_kernel.cu", "*/*_cuda.cpp"])
 
 define_macros = [("DISTKERN_VERSION", f'"{__version__}"'), ("DISTKERN_ARCHS", f'"{archs}"')]
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+# the C++ standard is left to torch (C++17 up to 2.13, C++20 from 2.14)
+cxx_flags = ["-O3", "-fopenmp"]
 if with_cuda:
     define_macros.append(("DISTKERN_WITH_CUDA", "1"))
-nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 
 # Build facts the Python side reads before it loads the compiled module, so a mismatch between the
 # torch it was built against and the torch it runs with gives a clear message instead of a linker trace.

@@ -8,6 +8,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef DISTKERN_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 #ifndef DISTKERN_VERSION
 #define DISTKERN_VERSION "0+unknown"
@@ -37,9 +40,7 @@ pybind11::dict build_info() {
                        std::to_string(TORCH_VERSION_PATCH);
 #ifdef DISTKERN_WITH_CUDA
   d["cuda"] = true;
-#ifdef CUDA_VERSION
-  d["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string((CUDA_VERSION % 1000) / 10);
-#endif
+  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
   d["cuda_archs"] = DISTKERN_ARCHS;
 #else
   d["cuda"] = false;

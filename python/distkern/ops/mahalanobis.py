@@ -44,6 +44,8 @@ def _mahalanobis_fake(x, mean, factor, lower=True):
     torch._check(x.dim() == 2, lambda: f"distkern.mahalanobis: x must be a 2-D tensor of shape (N, D); got {tuple(x.shape)}")
     torch._check(mean.dim() == 1, lambda: f"distkern.mahalanobis: mean must be a 1-D tensor of shape (D,); got {tuple(mean.shape)}")
     torch._check(factor.dim() == 2, lambda: f"distkern.mahalanobis: factor must be a 2-D tensor; got {tuple(factor.shape)}")
+    torch._check(mean.device == x.device and factor.device == x.device,
+                 lambda: f"distkern.mahalanobis: x, mean and factor must be on one device; got {x.device}, {mean.device}, {factor.device}")
     return x.new_empty((x.shape[0],), dtype=_acc_dtype(x))
 
 

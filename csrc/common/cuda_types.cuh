@@ -1,0 +1,25 @@
+// Element conversions for the pure-CUDA kernels (no torch headers).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace distkern {
+namespace cuda {
+
+template <typename acc_t, typename T>
+__device__ __forceinline__ acc_t to_acc(T v) { return static_cast<acc_t>(v); }
+template <>
+__device__ __forceinline__ float to_acc<float, __half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ T from_acc(acc_t v) { return static_cast<T>(v); }
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
+
+}  // namespace cuda
+}  // namespace distkern

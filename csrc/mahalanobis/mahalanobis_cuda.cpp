@@ -1,0 +1,70 @@
+// CUDA entry points of the Mahalanobis op: checks, device guard, stream, dtype → launcher.
+// Built only when distkern is built with CUDA (setup.py); the kernels live in the pure-CUDA
+// mahalanobis_kernel.cu.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/macros.h"
+#include "mahalanobis/mahalanobis.h"
+#include "mahalanobis/mahalanobis_launch.h"
+
+namespace distkern {
+namespace mahalanobis {
+namespace {
+
+constexpr const char* kFwd = "distkern.mahalanobis";
+constexpr const char* kBwd = "distkern.mahalanobis_backward";
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    case at::kDouble: return DType::F64;
+    default: TORCH_CHECK_TYPE(false, "distkern: unsupported dtype ", t);
+  }
+}
+
+at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& factor,
+                        bool lower) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  Inputs in = prepare(kFwd, x, mean, factor, lower);
+  at::Tensor out = at::empty({in.N}, x.options().dtype(in.acc));
+  if (in.N == 0) return out;
+  C10_CUDA_CHECK(launch_forward(to_dtype(x.scalar_type()), x.data_ptr(), x.stride(0), x.stride(1),
+                                in.mean.data_ptr(), in.factor.data_ptr(), out.data_ptr(), in.N,
+                                in.D, in.R, lower, at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                 const at::Tensor& mean, const at::Tensor& factor,
+                                                 bool lower) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  Inputs in = prepare(kBwd, x, mean, factor, lower);
+  at::Tensor g = prepare_grad(kBwd, grad, x, in);
+  at::Tensor gx = at::empty({in.N, in.D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (in.N == 0) return {gx, at::zeros({in.D}, in.mean.options())};
+  const int64_t blocks = (in.N + kRowsPerBlock - 1) / kRowsPerBlock;
+  at::Tensor z = at::empty({in.N, in.R}, in.mean.options());
+  at::Tensor partial = at::empty({blocks, in.D}, in.mean.options());
+  C10_CUDA_CHECK(launch_backward(to_dtype(x.scalar_type()), x.data_ptr(), x.stride(0),
+                                 x.stride(1), g.data_ptr(), in.mean.data_ptr(),
+                                 in.factor.data_ptr(), z.data_ptr(), gx.data_ptr(),
+                                 partial.data_ptr(), in.N, in.D, in.R, lower,
+                                 at::cuda::getCurrentCUDAStream()));
+  return {gx, partial.sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distkern, CUDA, m) {
+  m.impl("mahalanobis", &forward_cuda);
+  m.impl("mahalanobis_backward", &backward_cuda);
+}
+
+}  // namespace mahalanobis
+}  // namespace distkern
