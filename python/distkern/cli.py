@@ -1,0 +1,215 @@
+"""The ``distkern`` command: ``info``, ``plugins`` and ``bench``.
+
+Exit codes: 0 success, 1 failure (one line on stderr; a traceback with ``--debug`` or
+``DISTKERN_DEBUG=1``), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+_COLUMNS = ("name", "kind", "package", "version", "status", "error")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _registered_ops() -> list[str]:
+    import torch
+
+    try:
+        names = torch._C._dispatch_get_all_op_names()
+    except Exception:  # noqa: BLE001  private API: fall back to nothing rather than fail
+        return []
+    return sorted(n for n in names if n.startswith("distkern::"))
+
+
+def _plugin_rows() -> list[dict[str, Any]]:
+    from . import methods
+
+    return [m.to_dict() for m in methods.available()]
+
+
+def _info() -> dict[str, Any]:
+    import torch
+
+    import distkern
+
+    devices: list[dict[str, Any]] = [{"type": "cpu", "name": _cpu_name(),
+                                      "threads": torch.get_num_threads()}]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            devices.append({"type": "cuda", "index": i, "name": torch.cuda.get_device_name(i),
+                            "capability": f"{major}.{minor}"})
+    return {
+        "version": distkern.__version__,
+        "build": distkern.build_info(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "devices": devices,
+        "ops": _registered_ops(),
+        "plugins": _plugin_rows(),
+    }
+
+
+def _first_line(text: Any) -> str:
+    if text is None:
+        return ""
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        from .methods import ENTRY_POINT_GROUP
+
+        print(f"no methods registered (entry-point group {ENTRY_POINT_GROUP!r})")
+        return
+    cells = [[_first_line(r.get(c)) if c == "error" else str(r.get(c) or "") for c in _COLUMNS]
+             for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(_COLUMNS)]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        Console = None  # noqa: N806
+    if Console is None or not sys.stdout.isatty():  # plain aligned text for pipes
+        for row in [list(_COLUMNS), *cells]:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        return
+    console, table = Console(), Table()
+    room = max(12, console.width - sum(widths[:-1]) - 3 * len(_COLUMNS) - 1)
+    for c, w in zip(_COLUMNS, widths):  # the error column gives way (full text: --json)
+        table.add_column(c, no_wrap=True, overflow="ellipsis", max_width=room if c == "error" else w)
+    styles = {"ok": "green", "collision": "yellow"}
+    for row in cells:
+        table.add_row(*row, style=styles.get(row[4], "red"))
+    console.print(table)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = _info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"distkern {info['version']}  (torch {info['torch']}, python {info['python']})")
+    print("build:")
+    for key, value in info["build"].items():
+        print(f"  {key:16} {value}")
+    print("devices:")
+    for d in info["devices"]:
+        extra = f"  ({d['threads']} threads)" if d["type"] == "cpu" else f"  (sm_{d['capability']})"
+        label = "cpu" if d["type"] == "cpu" else f"cuda:{d['index']}"
+        print(f"  {label:8} {d['name']}{extra}")
+    print(f"ops ({len(info['ops'])}):")
+    for op in info["ops"]:
+        print(f"  {op}")
+    print("plugins:")
+    _print_table(info["plugins"])
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    rows = _plugin_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        _print_table(rows)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from . import bench
+    except ImportError as e:
+        if _debug(args):
+            raise
+        print(f"distkern: error: the benchmark harness is not available ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return 1
+    run = getattr(bench, "main", None)
+    if run is None:
+        print("distkern: error: the benchmark harness is not available (distkern.bench has no main)",
+              file=sys.stderr)
+        return 1
+    return int(run(list(args.bench_args)) or 0)
+
+
+def _debug(args: argparse.Namespace | None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("DISTKERN_DEBUG", "") not in ("", "0")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="distkern",
+        description="Fused C++/CUDA kernels for learned-distribution methods.",
+        epilog="Set DISTKERN_DEBUG=1 (or pass --debug) to see tracebacks.")
+    parser.add_argument("--version", action="version", version=f"distkern {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks on errors")
+
+    p = sub.add_parser("info", parents=[common], help="build, device, op and plugin information",
+                       description="Show how distkern was built, the torch it runs with, the "
+                                   "devices, the registered torch ops and the plugin table.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("plugins", parents=[common], help="list the method plugins and their status",
+                       description="List every method of the 'distkern.methods' registry with its "
+                                   "kind, package, version and status (ok, broken, incompatible, "
+                                   "collision).")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("bench", help="run the microbenchmarks (arguments go to the harness)",
+                       description="Run the microbenchmark harness; every argument after "
+                                   "'bench' is passed to it (try 'distkern bench --help').",
+                       add_help=False)
+    p.set_defaults(func=_cmd_bench, bench_args=[])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``distkern`` command line; returns the exit code."""
+    parser = _parser()
+    args: argparse.Namespace | None = None
+    try:
+        args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+        if args.command == "bench":
+            args.bench_args = extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.func(args))
+    except SystemExit as e:  # argparse: --help / --version (0) and usage errors (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        print("distkern: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        if _debug(args):
+            raise
+        print(f"distkern: error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        return 1
