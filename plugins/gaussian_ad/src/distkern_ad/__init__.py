@@ -1,0 +1,4 @@
+"""Anomaly-detection method plugins for distkern."""
+from .gaussian_ad import GaussianAD
+
+__all__ = ["GaussianAD"]
