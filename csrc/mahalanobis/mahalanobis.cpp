@@ -45,7 +45,13 @@ Inputs prepare(const char* op, const at::Tensor& x, const at::Tensor& mean,
     if (factor.device().is_cpu()) {
       // Cheap on the CPU (D² reads, no device sync): a full matrix passed as a triangular factor
       // would otherwise give a silently wrong distance.
-      const bool upper_zero = at::triu(in.factor, 1).eq(0).all().item<bool>();
+      bool upper_zero = true;
+      AT_DISPATCH_FLOATING_TYPES(in.factor.scalar_type(), "mahalanobis_check_lower", [&] {
+        const scalar_t* w = in.factor.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < D && upper_zero; ++i)
+          for (int64_t j = i + 1; j < D; ++j)
+            if (w[i * D + j] != scalar_t(0)) { upper_zero = false; break; }
+      });
       TORCH_CHECK_VALUE(upper_zero, op,
                         ": factor must be lower-triangular when lower=True (Σ⁻¹ = L Lᵀ), but "
                         "its strict upper triangle has non-zero entries; pass lower=False to "

@@ -22,9 +22,12 @@ constexpr const char* kFwd = "distkern.mahalanobis";
 constexpr const char* kBwd = "distkern.mahalanobis_backward";
 constexpr int64_t kBlockCols = 64;  // column block of the triangular product
 
-// Rows per tile: keep the centred tile near 256 KiB (L2-resident), within [16, 1024] rows.
-int64_t tile_rows(int64_t D, int64_t elem) {
-  const int64_t rows = (256 * 1024) / std::max<int64_t>(1, D * elem);
+// Rows per tile: keep the centred tile near 256 KiB (L2-resident), within [16, 1024] rows, and
+// small enough that a small N still gives every thread a few tiles.
+int64_t tile_rows(int64_t N, int64_t D, int64_t elem) {
+  int64_t rows = (256 * 1024) / std::max<int64_t>(1, D * elem);
+  const int64_t per_thread = (N + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  rows = std::min(rows, std::max<int64_t>(per_thread, 16));
   return std::clamp<int64_t>(rows, 16, 1024);
 }
 
@@ -63,7 +66,7 @@ void tile_product(const at::Tensor& xc, const at::Tensor& W, at::Tensor& z, int6
 template <typename scalar_t, typename acc_t>
 void forward_impl(const at::Tensor& x, const Inputs& in, bool lower, at::Tensor& out) {
   const int64_t N = in.N, D = in.D, R = in.R;
-  const int64_t TM = tile_rows(D, sizeof(acc_t));
+  const int64_t TM = tile_rows(N, D, sizeof(acc_t));
   const int64_t ntiles = (N + TM - 1) / TM;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
@@ -166,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
   at::Tensor gx = at::empty({in.N, in.D}, x.options());
   if (in.N == 0) return {gx, at::zeros({in.D}, in.mean.options())};
   const int64_t elem = in.acc == at::kDouble ? 8 : 4;
-  const int64_t TM = tile_rows(in.D, elem);
+  const int64_t TM = tile_rows(in.N, in.D, elem);
   const int64_t ntiles = (in.N + TM - 1) / TM;
   // Per-tile partial sums of ∂L/∂μ = −Σₙ ∂L/∂xₙ, summed in a fixed order: deterministic.
   at::Tensor partial = at::empty({ntiles, in.D}, in.mean.options());

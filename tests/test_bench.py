@@ -1,0 +1,106 @@
+"""The benchmark harness (`distkern bench`): a quick CPU run, listing, argument errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+bench = pytest.importorskip("distkern.bench")
+
+
+def test_quick_cpu_run_writes_json(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    assert bench.main(["--quick", "--quiet", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+
+    assert res["device"]["type"] == "cpu"
+    assert res["torch_version"] == torch.__version__
+    assert "cuda" in res["build_info"]
+    assert res["host"]["cpu_count"] >= 1
+    assert res["timestamp"] and res["memory_method"] and res["timing_method"]
+    ceil = res["ceilings"]
+    assert ceil["copy"]["gb_per_s"] > 0
+    assert ceil["matmul_fp32"]["gflop_per_s"] > 0
+
+    maha = [c for c in res["cases"] if c["op"] == "mahalanobis"]
+    assert maha, "no mahalanobis case in the quick suite"
+    for c in maha:
+        assert c["status"] == "ok", c["error"]
+        assert c["rel_err"] is not None and c["rel_err"] <= c["tolerance"]
+        assert c["bytes"] > 0 and c["flops"] > 0 and c["floor_s"] > 0
+        ours = c["impls"]["ours"]
+        assert math.isfinite(ours["median_s"]) and ours["median_s"] > 0
+        assert 0 < ours["min_s"] <= ours["median_s"]
+        assert ours["gb_per_s"] > 0 and ours["gflop_per_s"] > 0 and ours["floor_fraction"] > 0
+        eager = c["impls"][c["primary_baseline"]]
+        assert eager["kind"] == "baseline"
+        assert eager["ratio"] > 0 and math.isfinite(eager["ratio"])
+        assert eager["ratio"] == pytest.approx(eager["median_s"] / ours["median_s"])
+        if res["memory_method"].startswith("peak RSS"):
+            assert ours["peak_mem_bytes"] is not None and eager["peak_mem_bytes"] is not None
+
+    out = capsys.readouterr().out
+    assert "mahalanobis" in out and "eager" in out
+
+
+def test_run_returns_results_dict():
+    res = bench.run("cpu", ["mahalanobis"], quick=True, repeats=2)
+    assert res["mode"] == "quick"
+    assert all(c["impls"]["ours"]["repeats"] == 2 for c in res["cases"])
+
+
+def test_relative_error_flags_disagreement():
+    ref = torch.tensor([1.0, 2.0, 4.0])
+    assert bench.relative_error(ref.clone(), ref) == 0.0
+    assert bench.relative_error(ref * 1.1, ref) == pytest.approx(0.1)
+    assert bench.relative_error(torch.tensor([1.0, float("nan"), 4.0]), ref) == math.inf
+    assert bench.relative_error(torch.ones(2), ref) == math.inf
+
+
+def test_list(capsys):
+    assert bench.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "mahalanobis/N=200000 D=256 fp32" in out
+    assert bench.main(["--list", "--quick", "--ops", "mahalanobis"]) == 0
+    assert "N=2000 D=64" in capsys.readouterr().out
+
+
+def test_unknown_op_is_a_usage_error(capsys):
+    assert bench.main(["--ops", "no-such-op"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-op" in err and "mahalanobis" in err
+
+
+def test_bad_arguments_exit_2():
+    assert bench.main(["--device", "tpu"]) == 2
+    assert bench.main(["--repeats", "0"]) == 2
+
+
+def test_help_exits_0(capsys):
+    assert bench.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for opt in ("--device", "--ops", "--quick", "--json", "--repeats", "--list"):
+        assert opt in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_unavailable_exits_1(capsys):
+    assert bench.main(["--device", "cuda", "--quick"]) == 1
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quick_cuda_run(tmp_path):
+    import distkern
+
+    if not distkern.build_info().get("cuda"):
+        pytest.skip("distkern built without CUDA kernels")
+    path = tmp_path / "c.json"
+    assert bench.main(["--device", "cuda", "--quick", "--quiet", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    assert res["device"]["type"] == "cuda"
+    assert "matmul_bf16" in res["ceilings"]
+    assert all(c["status"] == "ok" for c in res["cases"])
