@@ -10,7 +10,7 @@
 #   build      venv /tmp/dkvenv (--system-site-packages), distkern with DISTKERN_CUDA=1, plugins/*
 #                                                            -> OUTDIR/build.log
 #   test       python -m pytest -m cuda                     -> OUTDIR/pytest.log, OUTDIR/pytest-junit.xml
-#   sanitizer  compute-sanitizer memcheck on the -k sanitizer CUDA test -> OUTDIR/sanitizer.log
+#   sanitizer  compute-sanitizer memcheck on the test_cuda_sanitizer* tests -> OUTDIR/sanitizer.log
 #   bench      distkern bench --device cuda --json          -> OUTDIR/bench.log,
 #                                                              OUTDIR/bench-cuda-<gpu>-<date>.json
 #   summary    steps ok/FAILED with seconds, then the bench table -> stdout and OUTDIR/summary.txt
@@ -234,14 +234,16 @@ step_sanitizer() {
         echo "GPU_CHECK_SKIP: compute-sanitizer missing"
         return 0
     fi
-    if [ ! -f tests/test_mahalanobis.py ]; then
-        echo "GPU_CHECK_SKIP: tests/test_mahalanobis.py missing"
+    local files
+    files=$(grep -l 'def test_cuda_sanitizer' tests/test_*.py 2>/dev/null | tr '\n' ' ')
+    if [ -z "$files" ]; then
+        echo "GPU_CHECK_SKIP: no test_cuda_sanitizer* test in tests/"
         return 0
     fi
     local rc=0
     # No caching allocator: out-of-bounds accesses land outside torch's pooled blocks and are seen.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool memcheck --error-exitcode 3 \
-        "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_mahalanobis.py -m cuda -k sanitizer || rc=$?
+        "$VENV/bin/python" -m pytest -q -p no:cacheprovider $files -m cuda -k sanitizer || rc=$?
     if [ "$rc" -eq 5 ]; then
         echo "GPU_CHECK_SKIP: no CUDA test matches -k sanitizer"
         return 0

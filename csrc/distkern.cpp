@@ -28,6 +28,14 @@ TORCH_LIBRARY(distkern, m) {
   m.def(
       "mahalanobis_backward(Tensor grad, Tensor x, Tensor mean, Tensor factor, bool lower=True)"
       " -> (Tensor, Tensor)");
+  // K Gaussians: x (N, D), means (K, D), factors one shared (D, R) or one per component
+  // (K, D, R). Squared distances (N, K); their minimum and argmin over K; or the GMM-style
+  // logsumexp_k(bias[k] − d²_k / 2).
+  m.def("mahalanobis_k(Tensor x, Tensor means, Tensor factors, bool lower=True) -> Tensor");
+  m.def("mahalanobis_k_min(Tensor x, Tensor means, Tensor factors, bool lower=True) -> (Tensor, Tensor)");
+  m.def(
+      "mahalanobis_k_logsumexp(Tensor x, Tensor means, Tensor factors, Tensor bias, bool lower=True)"
+      " -> Tensor");
 }
 
 namespace {

@@ -6,6 +6,31 @@
 namespace distkern {
 namespace mahalanobis {
 
+namespace {
+
+// With lower=True only the lower triangle of a factor is used. On the CPU a non-zero strict upper
+// triangle is refused (cheap: D² reads, no device sync; a full matrix passed as a triangular
+// factor would otherwise give a silently wrong distance). On a GPU the check would cost a host
+// sync: the strict upper triangle is zeroed instead.
+at::Tensor checked_lower(const char* op, const at::Tensor& f, bool on_cpu) {
+  if (!on_cpu) return f.tril();
+  const int64_t D = f.size(-1), batches = f.numel() / (D * D);
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "mahalanobis_check_lower", [&] {
+    const scalar_t* w = f.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batches; ++b)
+      for (int64_t i = 0; i < D; ++i)
+        for (int64_t j = i + 1; j < D; ++j)
+          TORCH_CHECK_VALUE(w[(b * D + i) * D + j] == scalar_t(0), op,
+                            batches > 1 ? ": factors[" + std::to_string(b) + "]" : std::string(": factor"),
+                            " must be lower-triangular when lower=True (Σ⁻¹ = L Lᵀ), but its "
+                            "strict upper triangle has non-zero entries; pass lower=False to use "
+                            "it as a general whitening matrix");
+  });
+  return f;
+}
+
+}  // namespace
+
 Inputs prepare(const char* op, const at::Tensor& x, const at::Tensor& mean,
                const at::Tensor& factor, bool lower) {
   check_dim(op, "x", x, 2, "(N, D)");
@@ -41,26 +66,7 @@ Inputs prepare(const char* op, const at::Tensor& x, const at::Tensor& mean,
   in.acc = acc_type(x.scalar_type());
   in.mean = mean.to(in.acc).contiguous();
   in.factor = factor.to(in.acc).contiguous();
-  if (lower) {
-    if (factor.device().is_cpu()) {
-      // Cheap on the CPU (D² reads, no device sync): a full matrix passed as a triangular factor
-      // would otherwise give a silently wrong distance.
-      bool upper_zero = true;
-      AT_DISPATCH_FLOATING_TYPES(in.factor.scalar_type(), "mahalanobis_check_lower", [&] {
-        const scalar_t* w = in.factor.data_ptr<scalar_t>();
-        for (int64_t i = 0; i < D && upper_zero; ++i)
-          for (int64_t j = i + 1; j < D; ++j)
-            if (w[i * D + j] != scalar_t(0)) { upper_zero = false; break; }
-      });
-      TORCH_CHECK_VALUE(upper_zero, op,
-                        ": factor must be lower-triangular when lower=True (Σ⁻¹ = L Lᵀ), but "
-                        "its strict upper triangle has non-zero entries; pass lower=False to "
-                        "use it as a general whitening matrix");
-    } else {
-      // On a GPU the check would cost a host sync: the strict upper triangle is ignored instead.
-      in.factor = in.factor.tril();
-    }
-  }
+  if (lower) in.factor = checked_lower(op, in.factor, factor.device().is_cpu());
   return in;
 }
 
@@ -72,6 +78,67 @@ at::Tensor prepare_grad(const char* op, const at::Tensor& grad, const at::Tensor
   TORCH_CHECK_VALUE(grad.size(0) == in.N, op, ": grad must have N = ", in.N,
                     " entries; got shape ", shape_str(grad));
   return grad.to(in.acc).contiguous();
+}
+
+
+KInputs prepare_k(const char* op, const at::Tensor& x, const at::Tensor& means,
+                  const at::Tensor& factors, bool lower, const c10::optional<at::Tensor>& bias) {
+  check_dim(op, "x", x, 2, "(N, D)");
+  check_float(op, "x", x);
+  check_dim(op, "means", means, 2, "(K, D)");
+  check_float(op, "means", means);
+  check_float(op, "factors", factors);
+  check_same_device(op, "means", means, "x", x);
+  check_same_device(op, "factors", factors, "x", x);
+  const int64_t N = x.size(0), D = x.size(1), K = means.size(0);
+  TORCH_CHECK_VALUE(D > 0, op, ": x must have at least one feature (D > 0); got shape ", shape_str(x));
+  TORCH_CHECK_VALUE(K > 0, op, ": means must hold at least one component (K > 0); got shape ",
+                    shape_str(means));
+  TORCH_CHECK_VALUE(means.size(1) == D, op, ": means must be (K, D) with D = ", D,
+                    " to match x of shape ", shape_str(x), "; got shape ", shape_str(means));
+  TORCH_CHECK_VALUE(factors.dim() == 2 || factors.dim() == 3, op,
+                    ": factors must be one shared (D, R) factor or one per component (K, D, R); "
+                    "got shape ", shape_str(factors));
+  const bool shared = factors.dim() == 2;
+  if (!shared) {
+    TORCH_CHECK_VALUE(factors.size(0) == K, op, ": factors must have K = ", K,
+                      " components to match means of shape ", shape_str(means), "; got shape ",
+                      shape_str(factors));
+  }
+  TORCH_CHECK_VALUE(factors.size(-2) == D, op, ": factors must have D = ", D,
+                    " rows to match x of shape ", shape_str(x), "; got shape ", shape_str(factors));
+  const int64_t R = factors.size(-1);
+  TORCH_CHECK_VALUE(R > 0, op, ": factors must have at least one column; got shape ", shape_str(factors));
+  if (lower) {
+    TORCH_CHECK_VALUE(R == D, op, ": with lower=True the factors must be square lower-triangular (D, D) "
+                      "matrices with D = ", D, "; got shape ", shape_str(factors),
+                      " (pass lower=False for general (D, R) whitening matrices)");
+  }
+  KInputs in;
+  in.N = N;
+  in.D = D;
+  in.R = R;
+  in.K = K;
+  in.shared = shared;
+  in.acc = acc_type(x.scalar_type());
+  in.means = means.to(in.acc).contiguous();
+  in.factors = factors.to(in.acc).contiguous();
+  if (lower) in.factors = checked_lower(op, in.factors, factors.device().is_cpu());
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    check_dim(op, "bias", b, 1, "(K,)");
+    check_float(op, "bias", b);
+    check_same_device(op, "bias", b, "x", x);
+    TORCH_CHECK_VALUE(b.size(0) == K, op, ": bias must have K = ", K, " entries; got shape ", shape_str(b));
+    in.bias = b.to(in.acc).contiguous();
+  }
+  if (shared) {
+    in.center = in.means.mean(0);
+    in.V = at::mm(in.means - in.center, in.factors).contiguous();  // K×R
+    in.vv = (in.V * in.V).sum(1).contiguous();
+    in.bmat = at::mm(in.factors, in.V.t()).contiguous();  // D×K
+  }
+  return in;
 }
 
 }  // namespace mahalanobis

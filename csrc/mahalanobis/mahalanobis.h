@@ -24,3 +24,27 @@ at::Tensor prepare_grad(const char* op, const at::Tensor& grad, const at::Tensor
 
 }  // namespace mahalanobis
 }  // namespace distkern
+
+namespace distkern {
+namespace mahalanobis {
+
+// Checked inputs of the K-Gaussian ops. factors is either one shared (D, R) factor or one per
+// component (K, D, R); for a shared factor the K transformed means are precomputed here
+// (K·D·R work, next to the N·D·R + N·R·K of the op):
+//   center = mean of the means (D), V = (means − center)·W (K×R), vv = ‖V_k‖² (K),
+//   bmat = W·Vᵀ (D×K).
+struct KInputs {
+  at::Tensor means;    // (K, D) acc, contiguous
+  at::Tensor factors;  // (D, R) or (K, D, R) acc, contiguous
+  at::Tensor bias;     // (K,) acc or undefined
+  bool shared = false;
+  at::Tensor center, V, vv, bmat;
+  int64_t N, D, R, K;
+  at::ScalarType acc;
+};
+
+KInputs prepare_k(const char* op, const at::Tensor& x, const at::Tensor& means,
+                  const at::Tensor& factors, bool lower, const c10::optional<at::Tensor>& bias);
+
+}  // namespace mahalanobis
+}  // namespace distkern

@@ -180,11 +180,117 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
   return {gx, partial.sum(0)};
 }
 
+
+// ---- K Gaussians ---------------------------------------------------------------------------------
+
+enum class KRed { None, Min, LogSumExp };
+
+// One tile of rows against all K components → dist (m×K, row stride ldd), then the reduction.
+template <typename scalar_t, typename acc_t>
+void k_impl(const at::Tensor& x, const KInputs& in, bool lower, KRed red, at::Tensor& out,
+            at::Tensor& idx) {
+  const int64_t N = in.N, D = in.D, R = in.R, K = in.K;
+  const int64_t TM = tile_rows(N, D, sizeof(acc_t));
+  const int64_t ntiles = (N + TM - 1) / TM;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+  const acc_t* means = in.means.data_ptr<acc_t>();
+  const acc_t* bias = in.bias.defined() ? in.bias.data_ptr<acc_t>() : nullptr;
+  acc_t* op = out.data_ptr<acc_t>();
+  int64_t* ip = red == KRed::Min ? idx.data_ptr<int64_t>() : nullptr;
+  const auto opts = in.means.options();
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor xc = at::empty({TM, D}, opts);
+    at::Tensor z = at::empty({TM, R}, opts);
+    at::Tensor dbuf = red == KRed::None ? at::Tensor() : at::empty({TM, K}, opts);
+    std::vector<acc_t> guard(TM);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * TM, m = std::min(TM, N - r0);
+      // The N×K output is written in place; a reduction goes through a tile-sized buffer.
+      at::Tensor dist = red == KRed::None ? out.narrow(0, r0, m) : dbuf.narrow(0, 0, m);
+      acc_t* dp = dist.data_ptr<acc_t>();
+      if (in.shared) {
+        center_tile(xp, sx0, sx1, r0, m, D, in.center.data_ptr<acc_t>(), xc.data_ptr<acc_t>(), guard.data());
+        tile_product(xc, in.factors, z, m, lower);
+        at::mm_out(dist, z.narrow(0, 0, m), in.V.t());
+        const acc_t* zp = z.data_ptr<acc_t>();
+        const acc_t* vv = in.vv.data_ptr<acc_t>();
+        for (int64_t i = 0; i < m; ++i) {
+          acc_t s = 0;
+          for (int64_t j = 0; j < R; ++j) s += zp[i * R + j] * zp[i * R + j];
+          const acc_t zz = finish(s, guard[i]);
+          for (int64_t k = 0; k < K; ++k) dp[i * K + k] = combine_shared(zz, dp[i * K + k], vv[k]);
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          center_tile(xp, sx0, sx1, r0, m, D, means + k * D, xc.data_ptr<acc_t>(), guard.data());
+          tile_product(xc, in.factors[k], z, m, lower);
+          const acc_t* zp = z.data_ptr<acc_t>();
+          for (int64_t i = 0; i < m; ++i) {
+            acc_t s = 0;
+            for (int64_t j = 0; j < R; ++j) s += zp[i * R + j] * zp[i * R + j];
+            dp[i * K + k] = finish(s, guard[i]);
+          }
+        }
+      }
+      if (red == KRed::Min) {
+        for (int64_t i = 0; i < m; ++i) {
+          MinAcc<acc_t> a;
+          a.init();
+          for (int64_t k = 0; k < K; ++k) a.update(dp[i * K + k], k);
+          op[r0 + i] = a.v;
+          ip[r0 + i] = a.idx;
+        }
+      } else if (red == KRed::LogSumExp) {
+        for (int64_t i = 0; i < m; ++i) {
+          LseAcc<acc_t> a;
+          a.init();
+          for (int64_t k = 0; k < K; ++k) a.update(bias[k] - acc_t(0.5) * dp[i * K + k]);
+          op[r0 + i] = a.result();
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> k_cpu(const char* name, const at::Tensor& x,
+                                         const at::Tensor& means, const at::Tensor& factors,
+                                         bool lower, const c10::optional<at::Tensor>& bias,
+                                         KRed red) {
+  KInputs in = prepare_k(name, x, means, factors, lower, bias);
+  at::Tensor out = red == KRed::None ? at::empty({in.N, in.K}, x.options().dtype(in.acc))
+                                     : at::empty({in.N}, x.options().dtype(in.acc));
+  at::Tensor idx = at::empty({red == KRed::Min ? in.N : 0}, x.options().dtype(at::kLong));
+  if (in.N == 0) return {out, idx};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mahalanobis_k_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    k_impl<scalar_t, acc_t>(x, in, lower, red, out, idx);
+  });
+  return {out, idx};
+}
+
+at::Tensor k_none_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& factors, bool lower) {
+  return std::get<0>(k_cpu("distkern.mahalanobis_k", x, means, factors, lower, c10::nullopt, KRed::None));
+}
+
+std::tuple<at::Tensor, at::Tensor> k_min_cpu(const at::Tensor& x, const at::Tensor& means,
+                                             const at::Tensor& factors, bool lower) {
+  return k_cpu("distkern.mahalanobis_k_min", x, means, factors, lower, c10::nullopt, KRed::Min);
+}
+
+at::Tensor k_lse_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& factors,
+                     const at::Tensor& bias, bool lower) {
+  return std::get<0>(k_cpu("distkern.mahalanobis_k_logsumexp", x, means, factors, lower, bias, KRed::LogSumExp));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(distkern, CPU, m) {
   m.impl("mahalanobis", &forward_cpu);
   m.impl("mahalanobis_backward", &backward_cpu);
+  m.impl("mahalanobis_k", &k_none_cpu);
+  m.impl("mahalanobis_k_min", &k_min_cpu);
+  m.impl("mahalanobis_k_logsumexp", &k_lse_cpu);
 }
 
 }  // namespace mahalanobis

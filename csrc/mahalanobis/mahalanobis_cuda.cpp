@@ -59,11 +59,60 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const a
   return {gx, partial.sum(0)};
 }
 
+std::tuple<at::Tensor, at::Tensor> k_cuda(const char* name, const at::Tensor& x,
+                                          const at::Tensor& means, const at::Tensor& factors,
+                                          bool lower, const c10::optional<at::Tensor>& bias,
+                                          KReduce red) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  KInputs in = prepare_k(name, x, means, factors, lower, bias);
+  at::Tensor out = red == KReduce::None ? at::empty({in.N, in.K}, x.options().dtype(in.acc))
+                                        : at::empty({in.N}, x.options().dtype(in.acc));
+  at::Tensor idx = at::empty({red == KReduce::Min ? in.N : 0}, x.options().dtype(at::kLong));
+  if (in.N == 0) return {out, idx};
+  const DType xt = to_dtype(x.scalar_type());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const void* bp = in.bias.defined() ? in.bias.data_ptr() : nullptr;
+  int64_t* ip = red == KReduce::Min ? idx.data_ptr<int64_t>() : nullptr;
+  if (in.shared) {
+    // ‖Wᵀ(x − center)‖² by the single-Gaussian kernel, then the cross term and the reduction.
+    at::Tensor zz = at::empty({in.N}, in.means.options());
+    C10_CUDA_CHECK(launch_forward(xt, x.data_ptr(), x.stride(0), x.stride(1), in.center.data_ptr(),
+                                  in.factors.data_ptr(), zz.data_ptr(), in.N, in.D, in.R, lower,
+                                  stream));
+    C10_CUDA_CHECK(launch_k_shared(xt, x.data_ptr(), x.stride(0), x.stride(1), in.center.data_ptr(),
+                                   in.bmat.data_ptr(), zz.data_ptr(), in.vv.data_ptr(), bp,
+                                   out.data_ptr(), ip, in.N, in.D, in.K, red, stream));
+  } else {
+    C10_CUDA_CHECK(launch_k_components(xt, x.data_ptr(), x.stride(0), x.stride(1),
+                                       in.means.data_ptr(), in.factors.data_ptr(), bp,
+                                       out.data_ptr(), ip, in.N, in.D, in.R, in.K, lower, red,
+                                       stream));
+  }
+  return {out, idx};
+}
+
+at::Tensor k_none_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& factors, bool lower) {
+  return std::get<0>(k_cuda("distkern.mahalanobis_k", x, means, factors, lower, c10::nullopt, KReduce::None));
+}
+
+std::tuple<at::Tensor, at::Tensor> k_min_cuda(const at::Tensor& x, const at::Tensor& means,
+                                              const at::Tensor& factors, bool lower) {
+  return k_cuda("distkern.mahalanobis_k_min", x, means, factors, lower, c10::nullopt, KReduce::Min);
+}
+
+at::Tensor k_lse_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& factors,
+                      const at::Tensor& bias, bool lower) {
+  return std::get<0>(k_cuda("distkern.mahalanobis_k_logsumexp", x, means, factors, lower, bias, KReduce::LogSumExp));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(distkern, CUDA, m) {
   m.impl("mahalanobis", &forward_cuda);
   m.impl("mahalanobis_backward", &backward_cuda);
+  m.impl("mahalanobis_k", &k_none_cuda);
+  m.impl("mahalanobis_k_min", &k_min_cuda);
+  m.impl("mahalanobis_k_logsumexp", &k_lse_cuda);
 }
 
 }  // namespace mahalanobis

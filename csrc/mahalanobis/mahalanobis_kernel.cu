@@ -1,13 +1,16 @@
-// CUDA schedule of the Mahalanobis op (pure CUDA: no torch headers; built standalone by
+// CUDA schedule of the Mahalanobis ops (pure CUDA: no torch headers; built standalone by
 // CMakeLists.txt for sm_80 / sm_90 and into distkern._C by setup.py).
 //
-// Forward: one tile-product kernel. Each block centres 64 rows of x as it loads them (any
-// strides, fp32/fp16/bf16/fp64 → fp32/fp64), multiplies by the factor tile by tile (skipping the
-// zero blocks of a triangular factor), and squares-and-sums z = Wᵀ(x − μ) in registers: no N×D
-// or N×R intermediate, x read once from DRAM (re-reads of a 64-row tile hit L1/L2).
-//
+// Single Gaussian, forward: one tile-product kernel. Each block centres 64 rows of x as it loads
+// them (any strides, fp32/fp16/bf16/fp64 → fp32/fp64), multiplies by the factor tile by tile
+// (skipping the zero blocks of a triangular factor), and squares-and-sums z = Wᵀ(x − μ) in
+// registers: no N×D or N×R intermediate, x read once from DRAM (re-reads of a 64-row tile hit
+// L1/L2).
 // Backward: z' = 2g·z into an N×R scratch, then gx = z'·Wᵀ with per-block column sums for ∂μ
 // (deterministic: reduced later in a fixed order).
+// K Gaussians: per-component factors loop the components inside a block (reductions over K stay
+// in registers) or spread them over blockIdx.y (N×K output); a shared factor adds one
+// N×D·D×K product to the single-Gaussian pass (see mahalanobis_math.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -24,18 +27,23 @@ namespace {
 using cuda::from_acc;
 using cuda::kTileM;
 using cuda::kTileN;
+using cuda::row_lanes_sum;
 using cuda::Tri;
 using cuda::to_acc;
 
 static_assert(kRowsPerBlock == kTileM, "partial-sum rows must match the tile");
 
+// ---- loaders ---------------------------------------------------------------------------------------
+
+// x centred on mean + p·mean_stride (one mean, or the K means of the components).
 template <typename T, typename acc_t>
 struct XLoad {
   const T* x;
   int64_t sx0, sx1;
   const acc_t* mean;
-  __device__ acc_t operator()(int64_t row, int64_t k, acc_t& guard) const {
-    return center(to_acc<acc_t>(x[row * sx0 + k * sx1]), mean[k], guard);
+  int64_t mean_stride;
+  __device__ acc_t operator()(int64_t p, int64_t row, int64_t k, acc_t& guard) const {
+    return center(to_acc<acc_t>(x[row * sx0 + k * sx1]), mean[p * mean_stride + k], guard);
   }
 };
 
@@ -43,54 +51,155 @@ template <typename acc_t>
 struct ZLoad {  // the N×R scratch, row-major
   const acc_t* z;
   int64_t R;
-  __device__ acc_t operator()(int64_t row, int64_t k, acc_t&) const { return z[row * R + k]; }
+  __device__ acc_t operator()(int64_t, int64_t row, int64_t k, acc_t&) const { return z[row * R + k]; }
 };
 
 template <typename acc_t>
-struct FactorLoad {  // B = W (D×R)
+struct FactorLoad {  // B = W_p (D×R), W_p at w + p·stride
   const acc_t* w;
-  int64_t R;
-  __device__ acc_t operator()(int64_t k, int64_t j) const { return w[k * R + j]; }
+  int64_t R, stride;
+  __device__ acc_t operator()(int64_t p, int64_t k, int64_t j) const { return w[p * stride + k * R + j]; }
 };
 
 template <typename acc_t>
 struct FactorTLoad {  // B = Wᵀ (R×D): B[k][j] = W[j][k]
   const acc_t* w;
   int64_t R;
-  __device__ acc_t operator()(int64_t k, int64_t j) const { return w[j * R + k]; }
+  __device__ acc_t operator()(int64_t, int64_t k, int64_t j) const { return w[j * R + k]; }
 };
 
-// Forward epilogue: per-row sum of z², reduced over the 16 column threads, finished with the guard.
-template <typename acc_t>
+// ---- epilogues -------------------------------------------------------------------------------------
+
+// Per-row sums of squares over a problem's columns, reduced over the 16 column threads at the
+// end of each problem; what happens to the finished distance is the reduction's business:
+//   KReduce::None       out[row·ldo + p] = d²        (single Gaussian: ldo = 1, P = 1)
+//   KReduce::Min        running min / argmin over p
+//   KReduce::LogSumExp  running logsumexp of bias[p] − d²/2
+template <typename acc_t, KReduce RED>
 struct SumSqEpi {
   acc_t* out;
-  int64_t M;
+  int64_t* idx;
+  const acc_t* bias;
+  int64_t M, ldo;
   struct State {
     acc_t s[4];
+    MinAcc<acc_t> mn[4];
+    LseAcc<acc_t> lse[4];
   };
   __device__ void init(State& st) const {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) st.s[i] = 0;
+    for (int i = 0; i < 4; ++i) {
+      st.s[i] = 0;
+      st.mn[i].init();
+      st.lse[i].init();
+    }
   }
-  __device__ void block(State& st, const acc_t (&c)[4][4], int64_t, int64_t, acc_t*,
+  __device__ void block(State& st, const acc_t (&c)[4][4], int64_t, int64_t, int64_t, acc_t*,
                         const acc_t*) const {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) st.s[i] += c[i][j] * c[i][j];
   }
-  __device__ void finish(State& st, int64_t row_base, const acc_t* guard_rows) const {
+  __device__ void end_problem(State& st, int64_t p, int64_t row_base, const acc_t* guard_rows) const {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      acc_t v = st.s[i];
-      // The 16 threads sharing a row are lanes 0–15 or 16–31 of one warp.
-      v += __shfl_xor_sync(0xffffffffu, v, 8);
-      v += __shfl_xor_sync(0xffffffffu, v, 4);
-      v += __shfl_xor_sync(0xffffffffu, v, 2);
-      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      const acc_t v = row_lanes_sum(st.s[i]);
+      st.s[i] = 0;
       const int r = ty * 4 + i;
-      if (tx == 0 && row_base + r < M) out[row_base + r] = mahalanobis::finish(v, guard_rows[r]);
+      if (tx != 0 || row_base + r >= M) continue;
+      const acc_t d = mahalanobis::finish(v, guard_rows[r]);
+      if (RED == KReduce::None) out[(row_base + r) * ldo + p] = d;
+      if (RED == KReduce::Min) st.mn[i].update(d, p);
+      if (RED == KReduce::LogSumExp) st.lse[i].update(bias[p] - acc_t(0.5) * d);
+    }
+  }
+  __device__ void finish(State& st, int64_t row_base) const {
+    if (RED == KReduce::None) return;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = row_base + ty * 4 + i;
+      if (tx != 0 || row >= M) continue;
+      if (RED == KReduce::Min) {
+        out[row] = st.mn[i].v;
+        idx[row] = st.mn[i].idx;
+      } else {
+        out[row] = st.lse[i].result();
+      }
+    }
+  }
+};
+
+// Shared factor: the cross term (x − center)·B[:, col] combined with ‖z‖² and ‖v_col‖².
+template <typename acc_t, KReduce RED>
+struct SharedEpi {
+  acc_t* out;
+  int64_t* idx;
+  const acc_t* zz;
+  const acc_t* vv;
+  const acc_t* bias;
+  int64_t M, K;
+  struct State {
+    MinAcc<acc_t> mn[4];
+    LseAcc<acc_t> lse[4];
+  };
+  __device__ void init(State& st) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      st.mn[i].init();
+      st.lse[i].init();
+    }
+  }
+  __device__ void block(State& st, const acc_t (&c)[4][4], int64_t, int64_t row_base, int64_t j0,
+                        acc_t*, const acc_t*) const {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = row_base + ty * 4 + i;
+      if (row >= M) continue;
+      const acc_t z2 = zz[row];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t col = j0 + tx * 4 + j;
+        if (col >= K) continue;
+        const acc_t d = combine_shared(z2, c[i][j], vv[col]);
+        if (RED == KReduce::None) out[row * K + col] = d;
+        if (RED == KReduce::Min) st.mn[i].update(d, col);
+        if (RED == KReduce::LogSumExp) st.lse[i].update(bias[col] - acc_t(0.5) * d);
+      }
+    }
+  }
+  __device__ void end_problem(State&, int64_t, int64_t, const acc_t*) const {}
+  __device__ void finish(State& st, int64_t row_base) const {
+    if (RED == KReduce::None) return;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      // Combine the 16 column threads of the row (all lanes take part in the shuffles).
+#pragma unroll
+      for (int off = 8; off >= 1; off >>= 1) {
+        if (RED == KReduce::Min) {
+          MinAcc<acc_t> o;
+          o.v = __shfl_xor_sync(0xffffffffu, st.mn[i].v, off);
+          o.idx = __shfl_xor_sync(0xffffffffu, static_cast<long long>(st.mn[i].idx), off);
+          st.mn[i].merge(o);
+        } else {
+          LseAcc<acc_t> o;
+          o.m = __shfl_xor_sync(0xffffffffu, st.lse[i].m, off);
+          o.s = __shfl_xor_sync(0xffffffffu, st.lse[i].s, off);
+          st.lse[i].merge(o);
+        }
+      }
+      const int64_t row = row_base + ty * 4 + i;
+      if (tx != 0 || row >= M) continue;
+      if (RED == KReduce::Min) {
+        out[row] = st.mn[i].v;
+        idx[row] = st.mn[i].idx;
+      } else {
+        out[row] = st.lse[i].result();
+      }
     }
   }
 };
@@ -103,8 +212,8 @@ struct ScaleStoreEpi {
   int64_t M, R;
   struct State {};
   __device__ void init(State&) const {}
-  __device__ void block(State&, const acc_t (&c)[4][4], int64_t row_base, int64_t j0, acc_t*,
-                        const acc_t* guard_rows) const {
+  __device__ void block(State&, const acc_t (&c)[4][4], int64_t, int64_t row_base, int64_t j0,
+                        acc_t*, const acc_t* guard_rows) const {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -119,7 +228,8 @@ struct ScaleStoreEpi {
       }
     }
   }
-  __device__ void finish(State&, int64_t, const acc_t*) const {}
+  __device__ void end_problem(State&, int64_t, int64_t, const acc_t*) const {}
+  __device__ void finish(State&, int64_t) const {}
 };
 
 // Backward, second product: gx = z'·Wᵀ stored in x's dtype, and −Σ_rows gx per column block.
@@ -130,7 +240,7 @@ struct GradStoreEpi {
   int64_t M, D;
   struct State {};
   __device__ void init(State&) const {}
-  __device__ void block(State&, const acc_t (&c)[4][4], int64_t row_base, int64_t j0,
+  __device__ void block(State&, const acc_t (&c)[4][4], int64_t, int64_t row_base, int64_t j0,
                         acc_t* scratch, const acc_t*) const {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
@@ -156,27 +266,26 @@ struct GradStoreEpi {
     }
     __syncthreads();
   }
-  __device__ void finish(State&, int64_t, const acc_t*) const {}
+  __device__ void end_problem(State&, int64_t, int64_t, const acc_t*) const {}
+  __device__ void finish(State&, int64_t) const {}
 };
 
+// ---- typed launchers ---------------------------------------------------------------------------
+
 template <typename acc_t, typename A, typename B, typename E>
-cudaError_t launch_tiles(int64_t M, int64_t K, int64_t Ncols, Tri tri, A a, B b, E e,
-                         cudaStream_t stream) {
-  const int64_t blocks = (M + kTileM - 1) / kTileM;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  cuda::tile_gemm_rows_kernel<acc_t, A, B, E>
-      <<<static_cast<unsigned>(blocks), cuda::kTileThreads, 0, stream>>>(M, K, Ncols, tri, a, b, e);
-  return cudaGetLastError();
+cudaError_t launch(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int64_t ppb, A a, B b,
+                   E e, cudaStream_t stream) {
+  return cuda::launch_tile_gemm_rows<acc_t>(M, K, Ncols, tri, P, ppb, a, b, e, stream);
 }
 
 template <typename T, typename acc_t>
 cudaError_t forward_typed(const void* x, int64_t sx0, int64_t sx1, const void* mean,
                           const void* factor, void* out, int64_t N, int64_t D, int64_t R,
                           bool lower, cudaStream_t stream) {
-  XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(mean)};
-  FactorLoad<acc_t> b{static_cast<const acc_t*>(factor), R};
-  SumSqEpi<acc_t> e{static_cast<acc_t*>(out), N};
-  return launch_tiles<acc_t>(N, D, R, lower ? Tri::Lower : Tri::None, a, b, e, stream);
+  XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(mean), 0};
+  FactorLoad<acc_t> b{static_cast<const acc_t*>(factor), R, 0};
+  SumSqEpi<acc_t, KReduce::None> e{static_cast<acc_t*>(out), nullptr, nullptr, N, 1};
+  return launch<acc_t>(N, D, R, lower ? Tri::Lower : Tri::None, 1, 1, a, b, e, stream);
 }
 
 template <typename T, typename acc_t>
@@ -184,16 +293,82 @@ cudaError_t backward_typed(const void* x, int64_t sx0, int64_t sx1, const void* 
                            const void* mean, const void* factor, void* z, void* gx, void* partial,
                            int64_t N, int64_t D, int64_t R, bool lower, cudaStream_t stream) {
   const acc_t* w = static_cast<const acc_t*>(factor);
-  XLoad<T, acc_t> a1{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(mean)};
-  FactorLoad<acc_t> b1{w, R};
+  XLoad<T, acc_t> a1{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(mean), 0};
+  FactorLoad<acc_t> b1{w, R, 0};
   ScaleStoreEpi<acc_t> e1{static_cast<acc_t*>(z), static_cast<const acc_t*>(grad), N, R};
-  cudaError_t err = launch_tiles<acc_t>(N, D, R, lower ? Tri::Lower : Tri::None, a1, b1, e1, stream);
+  cudaError_t err = launch<acc_t>(N, D, R, lower ? Tri::Lower : Tri::None, 1, 1, a1, b1, e1, stream);
   if (err != cudaSuccess) return err;
   ZLoad<acc_t> a2{static_cast<const acc_t*>(z), R};
   FactorTLoad<acc_t> b2{w, R};
   GradStoreEpi<T, acc_t> e2{static_cast<T*>(gx), static_cast<acc_t*>(partial), N, D};
-  return launch_tiles<acc_t>(N, R, D, lower ? Tri::Upper : Tri::None, a2, b2, e2, stream);
+  return launch<acc_t>(N, R, D, lower ? Tri::Upper : Tri::None, 1, 1, a2, b2, e2, stream);
 }
+
+template <typename T, typename acc_t, KReduce RED>
+cudaError_t k_components_typed(const void* x, int64_t sx0, int64_t sx1, const void* means,
+                               const void* factors, const void* bias, void* out, int64_t* idx,
+                               int64_t N, int64_t D, int64_t R, int64_t K, bool lower,
+                               cudaStream_t stream) {
+  XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(means), D};
+  FactorLoad<acc_t> b{static_cast<const acc_t*>(factors), R, D * R};
+  SumSqEpi<acc_t, RED> e{static_cast<acc_t*>(out), idx, static_cast<const acc_t*>(bias), N, K};
+  // The N×K output spreads the components over blockIdx.y; a reduction keeps them in one block.
+  const int64_t ppb = RED == KReduce::None ? (K + 65534) / 65535 : K;
+  return launch<acc_t>(N, D, R, lower ? Tri::Lower : Tri::None, K, ppb, a, b, e, stream);
+}
+
+template <typename T, typename acc_t, KReduce RED>
+cudaError_t k_shared_typed(const void* x, int64_t sx0, int64_t sx1, const void* center,
+                           const void* bmat, const void* zz, const void* vv, const void* bias,
+                           void* out, int64_t* idx, int64_t N, int64_t D, int64_t K,
+                           cudaStream_t stream) {
+  XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(center), 0};
+  FactorLoad<acc_t> b{static_cast<const acc_t*>(bmat), K, 0};
+  SharedEpi<acc_t, RED> e{static_cast<acc_t*>(out), idx, static_cast<const acc_t*>(zz),
+                          static_cast<const acc_t*>(vv), static_cast<const acc_t*>(bias), N, K};
+  return launch<acc_t>(N, D, K, Tri::None, 1, 1, a, b, e, stream);
+}
+
+// dtype × reduction dispatch
+template <template <typename, typename, KReduce> class F, typename... Args>
+cudaError_t dispatch(DType xtype, KReduce red, Args... args) {
+#define DK_RED(T, A)                                                          \
+  switch (red) {                                                              \
+    case KReduce::None: return F<T, A, KReduce::None>::run(args...);          \
+    case KReduce::Min: return F<T, A, KReduce::Min>::run(args...);            \
+    case KReduce::LogSumExp: return F<T, A, KReduce::LogSumExp>::run(args...); \
+  }                                                                           \
+  return cudaErrorInvalidValue;
+  switch (xtype) {
+    case DType::F32: { DK_RED(float, float) }
+    case DType::F16: { DK_RED(__half, float) }
+    case DType::BF16: { DK_RED(__nv_bfloat16, float) }
+    case DType::F64: { DK_RED(double, double) }
+  }
+#undef DK_RED
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, typename A, KReduce R>
+struct KComponents {
+  template <typename... Args>
+  static cudaError_t run(Args... args) { return k_components_typed<T, A, R>(args...); }
+};
+template <typename T, typename A, KReduce R>
+struct KShared {
+  template <typename... Args>
+  static cudaError_t run(Args... args) { return k_shared_typed<T, A, R>(args...); }
+};
+template <typename T, typename A, KReduce R>
+struct Forward {
+  template <typename... Args>
+  static cudaError_t run(Args... args) { return forward_typed<T, A>(args...); }
+};
+template <typename T, typename A, KReduce R>
+struct Backward {
+  template <typename... Args>
+  static cudaError_t run(Args... args) { return backward_typed<T, A>(args...); }
+};
 
 }  // namespace
 
@@ -201,13 +376,7 @@ cudaError_t launch_forward(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                            const void* factor, void* out, int64_t N, int64_t D, int64_t R,
                            bool lower, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
-  switch (xtype) {
-    case DType::F32: return forward_typed<float, float>(x, sx0, sx1, mean, factor, out, N, D, R, lower, stream);
-    case DType::F16: return forward_typed<__half, float>(x, sx0, sx1, mean, factor, out, N, D, R, lower, stream);
-    case DType::BF16: return forward_typed<__nv_bfloat16, float>(x, sx0, sx1, mean, factor, out, N, D, R, lower, stream);
-    case DType::F64: return forward_typed<double, double>(x, sx0, sx1, mean, factor, out, N, D, R, lower, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch<Forward>(xtype, KReduce::None, x, sx0, sx1, mean, factor, out, N, D, R, lower, stream);
 }
 
 cudaError_t launch_backward(DType xtype, const void* x, int64_t sx0, int64_t sx1,
@@ -215,13 +384,26 @@ cudaError_t launch_backward(DType xtype, const void* x, int64_t sx0, int64_t sx1
                             void* gx, void* partial, int64_t N, int64_t D, int64_t R, bool lower,
                             cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
-  switch (xtype) {
-    case DType::F32: return backward_typed<float, float>(x, sx0, sx1, grad, mean, factor, z, gx, partial, N, D, R, lower, stream);
-    case DType::F16: return backward_typed<__half, float>(x, sx0, sx1, grad, mean, factor, z, gx, partial, N, D, R, lower, stream);
-    case DType::BF16: return backward_typed<__nv_bfloat16, float>(x, sx0, sx1, grad, mean, factor, z, gx, partial, N, D, R, lower, stream);
-    case DType::F64: return backward_typed<double, double>(x, sx0, sx1, grad, mean, factor, z, gx, partial, N, D, R, lower, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch<Backward>(xtype, KReduce::None, x, sx0, sx1, grad, mean, factor, z, gx, partial,
+                            N, D, R, lower, stream);
+}
+
+cudaError_t launch_k_components(DType xtype, const void* x, int64_t sx0, int64_t sx1,
+                                const void* means, const void* factors, const void* bias,
+                                void* out, int64_t* idx, int64_t N, int64_t D, int64_t R,
+                                int64_t K, bool lower, KReduce reduce, cudaStream_t stream) {
+  if (N <= 0 || K <= 0) return cudaSuccess;
+  return dispatch<KComponents>(xtype, reduce, x, sx0, sx1, means, factors, bias, out, idx, N, D, R,
+                               K, lower, stream);
+}
+
+cudaError_t launch_k_shared(DType xtype, const void* x, int64_t sx0, int64_t sx1,
+                            const void* center, const void* bmat, const void* zz, const void* vv,
+                            const void* bias, void* out, int64_t* idx, int64_t N, int64_t D,
+                            int64_t K, KReduce reduce, cudaStream_t stream) {
+  if (N <= 0 || K <= 0) return cudaSuccess;
+  return dispatch<KShared>(xtype, reduce, x, sx0, sx1, center, bmat, zz, vv, bias, out, idx, N, D,
+                           K, stream);
 }
 
 }  // namespace mahalanobis

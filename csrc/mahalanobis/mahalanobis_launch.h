@@ -1,8 +1,8 @@
 // Launchers of the Mahalanobis CUDA kernels on raw pointers and a stream. No torch types: the .cu
 // file that defines them compiles with nvcc alone (CMakeLists.txt), the _cuda.cpp file calls them.
 //
-// Pointer types: x is `xtype`; mean, factor, grad, out, z and partial are the accumulation type
-// (double for F64, float otherwise), contiguous. factor is D×R row-major.
+// Pointer types: x is `xtype` with strides (sx0, sx1); every other floating pointer is the
+// accumulation type (double for F64, float otherwise), contiguous. Factors are D×R row-major.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,6 +13,9 @@
 
 namespace distkern {
 namespace mahalanobis {
+
+// Rows per thread block of every kernel (the partial-sum buffer has ceil(N / kRowsPerBlock) rows).
+constexpr int64_t kRowsPerBlock = 64;
 
 // out[n] = ‖Wᵀ(x[n] − mean)‖²  (N ≥ 1)
 cudaError_t launch_forward(DType xtype, const void* x, int64_t sx0, int64_t sx1, const void* mean,
@@ -27,8 +30,26 @@ cudaError_t launch_backward(DType xtype, const void* x, int64_t sx0, int64_t sx1
                             void* gx, void* partial, int64_t N, int64_t D, int64_t R, bool lower,
                             cudaStream_t stream);
 
-// Rows per thread block of both kernels (the partial-sum buffer has ceil(N / kRowsPerBlock) rows).
-constexpr int64_t kRowsPerBlock = 64;
+// Reductions over the K components, fused into the kernels.
+enum class KReduce : int {
+  None = 0,       // out: N×K squared distances
+  Min = 1,        // out: N minimum, idx: N argmin (int64)
+  LogSumExp = 2,  // out: N, logsumexp_k(bias[k] − d²_k / 2)
+};
+
+// Per-component factors: means K×D, factors K×D×R (lower-triangular when lower).
+cudaError_t launch_k_components(DType xtype, const void* x, int64_t sx0, int64_t sx1,
+                                const void* means, const void* factors, const void* bias,
+                                void* out, int64_t* idx, int64_t N, int64_t D, int64_t R,
+                                int64_t K, bool lower, KReduce reduce, cudaStream_t stream);
+
+// Shared factor W: d²_k = ‖z‖² − 2 (x − center)·B[:, k] + vv[k] (clamped at 0), with
+// zz[n] = ‖Wᵀ(x[n] − center)‖² from launch_forward, B = W Wᵀ (μ − center)ᵀ (D×K row-major) and
+// vv[k] = ‖Wᵀ(μ_k − center)‖².
+cudaError_t launch_k_shared(DType xtype, const void* x, int64_t sx0, int64_t sx1,
+                            const void* center, const void* bmat, const void* zz, const void* vv,
+                            const void* bias, void* out, int64_t* idx, int64_t N, int64_t D,
+                            int64_t K, KReduce reduce, cudaStream_t stream);
 
 }  // namespace mahalanobis
 }  // namespace distkern

@@ -14,7 +14,7 @@ from ._loader import load_extension as _load_extension
 _C = _load_extension()
 
 from . import ops  # noqa: E402  (registers fake / autograd implementations)
-from .ops.mahalanobis import mahalanobis  # noqa: E402
+from .ops.mahalanobis import gmm_log_likelihood, mahalanobis, mahalanobis_k  # noqa: E402
 from . import gaussian  # noqa: E402
 from . import methods  # noqa: E402
 
@@ -24,4 +24,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["__version__", "build_info", "mahalanobis", "gaussian", "methods", "ops"]
+__all__ = ["__version__", "build_info", "mahalanobis", "mahalanobis_k", "gmm_log_likelihood", "gaussian", "methods", "ops"]

@@ -16,6 +16,7 @@ To add an op: write a ``_<op>_cases()`` function returning its cases and add it 
 from __future__ import annotations
 
 import dataclasses
+import math
 import importlib.util
 from typing import Any, Callable
 
@@ -211,7 +212,137 @@ def _mahalanobis_cases() -> list[Case]:
     ]
 
 
-_FAMILIES = [_mahalanobis_cases]
+# ---------------------------------------------------------------------------------------------
+# K Gaussians (mahalanobis_k): tied covariance with min over classes (Mahalanobis OOD, Lee et al.)
+# and per-component covariances with logsumexp (GMM log-likelihood)
+# ---------------------------------------------------------------------------------------------
+
+
+def _mixture_setup(N: int, D: int, K: int, shared: bool):
+    def setup(device: str | torch.device, dtype: torch.dtype, *, seed: int = 0) -> Inputs:
+        device = torch.device(device)
+        g = torch.Generator(device=device)
+        g.manual_seed(1_000_003 * (seed + 1) + 7919 * D + 31 * K + N)
+        C = 1 if shared else K
+        a = torch.randn(C, D, 2 * D, generator=g, device=device, dtype=torch.float64)
+        cov = a @ a.transpose(1, 2) / (2 * D) + 0.05 * torch.eye(D, device=device, dtype=torch.float64)
+        means = torch.randn(K, D, generator=g, device=device, dtype=torch.float64)
+        from ..gaussian import whitening_factor
+
+        L64 = whitening_factor(cov, dtype=None)
+        labels = torch.randint(K, (N,), generator=g, device=device)
+        x = (means[labels] + torch.randn(N, D, generator=g, device=device, dtype=torch.float64)).to(dtype)
+        logw = torch.full((K,), -math.log(K), dtype=torch.float64, device=device)
+        inputs: Inputs = {
+            "x": x,
+            "means": means.float(),
+            "factors": (L64[0] if shared else L64).float().contiguous(),
+            "precision": (L64 @ L64.transpose(1, 2)).float().contiguous(),  # (C, D, D)
+            "log_weights": logw.float(),
+        }
+        if device.type == "cpu" and not shared and _has("sklearn"):
+            from sklearn.mixture import GaussianMixture
+
+            gm = GaussianMixture(K, covariance_type="full")
+            gm.weights_ = logw.exp().numpy()
+            gm.means_ = means.numpy()
+            gm.covariances_ = cov.numpy()
+            gm.precisions_cholesky_ = L64.numpy()  # sklearn's precisions_cholesky_ is our L
+            gm.precisions_ = (L64 @ L64.transpose(1, 2)).numpy()
+            gm.n_features_in_ = D
+            inputs["sklearn_gmm"] = gm
+            inputs["x_numpy"] = x.float().numpy()
+        return inputs
+
+    return setup
+
+
+def _x32(i: Inputs):
+    x = i["x"]
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _tied_ours(i: Inputs):
+    from ..ops.mahalanobis import mahalanobis_k
+
+    return mahalanobis_k(i["x"], i["means"], i["factors"], reduce="min").values
+
+
+def _tied_eager(i: Inputs):
+    # pytorch-ood Mahalanobis: one (x − μ_k) P (x − μ_k) pass per class, then the min over classes.
+    x, mu, P = _x32(i), i["means"], i["precision"][0]
+    return torch.stack([((x - mu[k]) @ P * (x - mu[k])).sum(1) for k in range(mu.shape[0])], 1).min(1).values
+
+
+def _tied_eager_expand(i: Inputs):
+    # The savvy eager form: xᵀPx − 2 xᵀPμ_k + μ_kᵀPμ_k with two GEMMs (N×K and N×D temporaries).
+    x, mu, P = _x32(i), i["means"], i["precision"][0]
+    xP = x @ P
+    d2 = (xP * x).sum(1, keepdim=True) - 2 * xP @ mu.T + ((mu @ P) * mu).sum(1)
+    return d2.clamp_min(0).min(1).values
+
+
+def _gmm_bias(i: Inputs):
+    L = i["factors"]
+    D = L.shape[-1]
+    return i["log_weights"] + torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1) - 0.5 * D * math.log(2 * math.pi)
+
+
+def _gmm_ours(i: Inputs):
+    from ..ops.mahalanobis import gmm_log_likelihood
+
+    return gmm_log_likelihood(i["x"], i["means"], i["factors"], i["log_weights"])
+
+
+def _gmm_eager(i: Inputs):
+    # Per component: (x − μ_k) P_k (x − μ_k), then logsumexp over components (N×K kept).
+    x, mu, P = _x32(i), i["means"], i["precision"]
+    d2 = torch.stack([((x - mu[k]) @ P[k] * (x - mu[k])).sum(1) for k in range(mu.shape[0])], 1)
+    return torch.logsumexp(_gmm_bias(i) - 0.5 * d2, dim=1)
+
+
+def _gmm_sklearn(i: Inputs):
+    return i["sklearn_gmm"].score_samples(i["x_numpy"])
+
+
+def _mixture_case(N: int, D: int, K: int, shared: bool, dtype: torch.dtype, devices, *, quick=False, note=""):
+    elem = torch.empty((), dtype=dtype).element_size()
+    C = 1 if shared else K
+    tri = N * (D * D + D) + 2 * N * D  # one triangular product + sum of squares
+    flops = tri + 2 * N * D * K if shared else K * tri
+    peers = {"sklearn": _gmm_sklearn} if (not shared and "cpu" in devices and _has("sklearn")) else {}
+    return Case(
+        op="mahalanobis_k",
+        label=f"{'min tied' if shared else 'gmm full'} N={N} D={D} K={K} {dtype_name(dtype)}",
+        params={"N": N, "D": D, "K": K},
+        dtype=dtype,
+        setup=_mixture_setup(N, D, K, shared),
+        ours=_tied_ours if shared else _gmm_ours,
+        baselines={"eager": _tied_eager, "eager-expand": _tied_eager_expand} if shared else {"eager": _gmm_eager},
+        peers=peers,
+        bytes=N * D * elem + C * D * D * 4 + K * D * 4 + N * 4,
+        flops=flops,
+        devices=tuple(devices),
+        quick=quick,
+        note=note,
+    )
+
+
+def _mixture_cases() -> list[Case]:
+    cpu, cuda, both = ("cpu",), ("cuda",), ("cpu", "cuda")
+    small = "N reduced from 100k on the CPU to keep the default run within its time budget"
+    return [
+        _mixture_case(20_000, 256, 100, True, torch.float32, cpu, note=small),
+        _mixture_case(20_000, 256, 32, False, torch.float32, cpu, note=small),
+        _mixture_case(100_000, 256, 100, True, torch.float32, cuda),
+        _mixture_case(100_000, 256, 32, False, torch.float32, cuda),
+        _mixture_case(100_000, 256, 100, True, torch.bfloat16, cuda, note="baselines convert x.float() first"),
+        _mixture_case(1000, 32, 10, True, torch.float32, both, quick=True),
+        _mixture_case(1000, 32, 4, False, torch.float32, both, quick=True),
+    ]
+
+
+_FAMILIES = [_mahalanobis_cases, _mixture_cases]
 
 
 def all_cases() -> list[Case]:

@@ -1,9 +1,12 @@
 """Mahalanobis distance: ``torch.ops.distkern.mahalanobis`` and its Python entry point."""
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["mahalanobis"]
+__all__ = ["mahalanobis", "mahalanobis_k", "gmm_log_likelihood", "MinResult"]
 
 
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, *, lower: bool = True) -> torch.Tensor:
@@ -83,3 +86,185 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("distkern::mahalanobis", _backward, setup_context=_setup_context)
+
+
+# ---- K Gaussians ---------------------------------------------------------------------------------
+
+class MinResult(NamedTuple):
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def mahalanobis_k(x: torch.Tensor, means: torch.Tensor, factors: torch.Tensor, *, lower: bool = True,
+                  reduce: str | None = None, bias: torch.Tensor | None = None):
+    r"""Squared Mahalanobis distances of each row of ``x`` to K Gaussians, optionally reduced over K.
+
+    .. math:: d^2_{nk} = \lVert W_k^\top (x_n - \mu_k) \rVert^2
+
+    Args:
+        x: ``(N, D)`` float32, float16, bfloat16 or float64, any strides.
+        means: ``(K, D)`` component means.
+        factors: one shared whitening factor ``(D, D)`` / ``(D, R)`` — a tied covariance, as in
+            class-conditional Mahalanobis OOD (Lee et al.) — or one per component
+            ``(K, D, D)`` / ``(K, D, R)`` (per-class Gaussians, GMMs). ``lower`` as in
+            :func:`mahalanobis`.
+        reduce: ``None`` → the ``(N, K)`` distances; ``"min"`` → ``MinResult(values (N,),
+            indices (N,) int64)``, the nearest component; ``"logsumexp"`` →
+            ``logsumexp_k(bias[k] − d²_{nk} / 2)`` ``(N,)``, a mixture log-likelihood when
+            ``bias`` holds log-weights + log-normalisers (see :func:`gmm_log_likelihood`).
+        bias: ``(K,)``, required for (and only for) ``reduce="logsumexp"``.
+
+    Returns float32 (float64 for float64 ``x``). The reductions are fused: no ``(N, K)`` tensor
+    is made for them, and no ``(N, K, D)`` tensor in any case. With a shared factor the distances
+    cost one product by W plus an ``(N, R)·(R, K)`` product, evaluated as
+    ``‖z‖² − 2 zᵀv_k + ‖v_k‖²`` around the mean of the means and clamped at 0 (absolute error
+    about ``1e-7·(‖z‖² + ‖v_k‖²)`` in float32); per-component factors are evaluated directly.
+    A row with an inf or NaN gives NaN (``min``: NaN value, any index).
+
+    Differentiable with respect to ``x``, ``means`` and ``bias`` (the backward builds ``(N, D)``
+    and ``(N, K)`` tensors, the size of the gradients); not with respect to ``factors``.
+    """
+    if reduce is None or reduce == "none":
+        if bias is not None:
+            raise ValueError("distkern.mahalanobis_k: bias is only used with reduce='logsumexp'")
+        return torch.ops.distkern.mahalanobis_k(x, means, factors, lower)
+    if reduce == "min":
+        if bias is not None:
+            raise ValueError("distkern.mahalanobis_k: bias is only used with reduce='logsumexp'")
+        return MinResult(*torch.ops.distkern.mahalanobis_k_min(x, means, factors, lower))
+    if reduce == "logsumexp":
+        if bias is None:
+            raise ValueError("distkern.mahalanobis_k: reduce='logsumexp' needs bias (K,), e.g. log mixture weights")
+        return torch.ops.distkern.mahalanobis_k_logsumexp(x, means, factors, bias, lower)
+    raise ValueError(f"distkern.mahalanobis_k: reduce must be None, 'min' or 'logsumexp'; got {reduce!r}")
+
+
+def gmm_log_likelihood(x: torch.Tensor, means: torch.Tensor, factors: torch.Tensor,
+                       log_weights: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Log-density of each row of ``x`` under a Gaussian mixture, in one fused pass.
+
+    ``log p(x) = logsumexp_k(log w_k + Σ_i log L_k[i, i] − (D/2)·log 2π − d²_k(x)/2)`` with
+    ``Σ_k⁻¹ = L_k L_kᵀ`` (lower-triangular factors, shared ``(D, D)`` or ``(K, D, D)``, e.g. from
+    :func:`distkern.gaussian.whitening_factor`). ``log_weights`` ``(K,)`` defaults to uniform.
+    Matches ``sklearn.mixture.GaussianMixture.score_samples`` on the same parameters.
+    """
+    if means.dim() != 2:
+        raise ValueError(f"distkern.gmm_log_likelihood: means must be (K, D); got shape {tuple(means.shape)}")
+    K, D = means.shape
+    acc = _acc_dtype(x)
+    if factors.dim() not in (2, 3) or factors.shape[-1] != factors.shape[-2]:
+        raise ValueError("distkern.gmm_log_likelihood: factors must be lower-triangular (D, D) or (K, D, D); "
+                         f"got shape {tuple(factors.shape)}")
+    logdet = torch.log(torch.diagonal(factors.to(acc), dim1=-2, dim2=-1)).sum(-1)  # ½ log det Σ⁻¹
+    if logdet.dim() == 0:
+        logdet = logdet.expand(K)
+    if log_weights is None:
+        log_weights = torch.full((K,), -math.log(K), dtype=acc, device=x.device)
+    bias = log_weights.to(acc) + logdet - 0.5 * D * math.log(2 * math.pi)
+    return torch.ops.distkern.mahalanobis_k_logsumexp(x, means, factors, bias, True)
+
+
+@torch.library.register_fake("distkern::mahalanobis_k")
+def _k_fake(x, means, factors, lower=True):
+    torch._check(x.dim() == 2 and means.dim() == 2, lambda: "distkern.mahalanobis_k: x must be (N, D) and means (K, D)")
+    return x.new_empty((x.shape[0], means.shape[0]), dtype=_acc_dtype(x))
+
+
+@torch.library.register_fake("distkern::mahalanobis_k_min")
+def _k_min_fake(x, means, factors, lower=True):
+    torch._check(x.dim() == 2 and means.dim() == 2, lambda: "distkern.mahalanobis_k_min: x must be (N, D) and means (K, D)")
+    return x.new_empty((x.shape[0],), dtype=_acc_dtype(x)), x.new_empty((x.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("distkern::mahalanobis_k_logsumexp")
+def _k_lse_fake(x, means, factors, bias, lower=True):
+    torch._check(x.dim() == 2 and means.dim() == 2, lambda: "distkern.mahalanobis_k_logsumexp: x must be (N, D) and means (K, D)")
+    return x.new_empty((x.shape[0],), dtype=_acc_dtype(x))
+
+
+def _k_grads(G, x, means, factors, lower, need_x, need_means):
+    """∂/∂x and ∂/∂means of Σ_{nk} G_nk d²_nk, G (N, K) in the accumulation dtype."""
+    acc = G.dtype
+    grad_x = grad_means = None
+    if factors.dim() == 2:
+        w = factors.to(acc)
+        if lower:
+            w = w.tril()
+        mu = means.to(acc)
+        c = mu.mean(0)
+        xc, mc = x.to(acc) - c, mu - c
+
+        def prec(t):  # t Σ⁻¹ = (t W) Wᵀ
+            return (t @ w) @ w.T
+
+        if need_x:
+            grad_x = (2 * prec(G.sum(1, keepdim=True) * xc - G @ mc)).to(x.dtype)
+        if need_means:
+            grad_means = (-2 * prec(G.T @ xc - G.sum(0)[:, None] * mc)).to(means.dtype)
+        return grad_x, grad_means
+    gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
+    gm = torch.empty(means.shape, dtype=acc, device=x.device) if need_means else None
+    for k in range(means.shape[0]):
+        a, b = torch.ops.distkern.mahalanobis_backward(G[:, k], x, means[k], factors[k], lower)
+        if need_x:
+            gx += a.to(acc)
+        if need_means:
+            gm[k] = b
+    return (gx.to(x.dtype) if need_x else None), (gm.to(means.dtype) if need_means else None)
+
+
+def _no_factor_grad(ctx, name):
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError(f"distkern.{name}: gradients with respect to factors are not implemented; "
+                           "pass factors.detach() (x, means and bias are differentiable)")
+
+
+def _k_setup(ctx, inputs, output):
+    x, means, factors, lower = inputs
+    ctx.save_for_backward(x, means, factors)
+    ctx.lower = lower
+
+
+def _k_backward(ctx, grad):
+    _no_factor_grad(ctx, "mahalanobis_k")
+    x, means, factors = ctx.saved_tensors
+    gx, gm = _k_grads(grad.to(_acc_dtype(x)), x, means, factors, ctx.lower, *ctx.needs_input_grad[:2])
+    return gx, gm, None, None
+
+
+def _k_min_setup(ctx, inputs, output):
+    x, means, factors, lower = inputs
+    ctx.save_for_backward(x, means, factors, output[1])
+    ctx.lower = lower
+
+
+def _k_min_backward(ctx, grad_values, grad_indices):
+    _no_factor_grad(ctx, "mahalanobis_k_min")
+    x, means, factors, idx = ctx.saved_tensors
+    acc = _acc_dtype(x)
+    g = torch.where(idx >= 0, grad_values.to(acc), 0.0)  # idx < 0 only when every distance is inf/NaN
+    G = torch.zeros((x.shape[0], means.shape[0]), dtype=acc, device=x.device).scatter_(1, idx.clamp_min(0)[:, None], g[:, None])
+    gx, gm = _k_grads(G, x, means, factors, ctx.lower, *ctx.needs_input_grad[:2])
+    return gx, gm, None, None
+
+
+def _k_lse_setup(ctx, inputs, output):
+    x, means, factors, bias, lower = inputs
+    ctx.save_for_backward(x, means, factors, bias)
+    ctx.lower = lower
+
+
+def _k_lse_backward(ctx, grad):
+    _no_factor_grad(ctx, "mahalanobis_k_logsumexp")
+    x, means, factors, bias = ctx.saved_tensors
+    acc = _acc_dtype(x)
+    d2 = torch.ops.distkern.mahalanobis_k(x, means, factors, ctx.lower)
+    w = torch.softmax(bias.to(acc) - 0.5 * d2, dim=1) * grad.to(acc)[:, None]  # ∂/∂bias per row
+    gx, gm = _k_grads(-0.5 * w, x, means, factors, ctx.lower, *ctx.needs_input_grad[:2])
+    gb = w.sum(0).to(bias.dtype) if ctx.needs_input_grad[3] else None
+    return gx, gm, None, gb, None
+
+
+torch.library.register_autograd("distkern::mahalanobis_k", _k_backward, setup_context=_k_setup)
+torch.library.register_autograd("distkern::mahalanobis_k_min", _k_min_backward, setup_context=_k_min_setup)
+torch.library.register_autograd("distkern::mahalanobis_k_logsumexp", _k_lse_backward, setup_context=_k_lse_setup)
