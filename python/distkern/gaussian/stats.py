@@ -1,0 +1,481 @@
+r"""Streaming, mergeable Gaussian statistics: one Gaussian, K classes, or P positions.
+
+For each Gaussian ``g`` the accumulators hold, in float64 on the device of the data,
+
+=============  ==================  ==========================================================
+``count``      ``n``               number of samples
+``mean``       ``μ``  ``(D,)``     their mean
+``scatter``    ``M₂`` ``(D, D)``   ``Σₙ zₙ zₙᵀ`` with ``zₙ = xₙ − μ`` (the centered scatter)
+``cubic``      ``M₃`` ``(D,)``     ``Σₙ ‖zₙ‖² zₙ``
+``quartic``    ``M₄`` ``()``       ``Σₙ ‖zₙ‖⁴`` (what the Ledoit-Wolf shrinkage needs)
+=============  ==================  ==========================================================
+
+Every moment is *centered at the running mean*, so no term is ever a large raw moment minus a
+large correction (the naive ``Σ x xᵀ − n μ μᵀ`` loses all digits when ``‖μ‖ ≫ σ``).
+
+**Update.** A batch's own mean and centered moments are computed directly, then merged.
+
+**Merge** (Chan, Golub & LeVeque 1979 for ``M₂``; the same idea carried to the scalar fourth
+moment, as in Pébay 2008). Merging ``A`` and ``B``: ``n = n_A + n_B``, ``δ = μ_B − μ_A``,
+``μ = μ_A + (n_B/n) δ``. Relative to the new mean, the samples of ``A`` are ``z − e`` with
+``z`` centered at ``μ_A`` and ``e = μ − μ_A = (n_B/n) δ`` (for ``B``: ``e = −(n_A/n) δ``).
+Expanding ``‖z − e‖² = ‖z‖² − 2 zᵀe + ‖e‖²`` and using ``Σ z = 0``, each part's moments move to
+the new mean exactly:
+
+.. math::
+
+    M_2' &= M_2 + n\,e e^\top \\
+    M_3' &= M_3 - e\,\mathrm{tr} M_2 - 2 M_2 e - n \lVert e\rVert^2 e \\
+    M_4' &= M_4 + 4\,e^\top M_2 e - 4\,e^\top M_3 + 2\lVert e\rVert^2\,\mathrm{tr} M_2 + n\lVert e\rVert^4
+
+and the merged moments are the sums of the two moved parts (``M₂`` reduces to Chan's
+``M₂ᴬ + M₂ᴮ + n_A n_B/n · δδᵀ``). All terms are products of centered quantities and the shift
+``e``, which is of the order of the spread between batch means, so the merge keeps the
+accuracy of a two-pass computation whatever the offset of the data; it is exact in exact
+arithmetic, associative, and the same formula merges ranks in :meth:`GaussianStats.all_reduce`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Literal, NamedTuple
+
+import torch
+
+from .factor import NotPositiveDefiniteError, whitening_factor
+from .shrinkage import ledoit_wolf_shrinkage, oas_shrinkage, shrink
+
+__all__ = ["GaussianStats", "Estimator"]
+
+Estimator = Literal["empirical", "ledoit-wolf", "oas"]
+_ESTIMATORS = ("empirical", "ledoit-wolf", "oas")
+_FORMAT = "distkern.GaussianStats"
+_VERSION = 1
+_TENSORS = ("count", "mean", "scatter", "cubic", "quartic")
+_MODES = ("single", "classes", "positions")
+
+
+class _Moments(NamedTuple):
+    count: torch.Tensor  # (G,) float64
+    mean: torch.Tensor  # (G, D)
+    scatter: torch.Tensor  # (G, D, D)  Σ z zᵀ
+    cubic: torch.Tensor  # (G, D)     Σ ‖z‖² z
+    quartic: torch.Tensor  # (G,)     Σ ‖z‖⁴
+
+
+def _zeros(G: int, D: int, device: torch.device) -> _Moments:
+    z = dict(dtype=torch.float64, device=device)
+    return _Moments(torch.zeros(G, **z), torch.zeros(G, D, **z), torch.zeros(G, D, D, **z),
+                    torch.zeros(G, D, **z), torch.zeros(G, **z))
+
+
+def _dense_moments(x: torch.Tensor) -> _Moments:
+    """Moments over dim 0 of ``x (B, G, D)`` float64, one Gaussian per index of dim 1."""
+    mean = x.mean(0)
+    z = x - mean
+    s = (z * z).sum(-1)  # (B, G)
+    scatter = torch.einsum("bgi,bgj->gij", z, z)
+    cubic = torch.einsum("bg,bgi->gi", s, z)
+    count = torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64, device=x.device)
+    return _Moments(count, mean, scatter, cubic, (s * s).sum(0))
+
+
+def _grouped_moments(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, _Moments]:
+    """Moments of ``x (N, D)`` float64 per label present; returns ``(labels present (k,), moments (k, ...))``."""
+    present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    k, D = present.numel(), x.shape[1]
+    cnt = counts.to(torch.float64)
+    mean = torch.zeros(k, D, dtype=x.dtype, device=x.device).index_add_(0, inverse, x) / cnt[:, None]
+    z = x - mean[inverse]
+    s = (z * z).sum(1)
+    cubic = torch.zeros(k, D, dtype=x.dtype, device=x.device).index_add_(0, inverse, s[:, None] * z)
+    quartic = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inverse, s * s)
+    zs = z[torch.argsort(inverse, stable=True)]
+    scatter = torch.stack([c.T @ c for c in zs.split(counts.tolist())])
+    return present, _Moments(cnt, mean, scatter, cubic, quartic)
+
+
+def _shift(m: _Moments, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(M₂, M₃, M₄)`` of the samples of ``m`` re-centered at ``mean + e`` (``e (G, D)``); see the module docstring."""
+    n = m.count
+    ee = (e * e).sum(-1)
+    Se = (m.scatter @ e[..., None])[..., 0]
+    tr = m.scatter.diagonal(dim1=-2, dim2=-1).sum(-1)
+    scatter = m.scatter + n[:, None, None] * e[:, :, None] * e[:, None, :]
+    cubic = m.cubic - e * tr[:, None] - 2.0 * Se - (n * ee)[:, None] * e
+    quartic = m.quartic + 4.0 * (e * Se).sum(-1) - 4.0 * (e * m.cubic).sum(-1) + 2.0 * ee * tr + n * ee * ee
+    return scatter, cubic, quartic
+
+
+def _merge(a: _Moments, b: _Moments) -> _Moments:
+    """Exact pairwise merge of two sets of centered moments (Chan et al.; module docstring)."""
+    n = a.count + b.count
+    safe = torch.where(n > 0, n, 1.0)
+    delta = b.mean - a.mean
+    ea = (b.count / safe)[:, None] * delta  # new mean − μ_A
+    eb = -(a.count / safe)[:, None] * delta  # new mean − μ_B
+    sa, sb = _shift(a, ea), _shift(b, eb)
+    return _Moments(n, a.mean + ea, sa[0] + sb[0], sa[1] + sb[1], sa[2] + sb[2])
+
+
+def _progress(data: Iterable[Any], progress: bool) -> Iterable[Any]:
+    if not progress:
+        return data
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return data
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    return tqdm(data, total=total, desc="GaussianStats", unit="batch", leave=False, disable=None)
+
+
+class GaussianStats:
+    r"""Streaming fp64 mean / covariance (and shrinkage moments) of one, K or P Gaussians.
+
+    Three layouts, fixed at construction:
+
+    * one Gaussian: ``GaussianStats()``; ``update(x)`` with ``x (N, D)``;
+    * K classes: ``GaussianStats(num_classes=K)``; ``update(x, labels)`` with ``x (N, D)``
+      and integer ``labels (N,)`` in ``[0, K)``;
+    * P positions: ``GaussianStats(num_positions=P)``; ``update(x)`` with ``x (B, P, D)`` (or
+      a ``(B, D, H, W)`` feature map with ``H·W = P``): one Gaussian per position, PaDiM-style.
+
+    Results have shape ``(D,)`` / ``(D, D)`` for one Gaussian (or ``pooled=True``), and a
+    leading ``K`` or ``P`` otherwise. ``D`` is taken from the first batch unless
+    ``num_features`` is given (give it when a rank of :meth:`all_reduce` may see no data).
+    Accumulators live on the device of the first batch (or ``device``), in float64, whatever
+    the input dtype. See the module docstring for the numerically safe merge.
+
+    Example::
+
+        stats = GaussianStats(num_classes=10).fit(loader)        # loader yields (features, labels)
+        L = stats.factor("ledoit-wolf", pooled=True)            # shared covariance, Lee et al. 2018
+        d2 = distkern.mahalanobis(z, stats.mean[3].float(), L)
+    """
+
+    def __init__(self, num_features: int | None = None, *, num_classes: int | None = None,
+                 num_positions: int | None = None, device: torch.device | str | None = None) -> None:
+        if num_classes is not None and num_positions is not None:
+            raise ValueError("GaussianStats: give num_classes or num_positions, not both")
+        for name, v in (("num_features", num_features), ("num_classes", num_classes), ("num_positions", num_positions)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"GaussianStats: {name} must be a positive int; got {v!r}")
+        self.mode: str = "classes" if num_classes is not None else "positions" if num_positions is not None else "single"
+        self.num_groups: int = num_classes or num_positions or 1
+        self.num_features: int | None = num_features
+        self._device = torch.device(device) if device is not None else None
+        self._m: _Moments | None = None
+        self._batches = 0
+        if num_features is not None and self._device is not None:
+            self._m = _zeros(self.num_groups, num_features, self._device)
+
+    # ------------------------------------------------------------------ accumulation
+    def _alloc(self, D: int, device: torch.device, who: str) -> None:
+        if self.num_features is not None and D != self.num_features:
+            raise ValueError(f"{who}: expected {self.num_features} features (the last dimension); got {D}")
+        if self._m is None:
+            if self._device is not None and device != self._device:
+                raise ValueError(f"{who}: data is on {device} but the statistics were created for {self._device}")
+            self.num_features, self._device = D, device
+            self._m = _zeros(self.num_groups, D, device)
+        elif device != self._device:
+            raise ValueError(f"{who}: data is on {device} but the statistics accumulate on {self._device}; move the batch")
+
+    @property
+    def _group_name(self) -> str:
+        return {"classes": "class", "positions": "position", "single": "Gaussian"}[self.mode]
+
+    def update(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> GaussianStats:
+        """Add a batch: ``x (N, D)`` (one Gaussian), ``x (N, D)`` + ``labels (N,)`` (classes), ``x (B, P, D)`` (positions).
+
+        Any floating dtype; converted to float64. Returns ``self``.
+
+        Raises:
+            ValueError: wrong shape, labels missing / unexpected / out of range, data on another
+                device, inf or NaN in the batch (the message names the batch and the rows).
+            TypeError: non-floating ``x`` or non-integer ``labels``.
+        """
+        who, b = "GaussianStats.update", self._batches
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"{who}: x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
+        if self.mode == "positions":
+            P = self.num_groups
+            if x.dim() == 4 and x.shape[2] * x.shape[3] == P:
+                x = x.flatten(2).transpose(1, 2)
+            if x.dim() != 3 or x.shape[1] != P:
+                raise ValueError(f"{who}: x must have shape (B, P={P}, D) (or (B, D, H, W) with H*W = {P}); got {tuple(x.shape)}")
+        elif x.dim() != 2:
+            raise ValueError(f"{who}: x must have shape (N, D); got {tuple(x.shape)}")
+        if self.mode == "classes":
+            if labels is None:
+                raise ValueError(f"{who}: labels (N,) are required with num_classes={self.num_groups}")
+            if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+                    or labels.dtype == torch.bool:
+                raise TypeError(f"{who}: labels must be an integer tensor; got {getattr(labels, 'dtype', type(labels).__name__)}")
+            if labels.shape != (x.shape[0],):
+                raise ValueError(f"{who}: labels must have shape ({x.shape[0]},) to match x; got {tuple(labels.shape)}")
+        elif labels is not None:
+            raise ValueError(f"{who}: labels are only accepted with num_classes (this is a {self.mode} GaussianStats)")
+        self._alloc(x.shape[-1], x.device, who)
+        if x.shape[0] == 0:
+            return self
+        xf = x.detach().to(torch.float64)  # statistics are not differentiable; never hold a graph
+        finite = torch.isfinite(xf).all(-1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite)[:5].tolist()
+            what = "(sample, position) pairs" if self.mode == "positions" else "rows"
+            bad_s = [tuple(r) for r in bad] if self.mode == "positions" else [r[0] for r in bad]
+            raise ValueError(f"{who}: batch {b} contains inf or NaN in {what} {bad_s}{'...' if len(bad) == 5 else ''}")
+        assert self._m is not None
+        if self.mode == "classes":
+            assert labels is not None
+            labels = labels.to(device=x.device, dtype=torch.int64)
+            out = (labels < 0) | (labels >= self.num_groups)
+            if bool(out.any()):
+                rows = torch.nonzero(out)[:5, 0].tolist()
+                raise ValueError(f"{who}: batch {b}: labels must lie in [0, {self.num_groups}); rows {rows} have "
+                                 f"{labels[rows].tolist()}")
+            idx, bm = _grouped_moments(xf, labels)
+            merged = _merge(_Moments(*(t[idx] for t in self._m)), bm)
+            for acc, new in zip(self._m, merged):
+                acc[idx] = new
+        else:
+            xb = xf if self.mode == "positions" else xf[:, None, :]
+            self._m = _merge(self._m, _dense_moments(xb))
+        self._batches += 1
+        return self
+
+    def fit(self, data: Iterable[Any], *, progress: bool = True) -> GaussianStats:
+        """:meth:`update` with every batch of ``data`` (tensors, or ``(x, labels, ...)`` tuples); returns ``self``.
+
+        Without ``num_classes`` only the first element of a tuple is used (a loader that yields
+        ``(features, target)`` fits one Gaussian to the features). Shows a tqdm progress bar when
+        ``progress`` and tqdm is installed and stderr is a terminal; silently none otherwise.
+        """
+        for item in _progress(data, progress):
+            if isinstance(item, (tuple, list)):
+                x, y = item[0], (item[1] if self.mode == "classes" and len(item) > 1 else None)
+            else:
+                x, y = item, None
+            self.update(x, y)
+        return self
+
+    def merge(self, other: GaussianStats) -> GaussianStats:
+        """Merge ``other`` (same layout and D) into ``self`` exactly (Chan et al.); returns ``self``.
+
+        The result does not depend on how the samples were split or (up to rounding) on the
+        order of merges. ``other``'s tensors are moved to ``self``'s device.
+        """
+        if not isinstance(other, GaussianStats):
+            raise TypeError(f"GaussianStats.merge: expected a GaussianStats; got {type(other).__name__}")
+        if (other.mode, other.num_groups) != (self.mode, self.num_groups):
+            raise ValueError(f"GaussianStats.merge: layouts differ: {self.mode} x {self.num_groups} "
+                             f"vs {other.mode} x {other.num_groups}")
+        if other._m is None:
+            return self
+        assert other.num_features is not None
+        self._alloc(other.num_features, self._device or other.device, "GaussianStats.merge")
+        assert self._m is not None
+        self._m = _merge(self._m, _Moments(*(t.to(self._device) for t in other._m)))
+        self._batches += other._batches
+        return self
+
+    def all_reduce(self, group: Any = None) -> GaussianStats:
+        """Merge the statistics of every rank of ``group``; every rank ends with the same totals.
+
+        Each rank's moments are all-gathered (one packed float64 tensor; on the current CUDA
+        device for NCCL, on the CPU otherwise) and merged in rank order with the exact pairwise
+        formula, so the result is deterministic and bitwise identical on all ranks. A rank that
+        saw no data contributes nothing (it learns ``D`` from the others). Layout or ``D``
+        mismatches raise ``ValueError`` on every rank. Returns ``self``.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("GaussianStats.all_reduce: torch.distributed is not initialised (call init_process_group)")
+        world = dist.get_world_size(group)
+        comm = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
+        header = torch.tensor([_MODES.index(self.mode), self.num_groups, self.num_features or 0], dtype=torch.int64, device=comm)
+        headers = [torch.empty_like(header) for _ in range(world)]
+        dist.all_gather(headers, header, group=group)
+        hs = [tuple(int(v) for v in h.tolist()) for h in headers]
+        dims = {h[2] for h in hs if h[2] > 0}
+        if len({h[:2] for h in hs}) > 1 or len(dims) > 1:
+            raise ValueError(f"GaussianStats.all_reduce: ranks disagree on (layout, groups, features): "
+                             f"{[(_MODES[h[0]], h[1], h[2] or None) for h in hs]}")
+        if not dims:
+            return self
+        D, G = dims.pop(), self.num_groups
+        if self._m is None:
+            self._alloc(D, self._device or comm, "GaussianStats.all_reduce")
+        assert self._m is not None
+        mine = torch.cat([t.reshape(-1) for t in self._m]).to(comm)
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=group)
+        sizes = [G, G * D, G * D * D, G * D, G]
+        shapes = [(G,), (G, D), (G, D, D), (G, D), (G,)]
+        acc: _Moments | None = None
+        for p in parts:
+            m = _Moments(*(t.reshape(s).to(self._device) for t, s in zip(p.split(sizes), shapes)))
+            acc = m if acc is None else _merge(acc, m)
+        self._m = acc
+        return self
+
+    # ------------------------------------------------------------------ results
+    @property
+    def device(self) -> torch.device | None:
+        """Device of the accumulators (``None`` until the first batch when not given)."""
+        return self._device
+
+    def _require(self, who: str) -> _Moments:
+        if self._m is None:
+            raise ValueError(f"GaussianStats.{who}: no data yet (call update or fit first)")
+        return self._m
+
+    def _squeeze(self, t: torch.Tensor) -> torch.Tensor:
+        return t[0] if self.mode == "single" else t
+
+    def _groups(self, idx: list[int]) -> str:
+        s = ", ".join(map(str, idx[:5])) + ("..." if len(idx) > 5 else "")
+        return f"{self._group_name}{'es' if self.mode == 'classes' and len(idx) > 1 else 's' if len(idx) > 1 else ''} {s}"
+
+    @property
+    def count(self) -> int | torch.Tensor:
+        """Samples seen: an ``int`` for one Gaussian or P positions (each position sees every sample), ``(K,)`` int64 for classes."""
+        if self._m is None:
+            return torch.zeros(self.num_groups, dtype=torch.int64) if self.mode == "classes" else 0
+        c = self._m.count.to(torch.int64)
+        return c if self.mode == "classes" else int(c[0])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean, float64: ``(D,)``, ``(K, D)`` or ``(P, D)``. Raises ``ValueError`` naming any group with no samples."""
+        m = self._require("mean")
+        empty = torch.nonzero(m.count == 0)[:, 0].tolist()
+        if empty:
+            raise ValueError(f"GaussianStats.mean: {self._groups(empty)} ha{'ve' if len(empty) > 1 else 's'} no samples")
+        return self._squeeze(m.mean.clone())
+
+    def _estimate(self, estimator: str, pooled: bool, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if estimator not in _ESTIMATORS:
+            raise ValueError(f"GaussianStats.{who}: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
+        m = self._require(who)
+        if pooled:
+            n, scatter, m4 = m.count.sum(), m.scatter.sum(0), m.quartic.sum()
+            if float(n) < 2:
+                raise ValueError(f"GaussianStats.{who}: a covariance needs at least 2 samples; got {int(n)}")
+        else:
+            n, scatter, m4 = m.count, m.scatter, m.quartic
+            few = torch.nonzero(n < 2)[:, 0].tolist()
+            if few:
+                what = "the Gaussian" if self.mode == "single" else self._groups(few)
+                raise ValueError(f"GaussianStats.{who}: a covariance needs at least 2 samples; {what} "
+                                 f"ha{'ve' if len(few) > 1 else 's'} only {sorted({int(n[i]) for i in few})} sample(s)")
+        emp = scatter / n[..., None, None]
+        emp = 0.5 * (emp + emp.transpose(-1, -2))
+        if estimator == "empirical":
+            return emp, torch.zeros_like(n)
+        s = ledoit_wolf_shrinkage(n, emp, m4) if estimator == "ledoit-wolf" else oas_shrinkage(n, emp)
+        return shrink(emp, s), s
+
+    def covariance(self, estimator: Estimator = "empirical", *, ridge: float = 0.0, pooled: bool = False) -> torch.Tensor:
+        """Covariance estimate(s), float64: ``(D, D)`` for one Gaussian or ``pooled``, else ``(K | P, D, D)``.
+
+        Args:
+            estimator: ``"empirical"`` (maximum likelihood, divides by n, = ``sklearn.covariance.
+                EmpiricalCovariance``), ``"ledoit-wolf"`` (= ``LedoitWolf``) or ``"oas"`` (= ``OAS``),
+                each computed from the streamed moments; the coefficients are :meth:`shrinkage`.
+            ridge: added to the diagonal after shrinkage (diagonal loading, PaDiM uses 0.01), ``≥ 0``.
+            pooled: one covariance shared by all groups — the within-group scatter ``Σ_g M₂_g / N``
+                (Lee et al. 2018's shared class covariance); shrinkage treats the group-centered
+                residuals ``x − μ_y`` as the data.
+
+        Raises:
+            ValueError: no data, an unknown estimator, a negative ridge, or a group (named) with
+                fewer than 2 samples.
+        """
+        if ridge < 0:
+            raise ValueError(f"GaussianStats.covariance: ridge must be >= 0; got {ridge}")
+        cov, _ = self._estimate(estimator, pooled, "covariance")
+        if ridge:
+            cov.diagonal(dim1=-2, dim2=-1).add_(ridge)
+        return cov if pooled else self._squeeze(cov)
+
+    def shrinkage(self, estimator: Estimator = "ledoit-wolf", *, pooled: bool = False) -> torch.Tensor:
+        """Shrinkage coefficient(s) ``s`` in ``Σ = (1 − s) S + s (tr S / D) I``.
+
+        float64 ``()`` (one Gaussian or ``pooled``) or ``(K | P,)``; 0 for ``"empirical"``."""
+        _, s = self._estimate(estimator, pooled, "shrinkage")
+        return s if pooled else self._squeeze(s)
+
+    def factor(self, estimator: Estimator = "empirical", *, ridge: float = 0.0, pooled: bool = False,
+               dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Whitening factor(s) ``L`` with ``(Σ + ridge·I)⁻¹ = L Lᵀ`` for :func:`distkern.mahalanobis`.
+
+        ``(D, D)`` or ``(K | P, D, D)`` lower-triangular, ``dtype`` (default float32), computed in
+        float64 by :func:`~distkern.gaussian.whitening_factor` from :meth:`covariance`.
+
+        Raises:
+            NotPositiveDefiniteError: a covariance is not positive definite; the message names the
+                class / position and its smallest eigenvalue (pass ``ridge > 0`` or use shrinkage).
+        """
+        cov = self.covariance(estimator, pooled=pooled)
+        try:
+            return whitening_factor(cov, ridge=ridge, dtype=dtype)
+        except NotPositiveDefiniteError as e:
+            where = f" of {self._group_name} {e.index[0]}" if e.index else ""
+            lam = e.min_eigenvalue if e.min_eigenvalue is not None else float("nan")
+            raise NotPositiveDefiniteError(
+                f"GaussianStats.factor: the {estimator} covariance{where} is not positive definite "
+                f"(smallest eigenvalue {lam:.6g}); pass ridge > 0 (e.g. ridge=1e-6 times the scale of the "
+                f"features) or estimator='ledoit-wolf'", index=e.index, min_eigenvalue=e.min_eigenvalue) from None
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Plain state: float64 tensors ``count (G,)`` (int64), ``mean``, ``scatter``, ``cubic``, ``quartic``
+        (``G`` = 1, K or P) plus JSON-able ``format``, ``version``, ``mode``, ``num_groups``,
+        ``num_features``, ``batches``. Save the tensors with safetensors and the rest as JSON metadata."""
+        state: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "mode": self.mode, "num_groups": self.num_groups,
+                                 "num_features": self.num_features, "batches": self._batches}
+        if self._m is not None:
+            state.update({k: t.clone() for k, t in zip(_TENSORS, self._m)})
+            state["count"] = self._m.count.to(torch.int64)
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], *, device: torch.device | str | None = None) -> GaussianStats:
+        """Rebuild from :meth:`state_dict`.
+
+        Plain values may also come as strings (e.g. from safetensors metadata); tensors go to
+        ``device`` (default: where they are). Shapes are checked; nothing is unpickled."""
+        who = "GaussianStats.from_state_dict"
+        if state.get("format") != _FORMAT or int(state.get("version", -1)) != _VERSION:
+            raise ValueError(f"{who}: not a {_FORMAT} v{_VERSION} state "
+                             f"(format={state.get('format')!r}, version={state.get('version')!r})")
+        mode, G = str(state["mode"]), int(state["num_groups"])
+        if mode not in _MODES:
+            raise ValueError(f"{who}: unknown mode {mode!r}")
+        D = state.get("num_features")
+        D = None if D in (None, "None", "") else int(D)
+        self = cls(D, num_classes=G if mode == "classes" else None, num_positions=G if mode == "positions" else None)
+        self._batches = int(state.get("batches", 0))
+        if "mean" in state:
+            if D is None:
+                raise ValueError(f"{who}: tensors given but num_features is missing")
+            shapes = {"count": (G,), "mean": (G, D), "scatter": (G, D, D), "cubic": (G, D), "quartic": (G,)}
+            ts = []
+            for k in _TENSORS:
+                t = state[k]
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shapes[k]:
+                    raise ValueError(f"{who}: {k} must be a tensor of shape {shapes[k]}; got {getattr(t, 'shape', type(t).__name__)}")
+                ts.append(t.to(device=device, dtype=torch.float64) if device is not None else t.to(torch.float64))
+            self._m = _Moments(*ts)
+            self._device = ts[0].device
+        elif device is not None:
+            self._device = torch.device(device)
+        return self
+
+    def __repr__(self) -> str:
+        n = self.count
+        n_s = n if isinstance(n, int) else f"{int(n.sum())} (min {int(n.min())})"
+        return (f"GaussianStats(mode={self.mode}, groups={self.num_groups}, features={self.num_features}, "
+                f"count={n_s}, device={self._device})")
+

@@ -1,0 +1,442 @@
+"""Streaming Gaussian statistics (distkern.gaussian.GaussianStats), OAS, PCA / NPCA, χ² thresholds."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import distkern
+from distkern.gaussian import (
+    GaussianStats,
+    NotPositiveDefiniteError,
+    chi2_threshold,
+    distance_threshold,
+    empirical_covariance,
+    ledoit_wolf,
+    oas,
+    pca_whitening,
+    whitening_factor,
+)
+
+SK = {"empirical": "EmpiricalCovariance", "ledoit-wolf": "LedoitWolf", "oas": "OAS"}
+
+
+def sample(n, d, gen, offset=0.0):
+    """Correlated features with spread scales and a large common offset (to test the centering)."""
+    A = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5
+    scale = torch.linspace(0.2, 3.0, d, dtype=torch.float64)
+    shift = offset + torch.randn(d, generator=gen, dtype=torch.float64)
+    return (torch.randn(n, d, generator=gen, dtype=torch.float64) @ A) * scale + shift
+
+
+def random_splits(n, gen, max_batch=40):
+    """Random batch boundaries (sizes 1..max_batch), so batches of 1 and uneven merges occur."""
+    cuts, i = [], 0
+    while i < n:
+        i = min(n, i + int(torch.randint(1, max_batch + 1, (1,), generator=gen)))
+        cuts.append(i)
+    return list(zip([0] + cuts[:-1], cuts))
+
+
+def assert_close(a, b, rtol):
+    """max |a − b| ≤ rtol · max |b| (norm-wise: off-diagonals near 0 make elementwise rtol meaningless)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    err, scale = np.abs(a - b).max(), max(np.abs(b).max(), 1e-300)
+    assert err <= rtol * scale, f"max abs err {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def sk_fit(estimator, x):
+    sk = pytest.importorskip("sklearn.covariance")
+    return getattr(sk, SK[estimator])().fit(np.asarray(x))
+
+
+# ------------------------------------------------------------------ one Gaussian
+
+
+@pytest.mark.parametrize("n,d", [(600, 12), (25, 40), (50, 1)])
+def test_streaming_matches_sklearn_with_large_offset(n, d, rng):
+    x = sample(n, d, rng, offset=1e4)
+    stats = GaussianStats()
+    for a, b in random_splits(n, rng):
+        stats.update(x[a:b])
+    assert stats.count == n
+    assert_close(stats.mean, x.mean(0), 1e-14)
+    # the naive Σxxᵀ/n − μμᵀ at offset 1e4 is off by ~1e8·ε·√n / σ² ≳ 1e-7 relative
+    _, emp = empirical_covariance(x)
+    assert_close(stats.covariance(), emp, 1e-9)
+    for est in SK:
+        ref = sk_fit(est, x.numpy())
+        assert_close(stats.covariance(est), ref.covariance_, 1e-6)
+        s = float(stats.shrinkage(est))
+        assert s == pytest.approx(getattr(ref, "shrinkage_", 0.0), rel=1e-6, abs=1e-12)
+    # the one-shot estimators agree too
+    for fn, est in ((ledoit_wolf, "ledoit-wolf"), (oas, "oas")):
+        m, c, s = fn(x)
+        assert_close(stats.covariance(est), c, 1e-6)
+        assert float(stats.shrinkage(est)) == pytest.approx(s, rel=1e-6, abs=1e-12)
+    assert_close(stats.covariance("oas", ridge=0.5), stats.covariance("oas") + 0.5 * torch.eye(d, dtype=torch.float64), 1e-15)
+
+
+@pytest.mark.parametrize("n,d", [(30, 10), (200, 50), (10, 40), (5, 1), (3, 7)])
+def test_oas_matches_sklearn(n, d, rng):
+    x = sample(n, d, rng, offset=3.0)
+    mean, cov, s = oas(x)
+    ref = sk_fit("oas", x.numpy())
+    assert s == pytest.approx(ref.shrinkage_, rel=1e-9, abs=1e-12)
+    assert_close(cov, ref.covariance_, 1e-9)
+    assert_close(mean, ref.location_, 1e-12)
+    # assume_centered, like sklearn's
+    c2 = pytest.importorskip("sklearn.covariance").OAS(assume_centered=True).fit(x.numpy())
+    assert_close(oas(x, assume_centered=True)[1], c2.covariance_, 1e-9)
+
+
+def test_factor_whitens_and_fit_progress(rng, monkeypatch):
+    x = sample(300, 8, rng, offset=10.0)
+    batches = [x[a:b] for a, b in random_splits(300, rng)]
+    used = []
+
+    def fake_tqdm(it, **kw):  # a stand-in for tqdm.auto.tqdm: records that it was used
+        used.append(kw)
+        return it
+
+    mod = types.ModuleType("tqdm.auto")
+    mod.tqdm = fake_tqdm
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", mod)
+    stats = GaussianStats().fit(batches)
+    assert used and used[0]["total"] == len(batches)
+    GaussianStats().fit(iter(batches), progress=False)
+    assert len(used) == 1
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # not installed: no bar, no error
+    stats2 = GaussianStats().fit([(b, torch.zeros(len(b))) for b in batches])  # (x, target): target ignored
+    assert_close(stats2.covariance(), stats.covariance(), 1e-13)
+    L = stats.factor("ledoit-wolf", dtype=None)
+    cov = stats.covariance("ledoit-wolf")
+    assert_close(L @ L.T, torch.linalg.inv(cov), 1e-9)
+    d2 = distkern.mahalanobis(x, stats.mean, L)
+    ref = ((x - stats.mean) @ torch.linalg.inv(cov) * (x - stats.mean)).sum(1)
+    assert_close(d2, ref, 1e-9)
+    assert stats.factor().dtype == torch.float32
+
+
+# ------------------------------------------------------------------ K classes, P positions
+
+
+def test_classes_match_per_class_fits_and_pooled(rng):
+    K, d, n = 4, 6, 500
+    x = sample(n, d, rng, offset=1e4)
+    labels = torch.randint(0, K - 1, (n,), generator=rng)  # class K-1 never seen
+    labels[:3] = torch.tensor([0, 1, 2])
+    x = x + 5.0 * labels[:, None].double()  # classes have different means
+    stats = GaussianStats(num_classes=K)
+    for a, b in random_splits(n, rng):
+        stats.update(x[a:b], labels[a:b].to(torch.int32))
+    counts = torch.bincount(labels, minlength=K)
+    assert torch.equal(stats.count, counts)
+    with pytest.raises(ValueError, match=r"class 3 has no samples"):
+        stats.mean
+    with pytest.raises(ValueError, match=r"class 3 has only \[0\] sample"):
+        stats.covariance()
+    # a class with 0 samples does not stop the pooled (shared) covariance, Lee et al. 2018
+    resid = torch.cat([x[labels == k] - x[labels == k].mean(0) for k in range(K - 1)])
+    for est in SK:
+        ref = sk_fit(est, resid.numpy())
+        assert_close(stats.covariance(est, pooled=True), ref.covariance_, 1e-6)
+        assert float(stats.shrinkage(est, pooled=True)) == pytest.approx(getattr(ref, "shrinkage_", 0.0), rel=1e-6, abs=1e-12)
+    stats.update(x[:5], torch.full((5,), K - 1))
+    x_k, lab = torch.cat([x, x[:5]]), torch.cat([labels, torch.full((5,), K - 1)])
+    covs, shr = stats.covariance("ledoit-wolf"), stats.shrinkage("ledoit-wolf")
+    assert covs.shape == (K, d, d) and shr.shape == (K,)
+    for k in range(K):
+        ref = sk_fit("ledoit-wolf", x_k[lab == k].numpy())
+        assert_close(stats.mean[k], ref.location_, 1e-13)
+        assert_close(covs[k], ref.covariance_, 1e-6)
+        assert_close(stats.covariance("oas")[k], sk_fit("oas", x_k[lab == k].numpy()).covariance_, 1e-6)
+    assert stats.factor("oas").shape == (K, d, d)
+
+
+def test_positions_match_per_position_fits(rng):
+    B, P, d = 90, 5, 4
+    x = torch.stack([sample(B, d, rng, offset=100.0 * p) for p in range(P)], 1)  # (B, P, D)
+    stats = GaussianStats(num_positions=P)
+    for a, b in random_splits(B, rng, max_batch=13):
+        stats.update(x[a:b])
+    assert stats.count == B and stats.mean.shape == (P, d)
+    lw, s = stats.covariance("ledoit-wolf"), stats.shrinkage("ledoit-wolf")
+    for p in range(P):
+        ref = sk_fit("ledoit-wolf", x[:, p].numpy())
+        assert_close(lw[p], ref.covariance_, 1e-6)
+        assert float(s[p]) == pytest.approx(ref.shrinkage_, rel=1e-6)
+        assert_close(stats.covariance()[p], empirical_covariance(x[:, p])[1], 1e-10)
+    # a (B, D, H, W) feature map with H·W = P is the same data
+    fmap = x.transpose(1, 2).reshape(B, d, 1, P).float()
+    s2 = GaussianStats(num_positions=P).update(fmap)
+    assert_close(s2.covariance(), GaussianStats(num_positions=P).update(x.float()).covariance(), 1e-15)
+    L = stats.factor(ridge=0.01)
+    assert L.shape == (P, d, d)
+
+
+def test_merge_is_order_independent(rng):
+    K, d, n = 3, 5, 400
+    x, labels = sample(n, d, rng, offset=1e4), torch.randint(0, K, (n,), generator=rng)
+    parts = [GaussianStats(num_classes=K).update(x[a:b], labels[a:b]) for a, b in random_splits(n, rng, 60)]
+    whole = GaussianStats(num_classes=K).update(x, labels)
+    left = GaussianStats(num_classes=K)
+    for p in parts:
+        left.merge(p)
+    right = GaussianStats(num_classes=K)
+    for p in reversed(parts):
+        right.merge(p)
+    tree = parts  # pairwise tree
+    while len(tree) > 1:
+        tree = [GaussianStats(num_classes=K).merge(tree[i]).merge(tree[i + 1]) if i + 1 < len(tree) else tree[i]
+                for i in range(0, len(tree), 2)]
+    for other in (left, right, tree[0]):
+        assert torch.equal(other.count, whole.count)
+        assert_close(other.mean, whole.mean, 1e-13)
+        for est in SK:
+            assert_close(other.covariance(est), whole.covariance(est), 1e-10)
+            assert_close(other.shrinkage(est), whole.shrinkage(est), 1e-8)
+    assert_close(whole.merge(GaussianStats(num_classes=K)).covariance(), left.covariance(), 1e-10)  # empty: no-op
+
+
+def test_state_dict_round_trip(rng, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    x, labels = sample(120, 6, rng, offset=50.0), torch.randint(0, 3, (120,), generator=rng)
+    stats = GaussianStats(num_classes=3).update(x[:70], labels[:70])
+    state = stats.state_dict()
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    meta = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    json.dumps(meta)  # plain values only
+    assert set(tensors) == {"count", "mean", "scatter", "cubic", "quartic"}
+    safetensors.save_file(tensors, tmp_path / "s.safetensors", metadata={k: json.dumps(v) for k, v in meta.items()})
+    with safetensors.safe_open(tmp_path / "s.safetensors", "pt") as f:
+        loaded = {k: json.loads(v) for k, v in f.metadata().items()} | {k: f.get_tensor(k) for k in f.keys()}
+    back = GaussianStats.from_state_dict(loaded)
+    assert back.mode == "classes" and back.num_features == 6
+    for k, v in tensors.items():
+        assert torch.equal(back.state_dict()[k], v)
+    back.update(x[70:], labels[70:])
+    full = GaussianStats(num_classes=3).update(x, labels)
+    assert_close(back.covariance("ledoit-wolf"), full.covariance("ledoit-wolf"), 1e-10)
+    empty = GaussianStats.from_state_dict(GaussianStats(num_positions=4).state_dict())
+    assert empty.mode == "positions" and empty.num_groups == 4 and empty.count == 0
+    with pytest.raises(ValueError, match="not a distkern.GaussianStats"):
+        GaussianStats.from_state_dict({"mode": "single"})
+    with pytest.raises(ValueError, match=r"scatter must be a tensor of shape \(3, 6, 6\)"):
+        GaussianStats.from_state_dict(state | {"scatter": torch.zeros(3, 5, 5)})
+
+
+def test_errors_are_clear():
+    s = GaussianStats()
+    with pytest.raises(ValueError, match="no data yet"):
+        s.covariance()
+    with pytest.raises(ValueError, match=r"shape \(N, D\); got \(2, 3, 4\)"):
+        s.update(torch.ones(2, 3, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        s.update(torch.ones(3, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="only accepted with num_classes"):
+        s.update(torch.ones(3, 2), torch.zeros(3, dtype=torch.int64))
+    s.update(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="expected 3 features"):
+        s.update(torch.randn(4, 5))
+    x = torch.randn(6, 3)
+    x[2, 1], x[5, 0] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"batch 1 contains inf or NaN in rows \[2, 5\]"):
+        s.update(x)
+    assert s.count == 4  # the bad batch was not added
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        s.covariance("shrunk")
+    with pytest.raises(ValueError, match="ridge must be >= 0"):
+        s.covariance(ridge=-1.0)
+    one = GaussianStats().update(torch.randn(1, 3))
+    with pytest.raises(ValueError, match=r"needs at least 2 samples; the Gaussian has only \[1\]"):
+        one.covariance()
+    c = GaussianStats(num_classes=3)
+    with pytest.raises(ValueError, match="labels .* are required"):
+        c.update(torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\); rows \[1, 3\] have \[3, -1\]"):
+        c.update(torch.randn(4, 2), torch.tensor([0, 3, 1, -1]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        c.update(torch.randn(4, 2), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        c.update(torch.randn(4, 2), torch.zeros(5, dtype=torch.int64))
+    c.update(torch.randn(5, 2), torch.tensor([0, 0, 1, 2, 2]))
+    with pytest.raises(ValueError, match=r"class 1 has only \[1\] sample"):
+        c.covariance()
+    with pytest.raises(ValueError, match="layouts differ"):
+        c.merge(GaussianStats())
+    p = GaussianStats(num_positions=4)
+    with pytest.raises(ValueError, match=r"\(B, P=4, D\)"):
+        p.update(torch.randn(2, 3, 5))
+    xp = torch.randn(3, 4, 2)
+    xp[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"batch 0 contains inf or NaN in \(sample, position\) pairs \[\(1, 2\)\]"):
+        p.update(xp)
+    with pytest.raises(ValueError, match="num_classes or num_positions, not both"):
+        GaussianStats(num_classes=2, num_positions=2)
+
+
+def test_factor_names_the_singular_class(rng):
+    d = 6
+    stats = GaussianStats(num_classes=3)
+    stats.update(torch.randn(40, d, generator=rng, dtype=torch.float64), torch.zeros(40, dtype=torch.int64))
+    x1 = torch.randn(4, d, generator=rng, dtype=torch.float64)
+    x1[:, 2] = 1.0  # a constant feature: exactly singular
+    stats.update(x1, torch.full((4,), 1))
+    stats.update(torch.randn(30, d, generator=rng, dtype=torch.float64), torch.full((30,), 2))
+    with pytest.raises(NotPositiveDefiniteError, match=r"covariance of class 1 is not positive definite \(smallest eigenvalue") as e:
+        stats.factor()
+    assert e.value.index == (1,) and abs(e.value.min_eigenvalue) < 1e-12
+    assert torch.isfinite(stats.factor(ridge=1e-3)).all()
+    assert torch.isfinite(stats.factor("ledoit-wolf")).all()  # shrinkage makes it definite
+
+
+# ------------------------------------------------------------------ torch.distributed (gloo, 2 processes)
+
+WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+    from distkern.gaussian import GaussianStats
+    rank, port, data, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    t = load_file(data)
+    x, y = t["x"], t["y"]
+    n = x.shape[0]
+    lo, hi = (0, 2 * n // 3) if rank == 0 else (2 * n // 3, n)   # uneven shards
+    classes = GaussianStats(num_classes=5)
+    for a in range(lo, hi, 37):
+        classes.update(x[a:min(a + 37, hi)], y[a:min(a + 37, hi)])
+    single = GaussianStats()          # rank 1 sees no data and does not know D
+    if rank == 0:
+        single.update(x)
+    classes.all_reduce()
+    single.all_reduce()
+    res = {f"classes.{k}": v for k, v in classes.state_dict().items() if isinstance(v, torch.Tensor)}
+    res |= {f"single.{k}": v for k, v in single.state_dict().items() if isinstance(v, torch.Tensor)}
+    res["lw"] = classes.covariance("ledoit-wolf")
+    save_file(res, f"{out}.{rank}")
+    dist.destroy_process_group()
+""")
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_all_reduce_two_gloo_processes(rng, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    n, d, K = 600, 7, 5
+    x = sample(n, d, rng, offset=1e3)
+    y = torch.randint(0, K, (n,), generator=rng)
+    y[: 2 * n // 3] = y[: 2 * n // 3].clamp_max(K - 2)  # class K-1 only on rank 1
+    safetensors.save_file({"x": x, "y": y}, tmp_path / "data.safetensors")
+    (tmp_path / "worker.py").write_text(WORKER)
+    port = _free_port()
+    env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(r), str(port), str(tmp_path / "data.safetensors"),
+                               str(tmp_path / "out")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=120)[0].decode())
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("gloo workers timed out")
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    r0, r1 = (safetensors.load_file(tmp_path / f"out.{r}") for r in range(2))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"{k} differs between ranks"
+    ref = GaussianStats(num_classes=K).update(x, y).state_dict()
+    for k in ("count", "mean", "scatter", "quartic"):
+        assert_close(r0[f"classes.{k}"], ref[k], 1e-12)
+    # Σ‖z‖²z is a signed sum far below its terms: compare on the scale of Σ‖z‖³ ≤ (Σ‖z‖⁴)^¾ n^¼
+    scale = ref["quartic"] ** 0.75 * ref["count"] ** 0.25
+    assert ((r0["classes.cubic"] - ref["cubic"]).abs().amax(1) <= 1e-12 * scale).all()
+    assert_close(r0["lw"], GaussianStats.from_state_dict(ref).covariance("ledoit-wolf"), 1e-12)
+    ref1 = GaussianStats().update(x).state_dict()
+    for k in ("count", "mean", "scatter", "cubic", "quartic"):
+        assert torch.equal(r0[f"single.{k}"], ref1[k])  # merging an empty rank is exact
+
+
+# ------------------------------------------------------------------ PCA / NPCA
+
+
+def test_pca_npca_partition_the_mahalanobis_distance(rng):
+    d = 24
+    x = sample(400, d, rng, offset=2.0)
+    mean, cov = empirical_covariance(x)
+    full = distkern.mahalanobis(x, mean, whitening_factor(cov, dtype=None))
+    every = pca_whitening(cov, 1.0, "pca", dtype=None)
+    assert every.whitening.shape == (d, d)
+    assert_close(distkern.mahalanobis(x, mean, every.whitening, lower=False), full, 1e-9)
+    assert_close(distkern.mahalanobis(x, mean, pca_whitening(cov, 0.0, "npca", dtype=None).whitening, lower=False), full, 1e-9)
+    for t in (0.5, 0.9, 0.99):
+        pca, npca = pca_whitening(cov, t, "pca", dtype=None), pca_whitening(cov, t, "npca", dtype=None)
+        r = pca.eigenvalues.numel()
+        assert r + npca.eigenvalues.numel() == d
+        assert float(pca.explained_variance_ratio[:r].sum()) >= t > float(pca.explained_variance_ratio[: r - 1].sum())
+        assert float(pca.eigenvalues.min()) >= float(npca.eigenvalues.max())
+        d_pca = distkern.mahalanobis(x, mean, pca.whitening, lower=False)
+        d_npca = distkern.mahalanobis(x, mean, npca.whitening, lower=False)
+        assert_close(d_pca + d_npca, full, 1e-9)
+        assert pca_whitening(cov, t, "npca").whitening.dtype == torch.float32
+
+
+def test_pca_paper_selection_matches_reference_logic(rng):
+    skd = pytest.importorskip("sklearn.decomposition")
+    d, t = 16, 0.95
+    x = sample(300, d, rng)
+    _, cov = empirical_covariance(x)
+    ref = skd.PCA(n_components=None).fit(x.numpy())
+    k = int((ref.explained_variance_ratio_.cumsum() > t).argmax())  # as in gaussian-ad-mvtec compute_pca
+    pca = pca_whitening(cov, t, "pca", paper=True)
+    npca = pca_whitening(cov, t, "npca", paper=True)
+    for ours, comps in ((pca, ref.components_[: k + 1]), (npca, ref.components_[k - 1:])):
+        assert ours.components.shape == (d, comps.shape[0])
+        dots = np.abs((ours.components.numpy().T * comps).sum(1))  # same directions up to sign
+        np.testing.assert_allclose(dots, 1.0, atol=1e-8)
+
+
+def test_pca_errors():
+    cov = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="keeps no component"):
+        pca_whitening(cov, 1.0, "npca")
+    with pytest.raises(NotPositiveDefiniteError, match="kept eigenvalue 0"):
+        pca_whitening(cov, 0.9, "npca")
+    out = pca_whitening(cov, 0.9, "npca", ridge=1e-3)
+    assert out.eigenvalues.tolist() == [0.0] and torch.isfinite(out.whitening).all()
+    with pytest.raises(ValueError, match="mode must be"):
+        pca_whitening(cov, 0.9, "ica")
+    with pytest.raises(ValueError, match=r"variance_ratio must lie in \[0, 1\]"):
+        pca_whitening(cov, 1.5)
+
+
+# ------------------------------------------------------------------ χ² thresholds
+
+
+def test_chi2_threshold_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    dofs = torch.tensor([1, 2, 3, 4, 5, 7, 10, 16, 20, 21, 31, 64, 100, 255, 256, 512, 1000, 1024, 2047, 2048], dtype=torch.float64)
+    fprs = torch.tensor([1e-6, 3e-6, 1e-5, 1e-4, 1e-3, 0.0027, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5], dtype=torch.float64)
+    K, P = torch.meshgrid(dofs, fprs, indexing="ij")
+    t = chi2_threshold(K, P)
+    np.testing.assert_allclose(t.numpy(), stats.chi2.isf(P.numpy(), K.numpy()), rtol=1e-9)
+    assert isinstance(chi2_threshold(3, 0.05), float)
+    assert chi2_threshold(3, 0.05) == pytest.approx(stats.chi2.isf(0.05, 3), rel=1e-12)
+    assert chi2_threshold(1536, 1 - 0.9973) == pytest.approx(stats.chi2.ppf(0.9973, 1536), rel=1e-12)  # the paper's form
+    assert distance_threshold(10, 0.01) == pytest.approx(stats.chi2.isf(0.01, 10) ** 0.5, rel=1e-12)
+    assert chi2_threshold(0.5, 0.999) == pytest.approx(stats.chi2.isf(0.999, 0.5), rel=1e-9)  # tiny t, non-integer dof
+    for bad in ((0, 0.1), (3, 0.0), (3, 1.0)):
+        with pytest.raises(ValueError):
+            chi2_threshold(*bad)
