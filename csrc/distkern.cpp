@@ -10,6 +10,8 @@
 #endif
 #ifdef DISTKERN_WITH_CUDA
 #include <cuda_runtime_api.h>
+
+#include "mahalanobis/mahalanobis_launch.h"
 #endif
 
 #ifndef DISTKERN_VERSION
@@ -36,6 +38,9 @@ TORCH_LIBRARY(distkern, m) {
   m.def(
       "mahalanobis_k_logsumexp(Tensor x, Tensor means, Tensor factors, Tensor bias, bool lower=True)"
       " -> Tensor");
+  // Per-position Gaussians (PaDiM): x (B, P, D), means (P, D), factors (P, D, R) in fp32/fp16/bf16
+  // (read in place, never copied). Returns (B, P) squared distances.
+  m.def("mahalanobis_pos(Tensor x, Tensor means, Tensor factors, bool lower=True) -> Tensor");
 }
 
 namespace {
@@ -71,4 +76,10 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "distkern compiled kernels (ops are registered under torch.ops.distkern)";
   m.def("build_info", &build_info, "Facts about how this module was built");
+#ifdef DISTKERN_WITH_CUDA
+  m.def("set_cuda_tile_config", &distkern::mahalanobis::set_tile_config,
+        "Thread tiles of the CUDA tile-product kernels: 0 auto, 1 always 4x4 (64x64 blocks), "
+        "2 always 8x8 (128x128 blocks, float32). For tests and benchmarks.");
+  m.def("cuda_tile_config", &distkern::mahalanobis::tile_config);
+#endif
 }

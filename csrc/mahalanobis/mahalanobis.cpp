@@ -81,6 +81,46 @@ at::Tensor prepare_grad(const char* op, const at::Tensor& grad, const at::Tensor
 }
 
 
+PosInputs prepare_pos(const char* op, const at::Tensor& x, const at::Tensor& means,
+                      const at::Tensor& factors, bool lower) {
+  check_dim(op, "x", x, 3, "(B, P, D)");
+  check_float(op, "x", x);
+  check_dim(op, "means", means, 2, "(P, D)");
+  check_float(op, "means", means);
+  check_dim(op, "factors", factors, 3, lower ? "(P, D, D)" : "(P, D, R)");
+  check_float(op, "factors", factors);
+  check_same_device(op, "means", means, "x", x);
+  check_same_device(op, "factors", factors, "x", x);
+  const int64_t B = x.size(0), P = x.size(1), D = x.size(2);
+  TORCH_CHECK_VALUE(D > 0 && P > 0, op, ": x must have P > 0 positions and D > 0 features; got shape ",
+                    shape_str(x));
+  TORCH_CHECK_VALUE(means.size(0) == P && means.size(1) == D, op, ": means must be (P, D) = (", P,
+                    ", ", D, ") to match x of shape ", shape_str(x), "; got shape ", shape_str(means));
+  TORCH_CHECK_VALUE(factors.size(0) == P && factors.size(1) == D, op, ": factors must be (P, D, R) with (P, D) = (",
+                    P, ", ", D, ") to match x of shape ", shape_str(x), "; got shape ", shape_str(factors));
+  const int64_t R = factors.size(2);
+  TORCH_CHECK_VALUE(R > 0, op, ": factors must have at least one column; got shape ", shape_str(factors));
+  if (lower) {
+    TORCH_CHECK_VALUE(R == D, op, ": with lower=True the factors must be square lower-triangular (P, D, D); got shape ",
+                      shape_str(factors), " (pass lower=False for general (P, D, R) whitening matrices)");
+  }
+  TORCH_CHECK_VALUE(factors.is_contiguous(), op,
+                    ": factors must be contiguous (they are read in place, never copied: at PaDiM's sizes a copy "
+                    "would be gigabytes); call .contiguous() once when you build them");
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  TORCH_CHECK_TYPE((acc == at::kDouble) == (factors.scalar_type() == at::kDouble), op,
+                   ": factors must be float64 exactly when x is float64 (the accumulation type); got x ",
+                   x.scalar_type(), " and factors ", factors.scalar_type());
+  PosInputs in;
+  in.B = B;
+  in.P = P;
+  in.D = D;
+  in.R = R;
+  in.acc = acc;
+  in.means = means.to(acc).contiguous();
+  return in;
+}
+
 KInputs prepare_k(const char* op, const at::Tensor& x, const at::Tensor& means,
                   const at::Tensor& factors, bool lower, const c10::optional<at::Tensor>& bias) {
   check_dim(op, "x", x, 2, "(N, D)");

@@ -43,6 +43,18 @@ struct KInputs {
   at::ScalarType acc;
 };
 
+// Checked inputs of the per-position op: x (B, P, D), means (P, D) → acc type, factors (P, D, R)
+// kept in their own dtype and NOT copied (at PaDiM's sizes they are gigabytes): fp32/fp16/bf16,
+// or float64 with float64 x. Contiguous factors are required for that reason.
+struct PosInputs {
+  at::Tensor means;  // (P, D) acc, contiguous
+  int64_t B, P, D, R;
+  at::ScalarType acc;
+};
+
+PosInputs prepare_pos(const char* op, const at::Tensor& x, const at::Tensor& means,
+                      const at::Tensor& factors, bool lower);
+
 KInputs prepare_k(const char* op, const at::Tensor& x, const at::Tensor& means,
                   const at::Tensor& factors, bool lower, const c10::optional<at::Tensor>& bias);
 

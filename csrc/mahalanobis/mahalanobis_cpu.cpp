@@ -283,9 +283,75 @@ at::Tensor k_lse_cpu(const at::Tensor& x, const at::Tensor& means, const at::Ten
   return std::get<0>(k_cpu("distkern.mahalanobis_k_logsumexp", x, means, factors, lower, bias, KRed::LogSumExp));
 }
 
+// ---- per-position Gaussians (PaDiM) ------------------------------------------------------------
+
+// Parallel over positions; each position's factor is converted (fp16/bf16 → fp32, a D×R buffer
+// per thread, never a copy of all P factors), its strict upper triangle checked when lower, and
+// multiplied by the B centred rows of that position.
+template <typename scalar_t, typename factor_t, typename acc_t>
+void pos_impl(const at::Tensor& x, const at::Tensor& factors, const PosInputs& in, bool lower,
+              at::Tensor& out) {
+  const int64_t B = in.B, P = in.P, D = in.D, R = in.R;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const int64_t sb = x.stride(0), sp = x.stride(1), sd = x.stride(2);
+  const factor_t* fp = factors.data_ptr<factor_t>();
+  const acc_t* mu = in.means.data_ptr<acc_t>();
+  acc_t* op = out.data_ptr<acc_t>();
+  const auto opts = in.means.options();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    at::Tensor xc = at::empty({B, D}, opts);
+    at::Tensor z = at::empty({B, R}, opts);
+    at::Tensor w = at::empty({D, R}, opts);
+    std::vector<acc_t> guard(B);
+    for (int64_t p = p0; p < p1; ++p) {
+      const factor_t* src = fp + p * D * R;
+      acc_t* wp = w.data_ptr<acc_t>();
+      for (int64_t k = 0; k < D; ++k)
+        for (int64_t j = 0; j < R; ++j) {
+          const acc_t v = static_cast<acc_t>(src[k * R + j]);
+          TORCH_CHECK_VALUE(!(lower && j > k && v != acc_t(0)), "distkern.mahalanobis_pos: factors[", p,
+                            "] must be lower-triangular when lower=True, but its strict upper triangle has "
+                            "non-zero entries; pass lower=False to use general whitening matrices");
+          wp[k * R + j] = v;
+        }
+      acc_t* xcp = xc.data_ptr<acc_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t* row = xp + b * sb + p * sp;
+        acc_t g = 0;
+        for (int64_t k = 0; k < D; ++k) xcp[b * D + k] = center(static_cast<acc_t>(row[k * sd]), mu[p * D + k], g);
+        guard[b] = g;
+      }
+      tile_product(xc, w, z, B, lower);
+      const acc_t* zp = z.data_ptr<acc_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        acc_t s = 0;
+        for (int64_t j = 0; j < R; ++j) s += zp[b * R + j] * zp[b * R + j];
+        op[b * P + p] = finish(s, guard[b]);
+      }
+    }
+  });
+}
+
+at::Tensor pos_cpu(const at::Tensor& x, const at::Tensor& means, const at::Tensor& factors, bool lower) {
+  PosInputs in = prepare_pos("distkern.mahalanobis_pos", x, means, factors, lower);
+  at::Tensor out = at::empty({in.B, in.P}, x.options().dtype(in.acc));
+  if (in.B == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mahalanobis_pos_cpu", [&] {
+    using xs_t = scalar_t;
+    using acc_t = std::conditional_t<std::is_same_v<xs_t, double>, double, float>;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, factors.scalar_type(), "mahalanobis_pos_cpu_f", [&] {
+      if constexpr (std::is_same_v<acc_t, double> == std::is_same_v<scalar_t, double>) {
+        pos_impl<xs_t, scalar_t, acc_t>(x, factors, in, lower, out);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(distkern, CPU, m) {
+  m.impl("mahalanobis_pos", &pos_cpu);
   m.impl("mahalanobis", &forward_cpu);
   m.impl("mahalanobis_backward", &backward_cpu);
   m.impl("mahalanobis_k", &k_none_cpu);

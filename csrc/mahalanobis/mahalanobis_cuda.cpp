@@ -105,9 +105,22 @@ at::Tensor k_lse_cuda(const at::Tensor& x, const at::Tensor& means, const at::Te
   return std::get<0>(k_cuda("distkern.mahalanobis_k_logsumexp", x, means, factors, lower, bias, KReduce::LogSumExp));
 }
 
+at::Tensor pos_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& factors, bool lower) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  PosInputs in = prepare_pos("distkern.mahalanobis_pos", x, means, factors, lower);
+  at::Tensor out = at::empty({in.B, in.P}, x.options().dtype(in.acc));
+  if (in.B == 0) return out;
+  C10_CUDA_CHECK(launch_positions(to_dtype(x.scalar_type()), to_dtype(factors.scalar_type()), x.data_ptr(),
+                                  x.stride(0), x.stride(1), x.stride(2), in.means.data_ptr(),
+                                  factors.data_ptr(), out.data_ptr(), in.B, in.P, in.D, in.R, lower,
+                                  at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(distkern, CUDA, m) {
+  m.impl("mahalanobis_pos", &pos_cuda);
   m.impl("mahalanobis", &forward_cuda);
   m.impl("mahalanobis_backward", &backward_cuda);
   m.impl("mahalanobis_k", &k_none_cuda);

@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "common/cuda_types.cuh"
 #include "common/tile_gemm.cuh"
 #include "mahalanobis/mahalanobis_launch.h"
@@ -25,13 +27,11 @@ namespace mahalanobis {
 namespace {
 
 using cuda::from_acc;
-using cuda::kTileM;
-using cuda::kTileN;
 using cuda::row_lanes_sum;
 using cuda::Tri;
 using cuda::to_acc;
 
-static_assert(kRowsPerBlock == kTileM, "partial-sum rows must match the tile");
+static_assert(kRowsPerBlock == 64, "the backward runs 4×4 thread tiles: 64 rows per block");
 
 // ---- loaders ---------------------------------------------------------------------------------------
 
@@ -68,7 +68,33 @@ struct FactorTLoad {  // B = Wᵀ (R×D): B[k][j] = W[j][k]
   __device__ acc_t operator()(int64_t, int64_t k, int64_t j) const { return w[j * R + k]; }
 };
 
+// Per-position rows: x[b, p, :] centred on means[p].
+template <typename T, typename acc_t>
+struct XPosLoad {
+  const T* x;
+  int64_t sb, sp, sd;
+  const acc_t* means;
+  int64_t D;
+  __device__ acc_t operator()(int64_t p, int64_t b, int64_t k, acc_t& guard) const {
+    return center(to_acc<acc_t>(x[b * sb + p * sp + k * sd]), means[p * D + k], guard);
+  }
+};
+
+// A factor of its own dtype (fp32/fp16/bf16/fp64), converted on load; with lower, the strict
+// upper triangle reads as 0 without being read.
+template <typename F, typename acc_t>
+struct FactorCvtLoad {
+  const F* w;
+  int64_t R, stride;
+  bool lower;
+  __device__ acc_t operator()(int64_t p, int64_t k, int64_t j) const {
+    return (lower && k < j) ? acc_t(0) : to_acc<acc_t>(w[p * stride + k * R + j]);
+  }
+};
+
 // ---- epilogues -------------------------------------------------------------------------------------
+// Each is Name<acc_t, ...>::Epi<TR, TC>, holding its arguments in `a`, so one launcher can run it
+// with either thread-tile shape.
 
 // Per-row sums of squares over a problem's columns, reduced over the 16 column threads at the
 // end of each problem; what happens to the finished distance is the reduction's business:
@@ -76,206 +102,245 @@ struct FactorTLoad {  // B = Wᵀ (R×D): B[k][j] = W[j][k]
 //   KReduce::Min        running min / argmin over p
 //   KReduce::LogSumExp  running logsumexp of bias[p] − d²/2
 template <typename acc_t, KReduce RED>
-struct SumSqEpi {
-  acc_t* out;
-  int64_t* idx;
-  const acc_t* bias;
-  int64_t M, ldo;
-  struct State {
-    acc_t s[4];
-    MinAcc<acc_t> mn[4];
-    LseAcc<acc_t> lse[4];
+struct SumSq {
+  struct Args {
+    acc_t* out;
+    int64_t* idx;
+    const acc_t* bias;
+    int64_t M, ldo;
   };
-  __device__ void init(State& st) const {
+  template <int TR, int TC>
+  struct Epi {
+    Args a;
+    struct State {
+      acc_t s[TR];
+      MinAcc<acc_t> mn[TR];
+      LseAcc<acc_t> lse[TR];
+    };
+    __device__ void init(State& st) const {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      st.s[i] = 0;
-      st.mn[i].init();
-      st.lse[i].init();
-    }
-  }
-  __device__ void block(State& st, const acc_t (&c)[4][4], int64_t, int64_t, int64_t, acc_t*,
-                        const acc_t*) const {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) st.s[i] += c[i][j] * c[i][j];
-  }
-  __device__ void end_problem(State& st, int64_t p, int64_t row_base, const acc_t* guard_rows) const {
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const acc_t v = row_lanes_sum(st.s[i]);
-      st.s[i] = 0;
-      const int r = ty * 4 + i;
-      if (tx != 0 || row_base + r >= M) continue;
-      const acc_t d = mahalanobis::finish(v, guard_rows[r]);
-      if (RED == KReduce::None) out[(row_base + r) * ldo + p] = d;
-      if (RED == KReduce::Min) st.mn[i].update(d, p);
-      if (RED == KReduce::LogSumExp) st.lse[i].update(bias[p] - acc_t(0.5) * d);
-    }
-  }
-  __device__ void finish(State& st, int64_t row_base) const {
-    if (RED == KReduce::None) return;
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = row_base + ty * 4 + i;
-      if (tx != 0 || row >= M) continue;
-      if (RED == KReduce::Min) {
-        out[row] = st.mn[i].v;
-        idx[row] = st.mn[i].idx;
-      } else {
-        out[row] = st.lse[i].result();
+      for (int i = 0; i < TR; ++i) {
+        st.s[i] = 0;
+        st.mn[i].init();
+        st.lse[i].init();
       }
     }
-  }
+    __device__ void block(State& st, const acc_t (&c)[TR][TC], int64_t, int64_t, int64_t, acc_t*,
+                          const acc_t*) const {
+#pragma unroll
+      for (int i = 0; i < TR; ++i)
+#pragma unroll
+        for (int j = 0; j < TC; ++j) st.s[i] += c[i][j] * c[i][j];
+    }
+    __device__ void end_problem(State& st, int64_t p, int64_t row_base, const acc_t* guard_rows) const {
+      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+      for (int i = 0; i < TR; ++i) {
+        const acc_t v = row_lanes_sum(st.s[i]);
+        st.s[i] = 0;
+        const int r = ty * TR + i;
+        if (tx != 0 || row_base + r >= a.M) continue;
+        const acc_t d = mahalanobis::finish(v, guard_rows[r]);
+        if (RED == KReduce::None) a.out[(row_base + r) * a.ldo + p] = d;
+        if (RED == KReduce::Min) st.mn[i].update(d, p);
+        if (RED == KReduce::LogSumExp) st.lse[i].update(a.bias[p] - acc_t(0.5) * d);
+      }
+    }
+    __device__ void finish(State& st, int64_t row_base) const {
+      if (RED == KReduce::None) return;
+      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+      for (int i = 0; i < TR; ++i) {
+        const int64_t row = row_base + ty * TR + i;
+        if (tx != 0 || row >= a.M) continue;
+        if (RED == KReduce::Min) {
+          a.out[row] = st.mn[i].v;
+          a.idx[row] = st.mn[i].idx;
+        } else {
+          a.out[row] = st.lse[i].result();
+        }
+      }
+    }
+  };
 };
 
 // Shared factor: the cross term (x − center)·B[:, col] combined with ‖z‖² and ‖v_col‖².
 template <typename acc_t, KReduce RED>
-struct SharedEpi {
-  acc_t* out;
-  int64_t* idx;
-  const acc_t* zz;
-  const acc_t* vv;
-  const acc_t* bias;
-  int64_t M, K;
-  struct State {
-    MinAcc<acc_t> mn[4];
-    LseAcc<acc_t> lse[4];
+struct Shared {
+  struct Args {
+    acc_t* out;
+    int64_t* idx;
+    const acc_t* zz;
+    const acc_t* vv;
+    const acc_t* bias;
+    int64_t M, K;
   };
-  __device__ void init(State& st) const {
+  template <int TR, int TC>
+  struct Epi {
+    Args a;
+    struct State {
+      MinAcc<acc_t> mn[TR];
+      LseAcc<acc_t> lse[TR];
+    };
+    __device__ void init(State& st) const {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      st.mn[i].init();
-      st.lse[i].init();
-    }
-  }
-  __device__ void block(State& st, const acc_t (&c)[4][4], int64_t, int64_t row_base, int64_t j0,
-                        acc_t*, const acc_t*) const {
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = row_base + ty * 4 + i;
-      if (row >= M) continue;
-      const acc_t z2 = zz[row];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t col = j0 + tx * 4 + j;
-        if (col >= K) continue;
-        const acc_t d = combine_shared(z2, c[i][j], vv[col]);
-        if (RED == KReduce::None) out[row * K + col] = d;
-        if (RED == KReduce::Min) st.mn[i].update(d, col);
-        if (RED == KReduce::LogSumExp) st.lse[i].update(bias[col] - acc_t(0.5) * d);
+      for (int i = 0; i < TR; ++i) {
+        st.mn[i].init();
+        st.lse[i].init();
       }
     }
-  }
-  __device__ void end_problem(State&, int64_t, int64_t, const acc_t*) const {}
-  __device__ void finish(State& st, int64_t row_base) const {
-    if (RED == KReduce::None) return;
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    __device__ void block(State& st, const acc_t (&c)[TR][TC], int64_t, int64_t row_base,
+                          int64_t j0, acc_t*, const acc_t*) const {
+      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      // Combine the 16 column threads of the row (all lanes take part in the shuffles).
+      for (int i = 0; i < TR; ++i) {
+        const int64_t row = row_base + ty * TR + i;
+        if (row >= a.M) continue;
+        const acc_t z2 = a.zz[row];
 #pragma unroll
-      for (int off = 8; off >= 1; off >>= 1) {
-        if (RED == KReduce::Min) {
-          MinAcc<acc_t> o;
-          o.v = __shfl_xor_sync(0xffffffffu, st.mn[i].v, off);
-          o.idx = __shfl_xor_sync(0xffffffffu, static_cast<long long>(st.mn[i].idx), off);
-          st.mn[i].merge(o);
-        } else {
-          LseAcc<acc_t> o;
-          o.m = __shfl_xor_sync(0xffffffffu, st.lse[i].m, off);
-          o.s = __shfl_xor_sync(0xffffffffu, st.lse[i].s, off);
-          st.lse[i].merge(o);
+        for (int j = 0; j < TC; ++j) {
+          const int64_t col = j0 + tx * TC + j;
+          if (col >= a.K) continue;
+          const acc_t d = combine_shared(z2, c[i][j], a.vv[col]);
+          if (RED == KReduce::None) a.out[row * a.K + col] = d;
+          if (RED == KReduce::Min) st.mn[i].update(d, col);
+          if (RED == KReduce::LogSumExp) st.lse[i].update(a.bias[col] - acc_t(0.5) * d);
         }
       }
-      const int64_t row = row_base + ty * 4 + i;
-      if (tx != 0 || row >= M) continue;
-      if (RED == KReduce::Min) {
-        out[row] = st.mn[i].v;
-        idx[row] = st.mn[i].idx;
-      } else {
-        out[row] = st.lse[i].result();
+    }
+    __device__ void end_problem(State&, int64_t, int64_t, const acc_t*) const {}
+    __device__ void finish(State& st, int64_t row_base) const {
+      if (RED == KReduce::None) return;
+      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+      for (int i = 0; i < TR; ++i) {
+        // Combine the 16 column threads of the row (all lanes take part in the shuffles).
+#pragma unroll
+        for (int off = 8; off >= 1; off >>= 1) {
+          if (RED == KReduce::Min) {
+            MinAcc<acc_t> o;
+            o.v = __shfl_xor_sync(0xffffffffu, st.mn[i].v, off);
+            o.idx = __shfl_xor_sync(0xffffffffu, static_cast<long long>(st.mn[i].idx), off);
+            st.mn[i].merge(o);
+          } else {
+            LseAcc<acc_t> o;
+            o.m = __shfl_xor_sync(0xffffffffu, st.lse[i].m, off);
+            o.s = __shfl_xor_sync(0xffffffffu, st.lse[i].s, off);
+            st.lse[i].merge(o);
+          }
+        }
+        const int64_t row = row_base + ty * TR + i;
+        if (tx != 0 || row >= a.M) continue;
+        if (RED == KReduce::Min) {
+          a.out[row] = st.mn[i].v;
+          a.idx[row] = st.mn[i].idx;
+        } else {
+          a.out[row] = st.lse[i].result();
+        }
       }
     }
-  }
+  };
 };
 
 // Backward, first product: z' = grad_coef(g)·z (+ guard: NaN for a non-finite row).
 template <typename acc_t>
-struct ScaleStoreEpi {
-  acc_t* z;
-  const acc_t* grad;
-  int64_t M, R;
-  struct State {};
-  __device__ void init(State&) const {}
-  __device__ void block(State&, const acc_t (&c)[4][4], int64_t, int64_t row_base, int64_t j0,
-                        acc_t*, const acc_t* guard_rows) const {
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+struct ScaleStore {
+  struct Args {
+    acc_t* z;
+    const acc_t* grad;
+    int64_t M, R;
+  };
+  template <int TR, int TC>
+  struct Epi {
+    Args a;
+    struct State {};
+    __device__ void init(State&) const {}
+    __device__ void block(State&, const acc_t (&c)[TR][TC], int64_t, int64_t row_base, int64_t j0,
+                          acc_t*, const acc_t* guard_rows) const {
+      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = ty * 4 + i;
-      const int64_t row = row_base + r;
-      if (row >= M) continue;
-      const acc_t coef = grad_coef(grad[row]) + guard_rows[r];
+      for (int i = 0; i < TR; ++i) {
+        const int r = ty * TR + i;
+        const int64_t row = row_base + r;
+        if (row >= a.M) continue;
+        const acc_t coef = grad_coef(a.grad[row]) + guard_rows[r];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t col = j0 + tx * 4 + j;
-        if (col < R) z[row * R + col] = coef * c[i][j];
+        for (int j = 0; j < TC; ++j) {
+          const int64_t col = j0 + tx * TC + j;
+          if (col < a.R) a.z[row * a.R + col] = coef * c[i][j];
+        }
       }
     }
-  }
-  __device__ void end_problem(State&, int64_t, int64_t, const acc_t*) const {}
-  __device__ void finish(State&, int64_t) const {}
+    __device__ void end_problem(State&, int64_t, int64_t, const acc_t*) const {}
+    __device__ void finish(State&, int64_t) const {}
+  };
 };
 
-// Backward, second product: gx = z'·Wᵀ stored in x's dtype, and −Σ_rows gx per column block.
+// Backward, second product: gx = z'·Wᵀ stored in x's dtype, and −Σ_rows gx per column block
+// into partial[blockIdx.x].
 template <typename T, typename acc_t>
-struct GradStoreEpi {
-  T* gx;
-  acc_t* partial;
-  int64_t M, D;
-  struct State {};
-  __device__ void init(State&) const {}
-  __device__ void block(State&, const acc_t (&c)[4][4], int64_t, int64_t row_base, int64_t j0,
-                        acc_t* scratch, const acc_t*) const {
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+struct GradStore {
+  struct Args {
+    T* gx;
+    acc_t* partial;
+    int64_t M, D;
+  };
+  template <int TR, int TC>
+  struct Epi {
+    Args a;
+    struct State {};
+    __device__ void init(State&) const {}
+    __device__ void block(State&, const acc_t (&c)[TR][TC], int64_t, int64_t row_base, int64_t j0,
+                          acc_t* scratch, const acc_t*) const {
+      constexpr int BN = 16 * TC;
+      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = row_base + ty * 4 + i;
-      if (row >= M) continue;
+      for (int i = 0; i < TR; ++i) {
+        const int64_t row = row_base + ty * TR + i;
+        if (row >= a.M) continue;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t col = j0 + tx * 4 + j;
-        if (col < D) gx[row * D + col] = from_acc<T>(c[i][j]);
+        for (int j = 0; j < TC; ++j) {
+          const int64_t col = j0 + tx * TC + j;
+          if (col < a.D) a.gx[row * a.D + col] = from_acc<T>(c[i][j]);
+        }
       }
-    }
-    // Rows past M hold zeros (their A loads were 0), so they add nothing to the column sums.
+      // Rows past M hold zeros (their A loads were 0), so they add nothing to the column sums.
 #pragma unroll
-    for (int j = 0; j < 4; ++j) scratch[ty * kTileN + tx * 4 + j] = c[0][j] + c[1][j] + c[2][j] + c[3][j];
-    __syncthreads();
-    if (threadIdx.x < kTileN) {
-      acc_t s = 0;
+      for (int j = 0; j < TC; ++j) {
+        acc_t s = 0;
 #pragma unroll
-      for (int t = 0; t < 16; ++t) s += scratch[t * kTileN + threadIdx.x];
-      const int64_t col = j0 + threadIdx.x;
-      if (col < D) partial[static_cast<int64_t>(blockIdx.x) * D + col] = -s;
+        for (int i = 0; i < TR; ++i) s += c[i][j];
+        scratch[ty * BN + tx * TC + j] = s;
+      }
+      __syncthreads();
+      if (threadIdx.x < BN) {
+        acc_t s = 0;
+#pragma unroll
+        for (int t = 0; t < 16; ++t) s += scratch[t * BN + threadIdx.x];
+        const int64_t col = j0 + threadIdx.x;
+        if (col < a.D) a.partial[static_cast<int64_t>(blockIdx.x) * a.D + col] = -s;
+      }
+      __syncthreads();
     }
-    __syncthreads();
-  }
-  __device__ void end_problem(State&, int64_t, int64_t, const acc_t*) const {}
-  __device__ void finish(State&, int64_t) const {}
+    __device__ void end_problem(State&, int64_t, int64_t, const acc_t*) const {}
+    __device__ void finish(State&, int64_t) const {}
+  };
 };
 
 // ---- typed launchers ---------------------------------------------------------------------------
 
-template <typename acc_t, typename A, typename B, typename E>
+// Thread-tile choice: 8×8 (128×128 tiles) for large float32 problems, 4×4 (64×64) otherwise;
+// set_tile_config forces one (tests run both).
+int g_tile_config = 0;  // 0 auto, 1 small, 2 large
+
+template <typename acc_t, template <int, int> class Epi, typename A, typename B, typename EArgs>
 cudaError_t launch(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int64_t ppb, A a, B b,
-                   E e, cudaStream_t stream) {
-  return cuda::launch_tile_gemm_rows<acc_t>(M, K, Ncols, tri, P, ppb, a, b, e, stream);
+                   const EArgs& e, cudaStream_t stream, bool allow_large = true) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    const bool large = allow_large && (g_tile_config == 2 || (g_tile_config == 0 && M >= 8192 && Ncols >= 96));
+    if (large) return cuda::launch_tile_gemm_rows<acc_t, 8, 8, Epi>(M, K, Ncols, tri, P, ppb, a, b, e, stream);
+  }
+  return cuda::launch_tile_gemm_rows<acc_t, 4, 4, Epi>(M, K, Ncols, tri, P, ppb, a, b, e, stream);
 }
 
 template <typename T, typename acc_t>
@@ -284,8 +349,9 @@ cudaError_t forward_typed(const void* x, int64_t sx0, int64_t sx1, const void* m
                           bool lower, cudaStream_t stream) {
   XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(mean), 0};
   FactorLoad<acc_t> b{static_cast<const acc_t*>(factor), R, 0};
-  SumSqEpi<acc_t, KReduce::None> e{static_cast<acc_t*>(out), nullptr, nullptr, N, 1};
-  return launch<acc_t>(N, D, R, lower ? Tri::Lower : Tri::None, 1, 1, a, b, e, stream);
+  using S = SumSq<acc_t, KReduce::None>;
+  const typename S::Args e{static_cast<acc_t*>(out), nullptr, nullptr, N, 1};
+  return launch<acc_t, S::template Epi>(N, D, R, lower ? Tri::Lower : Tri::None, 1, 1, a, b, e, stream);
 }
 
 template <typename T, typename acc_t>
@@ -295,13 +361,15 @@ cudaError_t backward_typed(const void* x, int64_t sx0, int64_t sx1, const void* 
   const acc_t* w = static_cast<const acc_t*>(factor);
   XLoad<T, acc_t> a1{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(mean), 0};
   FactorLoad<acc_t> b1{w, R, 0};
-  ScaleStoreEpi<acc_t> e1{static_cast<acc_t*>(z), static_cast<const acc_t*>(grad), N, R};
-  cudaError_t err = launch<acc_t>(N, D, R, lower ? Tri::Lower : Tri::None, 1, 1, a1, b1, e1, stream);
+  const typename ScaleStore<acc_t>::Args e1{static_cast<acc_t*>(z), static_cast<const acc_t*>(grad), N, R};
+  cudaError_t err = launch<acc_t, ScaleStore<acc_t>::template Epi>(N, D, R, lower ? Tri::Lower : Tri::None, 1,
+                                                                   1, a1, b1, e1, stream, false);
   if (err != cudaSuccess) return err;
   ZLoad<acc_t> a2{static_cast<const acc_t*>(z), R};
   FactorTLoad<acc_t> b2{w, R};
-  GradStoreEpi<T, acc_t> e2{static_cast<T*>(gx), static_cast<acc_t*>(partial), N, D};
-  return launch<acc_t>(N, R, D, lower ? Tri::Upper : Tri::None, 1, 1, a2, b2, e2, stream);
+  const typename GradStore<T, acc_t>::Args e2{static_cast<T*>(gx), static_cast<acc_t*>(partial), N, D};
+  return launch<acc_t, GradStore<T, acc_t>::template Epi>(N, R, D, lower ? Tri::Upper : Tri::None, 1, 1, a2,
+                                                           b2, e2, stream, false);
 }
 
 template <typename T, typename acc_t, KReduce RED>
@@ -311,10 +379,11 @@ cudaError_t k_components_typed(const void* x, int64_t sx0, int64_t sx1, const vo
                                cudaStream_t stream) {
   XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(means), D};
   FactorLoad<acc_t> b{static_cast<const acc_t*>(factors), R, D * R};
-  SumSqEpi<acc_t, RED> e{static_cast<acc_t*>(out), idx, static_cast<const acc_t*>(bias), N, K};
+  using S = SumSq<acc_t, RED>;
+  const typename S::Args e{static_cast<acc_t*>(out), idx, static_cast<const acc_t*>(bias), N, K};
   // The N×K output spreads the components over blockIdx.y; a reduction keeps them in one block.
   const int64_t ppb = RED == KReduce::None ? (K + 65534) / 65535 : K;
-  return launch<acc_t>(N, D, R, lower ? Tri::Lower : Tri::None, K, ppb, a, b, e, stream);
+  return launch<acc_t, S::template Epi>(N, D, R, lower ? Tri::Lower : Tri::None, K, ppb, a, b, e, stream);
 }
 
 template <typename T, typename acc_t, KReduce RED>
@@ -324,9 +393,22 @@ cudaError_t k_shared_typed(const void* x, int64_t sx0, int64_t sx1, const void* 
                            cudaStream_t stream) {
   XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(center), 0};
   FactorLoad<acc_t> b{static_cast<const acc_t*>(bmat), K, 0};
-  SharedEpi<acc_t, RED> e{static_cast<acc_t*>(out), idx, static_cast<const acc_t*>(zz),
-                          static_cast<const acc_t*>(vv), static_cast<const acc_t*>(bias), N, K};
-  return launch<acc_t>(N, D, K, Tri::None, 1, 1, a, b, e, stream);
+  using S = Shared<acc_t, RED>;
+  const typename S::Args e{static_cast<acc_t*>(out), idx, static_cast<const acc_t*>(zz),
+                           static_cast<const acc_t*>(vv), static_cast<const acc_t*>(bias), N, K};
+  return launch<acc_t, S::template Epi>(N, D, K, Tri::None, 1, 1, a, b, e, stream);
+}
+
+template <typename T, typename F, typename acc_t>
+cudaError_t positions_typed(const void* x, int64_t sb, int64_t sp, int64_t sd, const void* means,
+                            const void* factors, void* out, int64_t B, int64_t P, int64_t D,
+                            int64_t R, bool lower, cudaStream_t stream) {
+  XPosLoad<T, acc_t> a{static_cast<const T*>(x), sb, sp, sd, static_cast<const acc_t*>(means), D};
+  FactorCvtLoad<F, acc_t> b{static_cast<const F*>(factors), R, D * R, lower};
+  using S = SumSq<acc_t, KReduce::None>;
+  const typename S::Args e{static_cast<acc_t*>(out), nullptr, nullptr, B, P};
+  const int64_t ppb = (P + 65534) / 65535;
+  return launch<acc_t, S::template Epi>(B, D, R, lower ? Tri::Lower : Tri::None, P, ppb, a, b, e, stream);
 }
 
 // dtype × reduction dispatch
@@ -372,6 +454,9 @@ struct Backward {
 
 }  // namespace
 
+void set_tile_config(int config) { g_tile_config = config; }
+int tile_config() { return g_tile_config; }
+
 cudaError_t launch_forward(DType xtype, const void* x, int64_t sx0, int64_t sx1, const void* mean,
                            const void* factor, void* out, int64_t N, int64_t D, int64_t R,
                            bool lower, cudaStream_t stream) {
@@ -395,6 +480,36 @@ cudaError_t launch_k_components(DType xtype, const void* x, int64_t sx0, int64_t
   if (N <= 0 || K <= 0) return cudaSuccess;
   return dispatch<KComponents>(xtype, reduce, x, sx0, sx1, means, factors, bias, out, idx, N, D, R,
                                K, lower, stream);
+}
+
+cudaError_t launch_positions(DType xtype, DType ftype, const void* x, int64_t sb, int64_t sp,
+                             int64_t sd, const void* means, const void* factors, void* out,
+                             int64_t B, int64_t P, int64_t D, int64_t R, bool lower,
+                             cudaStream_t stream) {
+  if (B <= 0 || P <= 0) return cudaSuccess;
+  const auto args = [&](auto tx, auto tf) {
+    using T = decltype(tx);
+    using F = decltype(tf);
+    return positions_typed<T, F, float>(x, sb, sp, sd, means, factors, out, B, P, D, R, lower, stream);
+  };
+  if (xtype == DType::F64) {
+    if (ftype != DType::F64) return cudaErrorInvalidValue;
+    return positions_typed<double, double, double>(x, sb, sp, sd, means, factors, out, B, P, D, R, lower, stream);
+  }
+#define DK_F(T)                                        \
+  switch (ftype) {                                     \
+    case DType::F32: return args(T{}, float{});        \
+    case DType::F16: return args(T{}, __half{});       \
+    case DType::BF16: return args(T{}, __nv_bfloat16{}); \
+    default: return cudaErrorInvalidValue;             \
+  }
+  switch (xtype) {
+    case DType::F32: DK_F(float)
+    case DType::F16: DK_F(__half)
+    case DType::BF16: DK_F(__nv_bfloat16)
+    default: return cudaErrorInvalidValue;
+  }
+#undef DK_F
 }
 
 cudaError_t launch_k_shared(DType xtype, const void* x, int64_t sx0, int64_t sx1,

@@ -14,7 +14,13 @@
 namespace distkern {
 namespace mahalanobis {
 
-// Rows per thread block of every kernel (the partial-sum buffer has ceil(N / kRowsPerBlock) rows).
+// Thread-tile configuration of the forward kernels: 0 auto (8×8 thread tiles, 128×128 blocks,
+// for large float32 problems, else 4×4 and 64×64), 1 always 4×4, 2 always 8×8 (float32 only).
+// Host state, for tests and benchmarks.
+void set_tile_config(int config);
+int tile_config();
+
+// Rows per thread block of the backward kernels (the partial-sum buffer has ceil(N / kRowsPerBlock) rows).
 constexpr int64_t kRowsPerBlock = 64;
 
 // out[n] = ‖Wᵀ(x[n] − mean)‖²  (N ≥ 1)
@@ -50,6 +56,14 @@ cudaError_t launch_k_shared(DType xtype, const void* x, int64_t sx0, int64_t sx1
                             const void* center, const void* bmat, const void* zz, const void* vv,
                             const void* bias, void* out, int64_t* idx, int64_t N, int64_t D,
                             int64_t K, KReduce reduce, cudaStream_t stream);
+
+// Per-position Gaussians (PaDiM): x (B, P, D) with strides (sb, sp, sd), means P×D (acc type),
+// factors P×D×R in `ftype` (read as they are: no conversion copy; with lower, the strict upper
+// triangle is never read), out B×P. Each factor is read once per call whatever B is.
+cudaError_t launch_positions(DType xtype, DType ftype, const void* x, int64_t sb, int64_t sp,
+                             int64_t sd, const void* means, const void* factors, void* out,
+                             int64_t B, int64_t P, int64_t D, int64_t R, bool lower,
+                             cudaStream_t stream);
 
 }  // namespace mahalanobis
 }  // namespace distkern

@@ -13,15 +13,28 @@ from ._loader import load_extension as _load_extension
 
 _C = _load_extension()
 
+# DISTKERN_CUDA_TILES=64|128 forces the thread-tile shape of the CUDA tile-product kernels
+# (default: chosen by problem size); for benchmarking the two against each other.
+import os as _os  # noqa: E402
+
+if hasattr(_C, "set_cuda_tile_config") and _os.environ.get("DISTKERN_CUDA_TILES"):
+    _tiles = {"auto": 0, "64": 1, "128": 2}.get(_os.environ["DISTKERN_CUDA_TILES"].strip())
+    if _tiles is None:
+        raise ImportError(f"DISTKERN_CUDA_TILES must be auto, 64 or 128; got {_os.environ['DISTKERN_CUDA_TILES']!r}")
+    _C.set_cuda_tile_config(_tiles)
+
 from . import ops  # noqa: E402  (registers fake / autograd implementations)
-from .ops.mahalanobis import gmm_log_likelihood, mahalanobis, mahalanobis_k  # noqa: E402
+from .ops.mahalanobis import gmm_log_likelihood, mahalanobis, mahalanobis_k, mahalanobis_pos  # noqa: E402
 from . import gaussian  # noqa: E402
 from . import methods  # noqa: E402
 
 
 def build_info() -> dict:
     """How the compiled module was built: version, torch it was built against, CUDA, archs, threads."""
-    return dict(_C.build_info())
+    info = dict(_C.build_info())
+    if hasattr(_C, "cuda_tile_config"):
+        info["cuda_tile_config"] = {0: "auto", 1: "64", 2: "128"}[_C.cuda_tile_config()]
+    return info
 
 
-__all__ = ["__version__", "build_info", "mahalanobis", "mahalanobis_k", "gmm_log_likelihood", "gaussian", "methods", "ops"]
+__all__ = ["__version__", "build_info", "mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood", "gaussian", "methods", "ops"]

@@ -342,7 +342,79 @@ def _mixture_cases() -> list[Case]:
     ]
 
 
-_FAMILIES = [_mahalanobis_cases, _mixture_cases]
+# ---------------------------------------------------------------------------------------------
+# Per-position Gaussians (mahalanobis_pos, PaDiM) vs anomalib's batched matmul over inverses
+# ---------------------------------------------------------------------------------------------
+
+
+def _positions_setup(B: int, P: int, D: int, fdtype: torch.dtype):
+    def setup(device: str | torch.device, dtype: torch.dtype, *, seed: int = 0) -> Inputs:
+        device = torch.device(device)
+        g = torch.Generator(device=device)
+        g.manual_seed(1_000_003 * (seed + 1) + 7919 * D + P + B)
+        # Random well-conditioned lower-triangular factors (drawing P covariances and factorising
+        # them would dominate the run at D = 550); the baseline gets P_p = L_p L_pᵀ, anomalib's
+        # inverse covariance.
+        L = torch.randn(P, D, D, generator=g, device=device, dtype=torch.float32).mul_(0.3 / math.sqrt(D)).tril_()
+        L.diagonal(dim1=1, dim2=2).add_(1.0)
+        prec = torch.bmm(L, L.transpose(1, 2))
+        means = torch.randn(P, D, generator=g, device=device, dtype=torch.float32)
+        emb = torch.randn(B, D, P, generator=g, device=device, dtype=torch.float32).add_(means.T).to(dtype)
+        return {
+            "x": emb.transpose(1, 2),  # (B, P, D) view of the (B, C, H·W) embedding, as anomalib holds it
+            "emb": emb,
+            "means": means,
+            "factors": L.to(fdtype).contiguous(),
+            "precision": prec,
+        }
+
+    return setup
+
+
+def _pos_ours(i: Inputs):
+    from ..ops.mahalanobis import mahalanobis_pos
+
+    return mahalanobis_pos(i["x"], i["means"], i["factors"])
+
+
+def _pos_anomalib(i: Inputs):
+    # anomalib PaDiM: delta = (embedding − mean).permute(2, 0, 1); ((delta @ inv_cov) * delta).sum(2)
+    emb = i["emb"] if i["emb"].dtype == torch.float32 else i["emb"].float()
+    delta = (emb - i["means"].T).permute(2, 0, 1)
+    return (torch.matmul(delta, i["precision"]) * delta).sum(2).permute(1, 0)
+
+
+def _positions_case(B: int, P: int, D: int, dtype: torch.dtype, fdtype: torch.dtype, devices, *, quick=False, note=""):
+    elem, felem = (torch.empty((), dtype=t).element_size() for t in (dtype, fdtype))
+    return Case(
+        op="mahalanobis_pos",
+        label=f"B={B} P={P} D={D} x {dtype_name(dtype)} factors {dtype_name(fdtype)}",
+        params={"B": B, "P": P, "D": D},
+        dtype=dtype,
+        setup=_positions_setup(B, P, D, fdtype),
+        ours=_pos_ours,
+        baselines={"anomalib": _pos_anomalib},
+        bytes=P * D * (D + 1) // 2 * felem + B * P * D * elem + P * D * 4 + B * P * 4,
+        flops=B * P * (D * D + D) + 2 * B * P * D,
+        devices=tuple(devices),
+        quick=quick,
+        note=note,
+    )
+
+
+def _positions_cases() -> list[Case]:
+    cpu, cuda, both = ("cpu",), ("cuda",), ("cpu", "cuda")
+    f32, bf16 = torch.float32, torch.bfloat16
+    return [
+        _positions_case(32, 3136, 100, f32, f32, both, note="resnet18 PaDiM: 56x56 grid, 100 channels"),
+        _positions_case(32, 3136, 550, f32, f32, cuda, note="WRN50 PaDiM: 3.8 GB of fp32 factors"),
+        _positions_case(32, 3136, 550, f32, bf16, cuda, note="factors in bf16 (1.9 GB); anomalib keeps fp32"),
+        _positions_case(32, 784, 550, f32, f32, cpu, note="WRN50 channels on a 28x28 grid (CPU time budget)"),
+        _positions_case(4, 64, 32, f32, f32, both, quick=True),
+    ]
+
+
+_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases]
 
 
 def all_cases() -> list[Case]:

@@ -1,0 +1,112 @@
+"""distkern.mahalanobis_pos (one Gaussian per position, PaDiM) against float64 and anomalib's formula."""
+import pytest
+import torch
+
+import distkern
+from distkern.gaussian import whitening_factor
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def random_positions(P, D, gen, device="cpu"):
+    A = torch.randn(P, D, D + 3, generator=gen, dtype=torch.float64)
+    cov = A @ A.transpose(1, 2) / D + 0.01 * torch.eye(D, dtype=torch.float64)  # anomalib adds 0.01·I
+    means = torch.randn(P, D, generator=gen, dtype=torch.float64)
+    return means.to(device), cov.to(device), whitening_factor(cov, dtype=None).to(device)
+
+
+def reference(x, means, factors):
+    z = torch.einsum("bpd,pdr->bpr", x.double() - means.double(), factors.double())
+    return (z * z).sum(-1)
+
+
+def rel(a, b):
+    return float((a.double() - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,P,D", [(1, 1, 1), (3, 5, 7), (32, 9, 70), (70, 4, 33)])
+def test_matches_reference(device, xdtype, fdtype, B, P, D, rng):
+    means, cov, L = random_positions(P, D, rng, device)
+    x = (means + torch.randn(B, P, D, generator=rng, dtype=torch.float64).to(device)).to(xdtype)
+    f = L.to(fdtype).contiguous()
+    out = distkern.mahalanobis_pos(x, means.float(), f)
+    assert out.shape == (B, P) and out.dtype == torch.float32
+    # reference on the same (rounded) inputs and factors
+    assert rel(out, reference(x, means.float(), f)) < 2e-5
+    assert bool((out >= 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_anomalib_layout_and_formula(device, rng):
+    """anomalib: embedding (B, C, H, W), inverse covariance (HW, C, C), ((δ @ inv) * δ).sum."""
+    B, C, H, W = 4, 12, 3, 5
+    means, cov, L = random_positions(H * W, C, rng, device)
+    emb = torch.randn(B, C, H, W, generator=rng, dtype=torch.float64).to(device)
+    inv = torch.linalg.inv(cov)
+    delta = (emb.reshape(B, C, H * W) - means.T).permute(2, 0, 1)
+    anomalib = (torch.matmul(delta, inv) * delta).sum(2).permute(1, 0)
+    x = emb.float().flatten(2).transpose(1, 2)  # (B, HW, C) view, not contiguous
+    assert not x.is_contiguous()
+    out = distkern.mahalanobis_pos(x, means.float(), L.float())
+    assert rel(out, anomalib) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_general_factors_and_float64(device, rng):
+    B, P, D, R = 5, 6, 20, 7
+    W = torch.randn(P, D, R, generator=rng, dtype=torch.float64).to(device)
+    means = torch.randn(P, D, generator=rng, dtype=torch.float64).to(device)
+    x = torch.randn(B, P, D, generator=rng, dtype=torch.float64).to(device)
+    assert rel(distkern.mahalanobis_pos(x, means, W, lower=False), reference(x, means, W)) < 1e-12
+    assert rel(distkern.mahalanobis_pos(x.float(), means, W.float(), lower=False), reference(x.float(), means, W.float())) < 2e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_and_opcheck(device, rng):
+    means, cov, L = random_positions(3, 4, rng, device)
+    x = torch.randn(5, 3, 4, generator=rng, dtype=torch.float64).to(device).requires_grad_()
+    m = means.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: distkern.mahalanobis_pos(a, b, L), (x, m))
+    torch.library.opcheck(torch.ops.distkern.mahalanobis_pos.default, (x.detach().float(), means.float(), L.float(), True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_and_empty(device, rng):
+    means, cov, L = random_positions(4, 6, rng, device)
+    x = torch.randn(3, 4, 6, generator=rng).to(device)
+    x[1, 2, 3] = float("nan")
+    out = distkern.mahalanobis_pos(x, means.float(), L.float())
+    assert out[1, 2].isnan() and torch.isfinite(out.flatten()[torch.arange(12, device=device) != 6]).all()
+    assert distkern.mahalanobis_pos(x[:0], means.float(), L.float()).shape == (0, 4)
+
+
+def test_bad_inputs(rng):
+    means, cov, L = random_positions(4, 6, rng)
+    x, m, f = torch.randn(2, 4, 6), means.float(), L.float()
+    op = distkern.mahalanobis_pos
+    with pytest.raises(ValueError, match="x must be a 3-D tensor of shape \\(B, P, D\\)"):
+        op(x[0], m, f)
+    with pytest.raises(ValueError, match="means must be \\(P, D\\) = \\(4, 6\\)"):
+        op(x, m[:3], f)
+    with pytest.raises(ValueError, match="factors must be contiguous"):
+        op(x, m, f.transpose(1, 2))
+    with pytest.raises(ValueError, match=r"factors\[2\] must be lower-triangular"):
+        bad = f.clone()
+        bad[2, 0, 5] = 1.0
+        op(x, m, bad)
+    with pytest.raises(TypeError, match="float64 exactly when x is float64"):
+        op(x, m, f.double())
+
+
+@pytest.mark.cuda
+def test_cuda_sanitizer_case_pos():
+    g = torch.Generator().manual_seed(2)
+    for B, P, D in [(1, 1, 1), (33, 7, 65), (70, 3, 20)]:
+        means, cov, L = random_positions(P, D, g, "cuda")
+        x = torch.randn(B, P, D, generator=g).to("cuda", torch.bfloat16)
+        out = distkern.mahalanobis_pos(x, means.float(), L.to(torch.bfloat16).contiguous())
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
