@@ -329,15 +329,18 @@ struct GradStore {
 
 // ---- typed launchers ---------------------------------------------------------------------------
 
-// Thread-tile choice: 8×8 (128×128 tiles) for large float32 problems, 4×4 (64×64) otherwise;
-// set_tile_config forces one (tests run both).
+// Thread-tile choice: 8×8 (128×128 tiles) for large float32 problems with many columns, 4×4
+// (64×64) otherwise; set_tile_config forces one (tests run both). Measured on an H100
+// (benchmarks/results, 2026-11-27): 8×8 is 10% faster at D = 1024 but 11% slower at D = 256
+// (a triangular factor wastes more of a 128-wide diagonal block, and 128 registers per thread
+// halve the resident warps), and slower for the N×K cross product at K = 100.
 int g_tile_config = 0;  // 0 auto, 1 small, 2 large
 
 template <typename acc_t, template <int, int> class Epi, typename A, typename B, typename EArgs>
 cudaError_t launch(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int64_t ppb, A a, B b,
                    const EArgs& e, cudaStream_t stream, bool allow_large = true) {
   if constexpr (std::is_same<acc_t, float>::value) {
-    const bool large = allow_large && (g_tile_config == 2 || (g_tile_config == 0 && M >= 8192 && Ncols >= 96));
+    const bool large = allow_large && (g_tile_config == 2 || (g_tile_config == 0 && M >= 8192 && Ncols >= 768));
     if (large) return cuda::launch_tile_gemm_rows<acc_t, 8, 8, Epi>(M, K, Ncols, tri, P, ppb, a, b, e, stream);
   }
   return cuda::launch_tile_gemm_rows<acc_t, 4, 4, Epi>(M, K, Ncols, tri, P, ppb, a, b, e, stream);

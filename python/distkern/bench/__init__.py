@@ -386,7 +386,7 @@ def _run_case(case: Case, device: torch.device, ceilings: dict[str, Any], *, qui
         "flops": case.flops,
         "floor_s": floor_s,
         "bound": bound,
-        "tolerance": tolerance(case.dtype),
+        "tolerance": (case.tol if case.tol is not None else tolerance(case.dtype)),
         "primary_baseline": case.primary_baseline,
         "status": "ok",
         "error": None,
