@@ -12,6 +12,8 @@ import platform
 import sys
 from typing import Any, Sequence
 
+import torch
+
 __all__ = ["main"]
 
 _COLUMNS = ("name", "kind", "package", "version", "status", "error")
@@ -150,6 +152,75 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(run(list(args.bench_args)) or 0)
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from . import methods
+    from .io import load_features, parse_options
+
+    cls = methods.get(args.method)
+    features, labels = load_features(args.features)
+    if args.labels:
+        labels, _ = load_features(args.labels)
+    det = cls(**parse_options(args.set or []))
+    det.fit(features, labels) if labels is not None else det.fit(features)
+    det.save(args.output)
+    print(f"fitted {args.method} on {args.features} -> {args.output}: {det!r}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .io import load_features, load_model
+    from .metrics import auroc, average_precision
+
+    det = load_model(args.model, device=args.device)
+    features, labels = load_features(args.features)
+    if args.labels:
+        labels, _ = load_features(args.labels)
+    if args.device != "cpu":
+        features = [f.to(args.device) for f in features] if isinstance(features, list) else features.to(args.device)
+    scores = det.score(features).detach().float().cpu()
+    q = torch.quantile(scores[torch.isfinite(scores)], torch.tensor([0.0, 0.5, 1.0])) if scores.numel() else None
+    print(f"{args.model} ({det.name}) on {args.features}: {scores.numel()} scores"
+          + (f", min {q[0]:.4g} median {q[1]:.4g} max {q[2]:.4g}" if q is not None else ""))
+    if labels is not None:
+        print(f"AUROC {auroc(scores, labels):.4f}  AUPR {average_precision(scores, labels):.4f}")
+    if args.output:
+        np.save(args.output, scores.numpy())
+        print(f"scores written to {args.output}")
+    if args.map:
+        if not hasattr(det, "anomaly_map"):
+            raise ValueError(f"--map: method {det.name!r} has no anomaly map (try padim)")
+        maps = det.anomaly_map(features).detach().float().cpu()
+        _save_map_png(maps, args.map)
+        print(f"anomaly maps written to {args.map}")
+    return 0
+
+
+def _save_map_png(maps: torch.Tensor, path: str, columns: int = 8) -> None:
+    """A grid of the (N, H, W) maps, one colour scale for all, as a PNG (matplotlib needed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--map needs matplotlib: pip install matplotlib") from None
+    n = maps.shape[0]
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
+    vmin, vmax = float(maps.min()), float(maps.max())
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(maps[i].numpy(), vmin=vmin, vmax=vmax, cmap="inferno")
+            ax.set_title(str(i), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _debug(args: argparse.Namespace | None) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("DISTKERN_DEBUG", "") not in ("", "0")
 
@@ -180,6 +251,28 @@ def _parser() -> argparse.ArgumentParser:
                                    "collision).")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("fit", parents=[common], help="fit a method to features and save it",
+                       description="Fit METHOD (a registered detector, see 'distkern plugins') to the "
+                                   "features in FEATURES (.npy, .pt or .safetensors) and save the model.")
+    p.add_argument("method", help="method name, e.g. gaussian-ad")
+    p.add_argument("features", help="feature file (.npy, .pt, .safetensors); may also hold 'labels'")
+    p.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    p.add_argument("--labels", help="labels file, for methods that use them (e.g. class labels)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="constructor option of the method (repeatable), e.g. --set estimator=oas")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("score", parents=[common], help="score features with a saved model",
+                       description="Score FEATURES with MODEL; with labels (0 normal, 1 anomalous) "
+                                   "print AUROC and AUPR.")
+    p.add_argument("model", help="model file written by 'distkern fit' or a method's save()")
+    p.add_argument("features", help="feature file (.npy, .pt, .safetensors); may also hold 'labels'")
+    p.add_argument("--labels", help="labels file: 0 normal, 1 anomalous")
+    p.add_argument("-o", "--output", help="write the scores to this .npy file")
+    p.add_argument("--map", help="write the anomaly maps to this PNG (methods with anomaly maps, e.g. padim)")
+    p.add_argument("--device", default="cpu", help="device to score on (default cpu)")
+    p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("bench", help="run the microbenchmarks (arguments go to the harness)",
                        description="Run the microbenchmark harness; every argument after "

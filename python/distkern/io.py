@@ -1,0 +1,95 @@
+"""Reading features and labels from files, and loading a saved method of any plugin.
+
+Feature files: ``.npy`` (read without pickle), ``.pt`` / ``.pth`` (``torch.load(weights_only=True)``:
+a tensor, or a dict with ``features`` and optionally ``labels``), ``.safetensors`` (tensor
+``features`` — or the only tensor — and optionally ``labels``). A list of per-level tensors
+is given as a ``.pt`` dict entry ``features`` holding a list, or ``.safetensors`` tensors named
+``features.0``, ``features.1``, ...
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["load_features", "load_model", "model_method"]
+
+
+def _from_mapping(d: dict, path: str) -> tuple[Any, torch.Tensor | None]:
+    labels = d.get("labels")
+    if "features" in d:
+        return d["features"], labels
+    levels = sorted((k for k in d if k.startswith("features.")), key=lambda k: int(k.split(".", 1)[1]))
+    if levels:
+        return [d[k] for k in levels], labels
+    tensors = [k for k in d if k != "labels"]
+    if len(tensors) == 1:
+        return d[tensors[0]], labels
+    raise ValueError(f"{path}: cannot tell which entry holds the features ({sorted(d)}); name it 'features'")
+
+
+def load_features(path: str | os.PathLike) -> tuple[Any, torch.Tensor | None]:
+    """Read ``(features, labels or None)`` from a ``.npy``, ``.pt`` / ``.pth`` or ``.safetensors`` file."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"no such file: {p}")
+    ext = os.path.splitext(p)[1].lower()
+    if ext == ".npy":
+        return torch.from_numpy(np.load(p, allow_pickle=False)), None
+    if ext in (".pt", ".pth"):
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+        if isinstance(obj, torch.Tensor):
+            return obj, None
+        if isinstance(obj, dict):
+            return _from_mapping(obj, p)
+        if isinstance(obj, (list, tuple)):
+            return list(obj), None
+        raise ValueError(f"{p}: expected a tensor, a list of tensors or a dict with 'features'; got {type(obj).__name__}")
+    if ext == ".safetensors":
+        from safetensors.torch import load_file
+
+        return _from_mapping(load_file(p), p)
+    raise ValueError(f"{p}: unknown feature file type {ext!r} (use .npy, .pt or .safetensors)")
+
+
+def model_method(path: str | os.PathLike) -> str:
+    """The method name recorded in a saved model (safetensors metadata ``distkern_method``)."""
+    from safetensors import safe_open
+
+    p = os.fspath(path)
+    try:
+        with safe_open(p, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
+        raise ValueError(f"{p}: not a safetensors model file ({type(e).__name__}: {e})") from None
+    name = meta.get("distkern_method")
+    if not name:
+        raise ValueError(f"{p}: not a distkern model (no 'distkern_method' in its metadata)")
+    return name
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load a saved method of any installed plugin: the file names its method, the registry finds
+    the class, and the class's own ``load`` reads it (no code runs from the file)."""
+    from . import methods
+
+    cls = methods.get(model_method(path))
+    return cls.load(path, device=device)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` → keyword arguments; values are read as JSON when they parse (numbers,
+    booleans, lists), else kept as strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"option {pair!r} must be KEY=VALUE")
+        k, v = pair.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out

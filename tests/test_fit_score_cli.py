@@ -1,0 +1,69 @@
+"""distkern fit / distkern score, the feature-file readers and the ranking metrics."""
+import numpy as np
+import pytest
+import torch
+
+from distkern import io as dkio
+from distkern.cli import main
+from distkern.metrics import auroc, average_precision
+
+
+def test_metrics_match_sklearn(rng):
+    skm = pytest.importorskip("sklearn.metrics")
+    for n in (10, 257, 2000):
+        y = torch.randint(0, 2, (n,), generator=rng)
+        y[0], y[1] = 0, 1
+        s = torch.randn(n, generator=rng) + y
+        s[::7] = s[3]  # ties
+        assert auroc(s, y) == pytest.approx(skm.roc_auc_score(y.numpy(), s.numpy()), abs=1e-12)
+        assert average_precision(s, y) == pytest.approx(skm.average_precision_score(y.numpy(), s.numpy()), abs=1e-12)
+    with pytest.raises(ValueError, match="both normal"):
+        auroc(torch.ones(3), torch.ones(3))
+
+
+def test_feature_files(tmp_path, rng):
+    from safetensors.torch import save_file
+
+    x = torch.randn(6, 3, generator=rng)
+    np.save(tmp_path / "f.npy", x.numpy())
+    torch.save({"features": x, "labels": torch.arange(6)}, tmp_path / "f.pt")
+    save_file({"features.0": x, "features.1": x[:, :2].contiguous(), "labels": torch.arange(6)}, str(tmp_path / "f.safetensors"))
+    f, y = dkio.load_features(tmp_path / "f.npy")
+    assert torch.equal(f, x) and y is None
+    f, y = dkio.load_features(tmp_path / "f.pt")
+    assert torch.equal(f, x) and torch.equal(y, torch.arange(6))
+    f, y = dkio.load_features(tmp_path / "f.safetensors")
+    assert isinstance(f, list) and len(f) == 2 and torch.equal(f[1], x[:, :2])
+    (tmp_path / "f.csv").write_text("1,2")
+    with pytest.raises(ValueError, match="unknown feature file type"):
+        dkio.load_features(tmp_path / "f.csv")
+    with pytest.raises(FileNotFoundError):
+        dkio.load_features(tmp_path / "missing.npy")
+
+
+def test_fit_then_score_prints_auroc(tmp_path, rng, capsys):
+    train = torch.randn(500, 6, generator=rng)
+    test = torch.cat([torch.randn(100, 6, generator=rng), torch.randn(100, 6, generator=rng) * 3])
+    labels = torch.cat([torch.zeros(100), torch.ones(100)]).long()
+    np.save(tmp_path / "train.npy", train.numpy())
+    torch.save({"features": test, "labels": labels}, tmp_path / "test.pt")
+    model = tmp_path / "m.safetensors"
+    assert main(["fit", "gaussian-ad", str(tmp_path / "train.npy"), "-o", str(model), "--set", "estimator=oas"]) == 0
+    assert main(["score", str(model), str(tmp_path / "test.pt"), "-o", str(tmp_path / "s.npy")]) == 0
+    out = capsys.readouterr().out
+    assert "AUROC" in out and "AUPR" in out
+    auc = float(out.split("AUROC")[1].split()[0])
+    assert auc > 0.9
+    scores = np.load(tmp_path / "s.npy")
+    assert scores.shape == (200,)
+    assert dkio.model_method(model) == "gaussian-ad"
+    assert dkio.load_model(model).estimator == "oas"
+
+
+def test_fit_score_errors(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((3, 2), dtype=np.float32))
+    assert main(["fit", "no-such-method", str(tmp_path / "x.npy"), "-o", str(tmp_path / "m.safetensors")]) == 1
+    assert "no-such-method" in capsys.readouterr().err
+    assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "x.npy")]) == 1
+    assert "not a safetensors model" in capsys.readouterr().err
+    assert main(["fit", "gaussian-ad"]) == 2
