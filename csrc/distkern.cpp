@@ -41,6 +41,9 @@ TORCH_LIBRARY(distkern, m) {
   // Per-position Gaussians (PaDiM): x (B, P, D), means (P, D), factors (P, D, R) in fp32/fp16/bf16
   // (read in place, never copied). Returns (B, P) squared distances.
   m.def("mahalanobis_pos(Tensor x, Tensor means, Tensor factors, bool lower=True) -> Tensor");
+  // Nearest reference by cosine similarity (ResAD): x (N, D), refs (M, D) → (max cosine (N,),
+  // argmax (N,) int64), without the N×M similarity matrix.
+  m.def("nearest_cosine(Tensor x, Tensor refs) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -42,3 +42,20 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
 }
 
 }  // namespace distkern
+
+#include "common/macros.h"
+
+namespace distkern {
+
+// Torch dtype → the DType a pure-CUDA launcher takes.
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    case at::kDouble: return DType::F64;
+    default: TORCH_CHECK_TYPE(false, "distkern: unsupported dtype ", t);
+  }
+}
+
+}  // namespace distkern

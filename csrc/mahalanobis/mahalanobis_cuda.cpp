@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/check.h"
+
 #include "common/macros.h"
 #include "mahalanobis/mahalanobis.h"
 #include "mahalanobis/mahalanobis_launch.h"
@@ -17,16 +19,6 @@ namespace {
 
 constexpr const char* kFwd = "distkern.mahalanobis";
 constexpr const char* kBwd = "distkern.mahalanobis_backward";
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::F32;
-    case at::kHalf: return DType::F16;
-    case at::kBFloat16: return DType::BF16;
-    case at::kDouble: return DType::F64;
-    default: TORCH_CHECK_TYPE(false, "distkern: unsupported dtype ", t);
-  }
-}
 
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& factor,
                         bool lower) {

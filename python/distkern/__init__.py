@@ -24,7 +24,8 @@ if hasattr(_C, "set_cuda_tile_config") and _os.environ.get("DISTKERN_CUDA_TILES"
     _C.set_cuda_tile_config(_tiles)
 
 from . import ops  # noqa: E402  (registers fake / autograd implementations)
-from .ops.mahalanobis import gmm_log_likelihood, mahalanobis, mahalanobis_k, mahalanobis_pos  # noqa: E402
+from .ops.mahalanobis import (  # noqa: E402
+    gmm_log_likelihood, mahalanobis, mahalanobis_k, mahalanobis_pos, nearest_reference, reference_residual)
 from . import gaussian  # noqa: E402
 from . import methods  # noqa: E402
 
@@ -37,4 +38,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "build_info", "mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood", "gaussian", "methods", "ops"]
+__all__ = ["__version__", "build_info", "mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood",
+           "nearest_reference", "reference_residual", "gaussian", "methods", "ops"]

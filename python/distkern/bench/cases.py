@@ -417,7 +417,66 @@ def _positions_cases() -> list[Case]:
     ]
 
 
-_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases]
+# ---------------------------------------------------------------------------------------------
+# Nearest reference by cosine similarity (nearest_cosine, ResAD) vs the dense similarity matrix
+# ---------------------------------------------------------------------------------------------
+
+
+def _nearest_setup(N: int, M: int, D: int):
+    def setup(device: str | torch.device, dtype: torch.dtype, *, seed: int = 0) -> Inputs:
+        device = torch.device(device)
+        g = torch.Generator(device=device)
+        g.manual_seed(1_000_003 * (seed + 1) + 7919 * D + M + N)
+        refs = torch.randn(M, D, generator=g, device=device)
+        x = (refs[torch.randint(M, (N,), generator=g, device=device)] + 0.5 * torch.randn(N, D, generator=g, device=device))
+        return {"x": x.to(dtype), "refs": refs}
+
+    return setup
+
+
+def _nearest_ours(i: Inputs):
+    from ..ops.mahalanobis import nearest_reference
+
+    return nearest_reference(i["x"], i["refs"]).similarity
+
+
+def _nearest_dense(i: Inputs):
+    # ResAD: normalise both, the full (N, M) similarity matrix, then max / argmax over references.
+    import torch.nn.functional as F
+
+    x = i["x"] if i["x"].dtype == torch.float32 else i["x"].float()
+    return (F.normalize(x, dim=1) @ F.normalize(i["refs"], dim=1).T).max(1).values
+
+
+def _nearest_case(N: int, M: int, D: int, dtype: torch.dtype, devices, *, quick=False, note=""):
+    elem = torch.empty((), dtype=dtype).element_size()
+    return Case(
+        op="nearest_cosine",
+        label=f"N={N} M={M} D={D} {dtype_name(dtype)}",
+        params={"N": N, "M": M, "D": D},
+        dtype=dtype,
+        setup=_nearest_setup(N, M, D),
+        ours=_nearest_ours,
+        baselines={"dense": _nearest_dense},
+        bytes=N * D * elem + M * D * 4 + N * 12,
+        flops=2 * N * M * D,
+        devices=tuple(devices),
+        quick=quick,
+        note=note,
+    )
+
+
+def _nearest_cases() -> list[Case]:
+    cpu, cuda, both = ("cpu",), ("cuda",), ("cpu", "cuda")
+    return [
+        _nearest_case(12_544, 12_544, 256, torch.float32, cpu, note="4 reference images x 56x56 positions"),
+        _nearest_case(100_352, 12_544, 512, torch.float32, cuda, note="32 images vs 4 references, 56x56 positions"),
+        _nearest_case(100_352, 12_544, 512, torch.bfloat16, cuda),
+        _nearest_case(500, 700, 32, torch.float32, both, quick=True),
+    ]
+
+
+_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases]
 
 
 def all_cases() -> list[Case]:

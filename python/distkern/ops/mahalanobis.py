@@ -6,7 +6,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood", "MinResult"]
+__all__ = ["mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood", "nearest_reference",
+           "reference_residual", "MinResult", "NearestResult"]
 
 
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, *, lower: bool = True) -> torch.Tensor:
@@ -328,3 +329,70 @@ def _pos_backward(ctx, grad):
 
 
 torch.library.register_autograd("distkern::mahalanobis_pos", _pos_backward, setup_context=_pos_setup)
+
+
+# ---- nearest reference by cosine similarity (ResAD) ------------------------------------------
+
+class NearestResult(NamedTuple):
+    similarity: torch.Tensor
+    indices: torch.Tensor
+
+
+def nearest_reference(x: torch.Tensor, refs: torch.Tensor) -> NearestResult:
+    r"""For each row of ``x``, the reference with the highest cosine similarity.
+
+    ResAD's matching step (each feature matched to its nearest normal reference feature), in
+    tiles: the ``(N, M)`` similarity matrix is never stored (the reference code builds it and runs
+    out of memory at realistic sizes).
+
+    Args:
+        x: ``(N, D)`` float32 / float16 / bfloat16 / float64, any strides.
+        refs: ``(M, D)`` reference features (normalised inside, like
+            ``torch.nn.functional.normalize`` with ``eps=1e-12``).
+
+    Returns:
+        ``NearestResult(similarity (N,) float32 (float64 for float64 x), indices (N,) int64)``;
+        ties keep the lowest index; a row with an inf / NaN gets NaN similarity (its index is
+        meaningless). ``similarity`` is differentiable with respect to ``x`` and ``refs``.
+    """
+    return NearestResult(*torch.ops.distkern.nearest_cosine(x, refs))
+
+
+def reference_residual(x: torch.Tensor, refs: torch.Tensor, *, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """ResAD's residual features: ``x − refs[nearest]`` (or its square, as in ResAD's WRN50 path),
+    ``(N, D)`` in x's dtype, and the matched indices ``(N,)``. Differentiable w.r.t. ``x`` and ``refs``."""
+    idx = nearest_reference(x.detach(), refs.detach()).indices
+    r = x - refs.to(x.dtype)[idx]
+    return (r * r if squared else r), idx
+
+
+@torch.library.register_fake("distkern::nearest_cosine")
+def _nearest_fake(x, refs):
+    torch._check(x.dim() == 2 and refs.dim() == 2, lambda: "distkern.nearest_cosine: x must be (N, D) and refs (M, D)")
+    return x.new_empty((x.shape[0],), dtype=_acc_dtype(x)), x.new_empty((x.shape[0],), dtype=torch.int64)
+
+
+def _nearest_setup(ctx, inputs, output):
+    x, refs = inputs
+    ctx.save_for_backward(x, refs, output[0], output[1])
+
+
+def _nearest_backward(ctx, grad_sim, grad_idx):
+    x, refs, sim, idx = ctx.saved_tensors
+    acc = _acc_dtype(x)
+    xa, ra = x.to(acc), refs.to(acc)
+    xn = torch.linalg.vector_norm(xa, dim=1, keepdim=True).clamp_min(1e-12)
+    r = ra[idx]
+    rn = torch.linalg.vector_norm(r, dim=1, keepdim=True).clamp_min(1e-12)
+    g = grad_sim.to(acc)[:, None]
+    s = sim.to(acc)[:, None]
+    grad_x = grad_refs = None
+    if ctx.needs_input_grad[0]:  # ∂cos/∂x = r̂/‖x‖ − cos·x/‖x‖²
+        grad_x = (g * (r / rn / xn - s * xa / (xn * xn))).to(x.dtype)
+    if ctx.needs_input_grad[1]:  # ∂cos/∂r = x̂/‖r‖ − cos·r/‖r‖², summed over the rows matched to r
+        contrib = g * (xa / xn / rn - s * r / (rn * rn))
+        grad_refs = torch.zeros_like(ra).index_add_(0, idx, contrib).to(refs.dtype)
+    return grad_x, grad_refs
+
+
+torch.library.register_autograd("distkern::nearest_cosine", _nearest_backward, setup_context=_nearest_setup)
