@@ -355,6 +355,16 @@ def nearest_reference(x: torch.Tensor, refs: torch.Tensor) -> NearestResult:
         ties keep the lowest index; a row with an inf / NaN gets NaN similarity (its index is
         meaningless). ``similarity`` is differentiable with respect to ``x`` and ``refs``.
     """
+    # Checked here as well as in the op: on an H100 (2026-11-27) the CUDA op crashed the process
+    # when it refused a D mismatch (see the note in benchmarks/README.md); checking before the
+    # dispatch keeps distkern.nearest_reference's errors clean until that is understood.
+    if x.dim() != 2 or refs.dim() != 2:
+        raise ValueError(f"distkern.nearest_cosine: x must be (N, D) and refs (M, D); got shapes {tuple(x.shape)} and {tuple(refs.shape)}")
+    if refs.shape[1] != x.shape[1]:
+        raise ValueError(f"distkern.nearest_cosine: refs must be (M, D) with D = {x.shape[1]} to match x of shape "
+                         f"{list(x.shape)}; got shape {list(refs.shape)}")
+    if refs.shape[0] == 0:
+        raise ValueError("distkern.nearest_cosine: refs must hold at least one reference (M > 0)")
     return NearestResult(*torch.ops.distkern.nearest_cosine(x, refs))
 
 
