@@ -67,13 +67,22 @@ def _zeros(G: int, D: int, device: torch.device) -> _Moments:
                     torch.zeros(G, D, **z), torch.zeros(G, **z))
 
 
-def _dense_moments(x: torch.Tensor) -> _Moments:
-    """Moments over dim 0 of ``x (B, G, D)`` float64, one Gaussian per index of dim 1."""
+def _dense_moments(x: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> _Moments:
+    """Moments over dim 0 of ``x (B, G, D)`` float64, one Gaussian per index of dim 1.
+
+    The scatter of the *centred* batch is a matrix product in ``product_dtype`` (float64, or
+    float32 for speed: centring first keeps its relative error near float32's epsilon), summed
+    into the float64 accumulators either way."""
     mean = x.mean(0)
     z = x - mean
     s = (z * z).sum(-1)  # (B, G)
-    scatter = torch.einsum("bgi,bgj->gij", z, z)
-    cubic = torch.einsum("bg,bgi->gi", s, z)
+    zp = z if product_dtype == torch.float64 else z.to(product_dtype)
+    if x.shape[1] == 1:  # one Gaussian: a plain GEMM, no batched permute
+        scatter = (zp[:, 0].T @ zp[:, 0]).to(torch.float64)[None]
+        cubic = (s[:, 0] @ z[:, 0])[None]
+    else:
+        scatter = torch.einsum("bgi,bgj->gij", zp, zp).to(torch.float64)
+        cubic = torch.einsum("bg,bgi->gi", s, z)
     count = torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64, device=x.device)
     return _Moments(count, mean, scatter, cubic, (s * s).sum(0))
 
@@ -138,6 +147,10 @@ class GaussianStats:
     * P positions: ``GaussianStats(num_positions=P)``; ``update(x)`` with ``x (B, P, D)`` (or
       a ``(B, D, H, W)`` feature map with ``H·W = P``): one Gaussian per position, PaDiM-style.
 
+    ``product_dtype=torch.float32`` computes each batch's centred scatter with a float32 matrix
+    product (2–4× faster on CPUs, whose float64 GEMM runs at half rate or less) and still merges
+    in float64; the default float64 keeps every step in float64.
+
     Results have shape ``(D,)`` / ``(D, D)`` for one Gaussian (or ``pooled=True``), and a
     leading ``K`` or ``P`` otherwise. ``D`` is taken from the first batch unless
     ``num_features`` is given (give it when a rank of :meth:`all_reduce` may see no data).
@@ -152,12 +165,16 @@ class GaussianStats:
     """
 
     def __init__(self, num_features: int | None = None, *, num_classes: int | None = None,
-                 num_positions: int | None = None, device: torch.device | str | None = None) -> None:
+                 num_positions: int | None = None, device: torch.device | str | None = None,
+                 product_dtype: torch.dtype = torch.float64) -> None:
         if num_classes is not None and num_positions is not None:
             raise ValueError("GaussianStats: give num_classes or num_positions, not both")
         for name, v in (("num_features", num_features), ("num_classes", num_classes), ("num_positions", num_positions)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"GaussianStats: {name} must be a positive int; got {v!r}")
+        if product_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"GaussianStats: product_dtype must be torch.float64 or torch.float32; got {product_dtype}")
+        self.product_dtype = product_dtype
         self.mode: str = "classes" if num_classes is not None else "positions" if num_positions is not None else "single"
         self.num_groups: int = num_classes or num_positions or 1
         self.num_features: int | None = num_features
@@ -218,8 +235,10 @@ class GaussianStats:
         if x.shape[0] == 0:
             return self
         xf = x.detach().to(torch.float64)  # statistics are not differentiable; never hold a graph
-        finite = torch.isfinite(xf).all(-1)
-        if not bool(finite.all()):
+        # A non-finite entry makes the batch mean non-finite: check those D values, and scan the
+        # rows (to name them) only then, instead of a full isfinite pass over every batch.
+        if not bool(torch.isfinite(xf.sum(0)).all()):
+            finite = torch.isfinite(xf).all(-1)
             bad = torch.nonzero(~finite)[:5].tolist()
             what = "(sample, position) pairs" if self.mode == "positions" else "rows"
             bad_s = [tuple(r) for r in bad] if self.mode == "positions" else [r[0] for r in bad]
@@ -239,7 +258,7 @@ class GaussianStats:
                 acc[idx] = new
         else:
             xb = xf if self.mode == "positions" else xf[:, None, :]
-            self._m = _merge(self._m, _dense_moments(xb))
+            self._m = _merge(self._m, _dense_moments(xb, self.product_dtype))
         self._batches += 1
         return self
 
