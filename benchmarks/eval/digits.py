@@ -53,7 +53,9 @@ ONE_CLASS = {
 }
 HELD_OUT = {
     "mahalanobis-ood": ("mahalanobis-ood", {}),
+    "mahalanobis-ood ledoit-wolf": ("mahalanobis-ood", {"estimator": "ledoit-wolf"}),
     "gmm-ood": ("gmm-ood", {}),
+    "gmm-ood 2 comp, reg_covar 1": ("gmm-ood", {"components_per_class": 2, "reg_covar": 1.0}),
     "class-center (cosine)": ("class-center", {"metric": "cosine"}),
 }
 
