@@ -67,3 +67,19 @@ def test_fit_score_errors(tmp_path, capsys):
     assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "x.npy")]) == 1
     assert "not a safetensors model" in capsys.readouterr().err
     assert main(["fit", "gaussian-ad"]) == 2
+
+
+def test_model_file_format(tmp_path):
+    p = tmp_path / "m.safetensors"
+    dkio.write_model(p, "my-method", {"w": torch.arange(4.0)}, config={"a": 1}, fitted={"n": 3}, format_version=2)
+    config, fitted, tensors = dkio.read_model(p, "my-method", format_version=2, package="my-pkg")
+    assert config == {"a": 1} and fitted == {"n": 3} and torch.equal(tensors["w"], torch.arange(4.0))
+    with pytest.raises(ValueError, match="holds a my-method model, not a other model"):
+        dkio.read_model(p, "other")
+    with pytest.raises(ValueError, match="format version 2, newer than this plugin reads \\(1\\); upgrade my-pkg"):
+        dkio.read_model(p, "my-method", format_version=1, package="my-pkg")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        dkio.read_model(tmp_path / "junk.safetensors", "my-method")
+    with pytest.raises(FileNotFoundError):
+        dkio.read_model(tmp_path / "missing.safetensors", "my-method")

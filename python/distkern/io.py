@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["load_features", "load_model", "model_method"]
+__all__ = ["load_features", "load_model", "model_method", "parse_options", "read_model", "write_model"]
 
 
 def _from_mapping(d: dict, path: str) -> tuple[Any, torch.Tensor | None]:
@@ -93,3 +93,61 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
+
+
+# -- the model-file format every method plugin shares -------------------------------------------
+
+def write_model(path: str | os.PathLike, method: str, tensors: dict[str, torch.Tensor], *, config: dict,
+                fitted: dict, format_version: int = 1) -> None:
+    """Save a fitted method as one ``.safetensors`` file: its tensors, and JSON metadata naming the
+    method (``distkern_method``), the plugin's ``format_version``, the constructor ``config`` and
+    the ``fitted`` plain values. Loading it executes no code (no pickle)."""
+    from safetensors.torch import save_file
+
+    from ._version import __version__
+
+    meta = {
+        "distkern_method": method,
+        "format_version": str(int(format_version)),
+        "config": json.dumps(config),
+        "fitted": json.dumps(fitted),
+        "distkern_version": __version__,
+    }
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.fspath(path), metadata=meta)
+
+
+def read_model(path: str | os.PathLike, method: str, *, format_version: int = 1,
+               package: str | None = None) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """``(config, fitted, tensors)`` of a file written by :func:`write_model` for ``method``.
+
+    Raises ``FileNotFoundError``; ``ValueError`` for a file that is not safetensors, holds another
+    method's model (or no distkern model), has a format version newer than ``format_version``
+    (the message says to upgrade ``package``), or damaged metadata."""
+    from safetensors import safe_open
+
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"{method}: no such file: {p!r}")
+    try:
+        f = safe_open(p, framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a malformed file
+        raise ValueError(f"{method}: {p!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    with f:
+        meta = f.metadata() or {}
+        found = meta.get("distkern_method")
+        if found != method:
+            raise ValueError(f"{method}: {p!r} holds a {found or 'non-distkern'} model, not a {method} model")
+        try:
+            version = int(meta.get("format_version", "0"))
+        except ValueError:
+            raise ValueError(f"{method}: {p!r} has an unreadable format version {meta.get('format_version')!r}") from None
+        if version > format_version:
+            raise ValueError(f"{method}: {p!r} has format version {version}, newer than this plugin reads "
+                             f"({format_version}); upgrade {package or 'the plugin'}")
+        try:
+            config = json.loads(meta.get("config", "{}"))
+            fitted = json.loads(meta.get("fitted", "{}"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{method}: {p!r} has damaged metadata ({e})") from None
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return config, fitted, tensors

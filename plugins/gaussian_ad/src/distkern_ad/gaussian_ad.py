@@ -10,7 +10,6 @@ the discriminative signal), and a χ² threshold gives a decision at a chosen fa
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -20,6 +19,7 @@ import torch
 
 import distkern
 from distkern.gaussian import GaussianStats, chi2_threshold, pca_whitening, whitening_factor
+from distkern.io import read_model, write_model
 
 FORMAT_VERSION = 1
 _ESTIMATORS = ("ledoit-wolf", "oas", "empirical")
@@ -196,49 +196,31 @@ class GaussianAD:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted detector to one ``.safetensors`` file (tensors + JSON metadata)."""
-        from safetensors.torch import save_file
-
         if not self.means:
             raise RuntimeError("gaussian-ad: nothing to save: fit() the detector first")
         tensors = {}
         for i, (m, W) in enumerate(zip(self.means, self.factors)):
-            tensors[f"level{i}.mean"] = m.cpu().contiguous()
-            tensors[f"level{i}.factor"] = W.cpu().contiguous()
-        meta = {
-            "distkern_method": self.name,
-            "format_version": str(FORMAT_VERSION),
-            "config": json.dumps(self._config()),
-            "fitted": json.dumps({"levels": len(self.means), "shrinkage_": self.shrinkage_, "n_samples_": self.n_samples_}),
-            "distkern_version": distkern.__version__,
-        }
-        save_file(tensors, os.fspath(path), metadata=meta)
+            tensors[f"level{i}.mean"] = m
+            tensors[f"level{i}.factor"] = W
+        write_model(path, self.name, tensors, config=self._config(), format_version=FORMAT_VERSION,
+                    fitted={"levels": len(self.means), "shrinkage_": self.shrinkage_, "n_samples_": self.n_samples_})
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu") -> "GaussianAD":
         """Read a detector written by :meth:`save`; refuses a file of another method or format."""
-        from safetensors import safe_open
-
         p = os.fspath(path)
-        with safe_open(p, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            method = meta.get("distkern_method")
-            if method != cls.name:
-                raise ValueError(f"gaussian-ad: {p!r} holds a {method or 'non-distkern'!s} model, not a {cls.name} model")
-            if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-                raise ValueError(f"gaussian-ad: {p!r} has format version {meta.get('format_version')}, newer than this "
-                                 f"plugin reads ({FORMAT_VERSION}); upgrade distkern-gaussian-ad")
-            try:
-                det = cls(**json.loads(meta["config"]))
-                fitted = json.loads(meta["fitted"])
-                n = int(fitted["levels"])
-                det.means = [f.get_tensor(f"level{i}.mean") for i in range(n)]
-                det.factors = [f.get_tensor(f"level{i}.factor") for i in range(n)]
-            except (KeyError, TypeError, json.JSONDecodeError) as e:
-                raise ValueError(f"gaussian-ad: {p!r} is damaged or incomplete ({type(e).__name__}: {e})") from None
+        config, fitted, tensors = read_model(p, cls.name, format_version=FORMAT_VERSION, package="distkern-gaussian-ad")
+        try:
+            det = cls(**config)
+            n = int(fitted["levels"])
+            det.means = [tensors[f"level{i}.mean"] for i in range(n)]
+            det.factors = [tensors[f"level{i}.factor"] for i in range(n)]
+            det.shrinkage_, det.n_samples_ = list(fitted["shrinkage_"]), int(fitted["n_samples_"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"gaussian-ad: {p!r} is damaged or incomplete ({type(e).__name__}: {e})") from None
         for i, (m, W) in enumerate(zip(det.means, det.factors)):
             if m.dim() != 1 or W.dim() != 2 or W.shape[0] != m.shape[0]:
                 raise ValueError(f"gaussian-ad: {p!r} level {i} has inconsistent shapes {tuple(m.shape)}, {tuple(W.shape)}")
-        det.shrinkage_, det.n_samples_ = list(fitted["shrinkage_"]), int(fitted["n_samples_"])
         return det.to(device)
 
     def __repr__(self) -> str:

@@ -17,7 +17,6 @@ priors, one fused pass over all components). The OOD score is its negative.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ from typing import Any, Optional
 import torch
 
 import distkern
+from distkern.io import read_model, write_model
 from distkern.gaussian import NotPositiveDefiniteError
 
 from .em import INITS, GMMConvergenceWarning, fit_gmm
@@ -289,49 +289,27 @@ class GMMOOD:
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted detector to one ``.safetensors`` file: the float64 parameters as
         tensors, configuration and fit diagnostics as JSON metadata."""
-        from safetensors.torch import save_file
-
         self._check_fitted("save()")
-        tensors = {key: getattr(self, attr).detach().cpu().contiguous() for key, attr in _TENSORS.items()}
-        meta = {
-            "distkern_method": self.name,
-            "format_version": str(FORMAT_VERSION),
-            "config": json.dumps(self._config()),
-            "fitted": json.dumps({"n_components_": self.n_components_, "converged_": self.converged_,
-                                  "n_iter_": self.n_iter_, "lower_bound_": self.lower_bound_}),
-            "distkern_version": distkern.__version__,
-        }
-        save_file(tensors, os.fspath(path), metadata=meta)
+        tensors = {key: getattr(self, attr) for key, attr in _TENSORS.items()}
+        write_model(path, self.name, tensors, config=self._config(), format_version=FORMAT_VERSION,
+                    fitted={"n_components_": self.n_components_, "converged_": self.converged_,
+                            "n_iter_": self.n_iter_, "lower_bound_": self.lower_bound_})
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu") -> "GMMOOD":
         """Read a detector written by :meth:`save` onto ``device``; refuses a file of another
         method, of a newer format, or with missing / inconsistent tensors."""
-        from safetensors import safe_open
-
         p = os.fspath(path)
-        with safe_open(p, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            method = meta.get("distkern_method")
-            if method != cls.name:
-                raise ValueError(f"gmm-ood: {p!r} holds a {method or 'non-distkern'!s} model, not a {cls.name} model")
-            try:
-                version = int(meta.get("format_version", "0"))
-            except ValueError:
-                raise ValueError(f"gmm-ood: {p!r} has an unreadable format version {meta.get('format_version')!r}") from None
-            if version > FORMAT_VERSION:
-                raise ValueError(f"gmm-ood: {p!r} has format version {version}, newer than this plugin reads "
-                                 f"({FORMAT_VERSION}); upgrade distkern-gmm-ood")
-            try:
-                det = cls(**json.loads(meta["config"]))
-                fitted = json.loads(meta["fitted"])
-                t = {n: f.get_tensor(n) for n in _TENSORS}
-                n_comp = [int(k) for k in fitted["n_components_"]]
-                det.converged_ = [bool(v) for v in fitted["converged_"]]
-                det.n_iter_ = [int(v) for v in fitted["n_iter_"]]
-                det.lower_bound_ = [float(v) for v in fitted["lower_bound_"]]
-            except (KeyError, TypeError, ValueError, json.JSONDecodeError, _safetensor_error()) as e:
-                raise ValueError(f"gmm-ood: {p!r} is damaged or incomplete ({type(e).__name__}: {e})") from None
+        config, fitted, tensors = read_model(p, cls.name, format_version=FORMAT_VERSION, package="distkern-gmm-ood")
+        try:
+            det = cls(**config)
+            t = {n: tensors[n] for n in _TENSORS}
+            n_comp = [int(k) for k in fitted["n_components_"]]
+            det.converged_ = [bool(v) for v in fitted["converged_"]]
+            det.n_iter_ = [int(v) for v in fitted["n_iter_"]]
+            det.lower_bound_ = [float(v) for v in fitted["lower_bound_"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"gmm-ood: {p!r} is damaged or incomplete ({type(e).__name__}: {e})") from None
         Kt, C = sum(n_comp), len(n_comp)
         m, L = t["means"], t["factors"]
         ok = (m.dim() == 2 and m.shape[0] == Kt and tuple(L.shape) == (Kt, m.shape[1], m.shape[1])
@@ -349,12 +327,3 @@ class GMMOOD:
         state = (f"{len(self.n_components_)} classes, {sum(self.n_components_)} components, D={self.means.shape[1]}"
                  if self.fitted else "not fitted")
         return f"GMMOOD(components_per_class={self.components_per_class}, aggregate={self.aggregate!r}; {state})"
-
-
-def _safetensor_error() -> type:
-    """The exception type safetensors raises for a bad file (``SafetensorError``), else OSError."""
-    try:
-        from safetensors import SafetensorError
-        return SafetensorError
-    except ImportError:  # pragma: no cover
-        return OSError

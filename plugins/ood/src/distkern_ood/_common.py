@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 import distkern
+from distkern.io import read_model, write_model
 from distkern.gaussian import GaussianStats, NotPositiveDefiniteError, whitening_factor
 
 FORMAT_VERSION = 1
@@ -167,48 +168,11 @@ def shared_factor(who: str, stats: GaussianStats, estimator: str, ridge: float) 
 
 # -- persistence -------------------------------------------------------------------------------------
 def save_detector(path: Any, method: str, tensors: dict[str, torch.Tensor], config: dict, fitted: dict) -> None:
-    """One ``.safetensors`` file: ``tensors`` + JSON metadata (method, format version, config, fitted values)."""
-    from safetensors.torch import save_file
-
-    meta = {
-        "distkern_method": method,
-        "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(config),
-        "fitted": json.dumps(fitted),
-        "distkern_version": distkern.__version__,
-    }
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.fspath(path), metadata=meta)
+    """One ``.safetensors`` file: ``tensors`` + JSON metadata (distkern's shared model-file format)."""
+    write_model(path, method, tensors, config=config, fitted=fitted, format_version=FORMAT_VERSION)
 
 
 def read_detector(path: Any, method: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """``(config, fitted, tensors)`` of a file written by :func:`save_detector` for ``method``.
-
-    Raises ``ValueError`` for a file of another method (or not a distkern detector) and for a
-    format version newer than this plugin reads."""
-    from safetensors import safe_open
-
-    p = os.fspath(path)
-    try:
-        f = safe_open(p, framework="pt", device="cpu")
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors raises its own error type for a malformed file
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{method}: no such file: {p!r}") from None
-        raise ValueError(f"{method}: {p!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    with f:
-        meta = f.metadata() or {}
-        found = meta.get("distkern_method")
-        if found != method:
-            raise ValueError(f"{method}: {p!r} holds a {found or 'non-distkern'} model, not a {method} model")
-        try:
-            version = int(meta.get("format_version", "0"))
-        except ValueError:
-            raise ValueError(f"{method}: {p!r} has an unreadable format version {meta.get('format_version')!r}") from None
-        if version > FORMAT_VERSION:
-            raise ValueError(f"{method}: {p!r} has format version {version}, newer than this plugin reads "
-                             f"({FORMAT_VERSION}); upgrade distkern-ood")
-        config = json.loads(meta.get("config", "{}"))
-        fitted = json.loads(meta.get("fitted", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return config, fitted, tensors
+    """``(config, fitted, tensors)`` of a file written by :func:`save_detector` for ``method``;
+    refuses another method's file or a newer format (:func:`distkern.io.read_model`)."""
+    return read_model(path, method, format_version=FORMAT_VERSION, package="distkern-ood")

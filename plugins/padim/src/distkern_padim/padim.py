@@ -1,7 +1,6 @@
 """``padim``: one Gaussian per feature-map position, Mahalanobis distance map as anomaly map."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import distkern
+from distkern.io import read_model, write_model
 from distkern.gaussian import GaussianStats, NotPositiveDefiniteError, whitening_factor
 
 FORMAT_VERSION = 1
@@ -296,42 +296,23 @@ class PaDiM:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the fitted detector to one ``.safetensors`` file: tensors ``mean``, ``factor``,
         ``channel_index`` + JSON metadata (method, format version, config, fitted layout)."""
-        from safetensors.torch import save_file
-
         if self.mean is None:
             raise RuntimeError("padim: nothing to save: fit() the detector first")
-        meta = {
-            "distkern_method": self.name,
-            "format_version": str(FORMAT_VERSION),
-            "config": json.dumps(self._config()),
-            "fitted": json.dumps({"n_samples_": self.n_samples_, "feature_size_": list(self.feature_size_),
-                                  "level_channels_": list(self.level_channels_)}),
-            "distkern_version": distkern.__version__,
-        }
         tensors = {"mean": self.mean, "factor": self.factor, "channel_index": self.channel_index}
-        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, os.fspath(path), metadata=meta)
+        write_model(path, self.name, tensors, config=self._config(), format_version=FORMAT_VERSION,
+                    fitted={"n_samples_": self.n_samples_, "feature_size_": list(self.feature_size_),
+                            "level_channels_": list(self.level_channels_)})
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device="cpu") -> "PaDiM":
         """Read a detector written by :meth:`save`; refuses a file of another method or a newer format."""
-        from safetensors import safe_open
-
         p = os.fspath(path)
-        with safe_open(p, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            method = meta.get("distkern_method")
-            if method != cls.name:
-                raise ValueError(f"padim: {p!r} holds a {method or 'non-distkern'!s} model, not a {cls.name} model")
-            version = int(meta.get("format_version", "0"))
-            if version > FORMAT_VERSION:
-                raise ValueError(f"padim: {p!r} has format version {version}, newer than this plugin reads "
-                                 f"({FORMAT_VERSION}); upgrade distkern-padim")
-            missing = {"mean", "factor", "channel_index"} - set(f.keys())
-            if missing or "config" not in meta or "fitted" not in meta:
-                raise ValueError(f"padim: {p!r} is incomplete (missing {sorted(missing) or 'metadata'})")
-            det = cls(**json.loads(meta["config"]))
-            fitted = json.loads(meta["fitted"])
-            mean, factor, index = f.get_tensor("mean"), f.get_tensor("factor"), f.get_tensor("channel_index")
+        config, fitted, tensors = read_model(p, cls.name, format_version=FORMAT_VERSION, package="distkern-padim")
+        missing = {"mean", "factor", "channel_index"} - set(tensors)
+        if missing or not config or not fitted:
+            raise ValueError(f"padim: {p!r} is incomplete (missing {sorted(missing) or 'metadata'})")
+        det = cls(**config)
+        mean, factor, index = tensors["mean"], tensors["factor"], tensors["channel_index"]
         H, W = fitted["feature_size_"]
         level_channels = tuple(int(c) for c in fitted["level_channels_"])
         P, D = H * W, index.numel()
