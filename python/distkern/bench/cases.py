@@ -476,7 +476,65 @@ def _nearest_cases() -> list[Case]:
     ]
 
 
-_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases]
+# ---------------------------------------------------------------------------------------------
+# Streaming Gaussian fit (GaussianStats) vs one plain covariance product over the same data
+# ---------------------------------------------------------------------------------------------
+
+
+def _fit_setup(N: int, D: int):
+    def setup(device: str | torch.device, dtype: torch.dtype, *, seed: int = 0) -> Inputs:
+        device = torch.device(device)
+        g = torch.Generator(device=device)
+        g.manual_seed(1_000_003 * (seed + 1) + 7919 * D + N)
+        a = torch.randn(D, D, generator=g, device=device) / math.sqrt(D)
+        x = torch.randn(N, D, generator=g, device=device) @ a + 3.0
+        return {"x": x.to(dtype), "batch": 8192}
+
+    return setup
+
+
+def _fit_ours(product_dtype):
+    def run(i: Inputs):
+        from ..gaussian import GaussianStats
+
+        x, b = i["x"], i["batch"]
+        stats = GaussianStats(product_dtype=product_dtype)
+        for k in range(0, x.shape[0], b):
+            stats.update(x[k:k + b])
+        return stats.covariance().to(torch.float32)
+
+    return run
+
+
+def _fit_plain(i: Inputs):
+    # What a user writes with the whole data set in memory: centre, one X^T X, divide.
+    x = i["x"] if i["x"].dtype == torch.float32 else i["x"].float()
+    xc = x - x.mean(0)
+    return xc.T @ xc / x.shape[0]
+
+
+def _fit_cases() -> list[Case]:
+    both = ("cpu", "cuda")
+    out = []
+    for N, D, quick in [(1_000_000, 256, False), (20_000, 64, True)]:
+        out.append(Case(
+            op="gaussian_fit",
+            label=f"N={N} D={D} fp32 batches of 8192",
+            params={"N": N, "D": D},
+            dtype=torch.float32,
+            setup=_fit_setup(N, D),
+            ours=_fit_ours(torch.float32),
+            baselines={"plain": _fit_plain, "ours-fp64-products": _fit_ours(torch.float64)},
+            bytes=N * D * 4 + D * D * 8,
+            flops=N * D * (D + 1) + 6 * N * D,
+            devices=both,
+            quick=quick,
+            note="GaussianStats(product_dtype=float32): float32 products of centred batches, float64 merging",
+        ))
+    return out
+
+
+_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases, _fit_cases]
 
 
 def all_cases() -> list[Case]:

@@ -67,24 +67,28 @@ def _zeros(G: int, D: int, device: torch.device) -> _Moments:
                     torch.zeros(G, D, **z), torch.zeros(G, **z))
 
 
-def _dense_moments(x: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> _Moments:
-    """Moments over dim 0 of ``x (B, G, D)`` float64, one Gaussian per index of dim 1.
+def _dense_moments(x: torch.Tensor, product_dtype: torch.dtype = torch.float64,
+                   total: torch.Tensor | None = None) -> _Moments:
+    """Moments over dim 0 of ``x (B, G, D)`` (any float dtype), one Gaussian per index of dim 1.
 
-    The scatter of the *centred* batch is a matrix product in ``product_dtype`` (float64, or
-    float32 for speed: centring first keeps its relative error near float32's epsilon), summed
-    into the float64 accumulators either way."""
-    mean = x.mean(0)
-    z = x - mean
+    The mean is accumulated in float64; the batch is centred and its scatter formed with a matrix
+    product in ``product_dtype`` (float64, or float32 for speed: centring first keeps the relative
+    error near float32's epsilon), and everything is summed into float64 accumulators.
+    ``total`` may pass the float64 column sums when the caller has them already."""
+    n = x.shape[0]
+    mean = (x.sum(0, dtype=torch.float64) if total is None else total) / n
+    z = x.to(product_dtype) - mean.to(product_dtype)
     s = (z * z).sum(-1)  # (B, G)
-    zp = z if product_dtype == torch.float64 else z.to(product_dtype)
-    if x.shape[1] == 1:  # one Gaussian: a plain GEMM, no batched permute
-        scatter = (zp[:, 0].T @ zp[:, 0]).to(torch.float64)[None]
-        cubic = (s[:, 0] @ z[:, 0])[None]
+    if x.shape[1] == 1:  # one Gaussian: a plain GEMM / GEMV, no batched permute
+        z0 = z[:, 0]
+        scatter = (z0.T @ z0).to(torch.float64)[None]
+        cubic = (s[:, 0] @ z0).to(torch.float64)[None]
     else:
-        scatter = torch.einsum("bgi,bgj->gij", zp, zp).to(torch.float64)
-        cubic = torch.einsum("bg,bgi->gi", s, z)
-    count = torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64, device=x.device)
-    return _Moments(count, mean, scatter, cubic, (s * s).sum(0))
+        scatter = torch.einsum("bgi,bgj->gij", z, z).to(torch.float64)
+        cubic = torch.einsum("bg,bgi->gi", s, z).to(torch.float64)
+    s64 = s.to(torch.float64)
+    count = torch.full((x.shape[1],), float(n), dtype=torch.float64, device=x.device)
+    return _Moments(count, mean, scatter, cubic, (s64 * s64).sum(0))
 
 
 def _grouped_moments(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, _Moments]:
@@ -234,11 +238,12 @@ class GaussianStats:
         self._alloc(x.shape[-1], x.device, who)
         if x.shape[0] == 0:
             return self
-        xf = x.detach().to(torch.float64)  # statistics are not differentiable; never hold a graph
-        # A non-finite entry makes the batch mean non-finite: check those D values, and scan the
-        # rows (to name them) only then, instead of a full isfinite pass over every batch.
-        if not bool(torch.isfinite(xf.sum(0)).all()):
-            finite = torch.isfinite(xf).all(-1)
+        x = x.detach()  # statistics are not differentiable; never hold a graph
+        # A non-finite entry makes the batch's float64 column sums non-finite: check those D
+        # values, and scan the rows (to name them) only then, instead of an isfinite pass per batch.
+        total = x.sum(0, dtype=torch.float64)
+        if not bool(torch.isfinite(total).all()):
+            finite = torch.isfinite(x).all(-1)
             bad = torch.nonzero(~finite)[:5].tolist()
             what = "(sample, position) pairs" if self.mode == "positions" else "rows"
             bad_s = [tuple(r) for r in bad] if self.mode == "positions" else [r[0] for r in bad]
@@ -252,13 +257,13 @@ class GaussianStats:
                 rows = torch.nonzero(out)[:5, 0].tolist()
                 raise ValueError(f"{who}: batch {b}: labels must lie in [0, {self.num_groups}); rows {rows} have "
                                  f"{labels[rows].tolist()}")
-            idx, bm = _grouped_moments(xf, labels)
+            idx, bm = _grouped_moments(x.to(torch.float64), labels)
             merged = _merge(_Moments(*(t[idx] for t in self._m)), bm)
             for acc, new in zip(self._m, merged):
                 acc[idx] = new
         else:
-            xb = xf if self.mode == "positions" else xf[:, None, :]
-            self._m = _merge(self._m, _dense_moments(xb, self.product_dtype))
+            xb, tb = (x, total) if self.mode == "positions" else (x[:, None, :], total[None])
+            self._m = _merge(self._m, _dense_moments(xb, self.product_dtype, tb))
         self._batches += 1
         return self
 
