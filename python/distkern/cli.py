@@ -82,21 +82,22 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
         print(f"no methods registered (entry-point group {ENTRY_POINT_GROUP!r})")
         return
-    cells = [[_first_line(r.get(c)) if c == "error" else str(r.get(c) or "") for c in _COLUMNS]
+    columns = _COLUMNS + (("check",) if any("check" in r for r in rows) else ())
+    cells = [[_first_line(r.get(c)) if c in ("error", "check") else str(r.get(c) or "") for c in columns]
              for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(_COLUMNS)]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
         Console = None  # noqa: N806
     if Console is None or not sys.stdout.isatty():  # plain aligned text for pipes
-        for row in [list(_COLUMNS), *cells]:
+        for row in [list(columns), *cells]:
             print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
         return
     console, table = Console(), Table()
-    room = max(12, console.width - sum(widths[:-1]) - 3 * len(_COLUMNS) - 1)
-    for c, w in zip(_COLUMNS, widths):  # the error column gives way (full text: --json)
+    room = max(12, console.width - sum(w for c, w in zip(columns, widths) if c != "error") - 3 * len(columns) - 1)
+    for c, w in zip(columns, widths):  # the error column gives way (full text: --json)
         table.add_column(c, no_wrap=True, overflow="ellipsis", max_width=room if c == "error" else w)
     styles = {"ok": "green", "collision": "yellow"}
     for row in cells:
@@ -126,13 +127,33 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_rows(rows: list[dict[str, Any]]) -> int:
+    """Run distkern.testing.check_method on every loadable detector; add a 'check' column."""
+    from . import methods
+    from .testing import CheckFailure, check_method
+
+    failed = 0
+    for r in rows:
+        if r.get("status") != "ok" or r.get("kind") != "detector":
+            r["check"] = "-"
+            continue
+        try:
+            r["check"] = f"ok ({len(check_method(methods.get(r['name'])))} rules)"
+        except CheckFailure as e:
+            r["check"], failed = f"FAILED {e}", failed + 1
+        except Exception as e:  # noqa: BLE001 - a crashing method is a failed check, not a crashed CLI
+            r["check"], failed = f"FAILED [crash] {type(e).__name__}: {e}", failed + 1
+    return failed
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     rows = _plugin_rows()
+    failed = _check_rows(rows) if args.check else 0
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
         _print_table(rows)
-    return 0
+    return 1 if failed else 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -250,6 +271,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "kind, package, version and status (ok, broken, incompatible, "
                                    "collision).")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--check", action="store_true",
+                   help="run distkern.testing.check_method on every installed detector (exit 1 if one fails)")
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("fit", parents=[common], help="fit a method to features and save it",

@@ -52,6 +52,20 @@ class Energy:
     name = "energy"
     kind = "detector"
     distkern_api = 1
+    requires_fit = False  # the energy of logits needs no fitted state
+
+    @staticmethod
+    def example_data(gen: torch.Generator):
+        """For :func:`distkern.testing.check_method`: confident logits (one class well above the
+        others) are in-distribution; flat logits are OOD."""
+        from distkern.testing import Example
+
+        def confident(n):
+            z = torch.randn(n, 5, generator=gen)
+            z[torch.arange(n), torch.randint(5, (n,), generator=gen)] += 8.0
+            return z
+
+        return Example(confident(100), None, confident(60), torch.randn(60, 5, generator=gen))
 
     def __init__(self, temperature: float = 1.0, variant: str = "energy"):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \

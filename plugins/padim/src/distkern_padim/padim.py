@@ -120,6 +120,21 @@ class PaDiM:
     kind = "detector"
     distkern_api = 1
 
+    @staticmethod
+    def example_data(gen: torch.Generator):
+        """A small synthetic problem for :func:`distkern.testing.check_method`: (B, 6, 4, 4) feature
+        maps around per-position means; anomalous maps carry a shifted 2×2 patch."""
+        from distkern.testing import Example
+
+        mu = 2.0 * torch.randn(1, 6, 4, 4, generator=gen)
+
+        def draw(n):
+            return mu + torch.randn(n, 6, 4, 4, generator=gen)
+
+        anomalous = draw(30)
+        anomalous[:, :, 1:3, 1:3] += 4.0
+        return Example(draw(80), None, draw(30), anomalous)
+
     def __init__(self, num_features: Optional[int] = None, *, seed: Optional[int] = 0,
                  regularization: float = 0.01, blur_sigma: float = 4.0,
                  image_size: Optional[Sequence[int]] = None, factor_dtype: torch.dtype = torch.float32):
