@@ -44,6 +44,9 @@ TORCH_LIBRARY(distkern, m) {
   // Nearest reference by cosine similarity (ResAD): x (N, D), refs (M, D) → (max cosine (N,),
   // argmax (N,) int64), without the N×M similarity matrix.
   m.def("nearest_cosine(Tensor x, Tensor refs) -> (Tensor, Tensor)");
+  // Kernel sums: K(x, y) @ v without storing K. x (N, D), y (M, D), v (M, C) or None (ones:
+  // returns (N,)); kernel ids and params in csrc/kernel_sum/kernel_math.h.
+  m.def("kernel_matmul(Tensor x, Tensor y, Tensor? v, int kernel, float[] params) -> Tensor");
 }
 
 namespace {

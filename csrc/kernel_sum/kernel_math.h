@@ -1,0 +1,103 @@
+// The per-pair arithmetic of the kernel-sum ops, shared by the CPU and CUDA kernels.
+//
+//   out[n, c] = Σ_m φ(x_n, y_m) v[m, c]
+//
+// Distance kernels see r² = ‖x − y‖², computed as ‖x‖² + ‖y‖² − 2 x·y on data centred on the
+// mean of y and clamped at 0 (never negative, no NaN at x = y); the polynomial kernel sees the
+// raw dot product. Each kernel has a derivative kind (with respect to r², or to x·y for the
+// polynomial) that the backward evaluates with the same op, so no N×M matrix exists there either.
+#pragma once
+
+#include <math.h>
+
+#include "common/macros.h"
+
+namespace distkern {
+namespace kernel_sum {
+
+enum Kind : int {
+  kGaussian = 0,     // Σ_s exp(−r² / (2σ_s²))
+  kLaplacian = 1,    // Σ_s exp(−r / σ_s)
+  kIMQ = 2,          // Σ_s (1 + r² / σ_s²)^(−1/2)
+  kPolynomial = 3,   // (γ x·y + c)^d           params: γ, c, d
+  kDistance = 4,     // r                         (energy distance)
+  kGaussianD = 5,    // ∂/∂r² of kGaussian
+  kLaplacianD = 6,   // ∂/∂r² of kLaplacian (0 at r = 0)
+  kIMQD = 7,         // ∂/∂r² of kIMQ
+  kPolynomialD = 8,  // ∂/∂(x·y) of kPolynomial = d γ (γ x·y + c)^(d−1)
+  kDistanceD = 9,    // ∂/∂r² of kDistance = 1 / (2r) (0 at r = 0)
+  kNumKinds = 10,
+};
+
+constexpr int kMaxParams = 16;
+
+// Kernel and its coefficients, precomputed on the host in double and passed by value.
+// For the bandwidth kernels p[s] holds the per-bandwidth coefficient: 1/(2σ²) (Gaussian),
+// 1/σ (Laplacian), 1/σ² (IMQ); ns is the number of bandwidths.
+struct Params {
+  int kind;
+  int ns;
+  double p[kMaxParams];
+};
+
+DK_HD bool uses_distance(int kind) { return kind != kPolynomial && kind != kPolynomialD; }
+
+DK_HD float dk_sqrt(float a) { return sqrtf(a); }
+DK_HD double dk_sqrt(double a) { return sqrt(a); }
+DK_HD float dk_expf(float a) { return expf(a); }
+DK_HD double dk_expf(double a) { return exp(a); }
+DK_HD float dk_pow(float a, float b) { return powf(a, b); }
+DK_HD double dk_pow(double a, double b) { return pow(a, b); }
+
+// r² from the centred norms and dot product, clamped at 0.
+template <typename acc_t>
+DK_HD acc_t sq_dist(acc_t xx, acc_t yy, acc_t dot) {
+  const acc_t r2 = xx + yy - (dot + dot);
+  return r2 > acc_t(0) ? r2 : acc_t(0);
+}
+
+// φ for one pair: r2 for the distance kinds, dot for the polynomial ones.
+template <typename acc_t>
+DK_HD acc_t phi(const Params& k, acc_t r2, acc_t dot) {
+  acc_t s = 0;
+  switch (k.kind) {
+    case kGaussian:
+      for (int i = 0; i < k.ns; ++i) s += dk_expf(-r2 * acc_t(k.p[i]));
+      return s;
+    case kLaplacian: {
+      const acc_t r = dk_sqrt(r2);
+      for (int i = 0; i < k.ns; ++i) s += dk_expf(-r * acc_t(k.p[i]));
+      return s;
+    }
+    case kIMQ:
+      for (int i = 0; i < k.ns; ++i) s += acc_t(1) / dk_sqrt(acc_t(1) + r2 * acc_t(k.p[i]));
+      return s;
+    case kPolynomial:
+      return dk_pow(acc_t(k.p[0]) * dot + acc_t(k.p[1]), acc_t(k.p[2]));
+    case kDistance:
+      return dk_sqrt(r2);
+    case kGaussianD:
+      for (int i = 0; i < k.ns; ++i) s -= acc_t(k.p[i]) * dk_expf(-r2 * acc_t(k.p[i]));
+      return s;
+    case kLaplacianD: {
+      if (!(r2 > acc_t(0))) return acc_t(0);  // subgradient 0 at x = y: no NaN
+      const acc_t r = dk_sqrt(r2);
+      for (int i = 0; i < k.ns; ++i) s -= acc_t(k.p[i]) * dk_expf(-r * acc_t(k.p[i]));
+      return s / (r + r);
+    }
+    case kIMQD:
+      for (int i = 0; i < k.ns; ++i) {
+        const acc_t b = acc_t(1) + r2 * acc_t(k.p[i]);
+        s -= acc_t(0.5) * acc_t(k.p[i]) / (b * dk_sqrt(b));
+      }
+      return s;
+    case kPolynomialD:
+      return acc_t(k.p[2]) * acc_t(k.p[0]) * dk_pow(acc_t(k.p[0]) * dot + acc_t(k.p[1]), acc_t(k.p[2]) - acc_t(1));
+    case kDistanceD:
+      return r2 > acc_t(0) ? acc_t(0.5) / dk_sqrt(r2) : acc_t(0);
+  }
+  return acc_t(0);
+}
+
+}  // namespace kernel_sum
+}  // namespace distkern

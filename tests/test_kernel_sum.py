@@ -1,0 +1,139 @@
+"""distkern.kernel_matmul and the MMD estimators against dense float64 references."""
+import math
+
+import pytest
+import torch
+
+import distkern
+from distkern.ops.kernel_sum import kernel_matmul
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+KERNELS = [("gaussian", dict(bandwidth=[0.7, 2.0])), ("laplacian", dict(bandwidth=1.3)), ("imq", dict(bandwidth=[1.0, 3.0])),
+           ("polynomial", dict()), ("distance", dict())]
+
+
+def dense_kernel(x, y, kernel, kw):
+    x, y = x.double(), y.double()
+    r = torch.cdist(x, y)
+    if kernel == "polynomial":
+        return (x @ y.T / x.shape[1] + 1.0) ** 3
+    if kernel == "distance":
+        return r
+    bw = kw["bandwidth"] if isinstance(kw["bandwidth"], list) else [kw["bandwidth"]]
+    f = {"gaussian": lambda s: torch.exp(-r ** 2 / (2 * s * s)), "laplacian": lambda s: torch.exp(-r / s),
+         "imq": lambda s: (1 + r ** 2 / (s * s)).rsqrt()}[kernel]
+    return sum(f(s) for s in bw)
+
+
+def rel(a, b):
+    return float((a.double().cpu() - b.cpu()).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel,kw", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("N,M,D,C", [(1, 1, 1, 1), (7, 130, 3, 2), (300, 257, 33, 5), (600, 1100, 8, 1)])
+def test_matches_dense(device, kernel, kw, dtype, N, M, D, C, rng):
+    x = torch.randn(N, D, generator=rng).to(device, dtype)
+    y = (torch.randn(M, D, generator=rng) + 0.5).to(device, dtype)
+    v = torch.randn(M, C, generator=rng, dtype=torch.float64).to(device)
+    K = dense_kernel(x, y, kernel, kw)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    out = kernel_matmul(x, y, v.to(dtype if dtype == torch.float64 else torch.float32), kernel=kernel, **kw)
+    assert out.shape == (N, C)
+    assert rel(out, K @ v.to(out.dtype).double()) < tol
+    rows = kernel_matmul(x, y, kernel=kernel, **kw)
+    assert rows.shape == (N,) and rel(rows, K.sum(1)) < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel,kw", KERNELS)
+def test_gradcheck(device, kernel, kw, rng):
+    x = torch.randn(9, 4, generator=rng, dtype=torch.float64).to(device).requires_grad_()
+    y = torch.randn(11, 4, generator=rng, dtype=torch.float64).to(device).requires_grad_()
+    v = torch.randn(11, 2, generator=rng, dtype=torch.float64).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: kernel_matmul(a, b, c, kernel=kernel, **kw), (x, y, v))
+    assert torch.autograd.gradcheck(lambda a, b: kernel_matmul(a, b, kernel=kernel, **kw), (x, y))
+
+
+@pytest.mark.parametrize("kernel", ["laplacian", "distance"])
+def test_no_nan_gradient_at_zero_distance(kernel):
+    x = torch.randn(5, 3, dtype=torch.float64)
+    xs = x.clone().requires_grad_()
+    kw = {"bandwidth": 1.0} if kernel == "laplacian" else {}
+    kernel_matmul(xs, x, kernel=kernel, **kw).sum().backward()  # x_i = y_i for every i
+    assert torch.isfinite(xs.grad).all()
+
+
+def test_opcheck(rng):
+    x, y, v = torch.randn(20, 6, generator=rng), torch.randn(30, 6, generator=rng), torch.randn(30, 2, generator=rng)
+    torch.library.opcheck(torch.ops.distkern.kernel_matmul.default, (x, y, v, 0, [1.0, 2.0]))
+    torch.library.opcheck(torch.ops.distkern.kernel_matmul.default, (x, y, None, 3, [1 / 6, 1.0, 3.0]))
+
+
+def test_mmd_estimators(rng):
+    x = torch.randn(60, 5, generator=rng, dtype=torch.float64)
+    y = torch.randn(45, 5, generator=rng, dtype=torch.float64) + 0.4
+    s = 1.7
+    K = lambda a, b: dense_kernel(a, b, "gaussian", {"bandwidth": s})  # noqa: E731
+    Kxx, Kyy, Kxy = K(x, x), K(y, y), K(x, y)
+    n, m = 60, 45
+    assert float(distkern.mmd2(x, y, bandwidth=s, estimator="biased")) == pytest.approx(float(Kxx.mean() + Kyy.mean() - 2 * Kxy.mean()), rel=1e-10)
+    unb = (Kxx.sum() - n) / (n * (n - 1)) + (Kyy.sum() - m) / (m * (m - 1)) - 2 * Kxy.mean()
+    assert float(distkern.mmd2(x, y, bandwidth=s)) == pytest.approx(float(unb), rel=1e-10)
+    y2 = y[:45]
+    x2 = x[:45]
+    Kxx2, Kxy2 = K(x2, x2), K(x2, y2)
+    ust = ((Kxx2.sum() - 45) + (Kyy.sum() - 45) - 2 * (Kxy2.sum() - Kxy2.diagonal().sum())) / (45 * 44)
+    assert float(distkern.mmd2(x2, y2, bandwidth=s, estimator="ustat")) == pytest.approx(float(ust), rel=1e-10)
+    h = 22
+    lin = torch.stack([K(x[2 * i:2 * i + 1], x[2 * i + 1:2 * i + 2])[0, 0] + K(y[2 * i:2 * i + 1], y[2 * i + 1:2 * i + 2])[0, 0]
+                       - K(x[2 * i:2 * i + 1], y[2 * i + 1:2 * i + 2])[0, 0] - K(x[2 * i + 1:2 * i + 2], y[2 * i:2 * i + 1])[0, 0]
+                       for i in range(h)]).mean()
+    assert float(distkern.mmd2(x, y, bandwidth=s, estimator="linear")) == pytest.approx(float(lin), rel=1e-10)
+    # the KID form: polynomial kernel, unbiased
+    Kp = lambda a, b: (a @ b.T / 5 + 1) ** 3  # noqa: E731
+    kid = (Kp(x, x).sum() - Kp(x, x).diagonal().sum()) / (n * (n - 1)) + (Kp(y, y).sum() - Kp(y, y).diagonal().sum()) / (m * (m - 1)) - 2 * Kp(x, y).mean()
+    assert float(distkern.mmd2(x, y, kernel="polynomial")) == pytest.approx(float(kid), rel=1e-10)
+
+
+def test_mmd_loss_gradient_and_median(rng):
+    x = torch.randn(40, 3, generator=rng, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(50, 3, generator=rng, dtype=torch.float64) + 1.0
+    loss = distkern.MMDLoss(bandwidth=[0.5, 1.0, 2.0, 4.0])
+    assert torch.autograd.gradcheck(lambda a: loss(a, y), (x,))
+    med = distkern.median_bandwidth(x.detach(), y)
+    z = torch.cat([x.detach(), y])
+    d = torch.cdist(z, z)
+    iu = torch.triu_indices(90, 90, 1)
+    assert med == pytest.approx(float(d[iu[0], iu[1]].median()))
+
+
+def test_permutation_test_calibrated():
+    g = torch.Generator().manual_seed(0)
+    rejections = 0
+    trials = 120
+    for t in range(trials):
+        x, y = torch.randn(25, 2, generator=g), torch.randn(25, 2, generator=g)
+        rejections += distkern.mmd_test(x, y, permutations=99, seed=t, bandwidth=1.0).p_value <= 0.1
+    assert 0.03 <= rejections / trials <= 0.2  # nominal 0.1 under H0
+    x, y = torch.randn(60, 2, generator=g), torch.randn(60, 2, generator=g) + 1.0
+    assert distkern.mmd_test(x, y, permutations=199, bandwidth=1.0).p_value <= 0.01
+
+
+def test_bad_inputs():
+    x, y = torch.randn(5, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="y must be \\(M, D\\) with D = 3"):
+        kernel_matmul(x, torch.randn(4, 2), bandwidth=1.0)
+    with pytest.raises(ValueError, match="bandwidths must be finite and > 0"):
+        kernel_matmul(x, y, bandwidth=[1.0, -2.0])
+    with pytest.raises(ValueError, match="needs bandwidth="):
+        kernel_matmul(x, y)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        kernel_matmul(x, y, kernel="rbf", bandwidth=1.0)
+    with pytest.raises(ValueError, match="v must be \\(M, C\\) with M = 4"):
+        kernel_matmul(x, y, torch.randn(5, 2), bandwidth=1.0)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        distkern.mmd2(x, y, estimator="nope")
+    with pytest.raises(TypeError, match="x must be float32"):
+        kernel_matmul(x.long(), y, bandwidth=1.0)
