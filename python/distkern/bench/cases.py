@@ -534,7 +534,103 @@ def _fit_cases() -> list[Case]:
     return out
 
 
-_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases, _fit_cases]
+# ---------------------------------------------------------------------------------------------
+# Kernel sums (kernel_matmul) and MMD vs eager torch.cdist + exp + sum (chunked where needed)
+# ---------------------------------------------------------------------------------------------
+
+_BANDWIDTHS = [0.5, 1.0, 2.0]
+
+
+def _ksum_setup(N: int, M: int, D: int):
+    def setup(device: str | torch.device, dtype: torch.dtype, *, seed: int = 0) -> Inputs:
+        device = torch.device(device)
+        g = torch.Generator(device=device)
+        g.manual_seed(1_000_003 * (seed + 1) + 7919 * D + M + N)
+        scale = 1.0 / math.sqrt(D) * 2.0  # typical distances near the bandwidths
+        x = torch.randn(N, D, generator=g, device=device) * scale
+        y = torch.randn(M, D, generator=g, device=device) * scale + 0.1 * scale
+        return {"x": x.to(dtype), "y": y.to(dtype)}
+
+    return setup
+
+
+def _ksum_ours(i: Inputs):
+    from ..ops.kernel_sum import kernel_matmul
+
+    return kernel_matmul(i["x"], i["y"], kernel="gaussian", bandwidth=_BANDWIDTHS)
+
+
+def _ksum_eager(i: Inputs):
+    # torch.cdist + exp + sum, in row chunks that keep the (chunk, M) block near 256 MB.
+    x, y = i["x"].float(), i["y"].float()
+    rows = max(1, (64 << 20) // max(1, y.shape[0]))
+    out = []
+    for k in range(0, x.shape[0], rows):
+        d2 = torch.cdist(x[k:k + rows], y).square()
+        out.append(sum(torch.exp(-d2 / (2 * s * s)) for s in _BANDWIDTHS).sum(1))
+    return torch.cat(out)
+
+
+def _mmd_fb_ours(i: Inputs):
+    from ..mmd import mmd2
+
+    with torch.enable_grad():  # the harness times under no_grad
+        x = i["x"].detach().requires_grad_()
+        loss = mmd2(x, i["y"], kernel="polynomial", estimator="unbiased")
+        loss.backward()
+    return x.grad
+
+
+def _mmd_fb_eager(i: Inputs):
+    # MMD-DDM's estimator written plainly: polynomial kernel matrices, diagonals dropped.
+    with torch.enable_grad():
+        x = i["x"].detach().float().requires_grad_()
+        y = i["y"].float()
+        D, n, m = x.shape[1], x.shape[0], y.shape[0]
+        kxx = (x @ x.T / D + 1) ** 3
+        kyy = (y @ y.T / D + 1) ** 3
+        kxy = (x @ y.T / D + 1) ** 3
+        loss = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) \
+            - 2 * kxy.mean()
+        loss.backward()
+    return x.grad
+
+
+def _ksum_cases() -> list[Case]:
+    cpu, cuda, both = ("cpu",), ("cuda",), ("cpu", "cuda")
+    out = []
+    for N, D, devs, quick in [(20_000, 64, cpu, False), (65_536, 64, cuda, False), (65_536, 512, cuda, False),
+                              (2_000, 16, both, True)]:
+        out.append(Case(
+            op="kernel_matmul",
+            label=f"gaussian x3 N=M={N} D={D} fp32",
+            params={"N": N, "M": N, "D": D},
+            dtype=torch.float32,
+            setup=_ksum_setup(N, N, D),
+            ours=_ksum_ours,
+            baselines={"eager": _ksum_eager},
+            bytes=2 * N * D * 4 + N * 4,
+            flops=2 * N * N * D + 3 * 4 * N * N,
+            devices=devs,
+            quick=quick,
+        ))
+    out.append(Case(
+        op="mmd2",
+        label="MMD-DDM fwd+bwd N=M=64 D=2048 fp32",
+        params={"N": 64, "M": 64, "D": 2048},
+        dtype=torch.float32,
+        setup=_ksum_setup(64, 64, 2048),
+        ours=_mmd_fb_ours,
+        baselines={"eager": _mmd_fb_eager},
+        bytes=2 * 64 * 2048 * 4 * 3,
+        flops=2 * 3 * 64 * 64 * 2048 * 3,
+        devices=both,
+        note="polynomial kernel (KID), unbiased estimator, gradient w.r.t. x",
+    ))
+    return out
+
+
+_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases, _fit_cases, _ksum_cases]
 
 
 def all_cases() -> list[Case]:
