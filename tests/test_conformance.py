@@ -5,7 +5,7 @@ import torch
 import distkern
 from distkern.testing import CheckFailure, check_method, gaussian_example
 
-IN_TREE = ["gaussian-ad", "padim", "mahalanobis-ood", "class-center", "energy", "gmm-ood"]
+IN_TREE = ["gaussian-ad", "padim", "mahalanobis-ood", "class-center", "energy", "gmm-ood", "kde"]
 
 
 @pytest.mark.parametrize("name", IN_TREE)
