@@ -78,3 +78,34 @@ def test_cuda_sanitizer_case_nearest():
         sim, idx = distkern.nearest_reference(x, torch.randn(M, D, generator=g).cuda())
         torch.cuda.synchronize()
         assert torch.isfinite(sim).all() and bool((idx >= 0).all() and (idx < M).all())
+
+
+_ERROR_PATH_PROBE = """
+import torch, distkern
+x = torch.randn(4, 5, device="cuda")
+cases = {
+    "nearest_cosine": lambda: torch.ops.distkern.nearest_cosine(x, torch.randn(6, 5, device="cuda")[:, :4]),
+    "mahalanobis_k_min": lambda: torch.ops.distkern.mahalanobis_k_min(x, torch.randn(3, 4, device="cuda"),
+                                                                       torch.eye(5, device="cuda"), True),
+    "mahalanobis": lambda: torch.ops.distkern.mahalanobis(x, torch.zeros(4, device="cuda"), torch.eye(5, device="cuda"), True),
+}
+for name, call in cases.items():
+    try:
+        call()
+        print(name, "no error")
+    except ValueError as e:
+        print(name, "ValueError", str(e).splitlines()[0][:80])
+"""
+
+
+@pytest.mark.cuda
+def test_cuda_shape_errors_raise_cleanly_in_a_subprocess():
+    """The CUDA ops' shape-error paths, each in a child process so that a crash (as
+    nearest_cosine's was once, see benchmarks/README.md) fails this test instead of the whole run."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _ERROR_PATH_PROBE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"the probe died (exit {r.returncode}): {r.stdout}\n{r.stderr[-2000:]}"
+    lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
+    assert all(v.startswith("ValueError") for v in lines.values()), lines
