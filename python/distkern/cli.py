@@ -242,6 +242,14 @@ def _save_map_png(maps: torch.Tensor, path: str, columns: int = 8) -> None:
     plt.close(fig)
 
 
+def _cmd_new_plugin(args: argparse.Namespace) -> int:
+    from .scaffold import new_plugin
+
+    root = new_plugin(args.name, args.kind, args.output)
+    print(f"wrote {root}: pip install -e {root} && pytest {root / 'tests'}")
+    return 0
+
+
 def _debug(args: argparse.Namespace | None) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("DISTKERN_DEBUG", "") not in ("", "0")
 
@@ -296,6 +304,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--map", help="write the anomaly maps to this PNG (methods with anomaly maps, e.g. padim)")
     p.add_argument("--device", default="cpu", help="device to score on (default cpu)")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("new-plugin", parents=[common], help="write a plugin package to start from",
+                       description="Write a working plugin package NAME/ (pyproject with the entry point, "
+                                   "the method class, tests that pass as generated, a README).")
+    p.add_argument("name", help="method name, e.g. my-detector")
+    p.add_argument("--kind", required=True, choices=["detector", "loss"], help="kind of method")
+    p.add_argument("-o", "--output", default=".", help="folder to write the package into (default: .)")
+    p.set_defaults(func=_cmd_new_plugin)
 
     p = sub.add_parser("bench", help="run the microbenchmarks (arguments go to the harness)",
                        description="Run the microbenchmark harness; every argument after "
