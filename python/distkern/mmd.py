@@ -8,7 +8,7 @@ import torch
 
 from .ops.kernel_sum import kernel_matmul, kernel_params
 
-__all__ = ["mmd2", "median_bandwidth", "MMDLoss", "mmd_test", "MMDTestResult"]
+__all__ = ["mmd2", "median_bandwidth", "MMDLoss", "mmd_test", "MMDTestResult", "kid"]
 
 ESTIMATORS = ("biased", "unbiased", "ustat", "linear")
 
@@ -182,3 +182,26 @@ def mmd_test(x: torch.Tensor, y: torch.Tensor, *, permutations: int = 1000, seed
     observed = float(stats[0])
     p = (1 + int((stats[1:] >= observed).sum())) / (1 + permutations)
     return MMDTestResult(observed, p, permutations)
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000, degree: float = 3,
+        gamma: float | None = None, coef: float = 1.0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel Inception Distance on given features, as torchmetrics' ``KernelInceptionDistance``
+    computes it: over ``subsets`` random subsets of ``subset_size`` real and fake features, the
+    unbiased MMD² with the polynomial kernel ``(γ x·y + coef)^degree`` (γ = 1/D by default);
+    returns ``(mean, std)`` (population std, as torchmetrics). The subsets are drawn with
+    ``torch.randperm`` in torchmetrics' order (real, then fake, per subset) from ``generator``
+    (``None``: torch's global generator, so after the same ``torch.manual_seed`` both give the
+    same subsets and the same numbers)."""
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"distkern.kid: real and fake must be (n, D) and (m, D) with one D; got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if real.shape[0] < subset_size or fake.shape[0] < subset_size:
+        raise ValueError(f"distkern.kid: subset_size ({subset_size}) must not exceed the number of real ({real.shape[0]}) "
+                         f"or fake ({fake.shape[0]}) samples")
+    scores = []
+    for _ in range(subsets):
+        fr = real[torch.randperm(real.shape[0], generator=generator)[:subset_size].to(real.device)]
+        ff = fake[torch.randperm(fake.shape[0], generator=generator)[:subset_size].to(fake.device)]
+        scores.append(mmd2(fr, ff, kernel="polynomial", estimator="unbiased", gamma=gamma, coef0=coef, degree=degree))
+    s = torch.stack(scores)
+    return s.mean(), s.std(unbiased=False)
