@@ -190,3 +190,52 @@ def test_kid_matches_torchmetrics(subset_size):
     mean, std = distkern.kid(real, fake, subsets=4, subset_size=subset_size)
     assert float(mean) == pytest.approx(float(ref_mean), rel=1e-9)
     assert float(std) == pytest.approx(float(ref_std), rel=1e-6)
+
+
+_SHARD_WORKER = """
+import sys, torch, torch.distributed as dist
+import distkern
+rank, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+g = torch.Generator().manual_seed(0)
+x, y, v = torch.randn(50, 6, generator=g), torch.randn(90, 6, generator=g), torch.randn(90, 2, generator=g)
+lo, hi = (0, 70) if rank == 0 else (70, 90)   # uneven shards of y
+out = distkern.distributed.kernel_matmul(x, y[lo:hi], v[lo:hi], kernel="gaussian", bandwidth=[1.0, 2.0])
+torch.save(out, f"{path}.{rank}")
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_y_two_gloo_processes(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "w.py").write_text(_SHARD_WORKER)
+    env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "w.py"), str(r), str(port), str(tmp_path / "out")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=120)[0].decode())
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("gloo workers timed out")
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in range(2))
+    assert torch.equal(r0, r1)
+    g = torch.Generator().manual_seed(0)
+    x, y, v = torch.randn(50, 6, generator=g), torch.randn(90, 6, generator=g), torch.randn(90, 2, generator=g)
+    single = kernel_matmul(x, y, v, kernel="gaussian", bandwidth=[1.0, 2.0])
+    assert torch.allclose(r0, single, rtol=1e-5, atol=1e-6)
+
+
+def test_distributed_needs_init():
+    with pytest.raises(RuntimeError, match="not initialised"):
+        distkern.distributed.kernel_matmul(torch.randn(3, 2), torch.randn(4, 2), bandwidth=1.0)

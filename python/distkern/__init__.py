@@ -30,6 +30,7 @@ from .ops.kernel_sum import kernel_matmul  # noqa: E402
 from .mmd import MMDLoss, kid, median_bandwidth, mmd2, mmd_test  # noqa: E402
 from . import gaussian  # noqa: E402
 from . import methods  # noqa: E402
+from . import distributed  # noqa: E402
 
 
 def build_info() -> dict:
