@@ -19,3 +19,37 @@ def rng():
     g = torch.Generator()
     g.seed()
     return g
+
+
+@pytest.fixture
+def gloo_run(tmp_path):
+    """Run a script as two torch.distributed ranks on the gloo backend (loopback only).
+
+    ``gloo_run(script, *args)`` writes ``script`` to a file and starts it twice with argv
+    ``[rank, port, *args]``; fails the test if a rank fails or both do not finish in 120 s."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def run(script: str, *args: str) -> list[str]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        path = tmp_path / "gloo_worker.py"
+        path.write_text(script)
+        env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, str(path), str(r), str(port), *args], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+        logs = []
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=120)[0].decode())
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                pytest.fail("gloo workers timed out")
+        assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+        return logs
+
+    return run

@@ -1,8 +1,5 @@
 """Streaming Gaussian statistics (distkern.gaussian.GaussianStats), OAS, PCA / NPCA, χ² thresholds."""
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 import types
@@ -327,33 +324,14 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_all_reduce_two_gloo_processes(rng, tmp_path):
+def test_all_reduce_two_gloo_processes(rng, tmp_path, gloo_run):
     safetensors = pytest.importorskip("safetensors.torch")
     n, d, K = 600, 7, 5
     x = sample(n, d, rng, offset=1e3)
     y = torch.randint(0, K, (n,), generator=rng)
     y[: 2 * n // 3] = y[: 2 * n // 3].clamp_max(K - 2)  # class K-1 only on rank 1
     safetensors.save_file({"x": x, "y": y}, tmp_path / "data.safetensors")
-    (tmp_path / "worker.py").write_text(WORKER)
-    port = _free_port()
-    env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(r), str(port), str(tmp_path / "data.safetensors"),
-                               str(tmp_path / "out")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0].decode())
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("gloo workers timed out")
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    gloo_run(WORKER, str(tmp_path / "data.safetensors"), str(tmp_path / "out"))
     r0, r1 = (safetensors.load_file(tmp_path / f"out.{r}") for r in range(2))
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"{k} differs between ranks"

@@ -1,5 +1,4 @@
 """distkern.kernel_matmul and the MMD estimators against dense float64 references."""
-import math
 
 import pytest
 import torch
@@ -206,28 +205,8 @@ dist.destroy_process_group()
 """
 
 
-def test_sharded_y_two_gloo_processes(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (tmp_path / "w.py").write_text(_SHARD_WORKER)
-    env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "w.py"), str(r), str(port), str(tmp_path / "out")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0].decode())
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("gloo workers timed out")
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+def test_sharded_y_two_gloo_processes(tmp_path, gloo_run):
+    gloo_run(_SHARD_WORKER, str(tmp_path / "out"))
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in range(2))
     assert torch.equal(r0, r1)
     g = torch.Generator().manual_seed(0)
