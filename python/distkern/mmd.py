@@ -27,18 +27,6 @@ def median_bandwidth(x: torch.Tensor, y: torch.Tensor | None = None, *, max_poin
     return med if med > 0 else 1.0
 
 
-def _diag(x, kernel, kw):
-    """k(x_i, x_i): constant for the distance kernels, per row for the polynomial one."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if kernel == "polynomial":
-        gamma, c, d = kernel_params(kernel, x.shape[1], **kw)[1]
-        return ((gamma * (x.to(acc) ** 2).sum(1) + c) ** d).sum()
-    if kernel == "distance":
-        return torch.zeros((), dtype=acc, device=x.device)
-    bw = kernel_params(kernel, x.shape[1], **kw)[1]
-    return torch.tensor(float(len(bw)) * x.shape[0], dtype=acc, device=x.device)  # φ(0) = 1 per bandwidth
-
-
 def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidth=None, estimator: str = "unbiased",
          gamma: float | None = None, coef0: float = 1.0, degree: float = 3) -> torch.Tensor:
     r"""Squared maximum mean discrepancy between samples ``x (n, D)`` and ``y (m, D)``.
@@ -80,7 +68,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
         return kxx / (n * n) + kyy / (m * m) - 2 * kxy / (n * m)
     if n < 2 or m < 2:
         raise ValueError(f"distkern.mmd2: the {estimator} estimator needs at least 2 samples on each side")
-    dx, dy = _diag(x, kernel, kw), _diag(y, kernel, kw)
+    dx, dy = _paired(x, x, kernel, kw).sum(), _paired(y, y, kernel, kw).sum()  # k(x_i, x_i)
     if estimator == "unbiased":
         return (kxx - dx) / (n * (n - 1)) + (kyy - dy) / (m * (m - 1)) - 2 * kxy / (n * m)
     if n != m:
@@ -92,47 +80,44 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
 _DENSE_MAX = 512  # largest batch for which mmd2 forms the kernel matrices densely
 
 
-def _dense(a: torch.Tensor, b: torch.Tensor, kernel: str, kw: dict) -> torch.Tensor:
-    """The (n, m) kernel matrix in plain torch, for small batches: the op's arithmetic (data centred
-    on the mean of b, r² clamped at 0; zero gradient of r at r = 0)."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    a, b = a.to(acc), b.to(acc)
-    kind, params = kernel_params(kernel, a.shape[1], **kw)
+def _phi(kernel: str, params: list[float], r2: torch.Tensor | None, dot: torch.Tensor | None) -> torch.Tensor:
+    """The kernel value from squared distances (or, for the polynomial kernel, dot products), in
+    plain torch, with the op's conventions: r² ≥ 0 and a zero gradient of r at r = 0."""
     if kernel == "polynomial":
-        return (params[0] * (a @ b.T) + params[1]) ** params[2]
-    c = b.mean(0).detach()
-    a, b = a - c, b - c
-    r2 = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)).clamp_min(0)
+        return (params[0] * dot + params[1]) ** params[2]
     if kernel in ("distance", "laplacian"):
-        pos = r2 > 0
-        r = torch.where(pos, r2.clamp_min(1e-30).sqrt(), torch.zeros_like(r2))
-        if kernel == "distance":
-            return r
-        return sum(torch.exp(-r / s) for s in params)
+        r = torch.where(r2 > 0, r2.clamp_min(1e-30).sqrt(), torch.zeros_like(r2))
+        return r if kernel == "distance" else sum(torch.exp(-r / s) for s in params)
     if kernel == "gaussian":
         return sum(torch.exp(-r2 / (2 * s * s)) for s in params)
     return sum((1 + r2 / (s * s)).rsqrt() for s in params)
 
 
+def _as_acc(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return a.to(acc), b.to(acc)
+
+
+def _dense(a: torch.Tensor, b: torch.Tensor, kernel: str, kw: dict) -> torch.Tensor:
+    """The (n, m) kernel matrix in plain torch, for small batches (data centred on the mean of b,
+    as the op does)."""
+    a, b = _as_acc(a, b)
+    params = kernel_params(kernel, a.shape[1], **kw)[1]
+    if kernel == "polynomial":
+        return _phi(kernel, params, None, a @ b.T)
+    c = b.mean(0).detach()
+    a, b = a - c, b - c
+    r2 = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)).clamp_min(0)
+    return _phi(kernel, params, r2, None)
+
+
 def _paired(a: torch.Tensor, b: torch.Tensor, kernel: str, kw: dict) -> torch.Tensor:
     """k(a_i, b_i) for each row i, in plain torch (O(n·D))."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    a, b = a.to(acc), b.to(acc)
-    kind, params = kernel_params(kernel, a.shape[1], **kw)
+    a, b = _as_acc(a, b)
+    params = kernel_params(kernel, a.shape[1], **kw)[1]
     if kernel == "polynomial":
-        return (params[0] * (a * b).sum(1) + params[1]) ** params[2]
-    r2 = ((a - b) ** 2).sum(1)
-    if kernel == "distance":
-        return r2.clamp_min(0).sqrt()
-    out = torch.zeros_like(r2)
-    for s in params:
-        if kernel == "gaussian":
-            out = out + torch.exp(-r2 / (2 * s * s))
-        elif kernel == "laplacian":
-            out = out + torch.exp(-r2.sqrt() / s)
-        else:
-            out = out + (1 + r2 / (s * s)).rsqrt()
-    return out
+        return _phi(kernel, params, None, (a * b).sum(1))
+    return _phi(kernel, params, ((a - b) ** 2).sum(1), None)
 
 
 class MMDLoss(torch.nn.Module):
