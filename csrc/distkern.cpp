@@ -47,6 +47,26 @@ TORCH_LIBRARY(distkern, m) {
   // Kernel sums: K(x, y) @ v without storing K. x (N, D), y (M, D), v (M, C) or None (ones:
   // returns (N,)); kernel ids and params in csrc/kernel_sum/kernel_math.h.
   m.def("kernel_matmul(Tensor x, Tensor y, Tensor? v, int kernel, float[] params) -> Tensor");
+  // Fused diffusion sampler step (csrc/diffusion/step_math.h): per element, x0 = a·x + b·m + g·n,
+  // clipped (clip_mode 0 none, 1 clamp to ±clip_range, 2 dynamic thresholding at quantile `ratio`
+  // of |x0| per sample, scale clamped to [1, max_value]), prev = p·x0 + r·x + w·m + u·prev_x0 + s·n.
+  // Coefficients: 8 floats, or a (B, 8) float64 table for per-sample timesteps. Noise n: the tensor,
+  // or drawn in the kernel from (seed, offset) when seed >= 0, else 0. Returns (prev, x0), (B, ...).
+  m.def(
+      "sampler_step(Tensor sample, Tensor model_output, Tensor? prev_x0, Tensor? noise, float[] coefs,"
+      " Tensor? per_sample, int clip_mode=0, float clip_range=1.0, float ratio=0.995, float max_value=1.0,"
+      " int seed=-1, int offset=0) -> (Tensor, Tensor)");
+  // Its gradients w.r.t. (sample, model_output, prev_x0) from those w.r.t. (prev, x0).
+  m.def(
+      "sampler_step_backward(Tensor grad_prev, Tensor? grad_x0, Tensor sample, Tensor model_output,"
+      " Tensor? noise, float[] coefs, Tensor? per_sample, int clip_mode=0, float clip_range=1.0, int seed=-1,"
+      " int offset=0) -> (Tensor, Tensor, Tensor)");
+  // Gaussian N(mean, U diag(lam) Uᵀ), U (D, r) orthonormal: the optimal denoiser at sigma, or (with
+  // sigma_to) the closed-form probability-flow map from sigma to sigma_to. x (B, ...), sigma scalar
+  // or (B,). See csrc/diffusion/gaussian.cpp.
+  m.def(
+      "gaussian_lowrank(Tensor x, Tensor mean, Tensor U, Tensor lam, Tensor sigma, Tensor? sigma_to=None)"
+      " -> Tensor");
 }
 
 namespace {

@@ -27,6 +27,8 @@ from . import ops  # noqa: E402  (registers fake / autograd implementations)
 from .ops.mahalanobis import (  # noqa: E402
     gmm_log_likelihood, mahalanobis, mahalanobis_k, mahalanobis_pos, nearest_reference, reference_residual)
 from .ops.kernel_sum import kernel_matmul  # noqa: E402
+from .ops.diffusion import (  # noqa: E402
+    ddim_step, ddpm_step, dpmpp_2m_step, euler_step, fit_lowrank_gaussian, gaussian_denoise, gaussian_teleport)
 from .mmd import MMDLoss, kid, median_bandwidth, mmd2, mmd_test  # noqa: E402
 from . import gaussian  # noqa: E402
 from . import methods  # noqa: E402
@@ -43,4 +45,5 @@ def build_info() -> dict:
 
 __all__ = ["__version__", "build_info", "mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood",
            "nearest_reference", "reference_residual", "kernel_matmul", "mmd2", "mmd_test", "MMDLoss", "kid",
-           "median_bandwidth", "gaussian", "methods", "ops"]
+           "median_bandwidth", "gaussian", "methods", "ops", "ddim_step", "ddpm_step", "euler_step", "dpmpp_2m_step",
+           "gaussian_denoise", "gaussian_teleport", "fit_lowrank_gaussian"]

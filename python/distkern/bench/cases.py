@@ -631,7 +631,14 @@ def _ksum_cases() -> list[Case]:
     return out
 
 
-_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases, _fit_cases, _ksum_cases]
+def _diffusion_cases() -> list[Case]:
+    from .diffusion_cases import diffusion_cases
+
+    return diffusion_cases()
+
+
+_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases, _fit_cases, _ksum_cases,
+             _diffusion_cases]
 
 
 def all_cases() -> list[Case]:

@@ -1,4 +1,4 @@
 """Typed Python entry points of the compiled ops, with their fake and autograd registrations."""
-from . import kernel_sum, mahalanobis  # noqa: F401
+from . import diffusion, kernel_sum, mahalanobis  # noqa: F401
 
-__all__ = ["kernel_sum", "mahalanobis"]
+__all__ = ["diffusion", "kernel_sum", "mahalanobis"]

@@ -1,0 +1,349 @@
+// CUDA kernels of the fused sampler step (pure CUDA: no torch headers).
+//
+// Forward: one thread per block of 4 consecutive elements (grid-stride), 4-wide vector loads and
+// stores when every pointer allows, one Philox call per block when the noise is drawn in the kernel;
+// the arithmetic is step_math.h, the same functions the CPU kernel runs. Bytes: 2 reads + 2 writes
+// per element (+1 read for prev_x0 and for a noise tensor) — the floor of the step.
+// Dynamic thresholding: one block per sample first selects its quantile of |x0| by an 8-bit radix
+// select over the float bits (4 passes for float32 accumulation, 8 for float64, each recomputing x0
+// from the inputs), writes the per-sample scale, then the elementwise kernel reads it. No host sync.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/cuda_types.cuh"
+#include "diffusion/step_launch.h"
+#include "diffusion/step_math.h"
+
+namespace distkern {
+namespace diffusion {
+namespace {
+
+using cuda::from_acc;
+using cuda::to_acc;
+
+constexpr int kThreads = 256;
+
+template <typename T>
+struct alignas(sizeof(T) * 4) Pack4 {
+  T v[4];
+};
+
+template <typename T>
+struct Ptrs {
+  const T* x;
+  const T* m;
+  const T* px0;
+  const T* noise;
+  T* out;
+  T* x0;
+  T* gpx0;
+  const T* gprev;
+  const T* gx0;
+};
+
+template <typename T>
+Ptrs<T> ptrs(const StepArgs& a) {
+  return {static_cast<const T*>(a.x),     static_cast<const T*>(a.m),     static_cast<const T*>(a.px0),
+          static_cast<const T*>(a.noise), static_cast<T*>(a.out),         static_cast<T*>(a.x0),
+          static_cast<T*>(a.gpx0),        static_cast<const T*>(a.grad_prev), static_cast<const T*>(a.grad_x0)};
+}
+
+struct Scalars {
+  int64_t n, numel, seed, offset;
+  const double* per_sample;
+  int clip_mode;
+  double clip_range;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Coefs<acc_t> coefs_at(const Scalars& s, const Coefs<acc_t>& uniform, int64_t i) {
+  return s.per_sample ? load_coefs<acc_t>(s.per_sample + (i / s.n) * kNumCoefs) : uniform;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t lim_at(const Scalars& s, const acc_t* scale, int64_t i) {
+  return s.clip_mode == kClipThreshold ? scale[i / s.n] : static_cast<acc_t>(s.clip_range);
+}
+
+// Load 4 elements starting at i (vectorised when `vec`, element-wise with bounds otherwise).
+template <typename T, typename acc_t>
+__device__ __forceinline__ void load4(const T* p, int64_t i, int64_t numel, bool vec, acc_t out[4]) {
+  if (vec) {
+    const Pack4<T> v = *reinterpret_cast<const Pack4<T>*>(p + i);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = to_acc<acc_t>(v.v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = i + j < numel ? to_acc<acc_t>(p[i + j]) : acc_t(0);
+  }
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ void store4(T* p, int64_t i, int64_t numel, bool vec, const acc_t in[4]) {
+  if (vec) {
+    Pack4<T> v;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v.v[j] = from_acc<T>(in[j]);
+    *reinterpret_cast<Pack4<T>*>(p + i) = v;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (i + j < numel) p[i + j] = from_acc<T>(in[j]);
+  }
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ void noise4(const Ptrs<T>& p, const Scalars& s, int64_t i, bool vec, acc_t nz[4]) {
+  if (p.noise) {
+    load4<T, acc_t>(p.noise, i, s.numel, vec, nz);
+  } else if (s.seed >= 0) {
+    float z[4];
+    normals4(static_cast<uint64_t>(s.seed), static_cast<uint64_t>(s.offset), static_cast<uint64_t>(i >> 2), z);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) nz[j] = static_cast<acc_t>(z[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) nz[j] = acc_t(0);
+  }
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads) step_forward_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
+                                                                const acc_t* scale, bool vec_aligned) {
+  const int64_t groups = (s.numel + 3) / 4;
+  for (int64_t grp = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; grp < groups;
+       grp += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = grp * 4;
+    const bool vec = vec_aligned && i + 3 < s.numel;
+    acc_t x[4], m[4], nz[4], px[4], out[4], x0[4];
+    load4<T, acc_t>(p.x, i, s.numel, vec, x);
+    load4<T, acc_t>(p.m, i, s.numel, vec, m);
+    noise4<T, acc_t>(p, s, i, vec, nz);
+    if (p.px0) {
+      load4<T, acc_t>(p.px0, i, s.numel, vec, px);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) px[j] = acc_t(0);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t e = i + j < s.numel ? i + j : s.numel - 1;
+      const Coefs<acc_t> c = coefs_at(s, uniform, e);
+      x0[j] = clip_x0(x0_of(c, x[j], m[j], nz[j]), s.clip_mode, lim_at(s, scale, e));
+      out[j] = prev_of(c, x0[j], x[j], m[j], px[j], nz[j]);
+    }
+    store4<T, acc_t>(p.out, i, s.numel, vec, out);
+    store4<T, acc_t>(p.x0, i, s.numel, vec, x0);
+  }
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads) step_backward_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
+                                                                 bool vec_aligned) {
+  const int64_t groups = (s.numel + 3) / 4;
+  for (int64_t grp = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; grp < groups;
+       grp += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = grp * 4;
+    const bool vec = vec_aligned && i + 3 < s.numel;
+    acc_t gp[4], g0[4], x[4], m[4], nz[4], gx[4], gm[4], gpx[4];
+    load4<T, acc_t>(p.gprev, i, s.numel, vec, gp);
+    if (p.gx0) {
+      load4<T, acc_t>(p.gx0, i, s.numel, vec, g0);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) g0[j] = acc_t(0);
+    }
+    if (s.clip_mode != kClipNone) {
+      load4<T, acc_t>(p.x, i, s.numel, vec, x);
+      load4<T, acc_t>(p.m, i, s.numel, vec, m);
+      noise4<T, acc_t>(p, s, i, vec, nz);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t e = i + j < s.numel ? i + j : s.numel - 1;
+      const Coefs<acc_t> c = coefs_at(s, uniform, e);
+      const acc_t inside = s.clip_mode == kClipNone
+                               ? acc_t(1)
+                               : clip_grad(x0_of(c, x[j], m[j], nz[j]), s.clip_mode, static_cast<acc_t>(s.clip_range));
+      step_grad(c, inside, gp[j], g0[j], &gx[j], &gm[j], &gpx[j]);
+    }
+    store4<T, acc_t>(p.out, i, s.numel, vec, gx);
+    store4<T, acc_t>(p.x0, i, s.numel, vec, gm);
+    store4<T, acc_t>(p.gpx0, i, s.numel, vec, gpx);
+  }
+}
+
+// ---- dynamic thresholding: radix select of quantile(|x0|) per sample --------------------------------
+template <typename acc_t>
+struct KeyOf;
+template <>
+struct KeyOf<float> {
+  using type = unsigned int;
+  __device__ static unsigned int key(float v) { return __float_as_uint(fabsf(v)); }
+  __device__ static float value(unsigned int k) { return __uint_as_float(k); }
+};
+template <>
+struct KeyOf<double> {
+  using type = unsigned long long;
+  __device__ static unsigned long long key(double v) {
+    return static_cast<unsigned long long>(__double_as_longlong(fabs(v)));
+  }
+  __device__ static double value(unsigned long long k) { return __longlong_as_double(static_cast<long long>(k)); }
+};
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ acc_t x0_at(const Ptrs<T>& p, const Scalars& s, const Coefs<acc_t>& c, int64_t e) {
+  acc_t nv = acc_t(0);
+  if (p.noise) {
+    nv = to_acc<acc_t>(p.noise[e]);
+  } else if (s.seed >= 0) {
+    float z[4];
+    normals4(static_cast<uint64_t>(s.seed), static_cast<uint64_t>(s.offset), static_cast<uint64_t>(e >> 2), z);
+    nv = static_cast<acc_t>(z[e & 3]);
+  }
+  return x0_of(c, to_acc<acc_t>(p.x[e]), to_acc<acc_t>(p.m[e]), nv);
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads) threshold_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
+                                                             acc_t ratio, acc_t max_value, acc_t* scale) {
+  using K = KeyOf<acc_t>;
+  using key_t = typename K::type;
+  constexpr int kBits = sizeof(key_t) * 8;
+  __shared__ unsigned int hist[256];
+  __shared__ key_t s_prefix;
+  __shared__ long long s_k;
+  __shared__ unsigned long long s_count;
+  __shared__ key_t s_min;
+  const int64_t b = blockIdx.x;
+  const int64_t base = b * s.n;
+  const Coefs<acc_t> c = s.per_sample ? load_coefs<acc_t>(s.per_sample + b * kNumCoefs) : uniform;
+  int64_t lo;
+  acc_t frac;
+  quantile_rank(ratio, s.n, &lo, &frac);
+  key_t prefix = 0, mask = 0;
+  long long k = lo;  // rank of the wanted key among those that match the prefix so far
+  for (int shift = kBits - 8; shift >= 0; shift -= 8) {
+    for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < s.n; e += blockDim.x) {
+      const key_t key = K::key(x0_at<T, acc_t>(p, s, c, base + e));
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      long long cum = 0;
+      for (int d = 0; d < 256; ++d) {
+        if (cum + hist[d] > k) {
+          prefix |= static_cast<key_t>(d) << shift;
+          k -= cum;
+          break;
+        }
+        cum += hist[d];
+      }
+      s_prefix = prefix;
+      s_k = k;
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    k = s_k;
+    mask |= static_cast<key_t>(255) << shift;
+    __syncthreads();
+  }
+  // prefix is the key of the lo-th smallest |x0|; the next one is equal to it or the smallest above it
+  if (threadIdx.x == 0) {
+    s_count = 0;
+    s_min = ~key_t(0);
+  }
+  __syncthreads();
+  unsigned long long count = 0;
+  key_t mn = ~key_t(0);
+  for (int64_t e = threadIdx.x; e < s.n; e += blockDim.x) {
+    const key_t key = K::key(x0_at<T, acc_t>(p, s, c, base + e));
+    if (key <= prefix) {
+      ++count;
+    } else if (key < mn) {
+      mn = key;
+    }
+  }
+  atomicAdd(&s_count, count);
+  atomicMin(&s_min, mn);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const acc_t vlo = K::value(prefix);
+    acc_t vhi = vlo;
+    if (lo + 1 < s.n && static_cast<unsigned long long>(lo + 1) >= s_count) vhi = K::value(s_min);
+    scale[b] = threshold_scale(lerp(vlo, vhi, frac), max_value);
+  }
+}
+
+template <typename T>
+bool aligned4(const void* ptr) {
+  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * 4) == 0;
+}
+
+int64_t grid_for(int64_t numel) {
+  const int64_t groups = (numel + 3) / 4;
+  int64_t blocks = (groups + kThreads - 1) / kThreads;
+  return blocks < 1 ? 1 : (blocks > (int64_t(1) << 20) ? (int64_t(1) << 20) : blocks);
+}
+
+Scalars scalars(const StepArgs& a) {
+  return {a.n, a.numel, a.seed, a.offset, a.per_sample, a.clip_mode, a.clip_range};
+}
+
+template <typename T, typename acc_t>
+cudaError_t forward(const StepArgs& a, cudaStream_t stream) {
+  const Ptrs<T> p = ptrs<T>(a);
+  const Scalars s = scalars(a);
+  const Coefs<acc_t> uniform = load_coefs<acc_t>(a.coefs);
+  acc_t* scale = static_cast<acc_t*>(a.scale);
+  if (a.clip_mode == kClipThreshold) {
+    threshold_kernel<T, acc_t><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(
+        p, s, uniform, static_cast<acc_t>(a.ratio), static_cast<acc_t>(a.max_value), scale);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const bool vec = aligned4<T>(a.x) && aligned4<T>(a.m) && aligned4<T>(a.px0) && aligned4<T>(a.noise) &&
+                   aligned4<T>(a.out) && aligned4<T>(a.x0);
+  step_forward_kernel<T, acc_t><<<static_cast<unsigned>(grid_for(a.numel)), kThreads, 0, stream>>>(p, s, uniform,
+                                                                                                   scale, vec);
+  return cudaGetLastError();
+}
+
+template <typename T, typename acc_t>
+cudaError_t backward(const StepArgs& a, cudaStream_t stream) {
+  const bool vec = aligned4<T>(a.x) && aligned4<T>(a.m) && aligned4<T>(a.noise) && aligned4<T>(a.out) &&
+                   aligned4<T>(a.x0) && aligned4<T>(a.gpx0) && aligned4<T>(a.grad_prev) && aligned4<T>(a.grad_x0);
+  step_backward_kernel<T, acc_t><<<static_cast<unsigned>(grid_for(a.numel)), kThreads, 0, stream>>>(
+      ptrs<T>(a), scalars(a), load_coefs<acc_t>(a.coefs), vec);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_sampler_step(DType t, const StepArgs& a, cudaStream_t stream) {
+  if (a.numel == 0) return cudaSuccess;
+  switch (t) {
+    case DType::F32: return forward<float, float>(a, stream);
+    case DType::F16: return forward<__half, float>(a, stream);
+    case DType::BF16: return forward<__nv_bfloat16, float>(a, stream);
+    case DType::F64: return forward<double, double>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_sampler_step_backward(DType t, const StepArgs& a, cudaStream_t stream) {
+  if (a.numel == 0) return cudaSuccess;
+  switch (t) {
+    case DType::F32: return backward<float, float>(a, stream);
+    case DType::F16: return backward<__half, float>(a, stream);
+    case DType::BF16: return backward<__nv_bfloat16, float>(a, stream);
+    case DType::F64: return backward<double, double>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace diffusion
+}  // namespace distkern
