@@ -31,6 +31,7 @@ from .ops.diffusion import (  # noqa: E402
     ddim_step, ddpm_step, dpmpp_2m_step, euler_step, fit_lowrank_gaussian, gaussian_denoise, gaussian_teleport)
 from .mmd import MMDLoss, kid, median_bandwidth, mmd2, mmd_test  # noqa: E402
 from . import gaussian  # noqa: E402
+from . import diffusion  # noqa: E402
 from . import methods  # noqa: E402
 from . import distributed  # noqa: E402
 
@@ -45,5 +46,5 @@ def build_info() -> dict:
 
 __all__ = ["__version__", "build_info", "mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood",
            "nearest_reference", "reference_residual", "kernel_matmul", "mmd2", "mmd_test", "MMDLoss", "kid",
-           "median_bandwidth", "gaussian", "methods", "ops", "ddim_step", "ddpm_step", "euler_step", "dpmpp_2m_step",
+           "median_bandwidth", "gaussian", "diffusion", "methods", "ops", "ddim_step", "ddpm_step", "euler_step", "dpmpp_2m_step",
            "gaussian_denoise", "gaussian_teleport", "fit_lowrank_gaussian"]
