@@ -12,6 +12,7 @@ torch must already be installed: `pip install --no-build-isolation .`
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -24,32 +25,26 @@ sys.path.pop(0)
 
 
 
-def _find_cuda_home():
-    """torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (as /usr/local/bin/nvcc
-    on some machines) makes it guess /usr/local, which has no CUDA headers. Prefer a directory that
-    has them."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    import shutil
+def _load_build_helpers():
+    """distkern/cpp_extension.py by path (it needs neither distkern nor torch at import): the CPU/CUDA
+    selection, CUDA_HOME discovery and arch defaults shared with plugins that build against distkern."""
+    import importlib.util
 
-    cands = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for home in cands:
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")) and os.path.exists(
-            os.path.join(home, "bin", "nvcc")
-        ):
-            os.environ["CUDA_HOME"] = home
-            return
+    spec = importlib.util.spec_from_file_location("_distkern_cpp_extension",
+                                                  os.path.join(ROOT, "python", "distkern", "cpp_extension.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-_find_cuda_home()
+_build = _load_build_helpers()
+# torch guesses CUDA_HOME from the nvcc on PATH when torch.utils.cpp_extension is first imported; a
+# wrapper script there (/usr/local/bin/nvcc on some machines) makes it guess a directory without headers.
+_build.find_cuda_home()
 
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError as e:  # pragma: no cover - build-time message
     raise SystemExit(
         "distkern builds against the torch you will run it with, so torch must be installed first "
@@ -59,26 +54,6 @@ except ImportError as e:  # pragma: no cover - build-time message
     )
 
 
-def _want_cuda() -> bool:
-    flag = os.environ.get("DISTKERN_CUDA", "").strip().lower()
-    has_torch_cuda = torch.version.cuda is not None
-    has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
-    if flag in ("0", "off", "false", "no"):
-        return False
-    if flag in ("1", "on", "true", "yes"):
-        if not has_torch_cuda:
-            raise SystemExit(
-                "DISTKERN_CUDA=1 but the installed torch "
-                f"({torch.__version__}) is a CPU-only build: it has no CUDA runtime to link the "
-                "kernels against. Install a CUDA build of torch, or use DISTKERN_CUDA=0. "
-                "(The CUDA sources still compile standalone through CMakeLists.txt.)"
-            )
-        if not has_nvcc:
-            raise SystemExit("DISTKERN_CUDA=1 but nvcc was not found: set CUDA_HOME to the CUDA toolkit.")
-        return True
-    return has_torch_cuda and has_nvcc
-
-
 def _sources(patterns):
     out = []
     for p in patterns:
@@ -86,12 +61,9 @@ def _sources(patterns):
     return out
 
 
-with_cuda = _want_cuda()
-if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-    # torch's own arch detection raises without a visible GPU (pytorch#137261).
-    if not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native") if with_cuda else ""
+with_cuda = _build.cuda_wanted()
+# torch's own arch detection raises without a visible GPU (pytorch#137261): 8.0;9.0 then
+archs = _build.cuda_archs(with_cuda)
 
 cpu_sources = ["csrc/distkern.cpp"] + [
     s for s in _sources(["*/*.cpp"]) if not s.endswith("_cuda.cpp")
@@ -115,6 +87,14 @@ with open(os.path.join(ROOT, "python", "distkern", "_build_info.py"), "w") as f:
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_ARCHS = {archs!r}\n"
     )
+
+# Ship the shared headers of csrc/common as package data (distkern/include/common/*.h, *.cuh) so that
+# plugins build their own ops against them from an installed distkern (distkern.cpp_extension.include_dirs()).
+_headers = os.path.join(ROOT, "python", "distkern", "include", "common")
+os.makedirs(_headers, exist_ok=True)
+for _pattern in ("*.h", "*.cuh"):
+    for _h in sorted(glob.glob(os.path.join(ROOT, "csrc", "common", _pattern))):
+        shutil.copyfile(_h, os.path.join(_headers, os.path.basename(_h)))
 
 include_dirs = [os.path.join(ROOT, "csrc")]
 if with_cuda:
@@ -140,5 +120,5 @@ setup(
     version=__version__,
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    package_data={"distkern": ["include/**/*.h"]},
+    package_data={"distkern": ["include/**/*.h", "include/**/*.cuh"]},
 )

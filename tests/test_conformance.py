@@ -1,18 +1,69 @@
-"""Every in-tree detector passes distkern.testing.check_method; broken detectors are caught."""
+"""distkern.testing.check_method: every in-tree plugin of every kind passes it, and it catches a deliberately
+broken method for each rule of each kind."""
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import distkern
-from distkern.testing import CheckFailure, check_method, gaussian_example
+from distkern.testing import RULES, CheckFailure, SamplerExample, check_method, gaussian_example
 
-IN_TREE = ["gaussian-ad", "padim", "mahalanobis-ood", "class-center", "energy", "gmm-ood", "kde"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", IN_TREE)
-def test_in_tree_detectors_conform(name):
-    cls = distkern.methods.get(name)
+# ---------------------------------------------------------------------------------------------
+# The in-tree plugins: whatever plugins/*/pyproject.toml declare and the registry finds installed
+# ---------------------------------------------------------------------------------------------
+
+
+def _declared() -> dict[str, str]:
+    """Method name -> distribution, from the distkern.methods entry points of plugins/*/pyproject.toml."""
+    out = {}
+    for toml in sorted(ROOT.glob("plugins/*/pyproject.toml")):
+        text = toml.read_text()
+        dist = re.search(r'^name\s*=\s*"([^"]+)"', text, flags=re.M)
+        section = re.search(r'^\[project\.entry-points\."distkern\.methods"\]\n(.*?)(?=^\[|\Z)', text,
+                            flags=re.M | re.S)
+        if dist and section:
+            for name in re.findall(r'^\s*"?([A-Za-z0-9_.-]+)"?\s*=', section.group(1), flags=re.M):
+                out[name] = dist.group(1)
+    return out
+
+
+def _in_tree_params():
+    installed = {m.name: m.package for m in distkern.methods.available()}
+    params = []
+    for name, dist in sorted(_declared().items()):
+        if installed.get(name) == dist:
+            params.append(name)
+        else:
+            params.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{dist} is not installed")))
+    return params
+
+
+_KEY_RULES = {"detector": {"higher-is-anomalous", "save-load"}, "loss": {"scalar", "differentiable"},
+              "sampler": {"step-output", "reproducible"}, "aligner": {"output-shapes", "differentiable"}}
+
+
+def test_the_in_tree_plugins_are_found():
+    declared = _declared()
+    assert {"gaussian-ad", "padim", "diag-gaussian", "mmd-align"} <= set(declared)
+
+
+@pytest.mark.parametrize("name", _in_tree_params())
+def test_in_tree_methods_conform(name):
+    cls = distkern.methods.get(name)  # a broken or incompatible plugin fails here, with its error
     passed = check_method(cls)
-    assert "higher-is-anomalous" in passed and "save-load" in passed
+    assert _KEY_RULES[cls.kind] <= set(passed), passed
+
+
+# ---------------------------------------------------------------------------------------------
+# Detectors
+# ---------------------------------------------------------------------------------------------
 
 
 class _Good:
@@ -55,6 +106,7 @@ class _Good:
 
 def test_a_good_toy_passes():
     assert len(check_method(_Good)) >= 10
+    assert check_method(_Good()) == check_method(_Good)  # an (unfitted) instance is checked through copies
 
 
 def _broken(rule):
@@ -63,6 +115,8 @@ def _broken(rule):
 
     if rule == "declaration":
         B.distkern_api = 99
+    elif rule == "construct":
+        B.__init__ = lambda self, needed: _Good.__init__(self)
     elif rule == "score-before-fit":
         B.score = lambda self, x: torch.zeros(len(x)) if self.mu is None else _Good.score(self, x)
     elif rule == "fit-returns-self":
@@ -89,9 +143,10 @@ def _broken(rule):
     return B
 
 
-@pytest.mark.parametrize("rule", ["declaration", "score-before-fit", "fit-returns-self", "score-shape",
-                                  "higher-is-anomalous", "no-mutation", "reproducible", "save-load",
-                                  "refuses-other-file", "clear-input-errors"])
+_DETECTOR_RULES = [r for r in RULES["detector"] if r != "device"] + ["construct"]
+
+
+@pytest.mark.parametrize("rule", _DETECTOR_RULES)
 def test_each_rule_catches_a_broken_detector(rule):
     with pytest.raises(CheckFailure) as e:
         check_method(_broken(rule))
@@ -103,9 +158,264 @@ def test_labelled_example():
     assert ex.labels is not None and set(ex.labels.tolist()) == {0, 1, 2}
 
 
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+class _GoodLoss(torch.nn.Module):
+    """Squared distance between the batch means."""
+
+    name, kind, distkern_api = "toy-loss", "loss", 1
+
+    def forward(self, x, y):
+        if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+            raise ValueError(f"toy-loss: x and y must be (n, D), (m, D); got {tuple(x.shape)}, {tuple(y.shape)}")
+        return (x.mean(0) - y.mean(0)).square().sum()
+
+
+def _unseeded(shape=(1,)):
+    g = torch.Generator()
+    g.seed()
+    return torch.rand(shape, generator=g)
+
+
+def _broken_loss(rule):
+    good = _GoodLoss.forward
+    body = {
+        "scalar": lambda self, x, y: (x.mean(0) - y.mean(0)).square(),
+        "finite": lambda self, x, y: good(self, x, y) + float("inf"),
+        "no-mutation": lambda self, x, y: good(self, x.add_(1.0), y),
+        "differentiable": lambda self, x, y: good(self, x, y).detach(),
+        "reproducible": lambda self, x, y: good(self, x, y) + _unseeded()[0],
+        "clear-input-errors": lambda self, x, y: (x.mean(0) - y.mean(0)).square().sum(),
+    }
+    if rule == "is-module":
+        class B:
+            name, kind, distkern_api = "toy-loss-plain", "loss", 1
+
+            def __call__(self, x, y):
+                return good(None, x, y)
+        return B
+    if rule == "construct":
+        class B(_GoodLoss):
+            def __init__(self, needed):
+                super().__init__()
+        return B
+    return type("B", (_GoodLoss,), {"forward": body[rule], "name": f"toy-loss-{rule}"})
+
+
+def test_a_good_loss_passes():
+    assert check_method(_GoodLoss) == [r for r in RULES["loss"] if r != "device" or torch.cuda.is_available()]
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES["loss"] if r not in ("declaration", "device")] + ["construct"])
+def test_each_rule_catches_a_broken_loss(rule):
+    with pytest.raises(CheckFailure) as e:
+        check_method(_broken_loss(rule))
+    assert e.value.rule == rule, str(e.value)
+
+
+def test_loss_hooks_inputs_instance_and_differentiable_inputs():
+    class Weighted(_GoodLoss):
+        name = "toy-loss-hooks"
+        differentiable_inputs = (0,)  # the targets are constants here
+
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+        @classmethod
+        def example_instance(cls):
+            return cls(2.0)
+
+        @staticmethod
+        def example_data(gen):
+            return torch.randn(10, 3, generator=gen), torch.randn(12, 3, generator=gen)
+
+        def forward(self, x, y):
+            return self.weight * super().forward(x, y.detach())
+
+    assert "differentiable" in check_method(Weighted)
+    assert "differentiable" in check_method(Weighted(3.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------
+
+
+class _GoodSampler:
+    """Deterministic DDIM on a linear β schedule, in plain torch."""
+
+    name, kind, distkern_api = "toy-sampler", "sampler", 1
+
+    def __init__(self, num_train_timesteps: int = 100):
+        self.n_train = num_train_timesteps
+        self.ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, num_train_timesteps, dtype=torch.float64), 0)
+        self.num_inference_steps = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+
+    @property
+    def config(self):
+        return {"num_train_timesteps": self.n_train}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def set_timesteps(self, n, device=None):
+        self.num_inference_steps = n
+        self.timesteps = (torch.arange(n - 1, -1, -1) * (self.n_train // n)).to(device)
+
+    def _update(self, eps, t, x):
+        t = int(t)
+        prev = t - self.n_train // self.num_inference_steps
+        a, ap = float(self.ac[t]), (float(self.ac[prev]) if prev >= 0 else 1.0)
+        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        return ap ** 0.5 * x0 + (1 - ap) ** 0.5 * eps
+
+    def step(self, model_output, timestep, sample):
+        if self.num_inference_steps is None:
+            raise ValueError("toy-sampler: call set_timesteps first")
+        return SimpleNamespace(prev_sample=self._update(model_output, timestep, sample))
+
+
+def _broken_sampler(rule):
+    class B(_GoodSampler):
+        pass
+
+    good_step, good_set = _GoodSampler.step, _GoodSampler.set_timesteps
+    if rule == "construct":
+        B.__init__ = lambda self, needed: _GoodSampler.__init__(self)
+    elif rule == "step-before-set-timesteps":
+        def step(self, m, t, x):
+            self.num_inference_steps = self.num_inference_steps or 10
+            return good_step(self, m, t, x)
+        B.step = step
+    elif rule == "set-timesteps":
+        B.set_timesteps = lambda self, n, device=None: (good_set(self, n, device),
+                                                        setattr(self, "timesteps", torch.zeros(n, 2)))[0]
+    elif rule == "step-output":
+        B.step = lambda self, m, t, x: SimpleNamespace(prev_sample=good_step(self, m, t, x).prev_sample.double())
+    elif rule == "no-mutation":
+        B.step = lambda self, m, t, x: good_step(self, m.clamp_(-0.01, 0.01), t, x)
+    elif rule == "loop-finite":
+        B.step = lambda self, m, t, x: SimpleNamespace(prev_sample=good_step(self, m, t, x).prev_sample * 1e30)
+    elif rule == "reproducible":
+        B.step = lambda self, m, t, x: SimpleNamespace(prev_sample=good_step(self, m, t, x).prev_sample
+                                                       + 0.1 * _unseeded(x.shape))
+    elif rule == "config-round-trip":
+        B.from_config = classmethod(lambda cls, config: cls(config["num_train_timesteps"] // 2))
+    B.name = f"toy-sampler-{rule}"
+    return B
+
+
+def test_a_good_sampler_passes():
+    assert check_method(_GoodSampler) == [r for r in RULES["sampler"] if r != "device" or torch.cuda.is_available()]
+    ex = SamplerExample(torch.randn(3, 5), num_inference_steps=4, model=lambda x, t: 0.1 * x)
+    assert "loop-finite" in check_method(_GoodSampler(50), example=ex)
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES["sampler"] if r not in ("declaration", "device")] + ["construct"])
+def test_each_rule_catches_a_broken_sampler(rule):
+    with pytest.raises(CheckFailure) as e:
+        check_method(_broken_sampler(rule))
+    assert e.value.rule == rule, str(e.value)
+
+
+def test_a_sampler_without_config_skips_the_round_trip():
+    class NoConfig(_GoodSampler):
+        name = "toy-sampler-no-config"
+        config = None
+
+    assert "config-round-trip" not in check_method(NoConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aligners
+# ---------------------------------------------------------------------------------------------
+
+
+class _GoodAligner(torch.nn.Module):
+    """Cosine similarity to (normal, abnormal) prompts, temperature softmax; a learnable temperature."""
+
+    name, kind, distkern_api = "toy-aligner", "aligner", 1
+
+    def __init__(self):
+        super().__init__()
+        self.log_t = torch.nn.Parameter(torch.tensor(-2.0) + 0.01 * torch.randn(()))
+
+    def forward(self, tokens, prompts):
+        if tokens.dim() != 3 or prompts.dim() != 2 or prompts.shape[1] != tokens.shape[2]:
+            raise ValueError(f"toy-aligner: need tokens (B, P, D) and prompts (2, D); got {tuple(tokens.shape)}, "
+                             f"{tuple(prompts.shape)}")
+        sim = F.normalize(tokens, dim=-1) @ F.normalize(prompts, dim=-1).T
+        maps = (sim / self.log_t.exp()).softmax(-1)[..., 1]
+        return maps, maps.amax(1)
+
+
+def _broken_aligner(rule):
+    good = _GoodAligner.forward
+    body = {
+        "output-shapes": lambda self, t, p: (good(self, t, p)[0], good(self, t, p)[1][:, None]),
+        "finite": lambda self, t, p: tuple(v / 0 for v in good(self, t, p)),
+        "no-mutation": lambda self, t, p: good(self, t.mul_(2.0), p),
+        "differentiable": lambda self, t, p: tuple(v.detach() for v in good(self, t, p)),
+        "reproducible": lambda self, t, p: tuple(v + _unseeded() for v in good(self, t, p)),
+        "clear-input-errors": lambda self, t, p: (lambda m: (m, m.amax(-1)))(
+            (F.normalize(t, dim=-1) @ F.normalize(p[..., :t.shape[-1]], dim=-1).T).softmax(-1)[..., 1]),
+    }
+    if rule == "is-module":
+        class B:
+            name, kind, distkern_api = "toy-aligner-plain", "aligner", 1
+
+            def __call__(self, t, p):
+                return good(_GoodAligner(), t, p)
+        return B
+    if rule == "construct":
+        class B(_GoodAligner):
+            def __init__(self, needed):
+                super().__init__()
+        return B
+    return type("B", (_GoodAligner,), {"forward": body[rule], "name": f"toy-aligner-{rule}"})
+
+
+def test_a_good_aligner_passes():
+    assert check_method(_GoodAligner) == [r for r in RULES["aligner"] if r != "device" or torch.cuda.is_available()]
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES["aligner"] if r not in ("declaration", "device")] + ["construct"])
+def test_each_rule_catches_a_broken_aligner(rule):
+    with pytest.raises(CheckFailure) as e:
+        check_method(_broken_aligner(rule))
+    assert e.value.rule == rule, str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# distkern plugins --check: every installed method, every kind, a table; failures exit 1
+# ---------------------------------------------------------------------------------------------
+
+
 def test_cli_plugins_check(capsys):
     from distkern.cli import main
 
-    assert main(["plugins", "--check"]) == 0
-    out = capsys.readouterr().out
-    assert "check" in out and "ok (" in out
+    toys = [_GoodLoss, _GoodSampler, _GoodAligner, _broken_loss("finite")]
+    for cls in toys:
+        distkern.methods.register(cls)
+    try:
+        rc = main(["plugins", "--check", "--json"])
+        rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+        assert main(["plugins", "--check"]) == rc
+        table = capsys.readouterr().out
+    finally:
+        for cls in toys:
+            distkern.methods.unregister(cls.name)
+    for name in ("toy-loss", "toy-sampler", "toy-aligner"):
+        assert rows[name]["check"].startswith("ok ("), rows[name]
+    assert rows["toy-loss-finite"]["check"].startswith("FAILED [finite]")
+    assert rc == 1  # the broken toy
+    for r in rows.values():
+        assert r["check"] == "-" if r["status"] != "ok" else r["check"].startswith(("ok (", "FAILED"))
+    assert re.search(r"^name\s+kind\s+package\s+version\s+status\s+error\s+check", table, flags=re.M)
+    assert re.search(r"^toy-sampler\s+sampler\s+<in-process>.*ok \(\d+ rules\)", table, flags=re.M)

@@ -128,13 +128,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _check_rows(rows: list[dict[str, Any]]) -> int:
-    """Run distkern.testing.check_method on every loadable detector; add a 'check' column."""
+    """Run distkern.testing.check_method on every loadable method (all kinds); add a 'check' column."""
     from . import methods
     from .testing import CheckFailure, check_method
 
     failed = 0
     for r in rows:
-        if r.get("status") != "ok" or r.get("kind") != "detector":
+        if r.get("status") != "ok":
             r["check"] = "-"
             continue
         try:
@@ -245,8 +245,9 @@ def _save_map_png(maps: torch.Tensor, path: str, columns: int = 8) -> None:
 def _cmd_new_plugin(args: argparse.Namespace) -> int:
     from .scaffold import new_plugin
 
-    root = new_plugin(args.name, args.kind, args.output)
-    print(f"wrote {root}: pip install -e {root} && pytest {root / 'tests'}")
+    root = new_plugin(args.name, args.kind, args.output, with_kernel=args.with_kernel)
+    iso = "--no-build-isolation " if args.with_kernel else ""
+    print(f"wrote {root}: pip install {iso}-e {root} && pytest {root / 'tests'}")
     return 0
 
 
@@ -280,7 +281,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "collision).")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--check", action="store_true",
-                   help="run distkern.testing.check_method on every installed detector (exit 1 if one fails)")
+                   help="run distkern.testing.check_method on every installed method, of every kind "
+                        "(exit 1 if one fails)")
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("fit", parents=[common], help="fit a method to features and save it",
@@ -307,9 +309,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("new-plugin", parents=[common], help="write a plugin package to start from",
                        description="Write a working plugin package NAME/ (pyproject with the entry point, "
-                                   "the method class, tests that pass as generated, a README).")
+                                   "the method class, tests that pass as generated, a README); with "
+                                   "--with-kernel also a C++/CUDA op in its own torch-library namespace, "
+                                   "built by a setup.py that uses distkern.cpp_extension.")
     p.add_argument("name", help="method name, e.g. my-detector")
-    p.add_argument("--kind", required=True, choices=["detector", "loss"], help="kind of method")
+    p.add_argument("--kind", required=True, choices=["detector", "loss", "sampler", "aligner"],
+                   help="kind of method")
+    p.add_argument("--with-kernel", action="store_true",
+                   help="add a C++ op with CPU and CUDA kernels (torch library distkern_<name>)")
     p.add_argument("-o", "--output", default=".", help="folder to write the package into (default: .)")
     p.set_defaults(func=_cmd_new_plugin)
 

@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .cases import Case, cases_for, dtype_name, known_ops, tolerance
+from .hooks import hook_report
 
 __all__ = ["main", "run", "measure_ceilings", "print_results", "write_json"]
 
@@ -379,6 +380,7 @@ def _run_case(case: Case, device: torch.device, ceilings: dict[str, Any], *, qui
         "op": case.op,
         "label": case.label,
         "name": case.name,
+        "origin": case.origin,
         "params": dict(case.params),
         "dtype": dtype_name(case.dtype),
         "note": case.note,
@@ -623,6 +625,7 @@ def run(
         "max(bytes / copy rate, flops / fp32 matmul rate) / median time",
         "ceilings": ceilings,
         "cases": results,
+        "benchmark_hooks": hook_report(),  # plugins' distkern.benchmarks entry points, broken ones included
         "wall_s": time.perf_counter() - t0,
     }
 
@@ -728,8 +731,14 @@ def _footer(res: dict[str, Any]) -> list[str]:
             )
         if c["status"] != "ok":
             lines.append(f"{c['status']} {c['name']}: {c['error']}")
+    lines += _broken_hook_lines(res.get("benchmark_hooks", []))
     lines.append(f"wall time {res['wall_s']:.1f} s")
     return lines
+
+
+def _broken_hook_lines(hooks: list[dict[str, Any]]) -> list[str]:
+    return [f"broken benchmark hook {h['name']} ({h['package']} {h['version'] or ''}, {h['target']}): {h['error']} "
+            "-- its cases were left out" for h in hooks if h["status"] != "ok"]
 
 
 def print_results(res: dict[str, Any], file=None) -> None:
@@ -821,7 +830,10 @@ def _list(cases: list[Case], device: str, quick: bool) -> None:
     for c in cases:
         impls = ["ours", *c.baselines, *(f"{p} (peer)" for p in (c.peers if device == "cpu" else {}))]
         extra = f"  [{c.note}]" if c.note else ""
-        print(f"  {c.name:<40} {', '.join(impls)}{extra}")
+        origin = f"  (from {c.origin})" if c.origin != "distkern" else ""
+        print(f"  {c.name:<40} {', '.join(impls)}{origin}{extra}")
+    for line in _broken_hook_lines(hook_report()):
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -847,6 +859,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _list(cases, args.device, args.quick)
         return 0
+    for line in _broken_hook_lines(hook_report()):
+        print(f"distkern bench: warning: {line}", file=sys.stderr)
     if not cases:
         print(f"distkern bench: error: no {'quick' if args.quick else 'full'}-suite cases for "
               f"{', '.join(args.ops or known)} on {args.device}", file=sys.stderr)

@@ -11,7 +11,8 @@ The first baseline is the *primary* one: ours is checked against it (a benchmark
 result is worthless), speed and memory ratios are reported against every baseline and peer.
 
 To add an op: write a ``_<op>_cases()`` function returning its cases and add it to
-``_FAMILIES``.
+``_FAMILIES``. A plugin adds cases through the ``distkern.benchmarks`` entry-point group
+(:mod:`distkern.bench.hooks`).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class Case:
     acceptance: dict[str, Any] | None = None  # e.g. {"baseline": "eager", "max_time_ratio": 1.0, "max_mem_fraction": 0.25}
     note: str = ""
     tol: float | None = None  # agreement tolerance when the input dtype alone does not set it
+    origin: str = "distkern"  # who registered the case: distkern, or a plugin's distribution (bench hooks)
 
     @property
     def name(self) -> str:
@@ -642,11 +644,14 @@ _FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_case
 
 
 def all_cases() -> list[Case]:
-    """Every registered case, all devices and both suites."""
+    """Every registered case, all devices and both suites: distkern's own, then those of the plugins'
+    ``distkern.benchmarks`` hooks (:mod:`distkern.bench.hooks`)."""
     out: list[Case] = []
     for family in _FAMILIES:
         out += family()
-    return out
+    from .hooks import plugin_cases
+
+    return out + plugin_cases()
 
 
 def known_ops() -> list[str]:

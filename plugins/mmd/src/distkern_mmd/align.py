@@ -32,6 +32,11 @@ class MMDAlign(torch.nn.Module):
         self.multipliers, self.bandwidth, self.estimator = tuple(float(m) for m in multipliers), bandwidth, estimator
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not isinstance(source, torch.Tensor) or not isinstance(target, torch.Tensor):
+            raise TypeError("mmd-align: source and target must be tensors")
+        if source.dim() != 2 or target.dim() != 2 or source.shape[1] != target.shape[1]:
+            raise ValueError(f"mmd-align: source and target must be (n, D) and (m, D) with one D; got "
+                             f"{tuple(source.shape)} and {tuple(target.shape)}")
         base = self.bandwidth if self.bandwidth is not None else distkern.median_bandwidth(source.detach(), target.detach())
         return distkern.mmd2(source, target, kernel="gaussian", bandwidth=[base * m for m in self.multipliers],
                              estimator=self.estimator)
