@@ -67,6 +67,14 @@ TORCH_LIBRARY(distkern, m) {
   m.def(
       "gaussian_lowrank(Tensor x, Tensor mean, Tensor U, Tensor lam, Tensor sigma, Tensor? sigma_to=None)"
       " -> Tensor");
+  // Anomaly map of CLIP-style zero-shot detection: patches (L, B, P, D), prompt-pair directions
+  // d = τ(t̂₁ − t̂₀) as (K, D), (L, K, D) or (L, B, K, D) → (B, P), the mean over layers and pairs of
+  // σ(x̂ · d) = softmax over each (normal, abnormal) pair of the temperature-scaled cosines.
+  m.def("anomaly_map(Tensor patches, Tensor dirs) -> Tensor");
+  // Attention with keys = values = x (the token-space form of prompt_align's cross-modal attention,
+  // csrc/align/attention.cpp): q (B, M, D), x (B, P, D), mask (B, P) bool or None → (softmax(q xᵀ) x
+  // (B, M, D), row log-sum-exp (B, M)), streamed over P in tiles with an online softmax.
+  m.def("shared_kv_attention(Tensor q, Tensor x, Tensor? mask=None, int tile=256) -> (Tensor, Tensor)");
 }
 
 namespace {

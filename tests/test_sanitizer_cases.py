@@ -1,11 +1,11 @@
-"""Small CUDA cases of the diffusion-step kernels for compute-sanitizer
+"""Small CUDA cases of the diffusion-step and prompt-alignment kernels for compute-sanitizer
 (benchmarks/gpu_check.sh runs every ``test_cuda_sanitizer*`` test under memcheck): odd sizes that
 exercise the tails, vector/scalar paths and the thresholding select."""
 import pytest
 import torch
 
 import distkern  # noqa: F401
-from distkern.ops import diffusion
+from distkern.ops import align, diffusion
 
 
 @pytest.mark.cuda
@@ -26,6 +26,22 @@ def test_cuda_sanitizer_case_sampler_step():
             gx, gm, gp = torch.ops.distkern.sampler_step_backward(x, m, x, m, None, coefs, None, 1, 0.7, 3, 0)
             torch.cuda.synchronize()
             assert torch.isfinite(gx).all()
+
+
+@pytest.mark.cuda
+def test_cuda_sanitizer_case_align():
+    g = torch.Generator().manual_seed(6)
+    for L, B, P, D, K in [(1, 1, 1, 1, 1), (2, 3, 37, 70, 5), (4, 2, 33, 65, 67)]:
+        patches = torch.randn(L, B, P, D, generator=g).cuda()
+        text = torch.randn(L, B, K, 2, D, generator=g).cuda()
+        for dt in (torch.float32, torch.bfloat16, torch.float64):
+            out = align.anomaly_map(patches.to(dt), text, 14.3)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all()
+        q = torch.randn(B, 7, D, generator=g).cuda()
+        out, lse = align.shared_kv_attention(q, patches[0], tile=16)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
 
 
 @pytest.mark.cuda

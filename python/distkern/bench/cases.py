@@ -639,8 +639,14 @@ def _diffusion_cases() -> list[Case]:
     return diffusion_cases()
 
 
+def _align_cases() -> list[Case]:
+    from .align_cases import align_cases
+
+    return align_cases()
+
+
 _FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases, _fit_cases, _ksum_cases,
-             _diffusion_cases]
+             _diffusion_cases, _align_cases]
 
 
 def all_cases() -> list[Case]:

@@ -1,0 +1,82 @@
+// CPU schedule of the anomaly map: tiles of 64 patch rows per (image) in parallel; for each layer the
+// tile is converted to the accumulation type once, its row norms taken from cache, its dot products
+// with the K direction vectors done by BLAS (64×D · D×K), then σ and the running mean. Each patch
+// token is read once; memory is one tile per thread.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "align/anomaly_map.h"
+#include "align/anomaly_map_math.h"
+
+namespace distkern {
+namespace align {
+namespace {
+
+constexpr int64_t kRows = 64;
+
+template <typename scalar_t>
+void forward(const MapInputs& in, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t L = in.L, B = in.B, P = in.P, D = in.D, K = in.K;
+  const int64_t ntiles = (P + kRows - 1) / kRows;
+  const scalar_t* xp = in.patches.data_ptr<scalar_t>();
+  const acc_t* dp = in.dirs.data_ptr<acc_t>();
+  acc_t* op = out.data_ptr<acc_t>();
+  const auto opts = in.dirs.options();
+  const acc_t scale = acc_t(1) / static_cast<acc_t>(L * K);
+  at::parallel_for(0, B * ntiles, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor xt = at::empty({kRows, D}, opts);
+    at::Tensor zt = at::empty({kRows, K}, opts);
+    std::vector<acc_t> inv(kRows), acc(kRows);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / ntiles, r0 = (t % ntiles) * kRows, m = std::min(kRows, P - r0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t l = 0; l < L; ++l) {
+        const scalar_t* src = xp + ((l * B + b) * P + r0) * D;
+        acc_t* x = xt.data_ptr<acc_t>();
+        for (int64_t i = 0; i < m; ++i) {
+          acc_t s = 0;
+          for (int64_t k = 0; k < D; ++k) {
+            const acc_t v = static_cast<acc_t>(src[i * D + k]);
+            x[i * D + k] = v;
+            s += v * v;
+          }
+          inv[i] = inv_norm(s);
+        }
+        const int64_t lo = in.Ld == 1 ? 0 : l, bo = in.Bd == 1 ? 0 : b;
+        const at::Tensor dirs = at::from_blob(const_cast<acc_t*>(dp) + (lo * in.Bd + bo) * K * D, {K, D}, opts);
+        at::Tensor z = zt.narrow(0, 0, m);
+        at::mm_out(z, xt.narrow(0, 0, m), dirs.t());
+        const acc_t* zp = z.data_ptr<acc_t>();
+        for (int64_t i = 0; i < m; ++i) {
+          acc_t s = 0;
+          for (int64_t k = 0; k < K; ++k) s += sigmoid(zp[i * K + k] * inv[i]);
+          acc[i] += s;
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) op[b * P + r0 + i] = acc[i] * scale;
+    }
+  });
+}
+
+at::Tensor anomaly_map_cpu(const at::Tensor& patches, const at::Tensor& dirs) {
+  MapInputs in = prepare_map("distkern.anomaly_map", patches, dirs);
+  at::Tensor out = at::zeros({in.B, in.P}, in.dirs.options());
+  if (in.B == 0 || in.P == 0) return out;
+  if (in.D == 0) return out.fill_(0.5);  // x̂ = 0: σ(0) for every pair
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.patches.scalar_type(), "anomaly_map",
+                                  [&] { forward<scalar_t>(in, out); });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distkern, CPU, m) { m.impl("anomaly_map", &anomaly_map_cpu); }
+
+}  // namespace align
+}  // namespace distkern

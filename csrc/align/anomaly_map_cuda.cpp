@@ -1,0 +1,34 @@
+// CUDA entry point of the anomaly map: checks, device guard, stream, dtype → launcher.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "align/anomaly_map.h"
+#include "align/anomaly_map_launch.h"
+#include "common/check.h"
+
+namespace distkern {
+namespace align {
+namespace {
+
+at::Tensor anomaly_map_cuda(const at::Tensor& patches, const at::Tensor& dirs) {
+  const c10::cuda::CUDAGuard guard(patches.device());
+  MapInputs in = prepare_map("distkern.anomaly_map", patches, dirs);
+  TORCH_CHECK_VALUE(in.B <= 65535, "distkern.anomaly_map: at most 65535 images per call on CUDA; got B = ", in.B);
+  at::Tensor out = at::empty({in.B, in.P}, in.dirs.options());
+  if (in.B == 0 || in.P == 0) return out;
+  if (in.D == 0) return out.fill_(0.5);
+  C10_CUDA_CHECK(launch_anomaly_map(to_dtype(in.patches.scalar_type()), in.patches.data_ptr(), in.dirs.data_ptr(),
+                                    out.data_ptr(), in.L, in.B, in.P, in.D, in.K, in.Ld, in.Bd,
+                                    at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distkern, CUDA, m) { m.impl("anomaly_map", &anomaly_map_cuda); }
+
+}  // namespace align
+}  // namespace distkern

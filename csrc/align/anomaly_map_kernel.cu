@@ -1,0 +1,118 @@
+// CUDA kernel of the anomaly map (pure CUDA: no torch headers).
+//
+// One block per (32 patch rows, image). For each layer and each chunk of 64 prompt pairs, the block
+// streams D in chunks of 64 (32 for float64) through shared memory: the 32×64 patch tile and the
+// 64×64 direction tile; each of the 256 threads owns one row and 8 pairs (k = kg, kg+8, …) and accumulates their
+// dot products in registers, the row's sum of squares on the side. Then σ(z / ‖x‖) is summed over
+// the pairs, the 8 threads of a row reduce by shuffles, and the mean over layers and pairs is
+// written. Each patch token is read once per 64 pairs (once for Bayes-PFL's 30 pairs).
+// Bytes: L·B·P·D·elem read + B·P·4 written; FLOPs: 2·L·B·P·D·K (half the two-cosine form).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "align/anomaly_map_launch.h"
+#include "align/anomaly_map_math.h"
+#include "common/cuda_types.cuh"
+
+namespace distkern {
+namespace align {
+namespace {
+
+using cuda::to_acc;
+
+constexpr int kRows = 32;
+constexpr int kPairs = 64;
+constexpr int kThreads = 256;
+constexpr int kPerThread = kPairs / (kThreads / kRows);  // 8 pairs per thread
+
+template <typename T, typename acc_t, int kChunk = (sizeof(acc_t) == 8 ? 32 : 64)>
+__global__ void __launch_bounds__(kThreads, 1) anomaly_map_kernel(const T* __restrict__ patches,
+                                                               const acc_t* __restrict__ dirs, acc_t* __restrict__ out,
+                                                               int64_t L, int64_t B, int64_t P, int64_t D, int64_t K,
+                                                               int64_t Ld, int64_t Bd) {
+  __shared__ acc_t xs[kRows][kChunk + 1];
+  __shared__ acc_t ds[kPairs][kChunk + 1];
+  __shared__ acc_t rinv[kRows];
+  const int64_t b = blockIdx.y;
+  const int64_t r0 = int64_t(blockIdx.x) * kRows;
+  const int tid = threadIdx.x;
+  const int row = tid / (kThreads / kRows);  // 0..31
+  const int kg = tid % (kThreads / kRows);   // 0..7
+  acc_t total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const T* xb = patches + ((l * B + b) * P) * D;
+    const acc_t* db = dirs + ((Ld == 1 ? 0 : l) * Bd + (Bd == 1 ? 0 : b)) * K * D;
+    for (int64_t k0 = 0; k0 < K; k0 += kPairs) {
+      acc_t acc[kPerThread];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) acc[j] = 0;
+      acc_t sumsq = 0;
+      for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+        for (int e = tid; e < kRows * kChunk; e += kThreads) {
+          const int r = e / kChunk, c = e % kChunk;
+          const int64_t pr = r0 + r, dc = d0 + c;
+          xs[r][c] = (pr < P && dc < D) ? to_acc<acc_t>(xb[pr * D + dc]) : acc_t(0);
+        }
+        for (int e = tid; e < kPairs * kChunk; e += kThreads) {
+          const int k = e / kChunk, c = e % kChunk;
+          const int64_t kk = k0 + k, dc = d0 + c;
+          ds[k][c] = (kk < K && dc < D) ? db[kk * D + dc] : acc_t(0);
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int c = 0; c < kChunk; ++c) {
+          const acc_t xv = xs[row][c];
+          if (kg == 0) sumsq += xv * xv;
+#pragma unroll
+          for (int j = 0; j < kPerThread; ++j) acc[j] += xv * ds[kg + j * (kThreads / kRows)][c];
+        }
+        __syncthreads();
+      }
+      if (k0 == 0) {
+        if (kg == 0) rinv[row] = inv_norm(sumsq);
+        __syncthreads();
+      }
+      const acc_t iv = rinv[row];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int64_t kk = k0 + kg + j * (kThreads / kRows);
+        if (kk < K) total += sigmoid(acc[j] * iv);
+      }
+      __syncthreads();
+    }
+  }
+  // the 8 threads of a row are consecutive lanes of one warp
+#pragma unroll
+  for (int off = (kThreads / kRows) / 2; off > 0; off /= 2) total += __shfl_down_sync(0xffffffffu, total, off, 8);
+  const int64_t pr = r0 + row;
+  if (kg == 0 && pr < P) out[b * P + pr] = total / static_cast<acc_t>(L * K);
+}
+
+template <typename T, typename acc_t>
+cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, int64_t B, int64_t P, int64_t D,
+                   int64_t K, int64_t Ld, int64_t Bd, cudaStream_t stream) {
+  if (B > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>((P + kRows - 1) / kRows), static_cast<unsigned>(B));
+  anomaly_map_kernel<T, acc_t><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(patches),
+                                                               static_cast<const acc_t*>(dirs),
+                                                               static_cast<acc_t*>(out), L, B, P, D, K, Ld, Bd);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_anomaly_map(DType xtype, const void* patches, const void* dirs, void* out, int64_t L, int64_t B,
+                               int64_t P, int64_t D, int64_t K, int64_t Ld, int64_t Bd, cudaStream_t stream) {
+  if (B == 0 || P == 0) return cudaSuccess;
+  switch (xtype) {
+    case DType::F32: return launch<float, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, stream);
+    case DType::F16: return launch<__half, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, stream);
+    case DType::BF16: return launch<__nv_bfloat16, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, stream);
+    case DType::F64: return launch<double, double>(patches, dirs, out, L, B, P, D, K, Ld, Bd, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace align
+}  // namespace distkern

@@ -1,0 +1,20 @@
+// Launcher of the anomaly map CUDA kernel on raw pointers and a stream (no torch types).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace distkern {
+namespace align {
+
+// out (B, P) = mean over l < L, k < K of σ(x̂_lbp · d_{l,b,k}); patches (L, B, P, D) contiguous of
+// `xtype`; dirs (Ld, Bd, K, D) contiguous float32 (float64 for float64 patches), broadcast over
+// layers / images when Ld / Bd is 1; out float32 (float64).
+cudaError_t launch_anomaly_map(DType xtype, const void* patches, const void* dirs, void* out, int64_t L, int64_t B,
+                               int64_t P, int64_t D, int64_t K, int64_t Ld, int64_t Bd, cudaStream_t stream);
+
+}  // namespace align
+}  // namespace distkern
