@@ -833,3 +833,35 @@ class TestCuda:
             return rca_call(prompt_align, dict(zip(names, ts)), 2, mask=mask, tile=3)
 
         assert torch.autograd.gradcheck(f, tuple(a[k].requires_grad_() for k in names))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompt_align without key / value projections (Bayes-PFL's RCA: keys = values = the projected tokens)
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_prompt_align_identity_projections(masked):
+    g = torch.Generator().manual_seed(11)
+    B, P, D, T, H = 2, 37, 24, 5, 4
+    text = torch.randn(T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    patches = torch.randn(B, P, D, generator=g, dtype=torch.float64, requires_grad=True)
+    wq = torch.randn(D, D, generator=g, dtype=torch.float64, requires_grad=True)
+    bq = torch.randn(D, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, P, generator=g) > 0.3) if masked else None
+    eye = torch.eye(D, dtype=torch.float64)
+    got = prompt_align(text, patches, wq, None, None, H, b_q=bq, scale=0.2, mask=mask, tile=8)
+    want = prompt_align(text, patches, wq, eye, eye, H, b_q=bq, scale=0.2, mask=mask, tile=8)
+    assert (got - want).abs().max() < 1e-12
+    assert torch.autograd.gradcheck(
+        lambda t, p, w: prompt_align(t, p, w, None, None, H, b_q=bq, scale=0.2, mask=mask, tile=8),
+        (text, patches, wq))
+
+
+def test_prompt_align_identity_errors():
+    x = torch.randn(2, 10, 8)
+    t = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="both w_k and w_v"):
+        prompt_align(t, x, torch.randn(8, 8), torch.randn(8, 8), None, 2)
+    with pytest.raises(ValueError, match="E = D = Dt"):
+        prompt_align(t, x, torch.randn(8, 4), None, None, 2)
+    with pytest.raises(ValueError, match="heads must divide"):
+        prompt_align(t, x, torch.randn(8, 8), None, None, 3)

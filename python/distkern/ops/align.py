@@ -87,8 +87,8 @@ def shared_kv_attention(q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | N
     return torch.ops.distkern.shared_kv_attention(q, x, mask, tile)
 
 
-def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
-                 heads: int, *, b_q: torch.Tensor | None = None, b_k: torch.Tensor | None = None,
+def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor | None,
+                 w_v: torch.Tensor | None, heads: int, *, b_q: torch.Tensor | None = None, b_k: torch.Tensor | None = None,
                  b_v: torch.Tensor | None = None, scale: float | None = None, mask: torch.Tensor | None = None,
                  tile: int = 256) -> torch.Tensor:
     r"""Residual cross-modal attention (Bayes-PFL's RCA): text queries attend over patch tokens, the attended
@@ -107,6 +107,8 @@ def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w
         patches: ``(B, P, D)`` patch tokens (already projected to the joint space, as Bayes-PFL's per-layer
             linear does). mask: optional ``(B, P)`` bool, False for padded tokens.
         w_q: ``(Dt, E)``, w_k: ``(D, E)``, w_v: ``(D, Dt)`` — ``(in, out)`` matrices, i.e. ``linear.weight.T``.
+            ``w_k = w_v = None``: keys = values = the tokens themselves, split into heads along D (Bayes-PFL's
+            RCA, whose tokens are already projected); then ``E = D = Dt``.
         heads: H, dividing E and Dt. scale: default ``(E / H) ** -0.5`` (Bayes-PFL uses ``E ** -0.5``).
 
     Returns ``(B, T, Dt)`` unit vectors in text's dtype. Differentiable in every tensor argument.
@@ -121,6 +123,10 @@ def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w
     if w_q.dim() != 2 or w_q.shape[0] != Dt:
         raise ValueError(f"distkern.prompt_align: w_q must be (Dt, E) with Dt = {Dt}; got {tuple(w_q.shape)}")
     E = w_q.shape[1]
+    if w_k is None or w_v is None:
+        if w_k is not None or w_v is not None or b_k is not None:
+            raise ValueError("distkern.prompt_align: give both w_k and w_v, or neither (keys = values = patches)")
+        return _align_identity(text, patches, w_q, heads, b_q, b_v, scale, mask, tile)
     if w_k.shape != (D, E):
         raise ValueError(f"distkern.prompt_align: w_k must be (D, E) = ({D}, {E}); got {tuple(w_k.shape)}")
     if w_v.shape != (D, Dt):
@@ -142,6 +148,36 @@ def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w
     o = o.reshape(B, H, T, D).to(q.dtype)
     wv = w_v.reshape(D, H, ev).permute(1, 0, 2)  # (H, D, ev)
     attn = (o @ wv).transpose(1, 2).reshape(B, T, Dt)  # concat heads
+    if b_v is not None:
+        attn = attn + b_v
+    return torch.nn.functional.normalize(text + attn, dim=-1)
+
+
+def _align_identity(text, patches, w_q, heads, b_q, b_v, scale, mask, tile):
+    """prompt_align with keys = values = the tokens, heads splitting D: each head is one attention of its T
+    queries over its slice of the tokens (B·H problems of width D/H for shared_kv_attention)."""
+    B, P, D = patches.shape
+    T, Dt = text.shape[-2], text.shape[-1]
+    E = w_q.shape[1]
+    if not (E == D == Dt):
+        raise ValueError(f"distkern.prompt_align: without w_k / w_v the widths must agree: E = D = Dt; got E = {E}, "
+                         f"D = {D}, Dt = {Dt}")
+    if not isinstance(heads, int) or heads < 1 or D % heads:
+        raise ValueError(f"distkern.prompt_align: heads must divide D = {D}; got {heads!r}")
+    H, e = heads, D // heads
+    sc = float(scale) if scale is not None else e ** -0.5
+    q = text @ w_q
+    if b_q is not None:
+        q = q + b_q
+    q = (sc * q).expand(B, T, E) if q.dim() == 2 else sc * q
+    qh = q.reshape(B, T, H, e).transpose(1, 2).reshape(B * H, T, e)
+    xh = patches.reshape(B, P, H, e).transpose(1, 2).reshape(B * H, P, e)  # one copy of the tokens, head-major
+    mh = mask.repeat_interleave(H, 0) if mask is not None else None
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != (B, P)):
+        raise ValueError(f"distkern.prompt_align: mask must be a (B, P) = ({B}, {P}) bool tensor; got "
+                         f"{tuple(mask.shape)} {mask.dtype}")
+    o, _ = shared_kv_attention(qh.to(patches.dtype), xh, mh, tile=tile)
+    attn = o.to(q.dtype).reshape(B, H, T, e).transpose(1, 2).reshape(B, T, Dt)
     if b_v is not None:
         attn = attn + b_v
     return torch.nn.functional.normalize(text + attn, dim=-1)

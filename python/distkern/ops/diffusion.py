@@ -440,7 +440,8 @@ def fit_lowrank_gaussian(data, rank: int | None = None, *, energy: float | None 
     batches (a DataLoader, streamed through :class:`distkern.gaussian.GaussianStats` in float64 with a
     progress bar when ``progress``), or a fitted ``GaussianStats``. Keeps the ``rank`` leading
     eigen-directions (all by default), or the fewest that explain ``energy`` of the total variance, and
-    drops eigenvalues ≤ ``min_variance``. Returns float64-accurate factors cast to ``dtype``.
+    drops eigenvalues ≤ ``min_variance``. The covariance is the maximum-likelihood one (divided by N). Returns
+    float64-accurate factors cast to ``dtype``.
     """
     from ..gaussian import GaussianStats, eigendecomposition
 
@@ -451,8 +452,11 @@ def fit_lowrank_gaussian(data, rank: int | None = None, *, energy: float | None 
             raise ValueError(f"distkern.fit_lowrank_gaussian: data must be (N, ...) samples; got shape {tuple(data.shape)}")
         stats = GaussianStats().update(data.reshape(data.shape[0], -1))
     else:
-        stats = GaussianStats().fit((b.reshape(b.shape[0], -1) if isinstance(b, torch.Tensor) else b for b in data),
-                                    progress=progress)
+        def flat(b):  # a batch, or an (x, labels, ...) tuple from a DataLoader: its samples are x
+            x = b[0] if isinstance(b, (tuple, list)) else b
+            return x.reshape(x.shape[0], -1)
+
+        stats = GaussianStats().fit((flat(b) for b in data), progress=progress)
     lam, U = eigendecomposition(stats.covariance())
     keep = lam > min_variance
     if energy is not None:
