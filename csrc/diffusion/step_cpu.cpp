@@ -105,6 +105,34 @@ void for_each_block(const StepInputs& in, bool want_noise, const Fn& fn) {
   });
 }
 
+// One run of elements with constant coefficients; the flags are template parameters so that the loop has
+// no branches and vectorises.
+template <bool kNoise, bool kPrev, int kMode, typename scalar_t, typename acc_t>
+void step_run(const Coefs<acc_t>& c, acc_t lim, const scalar_t* __restrict__ xp, const scalar_t* __restrict__ mp,
+              const scalar_t* __restrict__ pp, const acc_t* __restrict__ nz, scalar_t* __restrict__ op,
+              scalar_t* __restrict__ xo, int64_t len) {
+  for (int64_t k = 0; k < len; ++k) {
+    const acc_t xv = static_cast<acc_t>(xp[k]), mv = static_cast<acc_t>(mp[k]);
+    const acc_t nv = kNoise ? nz[k] : acc_t(0);
+    const acc_t x0 = clip_x0(x0_of(c, xv, mv, nv), kMode, lim);
+    const acc_t pv = kPrev ? static_cast<acc_t>(pp[k]) : acc_t(0);
+    op[k] = static_cast<scalar_t>(prev_of(c, x0, xv, mv, pv, nv));
+    xo[k] = static_cast<scalar_t>(x0);
+  }
+}
+
+template <bool kNoise, bool kPrev, typename scalar_t, typename acc_t>
+void step_run_mode(int mode, const Coefs<acc_t>& c, acc_t lim, const scalar_t* xp, const scalar_t* mp,
+                   const scalar_t* pp, const acc_t* nz, scalar_t* op, scalar_t* xo, int64_t len) {
+  if (mode == kClipNone) {
+    step_run<kNoise, kPrev, kClipNone>(c, lim, xp, mp, pp, nz, op, xo, len);
+  } else if (mode == kClipClamp) {
+    step_run<kNoise, kPrev, kClipClamp>(c, lim, xp, mp, pp, nz, op, xo, len);
+  } else {
+    step_run<kNoise, kPrev, kClipThreshold>(c, lim, xp, mp, pp, nz, op, xo, len);
+  }
+}
+
 template <typename scalar_t>
 void forward(const StepInputs& in, at::Tensor& out, at::Tensor& x0out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -119,13 +147,15 @@ void forward(const StepInputs& in, at::Tensor& out, at::Tensor& x0out) {
   for_each_block<scalar_t, acc_t>(in, true, [&](int64_t b, const Coefs<acc_t>& c, int64_t i, int64_t len,
                                                  const acc_t* nz) {
     const acc_t lim = mode == kClipThreshold ? scale[b] : static_cast<acc_t>(in.clip_range);
-    for (int64_t k = 0; k < len; ++k) {
-      const acc_t xv = static_cast<acc_t>(xp[i + k]), mv = static_cast<acc_t>(mp[i + k]);
-      const acc_t nv = nz ? nz[k] : acc_t(0);
-      const acc_t x0 = clip_x0(x0_of(c, xv, mv, nv), mode, lim);
-      const acc_t pv = pp ? static_cast<acc_t>(pp[i + k]) : acc_t(0);
-      op[i + k] = static_cast<scalar_t>(prev_of(c, x0, xv, mv, pv, nv));
-      xo[i + k] = static_cast<scalar_t>(x0);
+    const scalar_t* p = pp ? pp + i : nullptr;
+    if (nz && p) {
+      step_run_mode<true, true>(mode, c, lim, xp + i, mp + i, p, nz, op + i, xo + i, len);
+    } else if (nz) {
+      step_run_mode<true, false>(mode, c, lim, xp + i, mp + i, p, nz, op + i, xo + i, len);
+    } else if (p) {
+      step_run_mode<false, true>(mode, c, lim, xp + i, mp + i, p, nz, op + i, xo + i, len);
+    } else {
+      step_run_mode<false, false>(mode, c, lim, xp + i, mp + i, p, nz, op + i, xo + i, len);
     }
   });
 }
