@@ -218,3 +218,19 @@ def test_sharded_y_two_gloo_processes(tmp_path, gloo_run):
 def test_distributed_needs_init():
     with pytest.raises(RuntimeError, match="not initialised"):
         distkern.distributed.kernel_matmul(torch.randn(3, 2), torch.randn(4, 2), bandwidth=1.0)
+
+
+@pytest.mark.parametrize("n,m", [(300, 200), (700, 650)])  # dense small-batch path and the tiled op
+def test_mmd2_biased_matches_geomloss(n, m):
+    # GeomLoss' Gaussian SamplesLoss (kernel exp(-|x-y|²/(2σ²)), uniform weights) is half the biased MMD²
+    geomloss = pytest.importorskip("geomloss")
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = (torch.randn(m, 5, generator=g, dtype=torch.float64) * 1.3 + 0.4).requires_grad_()
+    blur = 0.8
+    ours = distkern.mmd2(x, y, kernel="gaussian", bandwidth=blur, estimator="biased")
+    peer = 2 * geomloss.SamplesLoss("gaussian", blur=blur, backend="tensorized")(x, y)
+    assert abs(float(ours) - float(peer)) < 1e-10 * max(1.0, abs(float(peer)))
+    gx, gy = torch.autograd.grad(ours, (x, y))
+    px, py = torch.autograd.grad(peer, (x, y))
+    assert (gx - px).abs().max() < 1e-10 and (gy - py).abs().max() < 1e-10

@@ -599,6 +599,31 @@ def _mmd_fb_eager(i: Inputs):
     return x.grad
 
 
+_MMD_BW = 1.0
+
+
+def _mmd_biased_ours(i: Inputs):
+    from ..mmd import mmd2
+
+    return mmd2(i["x"], i["y"], kernel="gaussian", bandwidth=_MMD_BW, estimator="biased")
+
+
+def _mmd_biased_eager(i: Inputs):
+    # the V-statistic written plainly: three Gaussian kernel matrices through torch.cdist
+    x, y = i["x"].float(), i["y"].float()
+
+    def kbar(a, b):
+        return torch.exp(-torch.cdist(a, b).square() / (2 * _MMD_BW**2)).mean()
+
+    return kbar(x, x) + kbar(y, y) - 2 * kbar(x, y)
+
+
+def _mmd_biased_geomloss(i: Inputs):
+    import geomloss  # GeomLoss' Gaussian SamplesLoss is half the biased MMD²
+
+    return 2 * geomloss.SamplesLoss("gaussian", blur=_MMD_BW, backend="tensorized")(i["x"].float(), i["y"].float())
+
+
 def _ksum_cases() -> list[Case]:
     cpu, cuda, both = ("cpu",), ("cuda",), ("cpu", "cuda")
     out = []
@@ -629,6 +654,21 @@ def _ksum_cases() -> list[Case]:
         flops=2 * 3 * 64 * 64 * 2048 * 3,
         devices=both,
         note="polynomial kernel (KID), unbiased estimator, gradient w.r.t. x",
+    ))
+    N = 4096
+    out.append(Case(
+        op="mmd2",
+        label=f"Gaussian biased N=M={N} D=64 fp32",
+        params={"N": N, "M": N, "D": 64},
+        dtype=torch.float32,
+        setup=_ksum_setup(N, N, 64),
+        ours=_mmd_biased_ours,
+        baselines={"eager": _mmd_biased_eager},
+        peers={"geomloss": _mmd_biased_geomloss} if _has("geomloss") else {},
+        bytes=2 * N * 64 * 4 * 3,
+        flops=3 * (2 * N * N * 64 + 4 * N * N),
+        devices=both,
+        note="V-statistic; GeomLoss' SamplesLoss('gaussian') x2 (tensorized backend) as the peer",
     ))
     return out
 
