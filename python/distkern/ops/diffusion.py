@@ -581,30 +581,8 @@ def _fake(sample, model_output, prev_x0, noise, coefs, per_sample, clip_mode=0, 
         torch.empty_like(sample, memory_format=torch.contiguous_format)
 
 
-def _setup(ctx, inputs, output):
-    sample, model_output, prev_x0, noise, coefs, per_sample, clip_mode, clip_range, ratio, max_value, seed, offset = inputs
-    ctx.save_for_backward(sample, model_output, prev_x0, noise, per_sample)
-    ctx.args = (list(coefs), int(clip_mode), float(clip_range), int(seed), int(offset))
-    ctx.has_prev = prev_x0 is not None
-
-
-def _backward(ctx, grad_prev, grad_x0):
-    sample, model_output, prev_x0, noise, per_sample = ctx.saved_tensors
-    coefs, clip_mode, clip_range, seed, offset = ctx.args
-    if clip_mode == _CLIP_THRESHOLD:
-        raise RuntimeError("distkern.sampler_step: the gradient through dynamic thresholding is not implemented "
-                           "(the per-sample quantile is not differentiable here); use clip= or no clipping")
-    if ctx.needs_input_grad[3]:
-        raise RuntimeError("distkern.sampler_step: the gradient w.r.t. a given noise tensor is not implemented; pass "
-                           "the noise detached (reparameterised noise: add it to the sample before the step instead)")
-    if grad_prev is None:
-        grad_prev = torch.zeros_like(sample)
-    gx, gm, gp = torch.ops.distkern.sampler_step_backward(grad_prev, grad_x0, sample, model_output, noise, coefs,
-                                                          per_sample, clip_mode, clip_range, seed, offset)
-    return gx, gm, (gp if ctx.has_prev else None), None, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("distkern::sampler_step", _backward, setup_context=_setup)
+# Autograd of sampler_step is registered in C++ (csrc/diffusion/step_autograd.cpp): a Python autograd wrapper
+# costs more than the kernel for one image's latents.
 
 
 @torch.library.register_fake("distkern::sampler_step_backward")
