@@ -5,7 +5,8 @@
 #
 #   benchmarks/gpu_check.sh [OUTDIR]        (default OUTDIR: benchmarks/results/)
 #
-# Steps (each with its own timeout, all within a global deadline of under 8 minutes):
+# Steps (each with its own timeout, all within a global deadline of under 8 minutes; the H100 run of
+# 2026-11-27 took 161 s, before the diffusion and alignment cases joined the tests and the bench):
 #   env        nvidia-smi, versions                          -> OUTDIR/env.txt
 #   build      venv /tmp/dkvenv (--system-site-packages), distkern with DISTKERN_CUDA=1, plugins/*
 #                                                            -> OUTDIR/build.log
@@ -34,7 +35,7 @@ T_ENV=${DK_T_ENV:-20}
 T_BUILD=${DK_T_BUILD:-170}
 T_TEST=${DK_T_TEST:-90}
 T_SAN=${DK_T_SAN:-75}
-T_BENCH=${DK_T_BENCH:-100}
+T_BENCH=${DK_T_BENCH:-150}
 
 log() { printf '[gpu_check %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() {
