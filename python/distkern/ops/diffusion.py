@@ -246,6 +246,17 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_t, alpha_p
     ``use_clipped_model_output`` recomputes ε from the clipped x0, as diffusers does.
     Returns ``(prev_sample, pred_original_sample)``.
     """
+    if (type(alpha_t) is float and type(alpha_prev) is float and not eta and prediction_type == "epsilon"
+            and isinstance(sample, torch.Tensor) and isinstance(model_output, torch.Tensor)
+            and clip_sample is None and thresholding is None and not noise_kw and 0.0 < alpha_t < 1.0
+            and 0.0 < alpha_prev <= 1.0):
+        # the common step (float schedule, epsilon, no clipping, no noise) straight to the op: ~2 µs of Python
+        sa, sg, sp = math.sqrt(alpha_t), math.sqrt(1.0 - alpha_t), math.sqrt(alpha_prev)
+        direction = math.sqrt(1.0 - alpha_prev)
+        coefs = [1.0 / sa, -sg / sa, 0.0, sp, 0.0, direction, 0.0, 0.0]
+        if use_clipped_model_output:  # ε = (x − √ā x0)/√(1−ā): same without clipping
+            coefs = [1.0 / sa, -sg / sa, 0.0, sp - direction * sa / sg, direction / sg, 0.0, 0.0, 0.0]
+        return _call_op(sample, model_output, None, None, coefs, None, 0, 1.0, 0.995, 1.0, -1, 0)
     _check_prediction("ddim_step", prediction_type)
     at, ap = _val(alpha_t), _val(alpha_prev)
     (a, b), (c, d) = _vp_x0_eps(prediction_type, at)
@@ -317,6 +328,13 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_ne
     ``−σ/√(σ²+1)·v + x/(σ²+1)`` (v_prediction) or the output (sample).
     Returns ``(prev_sample, pred_original_sample)``.
     """
+    if (type(sigma) is float and type(sigma_next) is float and not gamma and not ancestral
+            and isinstance(sample, torch.Tensor) and isinstance(model_output, torch.Tensor)
+            and prediction_type == "epsilon" and not noise_kw and sigma > 0.0):
+        # the plain step (float σ's, epsilon, no churn / ancestral noise) straight to the op: ~2 µs of Python
+        h = (sigma_next - sigma) / sigma
+        return _call_op(sample, model_output, None, None, [1.0, -sigma, 0.0, -h, 1.0 + h, 0.0, 0.0, 0.0], None, 0, 1.0,
+                        0.995, 1.0, -1, 0)
     _check_prediction("euler_step", prediction_type)
     sg, sn = _val(sigma), _val(sigma_next)
     zero = 0.0
