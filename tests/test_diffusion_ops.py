@@ -1319,3 +1319,17 @@ class TestCuda:
         # the same values as the eager op
         eager = step()
         assert torch.equal(eager[0], prev) and torch.equal(eager[1], x0)
+
+
+def test_direct_path_equals_generic_path():
+    # float schedule + epsilon + no clipping / noise takes a direct path in ddim_step / euler_step; a 0-d
+    # tensor schedule value takes the generic one: the results must be bit-identical
+    g = torch.Generator().manual_seed(3)
+    x, m = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    t64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    for clipped in (False, True):
+        a = ddim_step(m, x, 0.3, 0.6, use_clipped_model_output=clipped)
+        b = ddim_step(m, x, t64(0.3), 0.6, use_clipped_model_output=clipped)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    a, b = euler_step(m, x, 3.0, 2.2), euler_step(m, x, t64(3.0), 2.2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
