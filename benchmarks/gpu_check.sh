@@ -14,6 +14,8 @@
 #   sanitizer  compute-sanitizer memcheck on the test_cuda_sanitizer* tests -> OUTDIR/sanitizer.log
 #   bench      distkern bench --device cuda --json          -> OUTDIR/bench.log,
 #                                                              OUTDIR/bench-cuda-<gpu>-<date>.json
+#              then benchmarks/cuda_graph_loop.py (a 50-step DDIM loop in one CUDA graph; its JSON is the
+#              CUDA_GRAPH_LOOP line of bench.log)
 #   summary    steps ok/FAILED with seconds, then the bench table -> stdout and OUTDIR/summary.txt
 # At most 8 files are written to OUTDIR; long logs keep their head and tail.
 # A missing prerequisite (nvidia-smi, a visible GPU, torch with CUDA, nvcc) stops the script at once
@@ -260,6 +262,9 @@ step_bench() {
         echo "(distkern.cli not importable: running python -m distkern.bench)"
         "$VENV/bin/python" -m distkern.bench --device cuda --json "$BENCH_JSON"
     fi
+    # a whole 50-step DDIM loop at SD-sized latents captured in one CUDA graph (per-step time, launches)
+    echo
+    "$VENV/bin/python" benchmarks/cuda_graph_loop.py --steps 50 --dtype float16 || echo "cuda_graph_loop FAILED"
 }
 
 : >"$OUTDIR/env.txt"
