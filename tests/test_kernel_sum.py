@@ -286,3 +286,15 @@ def test_sharded_mmd2_argument_errors():
         distkern.distributed.mmd2(torch.randn(3, 2), torch.randn(4, 2), bandwidth=1.0, estimator="linear")
     with pytest.raises(RuntimeError, match="not initialised"):
         distkern.distributed.mmd2(torch.randn(3, 2), torch.randn(4, 2), bandwidth=1.0)
+
+
+def test_kernel_matmul_matches_pykeops():
+    # KeOps (a peer, not a test dependency: it compiles each formula with the system compiler on first use)
+    lazy = pytest.importorskip("pykeops.torch")
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(300, 7, generator=g), torch.randn(250, 7, generator=g)
+    v = torch.randn(250, 2, generator=g)
+    d2 = ((lazy.LazyTensor(x[:, None, :]) - lazy.LazyTensor(y[None, :, :])) ** 2).sum(-1)
+    peer = ((-d2 / (2 * 0.7**2)).exp() + (-d2 / (2 * 1.9**2)).exp()) @ v
+    ours = kernel_matmul(x, y, v, kernel="gaussian", bandwidth=[0.7, 1.9])
+    assert torch.allclose(ours, peer, rtol=1e-4, atol=1e-4)
