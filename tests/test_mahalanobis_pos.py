@@ -110,3 +110,20 @@ def test_cuda_sanitizer_case_pos():
         out = distkern.mahalanobis_pos(x, means.float(), L.to(torch.bfloat16).contiguous())
         torch.cuda.synchronize()
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("fdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_upper_triangle_check_every_factor_dtype(rng, fdtype):
+    # the vectorised check reads bit patterns: -0.0 counts as zero, any other value (also tiny or NaN) is refused
+    means, cov, L = random_positions(3, 5, rng)
+    x, m = torch.randn(2, 3, 5), means.float()
+    f = L.to(fdtype).clone()
+    f[1].triu_(1).mul_(-0.0)  # the strict upper triangle of factor 1 set to -0.0 (lower part kept below)
+    f[1] += L[1].to(fdtype).tril()
+    ok = distkern.mahalanobis_pos(x, m, f)
+    assert torch.isfinite(ok).all()
+    for bad_value in (1e-30 if fdtype == torch.float32 else 1e-3, float("nan")):
+        bad = f.clone()
+        bad[1, 0, 4] = bad_value
+        with pytest.raises(ValueError, match=r"factors\[1\] must be lower-triangular"):
+            distkern.mahalanobis_pos(x, m, bad)

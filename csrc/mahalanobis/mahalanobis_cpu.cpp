@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "mahalanobis/mahalanobis.h"
@@ -285,9 +286,25 @@ at::Tensor k_lse_cpu(const at::Tensor& x, const at::Tensor& means, const at::Ten
 
 // ---- per-position Gaussians (PaDiM) ------------------------------------------------------------
 
-// Parallel over positions; each position's factor is converted (fp16/bf16 → fp32, a D×R buffer
-// per thread, never a copy of all P factors), its strict upper triangle checked when lower, and
-// multiplied by the B centred rows of that position.
+// True when the strict upper triangle of the row-major D×R matrix m is all zeros (±0): one branch-free
+// OR over the bit patterns with the sign masked, which vectorises.
+template <typename factor_t>
+bool strict_upper_is_zero(const factor_t* m, int64_t D, int64_t R) {
+  using bits_t = std::conditional_t<sizeof(factor_t) == 2, uint16_t,
+                                    std::conditional_t<sizeof(factor_t) == 4, uint32_t, uint64_t>>;
+  constexpr bits_t mask = static_cast<bits_t>(~(bits_t(1) << (8 * sizeof(bits_t) - 1)));
+  bits_t acc = 0;
+  for (int64_t k = 0; k < D; ++k) {
+    const bits_t* row = reinterpret_cast<const bits_t*>(m + k * R);
+    for (int64_t j = k + 1; j < R; ++j) acc |= row[j] & mask;
+  }
+  return acc == 0;
+}
+
+// Parallel over positions; each position's factor is used in place when it is already in the
+// accumulation type (fp32 / fp64), or its lower part converted (fp16 / bf16 → fp32, a D×R buffer per
+// thread, never a copy of all P factors); its strict upper triangle is checked when lower (one
+// vectorised pass), and it multiplies the B centred rows of that position.
 template <typename scalar_t, typename factor_t, typename acc_t>
 void pos_impl(const at::Tensor& x, const at::Tensor& factors, const PosInputs& in, bool lower,
               at::Tensor& out) {
@@ -298,22 +315,28 @@ void pos_impl(const at::Tensor& x, const at::Tensor& factors, const PosInputs& i
   const acc_t* mu = in.means.data_ptr<acc_t>();
   acc_t* op = out.data_ptr<acc_t>();
   const auto opts = in.means.options();
+  constexpr bool in_place = std::is_same_v<factor_t, acc_t>;
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     at::Tensor xc = at::empty({B, D}, opts);
     at::Tensor z = at::empty({B, R}, opts);
-    at::Tensor w = at::empty({D, R}, opts);
+    at::Tensor w = in_place ? at::Tensor() : at::zeros({D, R}, opts);
     std::vector<acc_t> guard(B);
     for (int64_t p = p0; p < p1; ++p) {
       const factor_t* src = fp + p * D * R;
-      acc_t* wp = w.data_ptr<acc_t>();
-      for (int64_t k = 0; k < D; ++k)
-        for (int64_t j = 0; j < R; ++j) {
-          const acc_t v = static_cast<acc_t>(src[k * R + j]);
-          TORCH_CHECK_VALUE(!(lower && j > k && v != acc_t(0)), "distkern.mahalanobis_pos: factors[", p,
-                            "] must be lower-triangular when lower=True, but its strict upper triangle has "
-                            "non-zero entries; pass lower=False to use general whitening matrices");
-          wp[k * R + j] = v;
+      TORCH_CHECK_VALUE(!lower || strict_upper_is_zero(src, D, R), "distkern.mahalanobis_pos: factors[", p,
+                        "] must be lower-triangular when lower=True, but its strict upper triangle has "
+                        "non-zero entries; pass lower=False to use general whitening matrices");
+      at::Tensor wp_t;
+      if constexpr (in_place) {
+        wp_t = at::from_blob(const_cast<acc_t*>(reinterpret_cast<const acc_t*>(src)), {D, R}, opts);
+      } else {
+        acc_t* wp = w.data_ptr<acc_t>();
+        for (int64_t k = 0; k < D; ++k) {
+          const int64_t jmax = lower ? std::min(k + 1, R) : R;  // the upper triangle stays zero
+          for (int64_t j = 0; j < jmax; ++j) wp[k * R + j] = static_cast<acc_t>(src[k * R + j]);
         }
+        wp_t = w;
+      }
       acc_t* xcp = xc.data_ptr<acc_t>();
       for (int64_t b = 0; b < B; ++b) {
         const scalar_t* row = xp + b * sb + p * sp;
@@ -321,7 +344,7 @@ void pos_impl(const at::Tensor& x, const at::Tensor& factors, const PosInputs& i
         for (int64_t k = 0; k < D; ++k) xcp[b * D + k] = center(static_cast<acc_t>(row[k * sd]), mu[p * D + k], g);
         guard[b] = g;
       }
-      tile_product(xc, w, z, B, lower);
+      tile_product(xc, wp_t, z, B, lower);
       const acc_t* zp = z.data_ptr<acc_t>();
       for (int64_t b = 0; b < B; ++b) {
         acc_t s = 0;
