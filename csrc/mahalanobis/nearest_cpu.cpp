@@ -30,7 +30,7 @@ void nearest_impl(const at::Tensor& x, const Inputs& in, at::Tensor& out, at::Te
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor xt = at::empty({TM, D}, opts);
     at::Tensor dots = at::empty({TM, std::min(kRefBlock, M)}, opts);
-    at::Tensor bval = at::empty({0}, opts), bidx = at::empty({0}, opts.dtype(at::kLong));
+    at::Tensor bval_buf = at::empty({TM}, opts), bidx_buf = at::empty({TM}, opts.dtype(at::kLong));
     std::vector<mahalanobis::MinAcc<acc_t>> best(TM);
     std::vector<acc_t> guard(TM);
     for (int64_t t = t0; t < t1; ++t) {
@@ -51,6 +51,8 @@ void nearest_impl(const at::Tensor& x, const Inputs& in, at::Tensor& out, at::Te
         auto dm = at::from_blob(dots.data_ptr<acc_t>(), {m, nb}, opts);
         at::mm_out(dm, xt.narrow(0, 0, m), in.rhat.narrow(0, j0, nb).t());
         // ATen's vectorised max over the block (NaN propagates), then one merge per row.
+        // views of the row count of this tile: max_out writes them in place (a tail tile never resizes a buffer)
+        at::Tensor bval = bval_buf.narrow(0, 0, m), bidx = bidx_buf.narrow(0, 0, m);
         at::max_out(bval, bidx, dm, 1);
         const acc_t* vp = bval.data_ptr<acc_t>();
         const int64_t* jp = bidx.data_ptr<int64_t>();
