@@ -1,17 +1,21 @@
-"""Every Python block of docs/plugins.md runs, in order, in one namespace."""
+"""Every Python block of the guides in docs/ runs, in order, in one namespace per guide."""
 import re
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+import pytest
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-def test_plugin_guide_blocks_run(tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) >= 4
+@pytest.mark.parametrize("name,min_blocks", [("plugins.md", 4), ("diffusion.md", 4)])
+def test_guide_blocks_run(name, min_blocks, tmp_path, monkeypatch):
+    doc = DOCS / name
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) >= min_blocks
     monkeypatch.chdir(tmp_path)
-    ns: dict = {"__name__": "plugin_guide"}
+    ns: dict = {"__name__": f"guide_{doc.stem}"}
     for i, code in enumerate(blocks):
         try:
-            exec(compile(code, f"{DOC.name}[block {i}]", "exec"), ns)
+            exec(compile(code, f"{doc.name}[block {i}]", "exec"), ns)
         except Exception as e:  # pragma: no cover - the message names the block
-            raise AssertionError(f"docs/plugins.md block {i} failed: {type(e).__name__}: {e}\n{code}") from e
+            raise AssertionError(f"docs/{doc.name} block {i} failed: {type(e).__name__}: {e}\n{code}") from e
