@@ -69,8 +69,12 @@ def _log(v):
 
 
 def _minimum(a, b):
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.minimum(_as_t(a), _as_t(b).to(_as_t(a).device))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.minimum(a, b)
+    if isinstance(a, torch.Tensor):
+        return a.clamp(max=b)
+    if isinstance(b, torch.Tensor):
+        return b.clamp(max=a)
     return min(a, b)
 
 
@@ -136,10 +140,11 @@ def sampler_step(sample: torch.Tensor, model_output: torch.Tensor, coefs, *, pre
         if not any(isinstance(c, torch.Tensor) for c in coefs):
             return _step_from_table(op, sample, model_output, [float(c) for c in coefs], prev_x0, noise, seed, offset,
                                     clip, threshold, generator, _no_noise)
-        parts = [_as_t(c) for c in coefs]
-        devs = {p.device for p in parts if p.dim() > 0 or p.device.type != "cpu"}
+        devs = {c.device for c in coefs if isinstance(c, torch.Tensor) and (c.dim() > 0 or c.device.type != "cpu")}
         dev = next(iter(devs)) if devs else torch.device("cpu")
-        parts = [p.to(dev) for p in parts]
+        # constants are made on the device by a fill (no host-to-device copy: capturable in a CUDA graph)
+        parts = [c.to(device=dev, dtype=torch.float64) if isinstance(c, torch.Tensor)
+                 else torch.full((), float(c), dtype=torch.float64, device=dev) for c in coefs]
         if any(p.dim() > 0 for p in parts):
             for p in parts:
                 if p.dim() > 1 or (p.dim() == 1 and p.shape[0] not in (1, B)):
