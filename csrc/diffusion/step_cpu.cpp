@@ -108,7 +108,7 @@ void for_each_block(const StepInputs& in, bool want_noise, const Fn& fn) {
 // One run of elements with constant coefficients; the flags are template parameters so that the loop has
 // no branches and vectorises.
 template <bool kNoise, bool kPrev, int kMode, typename scalar_t, typename acc_t>
-void step_run(const Coefs<acc_t>& c, acc_t lim, const scalar_t* __restrict__ xp, const scalar_t* __restrict__ mp,
+DK_CPU_MULTIVERSION void step_run(const Coefs<acc_t>& c, acc_t lim, const scalar_t* __restrict__ xp, const scalar_t* __restrict__ mp,
               const scalar_t* __restrict__ pp, const acc_t* __restrict__ nz, scalar_t* __restrict__ op,
               scalar_t* __restrict__ xo, int64_t len) {
   for (int64_t k = 0; k < len; ++k) {

@@ -19,7 +19,7 @@ constexpr int64_t kCols = 512;
 
 template <typename scalar_t, typename acc_t>
 void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
-  const int64_t N = in.N, M = in.M, D = in.D, C = in.C;
+  const int64_t N = in.N, M = in.M, D = in.D;
   const int64_t ntiles = (N + kRows - 1) / kRows;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
