@@ -5,6 +5,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "align/attention.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -110,6 +112,10 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "distkern compiled kernels (ops are registered under torch.ops.distkern)";
   m.def("build_info", &build_info, "Facts about how this module was built");
+  m.def("set_fused_attention", &distkern::align::set_fused_attention,
+        "Use the fused CUDA kernel for shared_kv_attention (opt-in until it has run on a GPU; also "
+        "DISTKERN_FUSED_ATTENTION=1). No effect on the CPU.");
+  m.def("fused_attention", &distkern::align::fused_attention_enabled);
 #ifdef DISTKERN_WITH_CUDA
   m.def("set_cuda_tile_config", &distkern::mahalanobis::set_tile_config,
         "Thread tiles of the CUDA tile-product kernels: 0 auto, 1 always 4x4 (64x64 blocks), "

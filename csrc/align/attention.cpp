@@ -9,10 +9,17 @@
 // it: out (B, M, D) = softmax(q xᵀ, over P) x and the row log-sum-exp (B, M) for the flash-style
 // backward, streaming x in tiles of `tile` tokens with the running max / sum of the online softmax,
 // so no (B, M, P) matrix exists. One device-generic composite of batched GEMMs (BLAS / cuBLAS) and
-// elementwise updates, registered for CPU and CUDA. Accumulation in float32 (float64 for float64).
-#include <ATen/ATen.h>
+// elementwise updates, registered for every device (CompositeExplicitAutograd). On CUDA a fused
+// kernel (attention_kernel.cu) replaces it when DISTKERN_FUSED_ATTENTION=1 or
+// distkern._C.set_fused_attention(True) — opt-in until it has run on a GPU. Accumulation in
+// float32 (float64 for float64).
+#include "align/attention.h"
+
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "common/check.h"
@@ -21,8 +28,24 @@ namespace distkern {
 namespace align {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> shared_kv_attention(const at::Tensor& q, const at::Tensor& x,
-                                                       const c10::optional<at::Tensor>& mask, int64_t tile) {
+std::atomic<int> g_fused{-1};  // -1: not decided yet (DISTKERN_FUSED_ATTENTION), 0 / 1
+
+}  // namespace
+
+bool fused_attention_enabled() {
+  int v = g_fused.load();
+  if (v < 0) {
+    const char* env = std::getenv("DISTKERN_FUSED_ATTENTION");
+    v = (env != nullptr && std::strcmp(env, "1") == 0) ? 1 : 0;
+    g_fused.store(v);
+  }
+  return v == 1;
+}
+
+void set_fused_attention(bool on) { g_fused.store(on ? 1 : 0); }
+
+at::Tensor check_attention(const at::Tensor& q, const at::Tensor& x, const c10::optional<at::Tensor>& mask,
+                           int64_t tile) {
   const char* op = "distkern.shared_kv_attention";
   check_float(op, "q", q);
   check_float(op, "x", x);
@@ -32,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> shared_kv_attention(const at::Tensor& q, cons
   TORCH_CHECK_VALUE(q.size(0) == x.size(0) && q.size(2) == x.size(2), op,
                     ": q (B, M, D) and x (B, P, D) must share B and D; got ", shape_str(q), " and ", shape_str(x));
   TORCH_CHECK_VALUE(tile >= 1, op, ": tile must be >= 1; got ", tile);
-  const int64_t B = q.size(0), M = q.size(1), P = x.size(1), D = q.size(2);
+  const int64_t B = q.size(0), P = x.size(1);
   at::Tensor keep;
   if (mask.has_value() && mask->defined()) {
     TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op, ": mask must be bool (True = a token to attend to); got ",
@@ -42,6 +65,14 @@ std::tuple<at::Tensor, at::Tensor> shared_kv_attention(const at::Tensor& q, cons
     check_same_device(op, "mask", *mask, "q", q);
     keep = *mask;
   }
+  return keep;
+}
+
+std::tuple<at::Tensor, at::Tensor> shared_kv_attention_composite(const at::Tensor& q, const at::Tensor& x,
+                                                                 const c10::optional<at::Tensor>& mask,
+                                                                 int64_t tile) {
+  const at::Tensor keep = check_attention(q, x, mask, tile);
+  const int64_t B = q.size(0), M = q.size(1), P = x.size(1), D = q.size(2);
   const auto acc = acc_type(q.scalar_type());
   const at::Tensor qa = q.to(acc);
   const double ninf = -std::numeric_limits<double>::infinity();
@@ -67,9 +98,9 @@ std::tuple<at::Tensor, at::Tensor> shared_kv_attention(const at::Tensor& q, cons
   return {out.to(q.scalar_type()), lse};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(distkern, CompositeExplicitAutograd, m) { m.impl("shared_kv_attention", &shared_kv_attention); }
+TORCH_LIBRARY_IMPL(distkern, CompositeExplicitAutograd, m) {
+  m.impl("shared_kv_attention", &shared_kv_attention_composite);
+}
 
 }  // namespace align
 }  // namespace distkern
