@@ -419,3 +419,28 @@ def test_cli_plugins_check(capsys):
         assert r["check"] == "-" if r["status"] != "ok" else r["check"].startswith(("ok (", "FAILED"))
     assert re.search(r"^name\s+kind\s+package\s+version\s+status\s+error\s+check", table, flags=re.M)
     assert re.search(r"^toy-sampler\s+sampler\s+<in-process>.*ok \(\d+ rules\)", table, flags=re.M)
+
+
+def test_aligner_with_layered_tokens_passes():
+    # an aligner over several layers' tokens (L, B, P, D), as Bayes-PFL, is checked without a workaround
+    class LayeredAligner(torch.nn.Module):
+        name, kind, distkern_api = "layered-aligner", "aligner", distkern.methods.API_VERSION
+
+        def __init__(self):
+            super().__init__()
+            self.tau = torch.nn.Parameter(torch.tensor(5.0))
+
+        @staticmethod
+        def example_data(gen):
+            return (torch.randn(3, 2, 16, 8, generator=gen), torch.randn(2, 8, generator=gen))
+
+        def forward(self, tokens, prompts):
+            if tokens.dim() != 4 or prompts.shape != (2, tokens.shape[-1]):
+                raise ValueError(f"layered-aligner: tokens (L, B, P, D) and prompts (2, D); got {tuple(tokens.shape)} "
+                                 f"and {tuple(prompts.shape)}")
+            sim = torch.nn.functional.normalize(tokens, dim=-1) @ torch.nn.functional.normalize(prompts, dim=-1).T
+            maps = (self.tau * sim).softmax(-1)[..., 1].mean(0)
+            return maps, maps.amax(1)
+
+    passed = check_method(LayeredAligner)
+    assert "output-shapes" in passed and "differentiable" in passed

@@ -34,6 +34,7 @@ from . import gaussian  # noqa: E402
 from . import diffusion  # noqa: E402
 from . import methods  # noqa: E402
 from . import distributed  # noqa: E402
+from . import io  # noqa: E402  (model files: distkern.io.load_model without a separate import)
 
 
 def build_info() -> dict:

@@ -62,9 +62,9 @@ config-round-trip          (when the class has ``from_config`` and instances ``c
 device                     with a GPU: ``set_timesteps(n, device="cuda")`` and a CUDA loop give the CPU result
 =========================  ===================================================================
 
-**Aligners** (``kind = "aligner"``): ``forward(patch_tokens (B, P, D), prompts (T, D)) -> (maps (B, P),
-scores (B,))``; inputs from ``example_data(generator)`` (a tuple), else tokens ``(2, 16, 32)`` and prompts
-``(2, 32)`` (normal, abnormal).
+**Aligners** (``kind = "aligner"``): ``forward(patch_tokens (B, P, D) or (L, B, P, D) of L layers,
+conditioning (prompt or image embeddings)) -> (maps (B, P), scores (B,))``; inputs from
+``example_data(generator)`` (a tuple), else tokens ``(2, 16, 32)`` and prompts ``(2, 32)`` (normal, abnormal).
 
 =========================  ===================================================================
 is-module                  the instance is a ``torch.nn.Module``
@@ -531,10 +531,11 @@ def _aligner_pair(out):
 
 def _check_aligner(ctx: _Ctx, example) -> None:
     args = _as_args(ctx.data(_default_aligner_inputs, example), "aligner", ctx)
-    if len(args) < 2 or not all(isinstance(a, torch.Tensor) for a in args[:2]) or args[0].dim() != 3:
-        ctx.fail("construct", "aligner inputs must start with patch tokens (B, P, D) and prompt embeddings; got "
+    if len(args) < 2 or not all(isinstance(a, torch.Tensor) for a in args[:2]) or args[0].dim() not in (3, 4):
+        ctx.fail("construct", "aligner inputs must start with patch tokens (B, P, D) or (L, B, P, D) and a "
+                              "conditioning tensor (prompt or image embeddings); got "
                               + ", ".join(_describe(a) for a in args))
-    B, P, D = args[0].shape
+    B, P, D = args[0].shape[-3:]  # several layers (L, B, P, D): the maps are still (B, P)
 
     def call(inst, a):
         return inst(*a)
@@ -557,7 +558,8 @@ def _check_aligner(ctx: _Ctx, example) -> None:
         return maps.sum() + scores.sum()
 
     tokens, prompts = args[0], args[1]
-    default_bad = [(f"patch tokens without the batch dimension {tuple(tokens[0].shape)}", (tokens[0], *args[1:])),
+    no_batch = tokens[0] if tokens.dim() == 3 else tokens[:, 0]
+    default_bad = [(f"patch tokens without the batch dimension {tuple(no_batch.shape)}", (no_batch, *args[1:])),
                    (f"prompts of another width {tuple(prompts[..., :-1].shape)} than the tokens' D = {D}",
                     (tokens, prompts[..., :-1], *args[2:]))]
     _module_common(ctx, args, call, check_out, compare, _hook_bad(ctx, default_bad), grads_of)
