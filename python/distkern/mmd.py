@@ -98,16 +98,40 @@ def _as_acc(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return a.to(acc), b.to(acc)
 
 
+class _Gram(torch.autograd.Function):
+    """``a @ aᵀ`` whose backward is one GEMM, ``(G + Gᵀ) @ a``, instead of autograd's two (one per operand)."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a @ a.T
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return (g + g.T) @ a
+
+
 def _dense(a: torch.Tensor, b: torch.Tensor, kernel: str, kw: dict) -> torch.Tensor:
     """The (n, m) kernel matrix in plain torch, for small batches (data centred on the mean of b,
-    as the op does)."""
+    as the op does). A sample against itself uses the symmetric Gram product (one GEMM backward)."""
+    same = a is b
     a, b = _as_acc(a, b)
     params = kernel_params(kernel, a.shape[1], **kw)[1]
     if kernel == "polynomial":
-        return _phi(kernel, params, None, a @ b.T)
+        return _phi(kernel, params, None, _Gram.apply(a) if same else a @ b.T)
     c = b.mean(0).detach()
-    a, b = a - c, b - c
-    r2 = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)).clamp_min(0)
+    if same:
+        a = a - c
+        sq = (a * a).sum(1)
+        r2 = (sq[:, None] + sq[None, :] - 2 * _Gram.apply(a)).clamp_min(0)
+        # the diagonal is 0 exactly (not the rounding of |a|² + |a|² − 2a·a, whose square root the Laplacian
+        # and distance kernels would turn into a visible error and a gradient of noise)
+        eye = torch.eye(r2.shape[0], dtype=torch.bool, device=r2.device)
+        r2 = torch.where(eye, torch.zeros((), dtype=r2.dtype, device=r2.device), r2)
+    else:
+        a, b = a - c, b - c
+        r2 = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)).clamp_min(0)
     return _phi(kernel, params, r2, None)
 
 
