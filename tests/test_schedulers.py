@@ -538,8 +538,20 @@ def test_per_sample_timesteps_details():
     e.set_timesteps(10)
     e.step(x, e.timesteps[[2, 5]], x)
     assert e.step_index is None
-    with pytest.raises(ValueError, match="s_tmin"):
-        e.step(x, e.timesteps[[2, 5]], x, s_churn=1.0, s_tmin=0.5)
+    # per-sample churn gated by s_tmin / s_tmax: each sample as if stepped alone (same churn noise)
+    ts = e.timesteps[[2, 5]]
+    sig = [float(e.sigmas[2]), float(e.sigmas[5])]
+    lo = (sig[0] + sig[1]) / 2  # sample 0 (larger σ) churns, sample 1 does not
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    both = e.step(x, ts, x, s_churn=3.0, s_tmin=lo, variance_noise=noise).prev_sample
+    for i in range(2):
+        one = dd.EulerDiscreteScheduler()
+        one.set_timesteps(10)
+        alone = one.step(x[i:i + 1], int(ts[i]), x[i:i + 1], s_churn=3.0, s_tmin=lo,
+                         variance_noise=noise[i:i + 1]).prev_sample
+        assert torch.allclose(both[i:i + 1], alone, atol=1e-6)
+    plain = e.step(x, ts, x).prev_sample
+    assert not torch.allclose(both[0], plain[0]) and torch.allclose(both[1], plain[1], atol=1e-6)
     # DPM-Solver++ keeps one history for the batch: per-sample timesteps are refused
     p = dd.DPMSolverMultistepScheduler()
     p.set_timesteps(10)

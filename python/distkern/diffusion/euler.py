@@ -227,8 +227,8 @@ class EulerDiscreteScheduler(_SigmaBase):
                 ``(B,)`` tensor of per-sample timesteps.
             sample: ``(B, ...)`` the current sample.
             s_churn, s_tmin, s_tmax, s_noise: churn as diffusers: ``γ = min(s_churn / n, √2 − 1)`` when
-                ``s_tmin ≤ σ ≤ s_tmax``, noise scaled by ``s_noise``. (Per-sample timesteps take churn only with
-                the default ``s_tmin`` / ``s_tmax``.)
+                ``s_tmin ≤ σ ≤ s_tmax`` (for per-sample timesteps, each sample's own σ), noise scaled by
+                ``s_noise``.
             generator: a ``torch.Generator`` (or list of ``B``) drawing the churn noise exactly as diffusers does.
             return_dict: return a :class:`SchedulerOutput` (else ``(prev_sample, pred_original_sample)``).
             variance_noise: ``(B, ...)`` churn noise to use instead of drawing it (distkern extension).
@@ -244,14 +244,14 @@ class EulerDiscreteScheduler(_SigmaBase):
         sigma, sigma_next = self._sigmas_for(host, per, "step")
         gamma = 0.0
         if s_churn > 0:
-            if per is not None:
-                if s_tmin > 0 or s_tmax != float("inf"):
-                    raise ValueError(f"{self._name}.step: churn gated by s_tmin / s_tmax needs one timestep for the "
-                                     "batch; per-sample timesteps take churn only with s_tmin=0, s_tmax=inf")
-                gamma = min(s_churn / (len(self._sig64) - 1), 2**0.5 - 1)
+            g0 = min(s_churn / (len(self._sig64) - 1), 2**0.5 - 1)
+            if per is not None:  # per-sample σ: the s_tmin / s_tmax gate per sample, as tensor ops (no read-back)
+                inside = (sigma >= s_tmin) & (sigma <= s_tmax)
+                gamma = inside.to(torch.float64) * g0
             elif s_tmin <= sigma <= s_tmax:
-                gamma = min(s_churn / (len(self._sig64) - 1), 2**0.5 - 1)
-        noise_kw = self._noise_kwargs(model_output, sample, needed=gamma > 0, generator=generator,
+                gamma = g0
+        needed = isinstance(gamma, torch.Tensor) or gamma > 0
+        noise_kw = self._noise_kwargs(model_output, sample, needed=needed, generator=generator,
                                       variance_noise=variance_noise)
         prev, x0 = euler_step(model_output, sample, sigma, sigma_next, prediction_type=self.config.prediction_type,
                               gamma=gamma, s_noise=float(s_noise), **noise_kw)

@@ -321,19 +321,21 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_t, alpha_p
 
 @_no_zero_division
 def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_next, *,
-               prediction_type: str = "epsilon", gamma: float = 0.0, s_noise: float = 1.0, ancestral: bool = False,
+               prediction_type: str = "epsilon", gamma=0.0, s_noise: float = 1.0, ancestral: bool = False,
                eta: float = 1.0, **noise_kw):
     r"""One Euler step of the probability-flow ODE in σ-space (``x = x0 + σ·ε``), as diffusers'
     ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` and k-diffusion's ``sample_euler``.
 
-    Churn (``gamma > 0``): ``σ̂ = σ(1+γ)``, ``x̂ = x + s_noise·√(σ̂²−σ²)·noise``, then
+    Churn (``gamma > 0``; a float, or a ``(B,)`` tensor for per-sample churn, e.g. gated by ``s_tmin ≤ σ ≤ s_tmax``):
+    ``σ̂ = σ(1+γ)``, ``x̂ = x + s_noise·√(σ̂²−σ²)·noise``, then
     ``x′ = x̂ + (x̂ − x0)/σ̂ · (σ_next − σ̂)``. Ancestral: ``σ_up = min(σ_next, η·√(σ_next²(σ²−σ_next²)/σ²))``,
     ``σ_down = √(σ_next² − σ_up²)``, ``x′ = x + (x − x0)/σ · (σ_down − σ) + σ_up·noise``.
     ``model_output`` is the output for the scaled input ``x/√(σ²+1)``; x0 is ``x − σ̂·ε`` (epsilon),
     ``−σ/√(σ²+1)·v + x/(σ²+1)`` (v_prediction) or the output (sample).
     Returns ``(prev_sample, pred_original_sample)``.
     """
-    if (type(sigma) is float and type(sigma_next) is float and not gamma and not ancestral
+    churn = isinstance(gamma, torch.Tensor) or bool(gamma)
+    if (type(sigma) is float and type(sigma_next) is float and not churn and not ancestral
             and isinstance(sample, torch.Tensor) and isinstance(model_output, torch.Tensor)
             and prediction_type == "epsilon" and not noise_kw and sigma > 0.0):
         # the plain step (float σ's, epsilon, no churn / ancestral noise) straight to the op: ~2 µs of Python
@@ -345,7 +347,7 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_ne
     zero = 0.0
     noise_kw = _noise_kw(noise_kw)
     if ancestral:
-        if gamma:
+        if churn:
             raise ValueError("distkern.euler_step: churn (gamma) and ancestral noise are exclusive")
         sigma_hat, k = sg, zero
         up = _minimum(_sqrt(sn**2 * (sg**2 - sn**2) / sg**2) * float(eta), sn)
@@ -353,7 +355,7 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_ne
         dt = down - sigma_hat
         s_up = up
     else:
-        sigma_hat = sg * (1 + float(gamma))
+        sigma_hat = sg * (1 + (_val(gamma) if isinstance(gamma, torch.Tensor) else float(gamma)))
         k = float(s_noise) * _sqrt(sigma_hat**2 - sg**2)
         dt = sn - sigma_hat
         s_up = zero
@@ -367,7 +369,7 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_ne
     p, r = -h, 1 + h
     s = (1 + h) * k + s_up
     g = a * k
-    if not ancestral and not gamma:
+    if not ancestral and not churn:
         noise_kw = _quiet(noise_kw)
     return sampler_step(sample, model_output, [a, b, g, p, r, zero, zero, s], _name="euler_step", **noise_kw)
 
