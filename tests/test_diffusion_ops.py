@@ -1322,8 +1322,8 @@ class TestCuda:
 
 
 def test_direct_path_equals_generic_path():
-    # float schedule + epsilon + no clipping / noise takes a direct path in ddim_step / euler_step; a 0-d
-    # tensor schedule value takes the generic one: the results must be bit-identical
+    # a float schedule launches with 8 host coefficients, a 0-d tensor schedule value builds a coefficient
+    # tensor first: the results must be bit-identical
     g = torch.Generator().manual_seed(3)
     x, m = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
     t64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731

@@ -114,7 +114,8 @@ def _vp_x0_eps(prediction_type: str, alpha_bar: torch.Tensor):
 def sampler_step(sample: torch.Tensor, model_output: torch.Tensor, coefs, *, prev_x0: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None, seed: int | None = None, offset: int = 0,
                  clip: float | None = None, threshold: tuple[float, float] | None = None,
-                 generator: torch.Generator | None = None, _name: str = "sampler_step", _no_noise: bool = False):
+                 generator: torch.Generator | None = None, _name: str = "sampler_step", _no_noise: bool = False,
+                 _host: bool = False):
     """The fused step from its eight coefficients (see the module docstring).
 
     ``coefs``: a sequence of 8 floats / 0-dim tensors or ``(B,)`` tensors, in the order of ``COEFS``,
@@ -125,6 +126,12 @@ def sampler_step(sample: torch.Tensor, model_output: torch.Tensor, coefs, *, pre
     ``threshold = (ratio, max_value)``: dynamic thresholding (Imagen): per sample,
     ``s = clamp(quantile(|x0|, ratio), 1, max_value)`` and ``x0 = clamp(x0, −s, s) / s``.
     """
+    if ((_host or (type(coefs) is list and len(coefs) == 8 and all(type(c) is float for c in coefs)))
+            and isinstance(sample, torch.Tensor) and isinstance(model_output, torch.Tensor) and sample.dim() > 0):
+        # 8 host floats (the step functions say so with _host), the common step: no tensor is made, straight to
+        # the launch (~1 µs of Python)
+        return _launch(_name, sample, model_output, prev_x0, noise, seed, offset, clip, threshold, generator, coefs,
+                       None, not _no_noise and (coefs[2] != 0.0 or coefs[7] != 0.0))
     op = f"distkern.{_name}"
     if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
         raise TypeError(f"{op}: sample and model_output must be tensors")
@@ -138,8 +145,9 @@ def sampler_step(sample: torch.Tensor, model_output: torch.Tensor, coefs, *, pre
         if len(coefs) != 8:
             raise ValueError(f"{op}: coefs must have 8 entries {COEFS}; got {len(coefs)}")
         if not any(isinstance(c, torch.Tensor) for c in coefs):
-            return _step_from_table(op, sample, model_output, [float(c) for c in coefs], prev_x0, noise, seed, offset,
-                                    clip, threshold, generator, _no_noise)
+            return _launch(_name, sample, model_output, prev_x0, noise, seed, offset, clip, threshold, generator,
+                           [float(c) for c in coefs], None,
+                           not _no_noise and (float(coefs[2]) != 0.0 or float(coefs[7]) != 0.0))
         devs = {c.device for c in coefs if isinstance(c, torch.Tensor) and (c.dim() > 0 or c.device.type != "cpu")}
         dev = next(iter(devs)) if devs else torch.device("cpu")
         # constants are made on the device by a fill (no host-to-device copy: capturable in a CUDA graph)
@@ -154,16 +162,12 @@ def sampler_step(sample: torch.Tensor, model_output: torch.Tensor, coefs, *, pre
         else:
             table = torch.stack(parts)
     return _step_from_table(op, sample, model_output, table, prev_x0, noise, seed, offset, clip, threshold, generator,
-                            _no_noise)
+                            _no_noise, _name)
 
 
 def _step_from_table(op, sample, model_output, table, prev_x0, noise, seed, offset, clip, threshold, generator,
-                     no_noise=False):
+                     no_noise, name):
     B = sample.shape[0]
-    if isinstance(table, list):  # 8 host floats: the common case, no tensor made
-        host, per_sample = table, None
-        return _launch(op, sample, model_output, prev_x0, noise, seed, offset, clip, threshold, generator, host,
-                       per_sample, not no_noise and (host[2] != 0.0 or host[7] != 0.0))
     if table.dim() == 1:
         if table.shape[0] != 8:
             raise ValueError(f"{op}: coefs must have 8 entries {COEFS}; got shape {tuple(table.shape)}")
@@ -177,12 +181,13 @@ def _step_from_table(op, sample, model_output, table, prev_x0, noise, seed, offs
     else:
         host, per_sample = [], table.to(sample.device).contiguous()
         needs_noise = not no_noise  # else decided per sample inside the kernel; never read back to the host
-    return _launch(op, sample, model_output, prev_x0, noise, seed, offset, clip, threshold, generator, host,
+    return _launch(name, sample, model_output, prev_x0, noise, seed, offset, clip, threshold, generator, host,
                    per_sample, needs_noise)
 
 
-def _launch(op, sample, model_output, prev_x0, noise, seed, offset, clip, threshold, generator, host, per_sample,
+def _launch(name, sample, model_output, prev_x0, noise, seed, offset, clip, threshold, generator, host, per_sample,
             needs_noise):
+    op = f"distkern.{name}"
     clip_mode, clip_range, ratio, max_value = _CLIP_NONE, 1.0, 0.995, 1.0
     if threshold is not None:
         if clip is not None:
@@ -218,17 +223,18 @@ def _launch(op, sample, model_output, prev_x0, noise, seed, offset, clip, thresh
 
 
 def _call_op(*args):
-    return torch.ops.distkern.sampler_step(*args)
+    return torch.ops.distkern.sampler_step.default(*args)
 
 
 _NOISE_KW = ("noise", "seed", "offset", "generator")
+_NOISE_SET = frozenset(_NOISE_KW)
 
 
 def _noise_kw(kw):
-    unknown = sorted(set(kw) - set(_NOISE_KW))
-    if unknown:
+    if kw and not kw.keys() <= _NOISE_SET:
+        unknown = sorted(set(kw) - _NOISE_SET)
         raise TypeError(f"distkern: unexpected keyword argument(s) {unknown}; the noise arguments are {list(_NOISE_KW)}")
-    return dict(kw)
+    return kw
 
 
 def _quiet(kw):
@@ -251,17 +257,6 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_t, alpha_p
     ``use_clipped_model_output`` recomputes ε from the clipped x0, as diffusers does.
     Returns ``(prev_sample, pred_original_sample)``.
     """
-    if (type(alpha_t) is float and type(alpha_prev) is float and not eta and prediction_type == "epsilon"
-            and isinstance(sample, torch.Tensor) and isinstance(model_output, torch.Tensor)
-            and clip_sample is None and thresholding is None and not noise_kw and 0.0 < alpha_t < 1.0
-            and 0.0 < alpha_prev <= 1.0):
-        # the common step (float schedule, epsilon, no clipping, no noise) straight to the op: ~2 µs of Python
-        sa, sg, sp = math.sqrt(alpha_t), math.sqrt(1.0 - alpha_t), math.sqrt(alpha_prev)
-        direction = math.sqrt(1.0 - alpha_prev)
-        coefs = [1.0 / sa, -sg / sa, 0.0, sp, 0.0, direction, 0.0, 0.0]
-        if use_clipped_model_output:  # ε = (x − √ā x0)/√(1−ā): same without clipping
-            coefs = [1.0 / sa, -sg / sa, 0.0, sp - direction * sa / sg, direction / sg, 0.0, 0.0, 0.0]
-        return _call_op(sample, model_output, None, None, coefs, None, 0, 1.0, 0.995, 1.0, -1, 0)
     _check_prediction("ddim_step", prediction_type)
     at, ap = _val(alpha_t), _val(alpha_prev)
     (a, b), (c, d) = _vp_x0_eps(prediction_type, at)
@@ -277,6 +272,7 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_t, alpha_p
     if not eta:
         noise_kw = _quiet(noise_kw)
     return sampler_step(sample, model_output, [a, b, zero, p, r, w, zero, std], _name="ddim_step",
+                        _host=type(at) is float and type(ap) is float and type(std) is float,
                         **_clip_kw(clip_sample, thresholding), **noise_kw)
 
 
@@ -335,13 +331,6 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_ne
     Returns ``(prev_sample, pred_original_sample)``.
     """
     churn = isinstance(gamma, torch.Tensor) or bool(gamma)
-    if (type(sigma) is float and type(sigma_next) is float and not churn and not ancestral
-            and isinstance(sample, torch.Tensor) and isinstance(model_output, torch.Tensor)
-            and prediction_type == "epsilon" and not noise_kw and sigma > 0.0):
-        # the plain step (float σ's, epsilon, no churn / ancestral noise) straight to the op: ~2 µs of Python
-        h = (sigma_next - sigma) / sigma
-        return _call_op(sample, model_output, None, None, [1.0, -sigma, 0.0, -h, 1.0 + h, 0.0, 0.0, 0.0], None, 0, 1.0,
-                        0.995, 1.0, -1, 0)
     _check_prediction("euler_step", prediction_type)
     sg, sn = _val(sigma), _val(sigma_next)
     zero = 0.0
@@ -371,7 +360,9 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_ne
     g = a * k
     if not ancestral and not churn:
         noise_kw = _quiet(noise_kw)
-    return sampler_step(sample, model_output, [a, b, g, p, r, zero, zero, s], _name="euler_step", **noise_kw)
+    return sampler_step(sample, model_output, [a, b, g, p, r, zero, zero, s], _name="euler_step",
+                        _host=type(sg) is float and type(sn) is float and not isinstance(gamma, torch.Tensor),
+                        **noise_kw)
 
 
 @_no_zero_division
