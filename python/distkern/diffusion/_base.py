@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from ..ops.diffusion import randn_tensor  # noqa: F401  (re-exported: distkern.diffusion.randn_tensor)
 from . import _schedule
 
 logger = logging.getLogger("distkern.diffusion")
@@ -77,29 +78,6 @@ class SchedulerOutput:
         if isinstance(key, str):
             return getattr(self, key)
         return self.to_tuple()[key]
-
-
-def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
-    """Standard normal noise drawn exactly as diffusers' ``randn_tensor`` draws it (same generator → same numbers,
-    same generator state after): a CPU generator draws on the CPU, then the noise moves to ``device``; a list of
-    ``B`` generators draws one ``(1, ...)`` slice each."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    rand_device = device
-    if generator is not None:
-        gen_type = (generator[0] if isinstance(generator, (list, tuple)) else generator).device.type
-        if gen_type != device.type and gen_type == "cpu":
-            rand_device = torch.device("cpu")
-        elif gen_type != device.type:
-            raise ValueError(f"Cannot generate a {device} tensor from a generator of type {gen_type}.")
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"generator: a list of generators must have one per sample ({shape[0]}); got "
-                             f"{len(generator)}")
-        one = (1,) + tuple(shape[1:])
-        return torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]).to(device)
-    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
 class SchedulerBase:

@@ -29,8 +29,8 @@ import math
 
 import torch
 
-__all__ = ["ddim_step", "ddpm_step", "euler_step", "dpmpp_2m_step", "sampler_step", "PREDICTION_TYPES",
-           "COEFS", "gaussian_denoise", "gaussian_teleport", "LowRankGaussian", "fit_lowrank_gaussian"]
+__all__ = ["ddim_step", "ddpm_step", "euler_step", "dpmpp_2m_step", "sampler_step", "randn_tensor",
+           "PREDICTION_TYPES", "COEFS", "gaussian_denoise", "gaussian_teleport", "LowRankGaussian", "fit_lowrank_gaussian"]
 
 COEFS = ("a", "b", "g", "p", "r", "w", "u", "s")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -111,17 +111,40 @@ def _vp_x0_eps(prediction_type: str, alpha_bar: torch.Tensor):
     return (al, -sg), (sg, al)  # v_prediction
 
 
+def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """Standard normal noise drawn exactly as diffusers' ``randn_tensor`` draws it (same generator → same numbers,
+    same generator state after): a CPU generator draws on the CPU, then the noise moves to ``device``; a list of
+    ``B`` generators draws one ``(1, ...)`` slice each."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rand_device = device
+    if generator is not None:
+        gen_type = (generator[0] if isinstance(generator, (list, tuple)) else generator).device.type
+        if gen_type != device.type and gen_type == "cpu":
+            rand_device = torch.device("cpu")
+        elif gen_type != device.type:
+            raise ValueError(f"Cannot generate a {device} tensor from a generator of type {gen_type}.")
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator: a list of generators must have one per sample ({shape[0]}); got "
+                             f"{len(generator)}")
+        one = (1,) + tuple(shape[1:])
+        return torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
 def sampler_step(sample: torch.Tensor, model_output: torch.Tensor, coefs, *, prev_x0: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None, seed: int | None = None, offset: int = 0,
                  clip: float | None = None, threshold: tuple[float, float] | None = None,
-                 generator: torch.Generator | None = None, _name: str = "sampler_step", _no_noise: bool = False,
+                 generator=None, _name: str = "sampler_step", _no_noise: bool = False,
                  _host: bool = False):
     """The fused step from its eight coefficients (see the module docstring).
 
     ``coefs``: a sequence of 8 floats / 0-dim tensors or ``(B,)`` tensors, in the order of ``COEFS``,
     or a ``(B, 8)`` / ``(8,)`` float tensor. Noise, when ``g`` or ``s`` is not zero: ``noise`` if given;
-    else drawn with ``generator`` like ``torch.randn`` (so a diffusers loop with the same generator
-    gives the same numbers); else drawn in the kernel from ``(seed, offset)`` (a seed from torch's
+    else drawn with ``generator`` (one, or a list of B) by :func:`randn_tensor`, as diffusers draws (so a
+    diffusers loop with the same generator gives the same numbers); else drawn in the kernel from ``(seed, offset)`` (a seed from torch's
     default CPU generator when ``seed`` is None). ``clip``: clamp x0 to ``[-clip, clip]``;
     ``threshold = (ratio, max_value)``: dynamic thresholding (Imagen): per sample,
     ``s = clamp(quantile(|x0|, ratio), 1, max_value)`` and ``x0 = clamp(x0, −s, s) / s``.
@@ -206,8 +229,7 @@ def _launch(name, sample, model_output, prev_x0, noise, seed, offset, clip, thre
     seed_i = -1
     if needs_noise and noise is None:
         if generator is not None:
-            noise = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=sample.dtype)
-            noise = noise.to(sample.device)
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         elif seed is None:
             seed_i = int(torch.randint(0, 2**62, (1,)).item())  # CPU default generator: no device sync
         else:
