@@ -92,26 +92,25 @@ def mmd2(x_local: torch.Tensor, y_local: torch.Tensor, *, kernel: str = "gaussia
         raise ValueError("distkern.distributed.mmd2: give bandwidth= (the median heuristic would need every rank's "
                          "data; distkern.median_bandwidth on a gathered subsample gives one)")
     dist = _require_dist("mmd2")
-    kw = dict(kernel=kernel, bandwidth=bandwidth, **kernel_kw)
-    kernel_params(kernel, x_local.shape[1], bandwidth, **{k: v for k, v in kernel_kw.items()
-                                                         if k in ("gamma", "coef0", "degree")})  # validate
+    params = dict(bandwidth=bandwidth, **kernel_kw)
+    kernel_params(kernel, x_local.shape[1], **params)  # validate before any collective
     X, n = _gather_rows(x_local, group)
     Y, m = _gather_rows(y_local, group)
     if n < 2 or m < 2:
         raise ValueError(f"distkern.distributed.mmd2: needs at least 2 samples on each side in total; got n={n}, m={m}")
     acc = torch.float64 if x_local.dtype == torch.float64 else torch.float32
 
-    def rowsum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def rowsum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # Σ_i∈a Σ_j k(a_i, b_j); 0 for a rank without rows
         if a.shape[0] == 0:
             return torch.zeros((), dtype=acc, device=a.device) + 0 * a.sum()
-        return _kernel_matmul(a, b, **kw).sum()
+        return _kernel_matmul(a, b, kernel=kernel, **params).sum()
+
+    def diagsum(a: torch.Tensor) -> torch.Tensor:  # Σ_i k(a_i, a_i)
+        return _paired(a, a, kernel, params).sum()
 
     sxx, syy = rowsum(x_local, X), rowsum(y_local, Y)
     sxy, syx = rowsum(x_local, Y), rowsum(y_local, X)
-    dxx = _paired(x_local, x_local, kernel, {k: v for k, v in kw.items() if k != "kernel"}).sum() \
-        if x_local.shape[0] else torch.zeros((), dtype=acc, device=x_local.device)
-    dyy = _paired(y_local, y_local, kernel, {k: v for k, v in kw.items() if k != "kernel"}).sum() \
-        if y_local.shape[0] else torch.zeros((), dtype=acc, device=y_local.device)
+    dxx, dyy = diagsum(x_local), diagsum(y_local)
     if estimator == "biased":
         cxx, cyy, dcx, dcy = 1.0 / (n * n), 1.0 / (m * m), 0.0, 0.0
     else:
