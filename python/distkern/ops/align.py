@@ -123,64 +123,65 @@ def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w
     if w_q.dim() != 2 or w_q.shape[0] != Dt:
         raise ValueError(f"distkern.prompt_align: w_q must be (Dt, E) with Dt = {Dt}; got {tuple(w_q.shape)}")
     E = w_q.shape[1]
-    if w_k is None or w_v is None:
+    identity = w_k is None or w_v is None
+    if identity:
         if w_k is not None or w_v is not None or b_k is not None:
             raise ValueError("distkern.prompt_align: give both w_k and w_v, or neither (keys = values = patches)")
-        return _align_identity(text, patches, w_q, heads, b_q, b_v, scale, mask, tile)
-    if w_k.shape != (D, E):
-        raise ValueError(f"distkern.prompt_align: w_k must be (D, E) = ({D}, {E}); got {tuple(w_k.shape)}")
-    if w_v.shape != (D, Dt):
-        raise ValueError(f"distkern.prompt_align: w_v must be (D, Dt) = ({D}, {Dt}) (the residual adds it to the "
-                         f"text); got {tuple(w_v.shape)}")
-    if not isinstance(heads, int) or heads < 1 or E % heads or Dt % heads:
-        raise ValueError(f"distkern.prompt_align: heads must divide E = {E} and Dt = {Dt}; got {heads!r}")
-    H, e, ev = heads, E // heads, Dt // heads
+        if not (E == D == Dt):
+            raise ValueError(f"distkern.prompt_align: without w_k / w_v the widths must agree: E = D = Dt; got "
+                             f"E = {E}, D = {D}, Dt = {Dt}")
+        if not isinstance(heads, int) or heads < 1 or D % heads:
+            raise ValueError(f"distkern.prompt_align: heads must divide D = {D}; got {heads!r}")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != (B, P)):
+            raise ValueError(f"distkern.prompt_align: mask must be a (B, P) = ({B}, {P}) bool tensor; got "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+    else:
+        if w_k.shape != (D, E):
+            raise ValueError(f"distkern.prompt_align: w_k must be (D, E) = ({D}, {E}); got {tuple(w_k.shape)}")
+        if w_v.shape != (D, Dt):
+            raise ValueError(f"distkern.prompt_align: w_v must be (D, Dt) = ({D}, {Dt}) (the residual adds it to "
+                             f"the text); got {tuple(w_v.shape)}")
+        if not isinstance(heads, int) or heads < 1 or E % heads or Dt % heads:
+            raise ValueError(f"distkern.prompt_align: heads must divide E = {E} and Dt = {Dt}; got {heads!r}")
+    H, e = heads, E // heads
     sc = float(scale) if scale is not None else e ** -0.5
     q = text @ w_q
     if b_q is not None:
         q = q + b_q
-    # q̃_h = scale · q_h W_k,hᵀ  →  (…, H, T, D)
-    qh = q.reshape(*q.shape[:-1], H, e).transpose(-3, -2)  # (…, H, T, e)
-    wk = w_k.reshape(D, H, e).permute(1, 2, 0)  # (H, e, D)
-    qt = sc * (qh @ wk)
-    qt = qt.expand(B, H, T, D) if qt.dim() == 3 else qt
+    q = sc * q
+    q = q.expand(B, T, E) if q.dim() == 2 else q
+    if identity:
+        attn = _attend_heads(q, patches, H, mask, tile)
+    else:
+        attn = _attend_projected(q, patches, w_k, w_v, H, mask, tile)
+    if b_v is not None:
+        attn = attn + b_v
+    return torch.nn.functional.normalize(text + attn, dim=-1)
+
+
+def _attend_projected(q, patches, w_k, w_v, H, mask, tile):
+    """Heads of projected keys / values, in token space: q̃_h = q_h W_k,hᵀ, one attention of H·T queries over
+    keys = values = the tokens, then W_v,h per head and the heads concatenated → (B, T, Dt)."""
+    B, T, E = q.shape
+    D, Dt = w_v.shape
+    e, ev = E // H, Dt // H
+    qh = q.reshape(B, T, H, e).transpose(1, 2)  # (B, H, T, e)
+    qt = qh @ w_k.reshape(D, H, e).permute(1, 2, 0)  # (B, H, T, D)
     o, _ = shared_kv_attention(qt.reshape(B, H * T, D).to(patches.dtype), patches, mask, tile=tile)
     o = o.reshape(B, H, T, D).to(q.dtype)
-    wv = w_v.reshape(D, H, ev).permute(1, 0, 2)  # (H, D, ev)
-    attn = (o @ wv).transpose(1, 2).reshape(B, T, Dt)  # concat heads
-    if b_v is not None:
-        attn = attn + b_v
-    return torch.nn.functional.normalize(text + attn, dim=-1)
+    return (o @ w_v.reshape(D, H, ev).permute(1, 0, 2)).transpose(1, 2).reshape(B, T, Dt)
 
 
-def _align_identity(text, patches, w_q, heads, b_q, b_v, scale, mask, tile):
-    """prompt_align with keys = values = the tokens, heads splitting D: each head is one attention of its T
-    queries over its slice of the tokens (B·H problems of width D/H for shared_kv_attention)."""
-    B, P, D = patches.shape
-    T, Dt = text.shape[-2], text.shape[-1]
-    E = w_q.shape[1]
-    if not (E == D == Dt):
-        raise ValueError(f"distkern.prompt_align: without w_k / w_v the widths must agree: E = D = Dt; got E = {E}, "
-                         f"D = {D}, Dt = {Dt}")
-    if not isinstance(heads, int) or heads < 1 or D % heads:
-        raise ValueError(f"distkern.prompt_align: heads must divide D = {D}; got {heads!r}")
-    H, e = heads, D // heads
-    sc = float(scale) if scale is not None else e ** -0.5
-    q = text @ w_q
-    if b_q is not None:
-        q = q + b_q
-    q = (sc * q).expand(B, T, E) if q.dim() == 2 else sc * q
+def _attend_heads(q, patches, H, mask, tile):
+    """Keys = values = the tokens, heads splitting D: B·H attentions of the T queries of a head over its slice
+    of the tokens (one head-major copy of the tokens) → (B, T, D)."""
+    B, T, D = q.shape
+    P, e = patches.shape[1], D // H
     qh = q.reshape(B, T, H, e).transpose(1, 2).reshape(B * H, T, e)
-    xh = patches.reshape(B, P, H, e).transpose(1, 2).reshape(B * H, P, e)  # one copy of the tokens, head-major
+    xh = patches.reshape(B, P, H, e).transpose(1, 2).reshape(B * H, P, e)
     mh = mask.repeat_interleave(H, 0) if mask is not None else None
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != (B, P)):
-        raise ValueError(f"distkern.prompt_align: mask must be a (B, P) = ({B}, {P}) bool tensor; got "
-                         f"{tuple(mask.shape)} {mask.dtype}")
     o, _ = shared_kv_attention(qh.to(patches.dtype), xh, mh, tile=tile)
-    attn = o.to(q.dtype).reshape(B, H, T, e).transpose(1, 2).reshape(B, T, Dt)
-    if b_v is not None:
-        attn = attn + b_v
-    return torch.nn.functional.normalize(text + attn, dim=-1)
+    return o.to(q.dtype).reshape(B, H, T, e).transpose(1, 2).reshape(B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------------------------
