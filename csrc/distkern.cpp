@@ -6,6 +6,7 @@
 #include <torch/version.h>
 
 #include "align/attention.h"
+#include "common/matmul_mode.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -116,6 +117,10 @@ PYBIND11_MODULE(_C, m) {
         "Use the fused CUDA kernel for shared_kv_attention (opt-in until it has run on a GPU; also "
         "DISTKERN_FUSED_ATTENTION=1). No effect on the CPU.");
   m.def("fused_attention", &distkern::align::fused_attention_enabled);
+  m.def("set_matmul_mode", &distkern::set_matmul_mode,
+        "How the CUDA tile-product kernels multiply float32 tiles: -1 auto (TF32 when torch allows it "
+        "for cuBLAS), 0 FMA, 1 TF32 tensor cores, 2 3xTF32 tensor cores. No effect on the CPU.");
+  m.def("matmul_mode", &distkern::matmul_mode_setting);
 #ifdef DISTKERN_WITH_CUDA
   m.def("set_cuda_tile_config", &distkern::mahalanobis::set_tile_config,
         "Thread tiles of the CUDA tile-product kernels: 0 auto, 1 always 4x4 (64x64 blocks), "

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import distkern
-from distkern.gaussian import whitening_factor
+from cuda_refs import check_k, factors as _factors, rel as _rel
 
 pytestmark = pytest.mark.cuda
 
@@ -21,23 +21,12 @@ def tile_config(request):
     C.set_cuda_tile_config(old)
 
 
-def _rel(a, b):
-    return float((a.double().cpu() - b.cpu()).norm() / b.norm().clamp_min(1e-300))
-
-
-def _factors(C, D, gen):
-    A = torch.randn(C, D, D, generator=gen, dtype=torch.float64)
-    return whitening_factor(A @ A.transpose(1, 2) / D + 0.1 * torch.eye(D, dtype=torch.float64), dtype=None)
-
-
 @pytest.mark.parametrize("N,D", [(1, 3), (127, 129), (300, 256), (1000, 70)])
 def test_single(tile_config, N, D):
     g = torch.Generator().manual_seed(N + D)
     L = _factors(1, D, g)[0]
     mu = torch.randn(D, generator=g, dtype=torch.float64)
     x = torch.randn(N, D, generator=g, dtype=torch.float64) + mu
-    z = (x - mu) @ L
-    ref = (z * z).sum(1)
     for dt in (torch.float32, torch.bfloat16):
         out = distkern.mahalanobis(x.to(dt).cuda(), mu.float().cuda(), L.float().cuda())
         refd = (((x.to(dt).double() - mu.float().double()) @ L.float().double()) ** 2).sum(1)
@@ -50,21 +39,7 @@ def test_single(tile_config, N, D):
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("N,D,K", [(130, 33, 3), (257, 129, 70), (600, 64, 150)])
 def test_k(tile_config, shared, N, D, K):
-    g = torch.Generator().manual_seed(N + D + K)
-    L = _factors(1 if shared else K, D, g).float()
-    L = L[0] if shared else L
-    mu = (3 * torch.randn(K, D, generator=g)).float()
-    x = (mu[torch.randint(K, (N,), generator=g)] + torch.randn(N, D, generator=g)).float()
-    W = L.double().expand(K, -1, -1) if shared else L.double()
-    z = torch.einsum("nkd,kdr->nkr", x.double()[:, None] - mu.double()[None], W)
-    ref = (z * z).sum(-1)
-    tol = 1e-4 if shared else 2e-5
-    xc, mc, Lc = x.cuda(), mu.cuda(), L.cuda()
-    assert _rel(distkern.mahalanobis_k(xc, mc, Lc), ref) < tol
-    assert _rel(distkern.mahalanobis_k(xc, mc, Lc, reduce="min").values, ref.min(1).values) < tol
-    b = torch.randn(K, generator=g)
-    lse = distkern.mahalanobis_k(xc, mc, Lc, reduce="logsumexp", bias=b.cuda())
-    assert _rel(lse, torch.logsumexp(b.double() - 0.5 * ref, 1)) < tol
+    check_k(N, D, K, shared, 1e-4 if shared else 2e-5)
 
 
 @pytest.mark.parametrize("B,P,D", [(33, 5, 130), (130, 3, 64)])

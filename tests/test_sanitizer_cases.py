@@ -1,6 +1,7 @@
 """Small CUDA cases of the diffusion-step and prompt-alignment kernels for compute-sanitizer
 (benchmarks/gpu_check.sh runs every ``test_cuda_sanitizer*`` test under memcheck): odd sizes that
-exercise the tails, vector/scalar paths and the thresholding select."""
+exercise the tails, vector/scalar paths and the thresholding select. The tensor-core tile kernels
+have theirs in test_cuda_matmul.py."""
 import pytest
 import torch
 

@@ -11,9 +11,17 @@
 //   Tri::Upper  B[k][j] = 0 for k > j   (its transpose:                 C = A·Lᵀ)
 #pragma once
 
+#ifdef DK_CUDA_EMULATE
+#include "cuda_emulate.h"  // tests/emu: the index arithmetic run on the CPU (tests/test_tile_emulation.py)
+#else
 #include <cuda_runtime.h>
+#include <mma.h>
+#endif
 
 #include <cstdint>
+#include <type_traits>
+
+#include "common/matmul_mode.h"
 
 namespace distkern {
 namespace cuda {
@@ -32,6 +40,20 @@ struct TileShape {
   static constexpr int kM = 16 * TR, kN = 16 * TC;
   static_assert(16 % TR == 0, "TR must divide 16");
 };
+
+// The problems of block row blockIdx.y: [by·ppb, min((by+1)·ppb, P)).
+__device__ __forceinline__ void block_problems(int64_t P, int64_t ppb, int64_t& begin, int64_t& end) {
+  begin = static_cast<int64_t>(blockIdx.y) * ppb;
+  end = (begin + ppb) < P ? (begin + ppb) : P;
+}
+
+// The k range a column block [j0, j0 + BN) needs: the rows of B that are not zero by its triangle.
+__device__ __forceinline__ void k_range(Tri tri, int64_t K, int64_t j0, int64_t BN, int64_t& kbeg, int64_t& kend) {
+  kbeg = 0;
+  kend = K;
+  if (tri == Tri::Lower) kbeg = j0 < K ? j0 : K;
+  if (tri == Tri::Upper) kend = (j0 + BN) < K ? (j0 + BN) : K;
+}
 
 // ALoad:  __device__ acc_t operator()(int64_t p, int64_t row, int64_t k, acc_t& guard) const
 //         (row < M and k < K guaranteed; may fold a per-row non-finite guard)
@@ -75,8 +97,8 @@ tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, i
   typename Epi::State st;
   epi.init(st);
 
-  const int64_t p_begin = static_cast<int64_t>(blockIdx.y) * ppb;
-  const int64_t p_end = (p_begin + ppb) < P ? (p_begin + ppb) : P;
+  int64_t p_begin, p_end;
+  block_problems(P, ppb, p_begin, p_end);
   for (int64_t p = p_begin; p < p_end; ++p) {
     acc_t guard = 0;
     for (int64_t j0 = 0; j0 < Ncols; j0 += BN) {
@@ -86,9 +108,8 @@ tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, i
 #pragma unroll
         for (int j = 0; j < TC; ++j) c[i][j] = 0;
 
-      int64_t kbeg = 0, kend = K;
-      if (tri == Tri::Lower) kbeg = j0 < K ? j0 : K;
-      if (tri == Tri::Upper) kend = (j0 + BN) < K ? (j0 + BN) : K;
+      int64_t kbeg, kend;
+      k_range(tri, K, j0, BN, kbeg, kend);
       const bool first = (j0 == 0);
 
       for (int64_t k0 = kbeg; k0 < kend; k0 += kTileK) {
@@ -148,6 +169,7 @@ __device__ __forceinline__ acc_t row_lanes_sum(acc_t v) {
   return v;
 }
 
+#ifndef DK_CUDA_EMULATE
 // Launch helper: grid (ceil(M / (16·TR)), ceil(P / ppb)); Epi is a template <int TR, int TC>.
 template <typename acc_t, int TR, int TC, template <int, int> class Epi, typename A, typename B,
           typename EArgs>
@@ -164,6 +186,210 @@ cudaError_t launch_tile_gemm_rows(int64_t M, int64_t K, int64_t Ncols, Tri tri, 
           M, K, Ncols, tri, P, ppb, a, b, e);
   return cudaGetLastError();
 }
+#endif  // DK_CUDA_EMULATE
+
+// ---- tensor-core variant ----------------------------------------------------------------------
+//
+// The same contract (ALoad, BLoad, Epi<4, 4>, problems, guards) with the products on tensor cores
+// (WMMA m16n16k8, TF32 inputs, float32 accumulation): float32 only, 64×64 output blocks, K in
+// steps of 32. The 8 warps each own a 16×32 strip of the block (two accumulator fragments); after
+// a column block's K loop the accumulators go through shared memory (aliasing the operand tiles)
+// so that each thread hands the epilogue the same c[4][4] (rows 4·ty + i, columns 4·tx + j) as the
+// FMA kernel — every epilogue runs unchanged on either kernel.
+//
+// Loads are coalesced along the contiguous axis of each operand: A tiles row by row (k fastest);
+// B tiles along k when BLoad declares `enum { kKContiguous = 1 };` (B[k][j] stored
+// as rows j: a transposed factor, y or a reference set), else along j. The next K tile's loads are
+// issued into registers before the current tile's mma, so global latency overlaps the math.
+//
+// Split (Tf32x3): each operand a = big + small with big = tf32(a), small = tf32(a − big), and the
+// product accumulated as small·big + big·small + big·big (float32-level accuracy, 3 mma).
+
+template <typename B, typename = void>
+struct b_k_contiguous : std::false_type {};
+template <typename B>
+struct b_k_contiguous<B, std::void_t<decltype(B::kKContiguous)>> : std::integral_constant<bool, bool(B::kKContiguous)> {};
+
+constexpr int kTcK = 32;         // K per shared-memory tile
+constexpr int kTcPad = 4;        // floats of row padding (conflict-free fragment loads, 32-byte aligned rows)
+constexpr int kTcLd = kTcK + kTcPad;
+
+template <bool kKMajorB>
+struct TcSmem {
+  static constexpr int kA = 64 * kTcLd;                           // A[r][k]
+  static constexpr int kB = kKMajorB ? 64 * kTcLd : kTcK * (64 + kTcPad);  // B[j][k] or B[k][j]
+  static constexpr int kC = 64 * (64 + kTcPad);                   // C[r][j] (after the K loop)
+  static constexpr int kFloats = (kA + kB) > kC ? (kA + kB) : kC;
+};
+
+template <int TR, int TC, typename ALoad, typename BLoad, typename Epi, bool kSplit>
+__global__ void __launch_bounds__(kTileThreads, 1)
+tile_gemm_rows_tc_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int64_t ppb,
+                         ALoad A, BLoad B, Epi epi) {
+  static_assert(TR == 4 && TC == 4, "the tensor-core kernel runs 64×64 blocks (Epi<4, 4>)");
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  constexpr int BM = 64, BN = 64, BK = kTcK, LD = kTcLd, LDC = 64 + kTcPad;
+  constexpr bool kKMajorB = b_k_contiguous<BLoad>::value;
+  constexpr int LDB = kKMajorB ? kTcLd : 64 + kTcPad;
+  using Smem = TcSmem<kKMajorB>;
+  __shared__ __align__(128) float tiles[Smem::kFloats];
+  __shared__ float guard_rows[BM];
+  __shared__ float scratch[16][BN];
+  float* As = tiles;             // As[r * LD + k]
+  float* Bs = tiles + Smem::kA;  // kKMajorB: Bs[j * LDB + k]; else Bs[k * LDB + j]
+  float* Cs = tiles;             // Cs[r * LDC + j], after the K loop
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int tx = tid % 16, ty = tid / 16;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  // Warp tile: rows 16·(warp / 2), columns 32·(warp % 2) + {0, 16}.
+  const int wr = 16 * (warp / 2), wc = 32 * (warp % 2);
+  // Loader mapping: each thread 8 consecutive elements along the contiguous axis of one row —
+  // A: row tid / 4, k 8·(tid % 4) + q; B along k: column tid / 4, k 8·(tid % 4) + q; B along j:
+  // k tid / 8, j 8·(tid % 8) + q — so a warp reads 8 (or 4) rows of 128 (256) contiguous bytes.
+  constexpr int kLoads = 8;
+  static_assert(BM * BK == kTileThreads * kLoads && BK * BN == kTileThreads * kLoads, "loader mapping");
+  const int a_r = tid / 4, a_k = 8 * (tid % 4);
+  const int b_r = kKMajorB ? tid / 4 : tid / 8;        // j (k-major) or k
+  const int b_c = kKMajorB ? 8 * (tid % 4) : 8 * (tid % 8);  // k (k-major) or j
+  const int64_t a_row = row0 + a_r;
+
+  typename Epi::State st;
+  epi.init(st);
+
+  int64_t p_begin, p_end;
+  block_problems(P, ppb, p_begin, p_end);
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    float guard = 0.f;
+    for (int64_t j0 = 0; j0 < Ncols; j0 += BN) {
+      wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2];
+      wmma::fill_fragment(acc[0], 0.f);
+      wmma::fill_fragment(acc[1], 0.f);
+
+      int64_t kbeg, kend;
+      k_range(tri, K, j0, BN, kbeg, kend);
+      const bool first = (j0 == 0);
+
+      float ra[kLoads], rb[kLoads];
+      auto fetch = [&](int64_t k0) {
+#pragma unroll
+        for (int q = 0; q < kLoads; ++q) {
+          const int64_t k = k0 + a_k + q;
+          float v = 0.f;
+          if (a_row < M && k < kend) {
+            float g = 0.f;
+            v = A(p, a_row, k, g);
+            if (first) guard += g;
+          }
+          ra[q] = v;
+        }
+#pragma unroll
+        for (int q = 0; q < kLoads; ++q) {
+          const int64_t k = k0 + (kKMajorB ? b_c + q : b_r), j = j0 + (kKMajorB ? b_r : b_c + q);
+          rb[q] = (k < kend && j < Ncols) ? B(p, k, j) : 0.f;
+        }
+      };
+
+      if (kbeg < kend) fetch(kbeg);
+      for (int64_t k0 = kbeg; k0 < kend; k0 += BK) {
+        __syncthreads();  // the previous tile's fragments (or the previous epilogue's Cs) are read
+        {
+          float4* as = reinterpret_cast<float4*>(As + a_r * LD + a_k);
+          as[0] = make_float4(ra[0], ra[1], ra[2], ra[3]);
+          as[1] = make_float4(ra[4], ra[5], ra[6], ra[7]);
+          float4* bs = reinterpret_cast<float4*>(Bs + b_r * LDB + b_c);
+          bs[0] = make_float4(rb[0], rb[1], rb[2], rb[3]);
+          bs[1] = make_float4(rb[4], rb[5], rb[6], rb[7]);
+        }
+        __syncthreads();
+        if (k0 + BK < kend) fetch(k0 + BK);  // in flight during the mma below
+#pragma unroll 1  // unrolled, the fragment loads of all k-steps are hoisted and spill (3xTF32)
+        for (int ks = 0; ks < BK; ks += 8) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_big, a_small;
+          wmma::load_matrix_sync(a_big, As + wr * LD + ks, LD);
+#pragma unroll
+          for (int t = 0; t < a_big.num_elements; ++t) {
+            const float v = a_big.x[t];
+            a_big.x[t] = wmma::__float_to_tf32(v);
+            if (kSplit) a_small.x[t] = wmma::__float_to_tf32(v - a_big.x[t]);
+          }
+#pragma unroll
+          for (int f = 0; f < 2; ++f) {
+            using BLayout = typename std::conditional<kKMajorB, wmma::col_major, wmma::row_major>::type;
+            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, BLayout> b_big, b_small;
+            const float* bp = kKMajorB ? Bs + (wc + 16 * f) * LDB + ks : Bs + ks * LDB + wc + 16 * f;
+            wmma::load_matrix_sync(b_big, bp, LDB);
+#pragma unroll
+            for (int t = 0; t < b_big.num_elements; ++t) {
+              const float v = b_big.x[t];
+              b_big.x[t] = wmma::__float_to_tf32(v);
+              if (kSplit) b_small.x[t] = wmma::__float_to_tf32(v - b_big.x[t]);
+            }
+            if (kSplit) {
+              wmma::mma_sync(acc[f], a_small, b_big, acc[f]);
+              wmma::mma_sync(acc[f], a_big, b_small, acc[f]);
+            }
+            wmma::mma_sync(acc[f], a_big, b_big, acc[f]);
+          }
+        }
+      }
+      __syncthreads();  // every warp is done with As / Bs: Cs aliases them
+      wmma::store_matrix_sync(Cs + wr * LDC + wc, acc[0], LDC, wmma::mem_row_major);
+      wmma::store_matrix_sync(Cs + wr * LDC + wc + 16, acc[1], LDC, wmma::mem_row_major);
+      if (first) {
+        // The 4 loader threads of a row are adjacent lanes: combine their guards.
+        float g = guard;
+        g += __shfl_xor_sync(0xffffffffu, g, 1);
+        g += __shfl_xor_sync(0xffffffffu, g, 2);
+        if ((tid % 4) == 0) guard_rows[a_r] = g;
+      }
+      __syncthreads();
+      float c[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float4 v = *reinterpret_cast<const float4*>(Cs + (4 * ty + i) * LDC + 4 * tx);
+        c[i][0] = v.x;
+        c[i][1] = v.y;
+        c[i][2] = v.z;
+        c[i][3] = v.w;
+      }
+      epi.block(st, c, p, row0, j0, &scratch[0][0], guard_rows);
+    }
+    epi.end_problem(st, p, row0, guard_rows);
+    __syncthreads();  // guard_rows is rewritten by the next problem
+  }
+  epi.finish(st, row0);
+#endif
+}
+
+#ifndef DK_CUDA_EMULATE
+// One entry for both kernels: float32 with a tensor-core mode runs tile_gemm_rows_tc_kernel with
+// Epi<4, 4> (whatever TR, TC say); everything else the FMA kernel with Epi<TR, TC>. The caller
+// resolves the mode (sm_80+ for the tensor-core ones).
+template <typename acc_t, int TR, int TC, template <int, int> class Epi, typename A, typename B,
+          typename EArgs>
+cudaError_t launch_tile_gemm_rows_mode(MatMode mode, int64_t M, int64_t K, int64_t Ncols, Tri tri,
+                                       int64_t P, int64_t ppb, A a, B b, const EArgs& eargs,
+                                       cudaStream_t stream) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (mode != MatMode::Fma) {
+      if (M <= 0 || P <= 0) return cudaSuccess;
+      const int64_t bx = (M + 63) / 64, by = (P + ppb - 1) / ppb;
+      if (bx > 0x7fffffffLL || by > 65535) return cudaErrorInvalidValue;
+      using E = Epi<4, 4>;
+      const E e{eargs};
+      const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by));
+      if (mode == MatMode::Tf32x3)
+        tile_gemm_rows_tc_kernel<4, 4, A, B, E, true><<<grid, kTileThreads, 0, stream>>>(M, K, Ncols, tri, P, ppb, a, b, e);
+      else
+        tile_gemm_rows_tc_kernel<4, 4, A, B, E, false><<<grid, kTileThreads, 0, stream>>>(M, K, Ncols, tri, P, ppb, a, b, e);
+      return cudaGetLastError();
+    }
+  }
+  return launch_tile_gemm_rows<acc_t, TR, TC, Epi>(M, K, Ncols, tri, P, ppb, a, b, eargs, stream);
+}
+#endif  // DK_CUDA_EMULATE
 
 }  // namespace cuda
 }  // namespace distkern

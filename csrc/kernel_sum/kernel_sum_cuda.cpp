@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/check.h"
+#include "common/matmul_mode_cuda.h"
 #include "kernel_sum/kernel_sum.h"
 #include "kernel_sum/kernel_sum_launch.h"
 
@@ -25,7 +26,7 @@ at::Tensor kernel_matmul_cuda(const at::Tensor& x, const at::Tensor& y, const c1
                                         in.center.data_ptr<float>(), in.yc.data_ptr<float>(),
                                         in.yy.data_ptr<float>(), in.v.defined() ? in.v.data_ptr<float>() : nullptr,
                                         out.data_ptr<float>(), in.N, in.M, in.D, in.C, in.kp,
-                                        at::cuda::getCurrentCUDAStream()));
+                                        matmul_mode_for(x), at::cuda::getCurrentCUDAStream()));
   }
   return in.v.defined() ? out : out.squeeze(1);
 }

@@ -31,6 +31,7 @@ struct XCLoad {  // x − center; the "guard" accumulates the squared norm of th
 };
 
 struct YTLoad {  // B[k][m] = yc[m][k]
+  enum { kKContiguous = 1 };  // B[k][j] is contiguous along k: the tensor-core kernel loads it that way
   const float* yc;
   int64_t D;
   __device__ float operator()(int64_t, int64_t k, int64_t m) const { return yc[m * D + k]; }
@@ -117,13 +118,13 @@ struct KV {
 template <typename T>
 cudaError_t typed(const void* x, int64_t sx0, int64_t sx1, const float* center, const float* yc,
                   const float* yy, const float* v, float* out, int64_t N, int64_t M, int64_t D,
-                  int64_t C, const Params& kp, cudaStream_t stream) {
+                  int64_t C, const Params& kp, cuda::MatMode mode, cudaStream_t stream) {
   XCLoad<T> a{static_cast<const T*>(x), sx0, sx1, center};
   YTLoad b{yc, D};
   const KV::Args e{out, v, yy, kp, N, M, C};
   const int64_t chunks = (C + 63) / 64;  // output columns per block: 64
-  return cuda::launch_tile_gemm_rows<float, 4, 4, KV::template Epi>(N, D, M, cuda::Tri::None, chunks, 1, a,
-                                                                    b, e, stream);
+  return cuda::launch_tile_gemm_rows_mode<float, 4, 4, KV::template Epi>(mode, N, D, M, cuda::Tri::None, chunks,
+                                                                         1, a, b, e, stream);
 }
 
 }  // namespace
@@ -131,12 +132,12 @@ cudaError_t typed(const void* x, int64_t sx0, int64_t sx1, const float* center, 
 cudaError_t launch_kernel_matmul(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                                  const float* center, const float* yc, const float* yy,
                                  const float* v, float* out, int64_t N, int64_t M, int64_t D,
-                                 int64_t C, const Params& kp, cudaStream_t stream) {
+                                 int64_t C, const Params& kp, cuda::MatMode mode, cudaStream_t stream) {
   if (N <= 0 || M <= 0) return cudaSuccess;
   switch (xtype) {
-    case DType::F32: return typed<float>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, stream);
-    case DType::F16: return typed<__half>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, stream);
-    case DType::BF16: return typed<__nv_bfloat16>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, stream);
+    case DType::F32: return typed<float>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, stream);
+    case DType::F16: return typed<__half>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, stream);
+    case DType::BF16: return typed<__nv_bfloat16>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/matmul_mode.h"
 #include "kernel_sum/kernel_math.h"
 
 namespace distkern {
@@ -17,7 +18,7 @@ namespace kernel_sum {
 cudaError_t launch_kernel_matmul(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                                  const float* center, const float* yc, const float* yy,
                                  const float* v, float* out, int64_t N, int64_t M, int64_t D,
-                                 int64_t C, const Params& kp, cudaStream_t stream);
+                                 int64_t C, const Params& kp, cuda::MatMode mode, cudaStream_t stream);
 
 }  // namespace kernel_sum
 }  // namespace distkern

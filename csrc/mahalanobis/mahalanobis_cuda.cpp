@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common/check.h"
+#include "common/matmul_mode_cuda.h"
 
 #include "common/macros.h"
 #include "mahalanobis/mahalanobis.h"
@@ -28,7 +29,7 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::T
   if (in.N == 0) return out;
   C10_CUDA_CHECK(launch_forward(to_dtype(x.scalar_type()), x.data_ptr(), x.stride(0), x.stride(1),
                                 in.mean.data_ptr(), in.factor.data_ptr(), out.data_ptr(), in.N,
-                                in.D, in.R, lower, at::cuda::getCurrentCUDAStream()));
+                                in.D, in.R, lower, matmul_mode_for(x), at::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -47,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const a
                                  x.stride(1), g.data_ptr(), in.mean.data_ptr(),
                                  in.factor.data_ptr(), z.data_ptr(), gx.data_ptr(),
                                  partial.data_ptr(), in.N, in.D, in.R, lower,
-                                 at::cuda::getCurrentCUDAStream()));
+                                 matmul_mode_for(x), at::cuda::getCurrentCUDAStream()));
   return {gx, partial.sum(0)};
 }
 
@@ -69,15 +70,15 @@ std::tuple<at::Tensor, at::Tensor> k_cuda(const char* name, const at::Tensor& x,
     // ‖Wᵀ(x − center)‖² by the single-Gaussian kernel, then the cross term and the reduction.
     at::Tensor zz = at::empty({in.N}, in.means.options());
     C10_CUDA_CHECK(launch_forward(xt, x.data_ptr(), x.stride(0), x.stride(1), in.center.data_ptr(),
-                                  in.factors.data_ptr(), zz.data_ptr(), in.N, in.D, in.R, lower,
+                                  in.factors.data_ptr(), zz.data_ptr(), in.N, in.D, in.R, lower, matmul_mode_for(x),
                                   stream));
     C10_CUDA_CHECK(launch_k_shared(xt, x.data_ptr(), x.stride(0), x.stride(1), in.center.data_ptr(),
                                    in.bmat.data_ptr(), zz.data_ptr(), in.vv.data_ptr(), bp,
-                                   out.data_ptr(), ip, in.N, in.D, in.K, red, stream));
+                                   out.data_ptr(), ip, in.N, in.D, in.K, red, matmul_mode_for(x), stream));
   } else {
     C10_CUDA_CHECK(launch_k_components(xt, x.data_ptr(), x.stride(0), x.stride(1),
                                        in.means.data_ptr(), in.factors.data_ptr(), bp,
-                                       out.data_ptr(), ip, in.N, in.D, in.R, in.K, lower, red,
+                                       out.data_ptr(), ip, in.N, in.D, in.R, in.K, lower, red, matmul_mode_for(x),
                                        stream));
   }
   return {out, idx};
@@ -105,7 +106,7 @@ at::Tensor pos_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tens
   C10_CUDA_CHECK(launch_positions(to_dtype(x.scalar_type()), to_dtype(factors.scalar_type()), x.data_ptr(),
                                   x.stride(0), x.stride(1), x.stride(2), in.means.data_ptr(),
                                   factors.data_ptr(), out.data_ptr(), in.B, in.P, in.D, in.R, lower,
-                                  at::cuda::getCurrentCUDAStream()));
+                                  matmul_mode_for(x), at::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -63,6 +63,7 @@ struct FactorLoad {  // B = W_p (D×R), W_p at w + p·stride
 
 template <typename acc_t>
 struct FactorTLoad {  // B = Wᵀ (R×D): B[k][j] = W[j][k]
+  enum { kKContiguous = 1 };  // B[k][j] is contiguous along k: the tensor-core kernel loads it that way
   const acc_t* w;
   int64_t R;
   __device__ acc_t operator()(int64_t, int64_t k, int64_t j) const { return w[j * R + k]; }
@@ -338,8 +339,10 @@ int g_tile_config = 0;  // 0 auto, 1 small, 2 large
 
 template <typename acc_t, template <int, int> class Epi, typename A, typename B, typename EArgs>
 cudaError_t launch(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int64_t ppb, A a, B b,
-                   const EArgs& e, cudaStream_t stream, bool allow_large = true) {
+                   const EArgs& e, cuda::MatMode mode, cudaStream_t stream, bool allow_large = true) {
   if constexpr (std::is_same<acc_t, float>::value) {
+    if (mode != cuda::MatMode::Fma)  // tensor cores: 64×64 blocks only
+      return cuda::launch_tile_gemm_rows_mode<acc_t, 4, 4, Epi>(mode, M, K, Ncols, tri, P, ppb, a, b, e, stream);
     const bool large = allow_large && (g_tile_config == 2 || (g_tile_config == 0 && M >= 8192 && Ncols >= 768));
     if (large) return cuda::launch_tile_gemm_rows<acc_t, 8, 8, Epi>(M, K, Ncols, tri, P, ppb, a, b, e, stream);
   }
@@ -349,69 +352,69 @@ cudaError_t launch(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int6
 template <typename T, typename acc_t>
 cudaError_t forward_typed(const void* x, int64_t sx0, int64_t sx1, const void* mean,
                           const void* factor, void* out, int64_t N, int64_t D, int64_t R,
-                          bool lower, cudaStream_t stream) {
+                          bool lower, cuda::MatMode mode, cudaStream_t stream) {
   XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(mean), 0};
   FactorLoad<acc_t> b{static_cast<const acc_t*>(factor), R, 0};
   using S = SumSq<acc_t, KReduce::None>;
   const typename S::Args e{static_cast<acc_t*>(out), nullptr, nullptr, N, 1};
-  return launch<acc_t, S::template Epi>(N, D, R, lower ? Tri::Lower : Tri::None, 1, 1, a, b, e, stream);
+  return launch<acc_t, S::template Epi>(N, D, R, lower ? Tri::Lower : Tri::None, 1, 1, a, b, e, mode, stream);
 }
 
 template <typename T, typename acc_t>
 cudaError_t backward_typed(const void* x, int64_t sx0, int64_t sx1, const void* grad,
                            const void* mean, const void* factor, void* z, void* gx, void* partial,
-                           int64_t N, int64_t D, int64_t R, bool lower, cudaStream_t stream) {
+                           int64_t N, int64_t D, int64_t R, bool lower, cuda::MatMode mode, cudaStream_t stream) {
   const acc_t* w = static_cast<const acc_t*>(factor);
   XLoad<T, acc_t> a1{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(mean), 0};
   FactorLoad<acc_t> b1{w, R, 0};
   const typename ScaleStore<acc_t>::Args e1{static_cast<acc_t*>(z), static_cast<const acc_t*>(grad), N, R};
   cudaError_t err = launch<acc_t, ScaleStore<acc_t>::template Epi>(N, D, R, lower ? Tri::Lower : Tri::None, 1,
-                                                                   1, a1, b1, e1, stream, false);
+                                                                   1, a1, b1, e1, mode, stream, false);
   if (err != cudaSuccess) return err;
   ZLoad<acc_t> a2{static_cast<const acc_t*>(z), R};
   FactorTLoad<acc_t> b2{w, R};
   const typename GradStore<T, acc_t>::Args e2{static_cast<T*>(gx), static_cast<acc_t*>(partial), N, D};
   return launch<acc_t, GradStore<T, acc_t>::template Epi>(N, R, D, lower ? Tri::Upper : Tri::None, 1, 1, a2,
-                                                           b2, e2, stream, false);
+                                                           b2, e2, mode, stream, false);
 }
 
 template <typename T, typename acc_t, KReduce RED>
 cudaError_t k_components_typed(const void* x, int64_t sx0, int64_t sx1, const void* means,
                                const void* factors, const void* bias, void* out, int64_t* idx,
                                int64_t N, int64_t D, int64_t R, int64_t K, bool lower,
-                               cudaStream_t stream) {
+                               cuda::MatMode mode, cudaStream_t stream) {
   XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(means), D};
   FactorLoad<acc_t> b{static_cast<const acc_t*>(factors), R, D * R};
   using S = SumSq<acc_t, RED>;
   const typename S::Args e{static_cast<acc_t*>(out), idx, static_cast<const acc_t*>(bias), N, K};
   // The N×K output spreads the components over blockIdx.y; a reduction keeps them in one block.
   const int64_t ppb = RED == KReduce::None ? (K + 65534) / 65535 : K;
-  return launch<acc_t, S::template Epi>(N, D, R, lower ? Tri::Lower : Tri::None, K, ppb, a, b, e, stream);
+  return launch<acc_t, S::template Epi>(N, D, R, lower ? Tri::Lower : Tri::None, K, ppb, a, b, e, mode, stream);
 }
 
 template <typename T, typename acc_t, KReduce RED>
 cudaError_t k_shared_typed(const void* x, int64_t sx0, int64_t sx1, const void* center,
                            const void* bmat, const void* zz, const void* vv, const void* bias,
                            void* out, int64_t* idx, int64_t N, int64_t D, int64_t K,
-                           cudaStream_t stream) {
+                           cuda::MatMode mode, cudaStream_t stream) {
   XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1, static_cast<const acc_t*>(center), 0};
   FactorLoad<acc_t> b{static_cast<const acc_t*>(bmat), K, 0};
   using S = Shared<acc_t, RED>;
   const typename S::Args e{static_cast<acc_t*>(out), idx, static_cast<const acc_t*>(zz),
                            static_cast<const acc_t*>(vv), static_cast<const acc_t*>(bias), N, K};
-  return launch<acc_t, S::template Epi>(N, D, K, Tri::None, 1, 1, a, b, e, stream);
+  return launch<acc_t, S::template Epi>(N, D, K, Tri::None, 1, 1, a, b, e, mode, stream);
 }
 
 template <typename T, typename F, typename acc_t>
 cudaError_t positions_typed(const void* x, int64_t sb, int64_t sp, int64_t sd, const void* means,
                             const void* factors, void* out, int64_t B, int64_t P, int64_t D,
-                            int64_t R, bool lower, cudaStream_t stream) {
+                            int64_t R, bool lower, cuda::MatMode mode, cudaStream_t stream) {
   XPosLoad<T, acc_t> a{static_cast<const T*>(x), sb, sp, sd, static_cast<const acc_t*>(means), D};
   FactorCvtLoad<F, acc_t> b{static_cast<const F*>(factors), R, D * R, lower};
   using S = SumSq<acc_t, KReduce::None>;
   const typename S::Args e{static_cast<acc_t*>(out), nullptr, nullptr, B, P};
   const int64_t ppb = (P + 65534) / 65535;
-  return launch<acc_t, S::template Epi>(B, D, R, lower ? Tri::Lower : Tri::None, P, ppb, a, b, e, stream);
+  return launch<acc_t, S::template Epi>(B, D, R, lower ? Tri::Lower : Tri::None, P, ppb, a, b, e, mode, stream);
 }
 
 // dtype × reduction dispatch
@@ -462,42 +465,42 @@ int tile_config() { return g_tile_config; }
 
 cudaError_t launch_forward(DType xtype, const void* x, int64_t sx0, int64_t sx1, const void* mean,
                            const void* factor, void* out, int64_t N, int64_t D, int64_t R,
-                           bool lower, cudaStream_t stream) {
+                           bool lower, cuda::MatMode mode, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
-  return dispatch<Forward>(xtype, KReduce::None, x, sx0, sx1, mean, factor, out, N, D, R, lower, stream);
+  return dispatch<Forward>(xtype, KReduce::None, x, sx0, sx1, mean, factor, out, N, D, R, lower, mode, stream);
 }
 
 cudaError_t launch_backward(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                             const void* grad, const void* mean, const void* factor, void* z,
                             void* gx, void* partial, int64_t N, int64_t D, int64_t R, bool lower,
-                            cudaStream_t stream) {
+                            cuda::MatMode mode, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
   return dispatch<Backward>(xtype, KReduce::None, x, sx0, sx1, grad, mean, factor, z, gx, partial,
-                            N, D, R, lower, stream);
+                            N, D, R, lower, mode, stream);
 }
 
 cudaError_t launch_k_components(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                                 const void* means, const void* factors, const void* bias,
                                 void* out, int64_t* idx, int64_t N, int64_t D, int64_t R,
-                                int64_t K, bool lower, KReduce reduce, cudaStream_t stream) {
+                                int64_t K, bool lower, KReduce reduce, cuda::MatMode mode, cudaStream_t stream) {
   if (N <= 0 || K <= 0) return cudaSuccess;
   return dispatch<KComponents>(xtype, reduce, x, sx0, sx1, means, factors, bias, out, idx, N, D, R,
-                               K, lower, stream);
+                               K, lower, mode, stream);
 }
 
 cudaError_t launch_positions(DType xtype, DType ftype, const void* x, int64_t sb, int64_t sp,
                              int64_t sd, const void* means, const void* factors, void* out,
                              int64_t B, int64_t P, int64_t D, int64_t R, bool lower,
-                             cudaStream_t stream) {
+                             cuda::MatMode mode, cudaStream_t stream) {
   if (B <= 0 || P <= 0) return cudaSuccess;
   const auto args = [&](auto tx, auto tf) {
     using T = decltype(tx);
     using F = decltype(tf);
-    return positions_typed<T, F, float>(x, sb, sp, sd, means, factors, out, B, P, D, R, lower, stream);
+    return positions_typed<T, F, float>(x, sb, sp, sd, means, factors, out, B, P, D, R, lower, mode, stream);
   };
   if (xtype == DType::F64) {
     if (ftype != DType::F64) return cudaErrorInvalidValue;
-    return positions_typed<double, double, double>(x, sb, sp, sd, means, factors, out, B, P, D, R, lower, stream);
+    return positions_typed<double, double, double>(x, sb, sp, sd, means, factors, out, B, P, D, R, lower, mode, stream);
   }
 #define DK_F(T)                                        \
   switch (ftype) {                                     \
@@ -518,10 +521,10 @@ cudaError_t launch_positions(DType xtype, DType ftype, const void* x, int64_t sb
 cudaError_t launch_k_shared(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                             const void* center, const void* bmat, const void* zz, const void* vv,
                             const void* bias, void* out, int64_t* idx, int64_t N, int64_t D,
-                            int64_t K, KReduce reduce, cudaStream_t stream) {
+                            int64_t K, KReduce reduce, cuda::MatMode mode, cudaStream_t stream) {
   if (N <= 0 || K <= 0) return cudaSuccess;
   return dispatch<KShared>(xtype, reduce, x, sx0, sx1, center, bmat, zz, vv, bias, out, idx, N, D,
-                           K, stream);
+                           K, mode, stream);
 }
 
 }  // namespace mahalanobis

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/matmul_mode.h"
 
 namespace distkern {
 namespace mahalanobis {
@@ -26,7 +27,7 @@ constexpr int64_t kRowsPerBlock = 64;
 // out[n] = ‖Wᵀ(x[n] − mean)‖²  (N ≥ 1)
 cudaError_t launch_forward(DType xtype, const void* x, int64_t sx0, int64_t sx1, const void* mean,
                            const void* factor, void* out, int64_t N, int64_t D, int64_t R,
-                           bool lower, cudaStream_t stream);
+                           bool lower, cuda::MatMode mode, cudaStream_t stream);
 
 // gx[n] = W (2·grad[n]·Wᵀ(x[n] − mean))  written in xtype, contiguous N×D;
 // partial[b][k] = −Σ_{n in row block b} gx[n][k] in the accumulation type, (ceil(N/64))×D;
@@ -34,7 +35,7 @@ cudaError_t launch_forward(DType xtype, const void* x, int64_t sx0, int64_t sx1,
 cudaError_t launch_backward(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                             const void* grad, const void* mean, const void* factor, void* z,
                             void* gx, void* partial, int64_t N, int64_t D, int64_t R, bool lower,
-                            cudaStream_t stream);
+                            cuda::MatMode mode, cudaStream_t stream);
 
 // Reductions over the K components, fused into the kernels.
 enum class KReduce : int {
@@ -47,7 +48,7 @@ enum class KReduce : int {
 cudaError_t launch_k_components(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                                 const void* means, const void* factors, const void* bias,
                                 void* out, int64_t* idx, int64_t N, int64_t D, int64_t R,
-                                int64_t K, bool lower, KReduce reduce, cudaStream_t stream);
+                                int64_t K, bool lower, KReduce reduce, cuda::MatMode mode, cudaStream_t stream);
 
 // Shared factor W: d²_k = ‖z‖² − 2 (x − center)·B[:, k] + vv[k] (clamped at 0), with
 // zz[n] = ‖Wᵀ(x[n] − center)‖² from launch_forward, B = W Wᵀ (μ − center)ᵀ (D×K row-major) and
@@ -55,7 +56,7 @@ cudaError_t launch_k_components(DType xtype, const void* x, int64_t sx0, int64_t
 cudaError_t launch_k_shared(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                             const void* center, const void* bmat, const void* zz, const void* vv,
                             const void* bias, void* out, int64_t* idx, int64_t N, int64_t D,
-                            int64_t K, KReduce reduce, cudaStream_t stream);
+                            int64_t K, KReduce reduce, cuda::MatMode mode, cudaStream_t stream);
 
 // Per-position Gaussians (PaDiM): x (B, P, D) with strides (sb, sp, sd), means P×D (acc type),
 // factors P×D×R in `ftype` (read as they are: no conversion copy; with lower, the strict upper
@@ -63,7 +64,7 @@ cudaError_t launch_k_shared(DType xtype, const void* x, int64_t sx0, int64_t sx1
 cudaError_t launch_positions(DType xtype, DType ftype, const void* x, int64_t sb, int64_t sp,
                              int64_t sd, const void* means, const void* factors, void* out,
                              int64_t B, int64_t P, int64_t D, int64_t R, bool lower,
-                             cudaStream_t stream);
+                             cuda::MatMode mode, cudaStream_t stream);
 
 }  // namespace mahalanobis
 }  // namespace distkern

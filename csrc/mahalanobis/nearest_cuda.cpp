@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/check.h"
+#include "common/matmul_mode_cuda.h"
 #include "mahalanobis/nearest.h"
 #include "mahalanobis/nearest_launch.h"
 
@@ -22,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_cuda(const at::Tensor& x, const at::T
   C10_CUDA_CHECK(launch_nearest(to_dtype(x.scalar_type()), x.data_ptr(), x.stride(0), x.stride(1),
                                 in.rhat.data_ptr(), in.inv_norm.data_ptr(), out.data_ptr(),
                                 idx.data_ptr<int64_t>(), in.N, in.D, in.M,
-                                at::cuda::getCurrentCUDAStream()));
+                                matmul_mode_for(x), at::cuda::getCurrentCUDAStream()));
   return {out, idx};
 }
 

@@ -31,6 +31,7 @@ struct XLoad {
 
 template <typename acc_t>
 struct RefTLoad {  // B[k][m] = rhat[m][k]
+  enum { kKContiguous = 1 };  // B[k][j] is contiguous along k: the tensor-core kernel loads it that way
   const acc_t* r;
   int64_t D;
   __device__ acc_t operator()(int64_t, int64_t k, int64_t m) const { return r[m * D + k]; }
@@ -91,26 +92,26 @@ struct ArgMax {
 template <typename T, typename acc_t>
 cudaError_t nearest_typed(const void* x, int64_t sx0, int64_t sx1, const void* rhat,
                           const void* inv_norm, void* out, int64_t* idx, int64_t N, int64_t D,
-                          int64_t M, cudaStream_t stream) {
+                          int64_t M, cuda::MatMode mode, cudaStream_t stream) {
   XLoad<T, acc_t> a{static_cast<const T*>(x), sx0, sx1};
   RefTLoad<acc_t> b{static_cast<const acc_t*>(rhat), D};
   const typename ArgMax<acc_t>::Args e{static_cast<acc_t*>(out), idx,
                                        static_cast<const acc_t*>(inv_norm), N, M};
-  return cuda::launch_tile_gemm_rows<acc_t, 4, 4, ArgMax<acc_t>::template Epi>(
-      N, D, M, cuda::Tri::None, 1, 1, a, b, e, stream);
+  return cuda::launch_tile_gemm_rows_mode<acc_t, 4, 4, ArgMax<acc_t>::template Epi>(
+      mode, N, D, M, cuda::Tri::None, 1, 1, a, b, e, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_nearest(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                            const void* rhat, const void* inv_norm, void* out, int64_t* idx,
-                           int64_t N, int64_t D, int64_t M, cudaStream_t stream) {
+                           int64_t N, int64_t D, int64_t M, cuda::MatMode mode, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
   switch (xtype) {
-    case DType::F32: return nearest_typed<float, float>(x, sx0, sx1, rhat, inv_norm, out, idx, N, D, M, stream);
-    case DType::F16: return nearest_typed<__half, float>(x, sx0, sx1, rhat, inv_norm, out, idx, N, D, M, stream);
-    case DType::BF16: return nearest_typed<__nv_bfloat16, float>(x, sx0, sx1, rhat, inv_norm, out, idx, N, D, M, stream);
-    case DType::F64: return nearest_typed<double, double>(x, sx0, sx1, rhat, inv_norm, out, idx, N, D, M, stream);
+    case DType::F32: return nearest_typed<float, float>(x, sx0, sx1, rhat, inv_norm, out, idx, N, D, M, mode, stream);
+    case DType::F16: return nearest_typed<__half, float>(x, sx0, sx1, rhat, inv_norm, out, idx, N, D, M, mode, stream);
+    case DType::BF16: return nearest_typed<__nv_bfloat16, float>(x, sx0, sx1, rhat, inv_norm, out, idx, N, D, M, mode, stream);
+    case DType::F64: return nearest_typed<double, double>(x, sx0, sx1, rhat, inv_norm, out, idx, N, D, M, mode, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/matmul_mode.h"
 
 namespace distkern {
 namespace nearest {
@@ -16,7 +17,7 @@ namespace nearest {
 // out[n] = x[n]·rhat[m*] · inv_norm[n] (the cosine similarity), idx[n] = m*.
 cudaError_t launch_nearest(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                            const void* rhat, const void* inv_norm, void* out, int64_t* idx,
-                           int64_t N, int64_t D, int64_t M, cudaStream_t stream);
+                           int64_t N, int64_t D, int64_t M, cuda::MatMode mode, cudaStream_t stream);
 
 }  // namespace nearest
 }  // namespace distkern

@@ -23,6 +23,11 @@ if hasattr(_C, "set_cuda_tile_config") and _os.environ.get("DISTKERN_CUDA_TILES"
         raise ImportError(f"DISTKERN_CUDA_TILES must be auto, 64 or 128; got {_os.environ['DISTKERN_CUDA_TILES']!r}")
     _C.set_cuda_tile_config(_tiles)
 
+from .precision import cuda_matmul, get_cuda_matmul, set_cuda_matmul  # noqa: E402
+from .precision import _from_env as _matmul_from_env  # noqa: E402
+
+_matmul_from_env()
+
 from . import ops  # noqa: E402  (registers fake / autograd implementations)
 from .ops.mahalanobis import (  # noqa: E402
     gmm_log_likelihood, mahalanobis, mahalanobis_k, mahalanobis_pos, nearest_reference, reference_residual)
@@ -42,10 +47,12 @@ def build_info() -> dict:
     info = dict(_C.build_info())
     if hasattr(_C, "cuda_tile_config"):
         info["cuda_tile_config"] = {0: "auto", 1: "64", 2: "128"}[_C.cuda_tile_config()]
+    info["cuda_matmul"] = get_cuda_matmul()
     return info
 
 
 __all__ = ["__version__", "build_info", "mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood",
            "nearest_reference", "reference_residual", "kernel_matmul", "mmd2", "mmd_test", "MMDLoss", "kid",
            "median_bandwidth", "gaussian", "diffusion", "methods", "ops", "ddim_step", "ddpm_step", "euler_step", "dpmpp_2m_step",
-           "gaussian_denoise", "gaussian_teleport", "fit_lowrank_gaussian"]
+           "gaussian_denoise", "gaussian_teleport", "fit_lowrank_gaussian", "set_cuda_matmul", "get_cuda_matmul",
+           "cuda_matmul"]

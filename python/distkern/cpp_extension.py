@@ -53,7 +53,7 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0"
 """The archs built when ``TORCH_CUDA_ARCH_LIST`` is unset and no GPU is visible (sm_80, sm_90)."""
 CUDA_ENV = "DISTKERN_CUDA"
 """``DISTKERN_CUDA=1`` forces the CUDA sources, ``0`` leaves them out; unset: built when possible."""
-HEADERS = ("common/macros.h", "common/check.h", "common/cuda_types.cuh", "common/tile_gemm.cuh")
+HEADERS = ("common/macros.h", "common/check.h", "common/cuda_types.cuh", "common/matmul_mode.h", "common/tile_gemm.cuh")
 """The public headers, relative to :func:`include_dirs`. ``macros.h`` and ``cuda_types.cuh`` include no
 torch header (usable in pure-CUDA ``.cu`` files); ``check.h`` is torch-side only."""
 

@@ -256,6 +256,7 @@ def measure_ceilings(device: str | torch.device = "cpu", *, quick: bool = False)
     if cuda:
         copy_bytes = (64 if quick else 1024) * 2**20
         sizes = {"matmul_fp32": (2048 if quick else 8192, torch.float32),
+                 "matmul_tf32": (2048 if quick else 8192, torch.float32),
                  "matmul_bf16": (2048 if quick else 8192, torch.bfloat16)}
         copy_reps, mm_reps = (5, 3) if quick else (20, 10)
     else:
@@ -280,7 +281,11 @@ def measure_ceilings(device: str | torch.device = "cpu", *, quick: bool = False)
             a = torch.randn(n, n, device=device).to(dt)
             b = torch.randn(n, n, device=device).to(dt)
             c = torch.empty(n, n, device=device, dtype=dt)
-            best, med = _best_of(lambda: torch.mm(a, b, out=c), device, warm=1 if not cuda else 3, reps=mm_reps)
+            torch.backends.cuda.matmul.allow_tf32 = key == "matmul_tf32"
+            try:
+                best, med = _best_of(lambda: torch.mm(a, b, out=c), device, warm=1 if not cuda else 3, reps=mm_reps)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = False
             flops = 2 * n**3
             out[key] = {
                 "n": n,
@@ -294,7 +299,8 @@ def measure_ceilings(device: str | torch.device = "cpu", *, quick: bool = False)
             del a, b, c
     out["note"] = (
         "best of the repeats (a ceiling is what the device can do); copy counts read + write; "
-        "matmul in true fp32 (TF32 off). The fraction of the ceiling uses copy and matmul_fp32."
+        "matmul_fp32 in true fp32 (TF32 off), matmul_tf32 (CUDA) with TF32 on. The fraction of the ceiling "
+        "uses copy and the case's matmul ceiling (matmul_fp32 unless the case names another)."
     )
     if cuda:
         torch.cuda.empty_cache()
@@ -303,7 +309,8 @@ def measure_ceilings(device: str | torch.device = "cpu", *, quick: bool = False)
 
 def _floor(case: Case, ceilings: dict[str, Any]) -> tuple[float, str]:
     t_mem = case.bytes / (ceilings["copy"]["gb_per_s"] * 1e9)
-    t_flop = case.flops / (ceilings["matmul_fp32"]["gflop_per_s"] * 1e9)
+    mm = ceilings.get(case.matmul_ceiling) or ceilings["matmul_fp32"]
+    t_flop = case.flops / (mm["gflop_per_s"] * 1e9)
     return (t_mem, "memory") if t_mem >= t_flop else (t_flop, "compute")
 
 
@@ -704,6 +711,7 @@ def _header(res: dict[str, Any]) -> list[str]:
         f"{res['distkern_version']} — {res['mode']} suite — {res['host']['torch_threads']} threads",
         f"ceilings (measured, best of repeats): copy {c['copy']['gb_per_s']:.1f} GB/s (read+write), "
         f"fp32 matmul {c['matmul_fp32']['gflop_per_s']:.1f} GFLOP/s (n={c['matmul_fp32']['n']})"
+        + (f", tf32 matmul {c['matmul_tf32']['gflop_per_s']:.1f} GFLOP/s" if "matmul_tf32" in c else "")
         + (f", bf16 matmul {c['matmul_bf16']['gflop_per_s']:.1f} GFLOP/s" if "matmul_bf16" in c else ""),
     ]
     h = res["host"]

@@ -49,6 +49,7 @@ class Case:
     note: str = ""
     tol: float | None = None  # agreement tolerance when the input dtype alone does not set it
     origin: str = "distkern"  # who registered the case: distkern, or a plugin's distribution (bench hooks)
+    matmul_ceiling: str = "matmul_fp32"  # the measured matmul rate its FLOPs are held against
 
     @property
     def name(self) -> str:
@@ -687,6 +688,67 @@ def _ksum_cases() -> list[Case]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Matmul modes of the CUDA tile kernels (distkern.precision): the same cases with ours on TF32 /
+# 3xTF32 tensor cores, against the baselines under the matching torch setting (TF32 cuBLAS for
+# "tf32", full float32 for "3xtf32", whose accuracy is float32's)
+# ---------------------------------------------------------------------------------------------
+
+
+def _under_mode(fn: Impl, mode: str | None, allow_tf32: bool) -> Impl:
+    def run(i: Inputs):
+        from ..precision import cuda_matmul
+
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        try:
+            if mode is None:
+                return fn(i)
+            with cuda_matmul(mode):
+                return fn(i)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+
+    return run
+
+
+def _mode_variant(case: Case, mode: str) -> Case:
+    tf32 = mode == "tf32"
+    wrap = {k: _under_mode(f, None, tf32) for k, f in case.baselines.items()}
+    return dataclasses.replace(
+        case,
+        label=f"{case.label} {mode}",
+        ours=_under_mode(case.ours, mode, tf32),
+        baselines=wrap,
+        peers={k: _under_mode(f, None, tf32) for k, f in case.peers.items()},
+        devices=("cuda",),
+        quick=False,
+        acceptance=None,
+        tol=max(case.tol or 0.0, 1e-2 if tf32 else tolerance(case.dtype)),
+        matmul_ceiling="matmul_tf32" if tf32 else case.matmul_ceiling,
+        note=(f"ours with distkern.cuda_matmul({mode!r}); baselines with allow_tf32={tf32}"
+              + (f"; {case.note}" if case.note else "")),
+    )
+
+
+def _mode_cases() -> list[Case]:
+    picks = [
+        (_mahalanobis_cases, "mahalanobis/N=1000000 D=256 fp32", ("tf32", "3xtf32")),
+        (_mixture_cases, "mahalanobis_k/min tied N=100000 D=256 K=100 fp32", ("tf32",)),
+        (_positions_cases, "mahalanobis_pos/B=32 P=3136 D=550 x fp32 factors fp32", ("tf32", "3xtf32")),
+        (_nearest_cases, "nearest_cosine/N=100352 M=12544 D=512 fp32", ("tf32",)),
+        (_ksum_cases, "kernel_matmul/gaussian x3 N=M=65536 D=512 fp32", ("tf32", "3xtf32")),
+        (_ksum_cases, "kernel_matmul/gaussian x3 N=M=65536 D=64 fp32", ("tf32",)),
+    ]
+    out = []
+    for family, name, modes in picks:
+        base = next((c for c in family() if c.name == name), None)
+        if base is None:
+            raise LookupError(f"bench: no case named {name!r} to make matmul-mode variants of")
+        out += [_mode_variant(base, m) for m in modes]
+    return out
+
+
 def _diffusion_cases() -> list[Case]:
     from .diffusion_cases import diffusion_cases
 
@@ -700,7 +762,7 @@ def _align_cases() -> list[Case]:
 
 
 _FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases, _fit_cases, _ksum_cases,
-             _diffusion_cases, _align_cases]
+             _mode_cases, _diffusion_cases, _align_cases]
 
 
 def all_cases() -> list[Case]:

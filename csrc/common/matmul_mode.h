@@ -1,0 +1,27 @@
+// How the CUDA tile-product kernels multiply float32 tiles (no torch here; usable in .cu files).
+//
+//   Fma     float32 FMAs on the CUDA cores: products and sums exact to float32 rounding.
+//   Tf32    tensor cores (mma, TF32 inputs: 10-bit mantissas, float32 accumulation), as cuBLAS with
+//           torch.backends.cuda.matmul.allow_tf32 — relative error of a product ~1e-3.
+//   Tf32x3  tensor cores, fp32-accurate: each operand split a = a_big + a_small (both TF32) and
+//           a·b ≈ a_big·b_big + a_big·b_small + a_small·b_big (three mma): float32-level error.
+//
+// The process-wide setting (set_matmul_mode, Python distkern.set_cuda_matmul) is Auto by default:
+// Tf32 when torch allows TF32 in cuBLAS matmuls (torch.backends.cuda.matmul.allow_tf32, or
+// torch.set_float32_matmul_precision("high" / "medium")), else Fma — the same precision eager
+// PyTorch matmuls get. float64 always runs on FMAs; the tensor-core modes need sm_80 or newer
+// (older devices fall back to Fma). No effect on the CPU.
+#pragma once
+
+namespace distkern {
+namespace cuda {
+
+enum class MatMode : int { Fma = 0, Tf32 = 1, Tf32x3 = 2 };
+
+}  // namespace cuda
+
+// -1 Auto, else a MatMode value.
+void set_matmul_mode(int mode);
+int matmul_mode_setting();
+
+}  // namespace distkern
