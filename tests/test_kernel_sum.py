@@ -312,3 +312,55 @@ def test_mmd2_dense_path_gradcheck(kernel, kw, estimator):
     y = torch.randn(25 if estimator == "ustat" else 19, 4, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: distkern.mmd2(a, b, kernel=kernel, estimator=estimator, **kw),
                                     (x, y))
+
+
+@pytest.mark.parametrize("kernel,kw", [("laplacian", {"bandwidth": 1.5}), ("distance", {}),
+                                       ("gaussian", {"bandwidth": [0.7, 2.0]}), ("imq", {"bandwidth": 1.0}),
+                                       ("polynomial", {})])
+@pytest.mark.parametrize("estimator", ["biased", "unbiased", "ustat"])
+@pytest.mark.parametrize("grads", ["x", "y", "xy"])
+def test_mmd2_small_path_equals_tiled_path(monkeypatch, kernel, kw, estimator, grads):
+    """The fused small-batch estimator in float32 against the kernel_matmul path in float64 (forced
+    by lowering the size switch), values and gradients; the smooth kernels also with repeated rows
+    (the Gram-trick distance of two equal rows is rounding noise, whose square root the Laplacian
+    and distance kernels cannot resolve in float32 — only the self-distances are exact zeros)."""
+    import distkern.mmd as mmd
+
+    g = torch.Generator().manual_seed(11)
+    n, m = 37, 37 if estimator == "ustat" else 29
+    x0, y0 = torch.randn(n, 6, generator=g), torch.randn(m, 6, generator=g) + 0.3
+    if kernel not in ("laplacian", "distance"):
+        x0[5] = x0[3]
+        y0[2] = x0[1]
+
+    def run(dtype):
+        x = x0.detach().to(dtype).clone().requires_grad_("x" in grads)
+        y = y0.detach().to(dtype).clone().requires_grad_("y" in grads)
+        v = distkern.mmd2(x, y, kernel=kernel, estimator=estimator, **kw)
+        v.backward()
+        return v.detach(), x.grad, y.grad
+
+    small = run(torch.float32)
+    monkeypatch.setattr(mmd, "_DENSE_MAX", 0)
+    ref = run(torch.float64)
+    assert float(small[0]) == pytest.approx(float(ref[0]), rel=2e-5, abs=1e-6)
+    for a, b in zip(small[1:], ref[1:]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == torch.float32
+            assert float((a.double() - b).abs().max()) < 1e-4 * float(b.abs().max()), (a.double() - b).abs().max()
+
+
+def test_mmd2_small_path_half_inputs_and_errors():
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.randn(20, 8, generator=g), torch.randn(15, 8, generator=g)
+    xb = x.bfloat16().requires_grad_()
+    v = distkern.mmd2(xb, y.bfloat16(), kernel="gaussian", bandwidth=2.0)
+    v.backward()
+    assert v.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
+    ref = distkern.mmd2(xb.detach().float(), y.bfloat16().float(), kernel="gaussian", bandwidth=2.0)
+    assert float(v) == pytest.approx(float(ref), rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        distkern.mmd2(x[:1], y, bandwidth=1.0)
+    with pytest.raises(ValueError, match="needs n = m"):
+        distkern.mmd2(x, y, bandwidth=1.0, estimator="ustat")

@@ -57,13 +57,17 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
 
         return (pairs(x1, x2) + pairs(y1, y2) - pairs(x1, y2) - pairs(x2, y1)).mean()
     if max(n, m) <= _DENSE_MAX:
-        # Small batches (MMD-DDM trains with 64): the kernel matrices fit in cache and one dense
-        # GEMM each beats tiling; same arithmetic, clamped distances, autograd through torch.
-        kxx, kyy, kxy = (_dense(a, b, kernel, kw).sum() for a, b in ((x, x), (y, y), (x, y)))
-    else:
-        kxx = kernel_matmul(x, x, kernel=kernel, **kw).sum()
-        kyy = kernel_matmul(y, y, kernel=kernel, **kw).sum()
-        kxy = kernel_matmul(x, y, kernel=kernel, **kw).sum()
+        # Small batches (MMD-DDM trains with 64): the kernel matrices fit in cache; one fused
+        # estimator with two GEMMs forward and one per sample backward (see _SmallMMD).
+        if estimator != "biased" and (n < 2 or m < 2):
+            raise ValueError(f"distkern.mmd2: the {estimator} estimator needs at least 2 samples on each side")
+        if estimator == "ustat" and n != m:
+            raise ValueError(f"distkern.mmd2: the full U-statistic needs n = m; got {n} and {m} (use 'unbiased')")
+        params = kernel_params(kernel, x.shape[1], **kw)[1]
+        return _SmallMMD.apply(x, y, kernel, params, estimator)
+    kxx = kernel_matmul(x, x, kernel=kernel, **kw).sum()
+    kyy = kernel_matmul(y, y, kernel=kernel, **kw).sum()
+    kxy = kernel_matmul(x, y, kernel=kernel, **kw).sum()
     if estimator == "biased":
         return kxx / (n * n) + kyy / (m * m) - 2 * kxy / (n * m)
     if n < 2 or m < 2:
@@ -98,41 +102,121 @@ def _as_acc(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return a.to(acc), b.to(acc)
 
 
-class _Gram(torch.autograd.Function):
-    """``a @ aᵀ`` whose backward is one GEMM, ``(G + Gᵀ) @ a``, instead of autograd's two (one per operand)."""
+def _phi_and_grad(kernel: str, params: list[float], t: torch.Tensor, need_grad: bool):
+    """φ and dφ/dt elementwise, t = r² (or x·y for the polynomial kernel); dφ/dt of the Laplacian
+    and distance kernels is 0 at r = 0 (the op's convention: no NaN at x = y)."""
+    if kernel == "polynomial":
+        g, c, d = params
+        base = g * t + c
+        return base ** d, (d * g * base ** (d - 1) if need_grad else None)
+    if kernel in ("distance", "laplacian"):
+        pos = t > 0
+        r = torch.where(pos, t.clamp_min(1e-30).sqrt(), torch.zeros_like(t))
+        if kernel == "distance":
+            return r, (torch.where(pos, 0.5 / r.clamp_min(1e-30), torch.zeros_like(t)) if need_grad else None)
+        val = grad = None
+        for sgm in params:
+            e = torch.exp(-r / sgm)
+            val = e if val is None else val + e
+            if need_grad:
+                gi = e / (-2 * sgm * r.clamp_min(1e-30))
+                grad = gi if grad is None else grad + gi
+        return val, (torch.where(pos, grad, torch.zeros_like(t)) if need_grad else None)
+    val = grad = None
+    for sgm in params:
+        if kernel == "gaussian":
+            e = torch.exp(t * (-0.5 / (sgm * sgm)))
+            gi = e * (-0.5 / (sgm * sgm)) if need_grad else None
+        else:  # imq
+            u = (1 + t / (sgm * sgm)).rsqrt()
+            e, gi = u, (-0.5 / (sgm * sgm)) * u * u * u if need_grad else None
+        val = e if val is None else val + e
+        if need_grad:
+            grad = gi if grad is None else grad + gi
+    return val, grad
+
+
+class _SmallMMD(torch.autograd.Function):
+    """MMD² of small samples from their kernel matrices, fused: forward ``x·[x; y]ᵀ`` and ``y·yᵀ``
+    (two GEMMs; distances from centred data, clamped, exact-zero self-distances), the estimator's
+    weights (diagonals masked, not subtracted); backward one GEMM per sample that needs a gradient,
+    ``B·[x; y]`` with ``B`` the weighted kernel derivatives (eager autograd needs two per Gram
+    product). Float32 (float64 for float64) throughout."""
 
     @staticmethod
-    def forward(ctx, a):
-        ctx.save_for_backward(a)
-        return a @ a.T
+    def forward(ctx, x, y, kernel, params, estimator):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        n, m = x.shape[0], y.shape[0]
+        xa, ya = x.to(acc), y.to(acc)
+        dot = kernel == "polynomial"
+        if not dot:  # translation-invariant: centre on y's mean for accurate distances
+            c = ya.mean(0)
+            xa, ya = xa - c, ya - c
+        z = torch.cat([xa, ya])
+        gx = xa @ z.T  # (n, n + m): [x·xᵀ | x·yᵀ]
+        gyy = ya @ ya.T
+        eye_n = torch.eye(n, dtype=torch.bool, device=x.device)
+        eye_m = torch.eye(m, dtype=torch.bool, device=x.device)
+        if dot:
+            tx, tyy = gx, gyy
+        else:
+            sx, sy = (xa * xa).sum(1), (ya * ya).sum(1)
+            tx = (sx[:, None] + torch.cat([sx, sy])[None, :] - 2 * gx).clamp_min_(0)
+            tx[:, :n].masked_fill_(eye_n, 0)  # |x_i − x_i|² is 0, not its rounding
+            tyy = (sy[:, None] + sy[None, :] - 2 * gyy).clamp_min_(0).masked_fill_(eye_m, 0)
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        kx, dkx = _phi_and_grad(kernel, params, tx, need_x or need_y)
+        kyy, dkyy = _phi_and_grad(kernel, params, tyy, need_y)
+        # weights: W_xx, W_yy (masked diagonals for the unbiased forms), W_xy
+        if estimator == "biased":
+            wxx, wyy, wxy = 1.0 / (n * n), 1.0 / (m * m), -2.0 / (n * m)
+            mxx = mxy = myy = None
+        else:
+            wxx, wyy = 1.0 / (n * (n - 1)), 1.0 / (m * (m - 1))
+            wxy = -2.0 / (n * m) if estimator == "unbiased" else -2.0 / (n * (n - 1))
+            mxx, myy = eye_n, eye_m
+            mxy = eye_n if estimator == "ustat" else None
+        kxx, kxy = kx[:, :n], kx[:, n:]
+        if mxx is not None:
+            kxx = kxx.masked_fill(mxx, 0)
+            kyy = kyy.masked_fill(myy, 0)
+        if mxy is not None:
+            kxy = kxy.masked_fill(mxy, 0)
+        out = wxx * kxx.sum() + wyy * kyy.sum() + wxy * kxy.sum()
+        if need_x or need_y:
+            # B = weight ⊙ dφ/dt per block; a within-sample block counts each pair twice (i, j and j, i)
+            bxx = (2 * wxx) * dkx[:, :n]
+            bxy = wxy * dkx[:, n:]
+            if mxx is not None:
+                bxx.masked_fill_(mxx, 0)
+            if mxy is not None:
+                bxy.masked_fill_(mxy, 0)
+            byy = None
+            if need_y:
+                byy = (2 * wyy) * dkyy
+                if myy is not None:
+                    byy.masked_fill_(myy, 0)
+            ctx.save_for_backward(z, bxx, bxy, byy)
+        ctx.dot, ctx.n, ctx.dtypes = dot, n, (x.dtype, y.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        (a,) = ctx.saved_tensors
-        return (g + g.T) @ a
+        z, bxx, bxy, byy = ctx.saved_tensors
+        n = ctx.n
+        gx = gy = None
 
+        def grad_rows(b, rows):  # (b·z)ᵀ through zᵀ·bᵀ: MKL is faster with the long axis outermost
+            bz = (z.T @ b.T).T
+            if ctx.dot:
+                return bz
+            return 2 * (b.sum(1, keepdim=True) * rows - bz)
 
-def _dense(a: torch.Tensor, b: torch.Tensor, kernel: str, kw: dict) -> torch.Tensor:
-    """The (n, m) kernel matrix in plain torch, for small batches (data centred on the mean of b,
-    as the op does). A sample against itself uses the symmetric Gram product (one GEMM backward)."""
-    same = a is b
-    a, b = _as_acc(a, b)
-    params = kernel_params(kernel, a.shape[1], **kw)[1]
-    if kernel == "polynomial":
-        return _phi(kernel, params, None, _Gram.apply(a) if same else a @ b.T)
-    c = b.mean(0).detach()
-    if same:
-        a = a - c
-        sq = (a * a).sum(1)
-        r2 = (sq[:, None] + sq[None, :] - 2 * _Gram.apply(a)).clamp_min(0)
-        # the diagonal is 0 exactly (not the rounding of |a|² + |a|² − 2a·a, whose square root the Laplacian
-        # and distance kernels would turn into a visible error and a gradient of noise)
-        eye = torch.eye(r2.shape[0], dtype=torch.bool, device=r2.device)
-        r2 = torch.where(eye, torch.zeros((), dtype=r2.dtype, device=r2.device), r2)
-    else:
-        a, b = a - c, b - c
-        r2 = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)).clamp_min(0)
-    return _phi(kernel, params, r2, None)
+        if ctx.needs_input_grad[0]:
+            gx = (g * grad_rows(torch.cat([bxx, bxy], 1), z[:n])).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            gy = (g * grad_rows(torch.cat([bxy.T, byy], 1), z[n:])).to(ctx.dtypes[1])
+        return gx, gy, None, None, None
 
 
 def _paired(a: torch.Tensor, b: torch.Tensor, kernel: str, kw: dict) -> torch.Tensor:
