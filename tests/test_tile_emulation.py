@@ -1,24 +1,21 @@
 """The CUDA tile-product skeleton (csrc/common/tile_gemm.cuh) run on the CPU through a small CUDA
-stand-in (tests/emu/cuda_emulate.h): both kernels — FMA with 4×4 / 8×8 thread tiles, tensor cores
+stand-in (tests/emu/cuda_emulate.h, the header rewritten by tests/emu/cu2cpp.py): both kernels — FMA with 4×4 / 8×8 thread tiles, tensor cores
 with TF32 / 3xTF32 — against float64 products, with B read along either axis, triangular factors,
 several problems per block and the per-row guards. It checks the index arithmetic, the shared-memory
 layouts, the WMMA pointer alignment and the accumulator hand-off to the epilogues on a machine
 without a GPU; it says nothing about the hardware (the cuda-marked tests do that)."""
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from emu_support import EMU, compile_flags, missing
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 def test_tile_skeleton_emulated(tmp_path):
+    if missing():
+        pytest.skip(missing())
     exe = tmp_path / "tile_emulation"
-    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-DDK_CUDA_EMULATE",
-           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'emu'}", str(ROOT / "tests" / "emu" / "tile_emulation.cpp"),
-           "-o", str(exe)]
+    cmd = ["g++", *compile_flags(tmp_path), str(EMU / "tile_emulation.cpp"), "-o", str(exe)]
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(exe), "7"], capture_output=True, text=True, timeout=300)

@@ -11,12 +11,8 @@
 //   Tri::Upper  B[k][j] = 0 for k > j   (its transpose:                 C = A·Lᵀ)
 #pragma once
 
-#ifdef DK_CUDA_EMULATE
-#include "cuda_emulate.h"  // tests/emu: the index arithmetic run on the CPU (tests/test_tile_emulation.py)
-#else
 #include <cuda_runtime.h>
 #include <mma.h>
-#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -169,7 +165,6 @@ __device__ __forceinline__ acc_t row_lanes_sum(acc_t v) {
   return v;
 }
 
-#ifndef DK_CUDA_EMULATE
 // Launch helper: grid (ceil(M / (16·TR)), ceil(P / ppb)); Epi is a template <int TR, int TC>.
 template <typename acc_t, int TR, int TC, template <int, int> class Epi, typename A, typename B,
           typename EArgs>
@@ -186,7 +181,6 @@ cudaError_t launch_tile_gemm_rows(int64_t M, int64_t K, int64_t Ncols, Tri tri, 
           M, K, Ncols, tri, P, ppb, a, b, e);
   return cudaGetLastError();
 }
-#endif  // DK_CUDA_EMULATE
 
 // ---- tensor-core variant ----------------------------------------------------------------------
 //
@@ -363,7 +357,6 @@ tile_gemm_rows_tc_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P
 #endif
 }
 
-#ifndef DK_CUDA_EMULATE
 // One entry for both kernels: float32 with a tensor-core mode runs tile_gemm_rows_tc_kernel with
 // Epi<4, 4> (whatever TR, TC say); everything else the FMA kernel with Epi<TR, TC>. The caller
 // resolves the mode (sm_80+ for the tensor-core ones).
@@ -389,7 +382,6 @@ cudaError_t launch_tile_gemm_rows_mode(MatMode mode, int64_t M, int64_t K, int64
   }
   return launch_tile_gemm_rows<acc_t, TR, TC, Epi>(M, K, Ncols, tri, P, ppb, a, b, eargs, stream);
 }
-#endif  // DK_CUDA_EMULATE
 
 }  // namespace cuda
 }  // namespace distkern

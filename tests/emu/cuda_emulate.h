@@ -1,13 +1,18 @@
-// A CPU stand-in for the few CUDA features the tile-product skeleton uses, so that its index
-// arithmetic (loader mappings, shared-memory layouts, fragment addresses and alignment, the
-// accumulator hand-off to the epilogue, guards, triangles, problems) can be tested on a machine
-// without a GPU. One block runs at a time as 256 std::threads; __shared__ variables are statics;
+// A CPU stand-in for the CUDA features distkern's kernels use, so that their index arithmetic
+// (loader mappings, shared-memory layouts, fragment addresses and alignment, reductions, tails,
+// grid-stride loops) can be tested on a machine without a GPU. One block runs at a time as
+// blockDim.x std::threads; __shared__ variables are statics;
 // __syncthreads and the warp shuffles are barriers. WMMA fragments hold the whole tile in every
 // lane (the hardware spreads it over the warp; the mock only keeps the documented semantics of
 // load / mma / store, and checks the pointer alignment and leading dimensions the API requires).
-// Used by tests/test_tile_emulation.py only; the CUDA build never sees this file.
+// The .cu sources are compiled as C++ after tests/emu/cu2cpp.py rewrites their launches
+// (`k<<<grid, block, smem, stream>>>(args)` → `emu::launch([&] { k(args); }, grid, block, smem)`)
+// and dynamic shared memory; tests/emu/stub/ stands in for <cuda_runtime.h> and <mma.h>.
+// Used by tests/test_tile_emulation.py and tests/test_kernel_emulation.py only; the CUDA build
+// never sees this file.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cassert>
 #include <cmath>
@@ -16,9 +21,24 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
+// CUDA's own host-side vector types (dim3, float4, make_float4, ...), then our qualifiers over the
+// ones its host_defines.h made.
+#include <vector_functions.h>
+#include <vector_types.h>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __shared__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __align__
+#undef __restrict__
 #define __global__
 #define __device__
 #define __host__
@@ -26,49 +46,78 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
+#define __restrict__ __restrict
 
-struct dim3 {
-  unsigned x = 0, y = 0, z = 0;
-};
-inline thread_local dim3 threadIdx, blockIdx;
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
-struct alignas(16) float4 {
-  float x, y, z, w;
-};
-inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+// cudaError_t, cudaStream_t, ... come from CUDA's driver_types.h (through vector_types.h); the
+// runtime calls the launchers make are no-ops here.
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
 
 namespace emu {
-
-constexpr int kThreads = 256;
-inline std::barrier<>* g_block = nullptr;
-inline std::barrier<>* g_warp[kThreads / 32] = {};
-inline int64_t g_xch[kThreads];
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "emulation: %s\n", what);
   std::abort();
 }
 
-// Run kernel(args...) over a grid of (gx, gy) blocks of 256 threads, one block at a time.
+inline std::barrier<>* g_block = nullptr;
+inline std::vector<std::barrier<>*> g_warp;
+inline std::vector<int64_t> g_xch;
+inline unsigned char* g_dyn = nullptr;
+
+inline void* dyn_smem() { return g_dyn; }
+
+// kernel() over `grid` blocks of `block` threads (1-D blocks, a multiple of 32), one block at a
+// time, each thread a std::thread; `smem` bytes of dynamic shared memory per block.
 template <typename F>
-void launch(unsigned gx, unsigned gy, F kernel) {
-  for (unsigned by = 0; by < gy; ++by)
-    for (unsigned bx = 0; bx < gx; ++bx) {
-      std::barrier<> block(kThreads);
-      std::vector<std::barrier<>*> warps;
-      for (int w = 0; w < kThreads / 32; ++w) warps.push_back(new std::barrier<>(32));
-      g_block = &block;
-      for (int w = 0; w < kThreads / 32; ++w) g_warp[w] = warps[w];
+void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
+  const unsigned nt = block.x;
+  if (block.y != 1 || block.z != 1 || nt == 0 || nt % 32 != 0 || nt > 1024) fail("block must be (32k, 1, 1)");
+  if (grid.z != 1) fail("grid.z must be 1");
+  std::vector<unsigned char> dyn(smem + 128);
+  g_dyn = dyn.data() + (128 - reinterpret_cast<uintptr_t>(dyn.data()) % 128) % 128;
+  g_xch.assign(nt, 0);
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      std::barrier<> blk(nt);
+      std::vector<std::unique_ptr<std::barrier<>>> warps;
+      g_warp.clear();
+      for (unsigned w = 0; w < nt / 32; ++w) {
+        warps.emplace_back(new std::barrier<>(32));
+        g_warp.push_back(warps.back().get());
+      }
+      g_block = &blk;
       std::vector<std::thread> ts;
-      for (int t = 0; t < kThreads; ++t)
+      for (unsigned t = 0; t < nt; ++t)
         ts.emplace_back([&, t] {
-          threadIdx = dim3{static_cast<unsigned>(t), 0, 0};
-          blockIdx = dim3{bx, by, 0};
+          threadIdx = dim3(t, 0, 0);
+          threadIdx.y = threadIdx.z = 0;
+          blockIdx = dim3(bx, by, 0);
+          blockIdx.z = 0;
+          blockDim = block;
+          gridDim = grid;
           kernel();
         });
       for (auto& t : ts) t.join();
-      for (auto* w : warps) delete w;
     }
+}
+
+template <typename T>
+T exchange(T v, int src_lane) {
+  static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+  const int t = threadIdx.x, w = t / 32;
+  int64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  g_xch[t] = bits;
+  g_warp[w]->arrive_and_wait();
+  bits = g_xch[w * 32 + src_lane];
+  g_warp[w]->arrive_and_wait();
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
 }
 
 }  // namespace emu
@@ -76,19 +125,35 @@ void launch(unsigned gx, unsigned gy, F kernel) {
 inline void __syncthreads() { emu::g_block->arrive_and_wait(); }
 
 template <typename T>
-T __shfl_xor_sync(unsigned, T v, int off) {
-  static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
-  const int t = threadIdx.x, w = t / 32, lane = t % 32;
-  int64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(T));
-  emu::g_xch[t] = bits;
-  emu::g_warp[w]->arrive_and_wait();
-  bits = emu::g_xch[w * 32 + (lane ^ off)];
-  emu::g_warp[w]->arrive_and_wait();
-  T out;
-  std::memcpy(&out, &bits, sizeof(T));
-  return out;
+T __shfl_xor_sync(unsigned, T v, int off, int width = 32) {
+  const int lane = threadIdx.x % 32, seg = lane / width * width;
+  const int src = lane ^ off;
+  return emu::exchange(v, src >= seg && src < seg + width ? src : lane);
 }
+
+template <typename T>
+T __shfl_down_sync(unsigned, T v, unsigned off, int width = 32) {
+  const int lane = threadIdx.x % 32, seg = lane / width * width;
+  const int src = lane + static_cast<int>(off);
+  return emu::exchange(v, src < seg + width ? src : lane);
+}
+
+template <typename T>
+T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+
+template <typename T>
+T atomicMin(T* p, T v) {
+  std::atomic_ref<T> a(*p);
+  T cur = a.load();
+  while (v < cur && !a.compare_exchange_weak(cur, v)) {
+  }
+  return cur;
+}
+
+inline unsigned int __float_as_uint(float v) { unsigned int u; std::memcpy(&u, &v, 4); return u; }
+inline float __uint_as_float(unsigned int u) { float v; std::memcpy(&v, &u, 4); return v; }
+inline long long __double_as_longlong(double v) { long long u; std::memcpy(&u, &v, 8); return u; }
+inline double __longlong_as_double(long long u) { double v; std::memcpy(&v, &u, 8); return v; }
 
 namespace nvcuda {
 namespace wmma {

@@ -2,7 +2,7 @@
 // the FMA kernel (4×4 and 8×8 thread tiles) and the tensor-core kernel (TF32 and 3xTF32), with B
 // read along j or along k, triangles, several problems per block, and the per-row guards — each
 // against a float64 product. Prints one line per case and "ALL OK", or exits 1.
-#define DK_CUDA_EMULATE 1
+// Built from the tile header rewritten by cu2cpp.py, with tests/emu/stub first on the include path.
 #include "common/tile_gemm.cuh"
 
 #include <random>
@@ -83,16 +83,16 @@ void run(Kern kern, int64_t M, int64_t K, int64_t N, Tri tri, int64_t P, int64_t
   const unsigned gy = static_cast<unsigned>((P + ppb - 1) / ppb);
   if (kern == Kern::Fma4) {
     const Store<4, 4> ep{e};
-    emu::launch((M + 63) / 64, gy, [&] { tile_gemm_rows_kernel<float, 4, 4, ALoad, BL, Store<4, 4>>(M, K, N, tri, P, ppb, a, b, ep); });
+    emu::launch([&] { tile_gemm_rows_kernel<float, 4, 4, ALoad, BL, Store<4, 4>>(M, K, N, tri, P, ppb, a, b, ep); }, dim3((M + 63) / 64, gy), dim3(256));
   } else if (kern == Kern::Fma8) {
     const Store<8, 8> ep{e};
-    emu::launch((M + 127) / 128, gy, [&] { tile_gemm_rows_kernel<float, 8, 8, ALoad, BL, Store<8, 8>>(M, K, N, tri, P, ppb, a, b, ep); });
+    emu::launch([&] { tile_gemm_rows_kernel<float, 8, 8, ALoad, BL, Store<8, 8>>(M, K, N, tri, P, ppb, a, b, ep); }, dim3((M + 127) / 128, gy), dim3(256));
   } else {
     const Store<4, 4> ep{e};
     if (kern == Kern::Tf32x3)
-      emu::launch((M + 63) / 64, gy, [&] { tile_gemm_rows_tc_kernel<4, 4, ALoad, BL, Store<4, 4>, true>(M, K, N, tri, P, ppb, a, b, ep); });
+      emu::launch([&] { tile_gemm_rows_tc_kernel<4, 4, ALoad, BL, Store<4, 4>, true>(M, K, N, tri, P, ppb, a, b, ep); }, dim3((M + 63) / 64, gy), dim3(256));
     else
-      emu::launch((M + 63) / 64, gy, [&] { tile_gemm_rows_tc_kernel<4, 4, ALoad, BL, Store<4, 4>, false>(M, K, N, tri, P, ppb, a, b, ep); });
+      emu::launch([&] { tile_gemm_rows_tc_kernel<4, 4, ALoad, BL, Store<4, 4>, false>(M, K, N, tri, P, ppb, a, b, ep); }, dim3((M + 63) / 64, gy), dim3(256));
   }
 }
 

@@ -1,0 +1,3 @@
+// CPU stand-in for <cuda_runtime.h> in the emulated builds of tests/emu (never seen by nvcc).
+#pragma once
+#include "../cuda_emulate.h"

@@ -1,0 +1,39 @@
+"""Building distkern's CUDA sources for the CPU emulation (tests/emu): the include paths, and the
+sources rewritten by tests/emu/cu2cpp.py. Used by test_tile_emulation and test_kernel_emulation."""
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tests" / "emu"
+
+
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's include directory (host headers only: vector_types.h, cuda_fp16.h), or None."""
+    from distkern.cpp_extension import find_cuda_home
+
+    for home in (find_cuda_home(set_env=False), "/usr/local/cuda"):
+        if home and (Path(home) / "include" / "vector_types.h").exists():
+            return Path(home) / "include"
+    return None
+
+
+def missing() -> str | None:
+    """Why the emulation cannot be built here, or None."""
+    if shutil.which("g++") is None:
+        return "needs g++ (C++20)"
+    if cuda_include() is None:
+        return "needs the CUDA headers (vector_types.h, cuda_fp16.h)"
+    return None
+
+
+def compile_flags(tmp: Path) -> list[str]:
+    """Rewrite csrc's .cu / .cuh under tmp/cu and return the g++ flags that build against them."""
+    sys.path.insert(0, str(EMU))
+    try:
+        import cu2cpp
+    finally:
+        sys.path.pop(0)
+    cu2cpp.transform_tree(ROOT / "csrc", tmp / "cu")
+    return ["-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-I{EMU / 'stub'}",
+            f"-I{tmp / 'cu'}", f"-I{ROOT / 'csrc'}", f"-I{cuda_include()}"]

@@ -1,0 +1,261 @@
+"""distkern's CUDA kernels run on the CPU through a CUDA stand-in (tests/emu): the real ``.cu`` files
+and their launchers, rewritten only at the launch syntax (tests/emu/cu2cpp.py), compiled with g++
+into one shared library and called through ctypes with CPU tensors, against the CPU ops (the same
+math headers) or float64. Each block runs as blockDim.x std::threads with barriers for
+``__syncthreads`` and the warp shuffles, so index arithmetic, tails, grid-stride loops, shared-memory
+layouts, reductions and the in-kernel Philox draws are checked without a GPU. It says nothing about
+the hardware (timing, memory model, real tensor cores): the cuda-marked tests do that."""
+import ctypes
+import subprocess
+
+import pytest
+import torch
+
+import distkern
+from distkern.ops import align
+from emu_support import EMU, compile_flags, missing
+
+WRAPPERS = ["step", "anomaly_map", "attention", "mahalanobis", "nearest", "kernel_sum"]
+DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+FMA, TF32, TF32X3 = 0, 1, 2
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    if missing():
+        pytest.skip(missing())
+    tmp = tmp_path_factory.mktemp("emu")
+    flags = [*compile_flags(tmp), "-fPIC"]
+    procs = {w: subprocess.Popen(["g++", *flags, "-c", str(EMU / f"wrap_{w}.cpp"), "-o", str(tmp / f"{w}.o")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for w in WRAPPERS}
+    for w, p in procs.items():
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, f"wrap_{w}.cpp:\n{out[-4000:]}"
+    so = tmp / "libdkemu.so"
+    link = subprocess.run(["g++", "-shared", "-pthread", *[str(tmp / f"{w}.o") for w in WRAPPERS], "-o", str(so)],
+                          capture_output=True, text=True, timeout=300)
+    assert link.returncode == 0, link.stderr[-4000:]
+    return ctypes.CDLL(str(so))
+
+
+def _p(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+I64, DBL, INT = ctypes.c_int64, ctypes.c_double, ctypes.c_int
+
+
+def _call(fn, *args):
+    rc = fn(*args)
+    assert rc == 0, f"launcher returned cudaError {rc}"
+
+
+def _ulps(a, b, dtype):
+    tol = {torch.float32: 2e-6, torch.float64: 1e-13, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    return torch.allclose(a.double(), b.double(), rtol=tol, atol=tol)
+
+
+# ---- sampler step ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 3, 7, 9), (4, 1031)])
+def test_sampler_step(lib, dtype, shape):
+    g = torch.Generator().manual_seed(len(shape) + shape[-1])
+    x, m, px = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    noise = torch.randn(shape, generator=g).to(dtype)
+    B = shape[0]
+    n = x.numel() // B
+    coefs = [0.9, -0.3, 0.1, 0.8, 0.5, 0.05, 0.2, 0.3]
+    table = torch.randn(B, 8, generator=g, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for clip in (0, 1, 2):
+        for nz, seed in ((None, 7), (noise, -1), (None, -1)):
+            for per_sample in (None, table):
+                for prev in (px, None):
+                    ref_out, ref_x0 = torch.ops.distkern.sampler_step(
+                        x, m, prev, nz, [] if per_sample is not None else coefs, per_sample, clip, 0.7, 0.9, 1.5,
+                        seed, 3)
+                    out, x0 = torch.empty_like(x), torch.empty_like(x)
+                    scale = torch.empty(max(B, 1), dtype=acc)
+                    c = (ctypes.c_double * 8)(*coefs)
+                    _call(lib.emu_sampler_step, INT(DT[dtype]), _p(x), _p(m), _p(prev), _p(nz), _p(out), _p(x0),
+                          _p(per_sample), c, I64(B), I64(n), I64(x.numel()), INT(clip), DBL(0.7), DBL(0.9),
+                          DBL(1.5), I64(seed), I64(3), _p(scale))
+                    what = f"clip={clip} seed={seed} noise={nz is not None} table={per_sample is not None}"
+                    assert _ulps(out, ref_out, dtype) and _ulps(x0, ref_x0, dtype), what
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sampler_step_backward(lib, dtype):
+    g = torch.Generator().manual_seed(3)
+    shape = (3, 4, 5, 7)
+    x, m, gp, g0 = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
+    coefs = [0.9, -0.3, 0.1, 0.8, 0.5, 0.05, 0.2, 0.3]
+    for clip in (0, 1):
+        for grad_x0 in (g0, None):
+            ref = torch.ops.distkern.sampler_step_backward(gp, grad_x0, x, m, None, coefs, None, clip, 0.7, 5, 0)
+            outs = [torch.empty_like(x) for _ in range(3)]
+            c = (ctypes.c_double * 8)(*coefs)
+            _call(lib.emu_sampler_step_backward, INT(DT[dtype]), _p(gp), _p(grad_x0), _p(x), _p(m), None,
+                  *[_p(o) for o in outs], None, c, I64(3), I64(x.numel() // 3), I64(x.numel()), INT(clip), DBL(0.7),
+                  I64(5), I64(0))
+            for a, b in zip(outs, ref):
+                assert _ulps(a, b, dtype)
+
+
+# ---- prompt alignment ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("L,B,P,D,K,per_image", [(1, 1, 1, 1, 1, False), (2, 3, 37, 70, 5, True),
+                                                 (4, 2, 33, 65, 3, False)])
+def test_anomaly_map(lib, dtype, L, B, P, D, K, per_image):
+    g = torch.Generator().manual_seed(L + B + P + D)
+    patches = torch.randn(L, B, P, D, generator=g).to(dtype)
+    text = torch.randn(*((L, B) if per_image else (L,)), K, 2, D, generator=g)
+    dirs = align.pair_directions(text, 14.3)
+    dirs = (dirs.double() if dtype == torch.float64 else dirs.float())
+    d4 = dirs if per_image else dirs[:, None]
+    ref = torch.ops.distkern.anomaly_map(patches, dirs)
+    out = torch.empty(B, P, dtype=ref.dtype)
+    _call(lib.emu_anomaly_map, INT(DT[dtype]), _p(patches.contiguous()), _p(d4.contiguous()), _p(out), I64(L), I64(B),
+          I64(P), I64(D), I64(K), I64(d4.shape[0]), I64(d4.shape[1]))
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert torch.allclose(out, ref, rtol=tol, atol=tol), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,M,P,D,masked", [(1, 1, 1, 3, False), (2, 9, 70, 65, True), (1, 17, 33, 300, False)])
+def test_fused_attention(lib, dtype, B, M, P, D, masked):
+    g = torch.Generator().manual_seed(B + M + P + D)
+    q = (0.2 * torch.randn(B, M, D, generator=g)).to(dtype)
+    x = torch.randn(B, P, D, generator=g).to(dtype)
+    mask = (torch.rand(B, P, generator=g) > 0.3) if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    ref_out, ref_lse = torch.ops.distkern.shared_kv_attention(q.double(), x.double(), mask, 16)
+    out, lse = torch.empty_like(q), torch.empty(B, M)
+    _call(lib.emu_attention, INT(DT[dtype]), _p(q), _p(x), _p(mask), _p(out), _p(lse), I64(B), I64(M), I64(P), I64(D))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(out.double(), ref_out, rtol=tol, atol=tol), (out.double() - ref_out).abs().max()
+    assert torch.allclose(lse.double(), ref_lse, rtol=1e-5, atol=1e-4)
+
+
+# ---- tile kernels (FMA, TF32, 3xTF32) ------------------------------------------------------------
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+TOL = {FMA: 2e-6, TF32X3: 2e-6, TF32: 3e-3}
+
+
+def _factor(D, R, g, lower):
+    if lower:
+        A = torch.randn(D, D, generator=g, dtype=torch.float64)
+        return torch.linalg.cholesky(A @ A.T / D + 0.5 * torch.eye(D, dtype=torch.float64)).float().contiguous()
+    return (torch.randn(D, R, generator=g, dtype=torch.float64).float() / D**0.5).contiguous()
+
+
+@pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
+@pytest.mark.parametrize("N,D,R,lower", [(1, 1, 1, True), (130, 70, 70, True), (200, 129, 5, False)])
+def test_mahalanobis_forward_backward(lib, mode, N, D, R, lower):
+    g = torch.Generator().manual_seed(N + D + R)
+    L = _factor(D, R, g, lower)
+    R = L.shape[1]
+    mu = torch.randn(D, generator=g)
+    x = torch.randn(N, D, generator=g) + mu
+    for xd in (x, x.bfloat16(), x.T.contiguous().T):  # contiguous fp32, bf16, column-major strides
+        out = torch.empty(N)
+        _call(lib.emu_maha_forward, INT(DT[xd.dtype]), INT(mode), _p(xd), I64(xd.stride(0)), I64(xd.stride(1)), _p(mu),
+              _p(L), _p(out), I64(N), I64(D), I64(R), INT(lower))
+        refd = distkern.mahalanobis(xd.double(), mu.double(), L.double(), lower=lower)
+        assert _rel(out, refd) < TOL[mode], (xd.dtype, xd.stride())
+    # backward: grad of sum(w · d²) w.r.t. x, and the mean's partial sums
+    w = torch.randn(N, generator=g)
+    xr = x.double().requires_grad_()
+    (w.double() * distkern.mahalanobis(xr, mu.double(), L.double(), lower=lower)).sum().backward()
+    blocks = (N + 63) // 64
+    z, gx, part = torch.empty(N, R), torch.empty(N, D), torch.empty(blocks, D)
+    _call(lib.emu_maha_backward, INT(0), INT(mode), _p(x), I64(D), I64(1), _p(w), _p(mu), _p(L), _p(z), _p(gx),
+          _p(part), I64(N), I64(D), I64(R), INT(lower))
+    assert _rel(gx, xr.grad) < 2 * TOL[mode]
+    assert _rel(part.sum(0), -xr.grad.sum(0)) < 2 * TOL[mode]
+
+
+@pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
+@pytest.mark.parametrize("reduce", [0, 1, 2])
+def test_mahalanobis_k_components(lib, mode, reduce):
+    g = torch.Generator().manual_seed(40 + reduce)
+    N, D, K = 150, 33, 4
+    L = torch.stack([_factor(D, D, g, True) for _ in range(K)])
+    mu = 2 * torch.randn(K, D, generator=g)
+    x = mu[torch.randint(K, (N,), generator=g)] + torch.randn(N, D, generator=g)
+    bias = torch.randn(K, generator=g)
+    z = torch.einsum("nkd,kdr->nkr", x.double()[:, None] - mu.double()[None], L.double())
+    d2 = (z * z).sum(-1)
+    out = torch.empty(N, K) if reduce == 0 else torch.empty(N)
+    idx = torch.empty(N if reduce == 1 else 0, dtype=torch.int64)
+    _call(lib.emu_maha_k, INT(0), INT(mode), _p(x), I64(D), I64(1), _p(mu), _p(L), _p(bias), _p(out),
+          _p(idx) if reduce == 1 else None, I64(N), I64(D), I64(D), I64(K), INT(1), INT(reduce))
+    ref = [d2, d2.min(1).values, torch.logsumexp(bias.double() - 0.5 * d2, 1)][reduce]
+    assert _rel(out, ref) < TOL[mode]
+    if reduce == 1:
+        assert float((d2.gather(1, idx[:, None])[:, 0] - d2.min(1).values).abs().max()) < 1e-2
+
+
+@pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
+@pytest.mark.parametrize("fdtype", [torch.float32, torch.bfloat16])
+def test_mahalanobis_positions(lib, mode, fdtype):
+    g = torch.Generator().manual_seed(7)
+    B, P, D = 70, 3, 65
+    L = torch.stack([_factor(D, D, g, True) for _ in range(P)]).to(fdtype)
+    mu = torch.randn(P, D, generator=g)
+    x = torch.randn(B, P, D, generator=g) + mu
+    ref = distkern.mahalanobis_pos(x.double(), mu.double(), L.double())
+    out = torch.empty(B, P)
+    _call(lib.emu_maha_pos, INT(0), INT(DT[fdtype]), INT(mode), _p(x), I64(P * D), I64(D), I64(1), _p(mu), _p(L),
+          _p(out), I64(B), I64(P), I64(D), I64(D), INT(1))
+    assert _rel(out, ref) < TOL[mode]
+
+
+@pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
+def test_nearest(lib, mode):
+    g = torch.Generator().manual_seed(8)
+    N, M, D = 140, 77, 45
+    x, refs = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g)
+    rhat = torch.nn.functional.normalize(refs, dim=1, eps=1e-12).contiguous()
+    inv = (1 / x.norm(dim=1).clamp_min(1e-12)).contiguous()
+    out, idx = torch.empty(N), torch.empty(N, dtype=torch.int64)
+    _call(lib.emu_nearest, INT(0), INT(mode), _p(x), I64(D), I64(1), _p(rhat), _p(inv), _p(out), _p(idx), I64(N),
+          I64(D), I64(M))
+    sim = torch.nn.functional.normalize(x.double(), dim=1) @ rhat.double().T
+    assert _rel(out, sim.max(1).values) < TOL[mode]
+    assert float((sim.max(1).values - sim.gather(1, idx[:, None])[:, 0]).max()) < (1e-5 if mode != TF32 else 5e-3)
+
+
+@pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
+@pytest.mark.parametrize("kernel,kw,C", [("gaussian", {"bandwidth": [1.0, 3.0]}, 1), ("laplacian", {"bandwidth": 2.0}, 3),
+                                         ("polynomial", {}, 2), ("distance", {}, 1)])
+def test_kernel_matmul(lib, mode, kernel, kw, C):
+    from distkern.ops.kernel_sum import kernel_params
+
+    g = torch.Generator().manual_seed(9 + C)
+    N, M, D = 90, 133, 40
+    x, y = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g) + 0.2
+    v = torch.randn(M, C, generator=g)
+    kind, params = kernel_params(kernel, D, **kw)
+    # the op's preparation (kernel_sum.cpp): y centred on its mean (distance kernels; the polynomial
+    # kernel's dot products are not translation-invariant), its squared norms, φ's constants
+    center = y.mean(0) if kernel != "polynomial" else torch.zeros(D)
+    yc = (y - center).contiguous()
+    yy = (yc * yc).sum(1).contiguous()
+    if kernel in ("gaussian", "laplacian"):
+        p = [1 / (2 * s * s) if kernel == "gaussian" else 1 / s for s in params]
+    else:
+        p = list(params)
+    pa = (ctypes.c_double * 16)(*(p + [0.0] * (16 - len(p))))
+    out = torch.zeros(N, C)
+    _call(lib.emu_kernel_matmul, INT(0), INT(mode), _p(x), I64(D), I64(1), _p(center), _p(yc), _p(yy), _p(v),
+          _p(out), I64(N), I64(M), I64(D), I64(C), INT(kind), INT(len(p) if kernel in ("gaussian", "laplacian") else 0), pa)
+    ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
+    assert _rel(out, ref) < (1e-5 if mode != TF32 else 2e-2)
