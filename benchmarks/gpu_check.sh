@@ -12,7 +12,8 @@
 #                                                            -> OUTDIR/build.log
 #   test       python -m pytest -m cuda                     -> OUTDIR/pytest.log, OUTDIR/pytest-junit.xml
 #   sanitizer  compute-sanitizer memcheck on the test_cuda_sanitizer* tests -> OUTDIR/sanitizer.log
-#   bench      distkern bench --device cuda --json          -> OUTDIR/bench.log,
+#   bench      distkern bench --device cuda --json --time-budget (the step's time less 35 s)
+#                                                           -> OUTDIR/bench.log,
 #                                                              OUTDIR/bench-cuda-<gpu>-<date>.json
 #              then benchmarks/cuda_graph_loop.py (a 50-step DDIM loop in one CUDA graph; its JSON is the
 #              CUDA_GRAPH_LOOP line of bench.log)
@@ -256,11 +257,14 @@ step_sanitizer() {
 
 step_bench() {
     cd "$REPO"
+    # start no case after BENCH_BUDGET s (the step's timeout less time for the graph loop); the JSON is
+    # rewritten after every case, so a timeout still leaves the finished ones
+    local budget=(--time-budget "${BENCH_BUDGET:-120}")
     if "$VENV/bin/python" -c 'import distkern.cli' >/dev/null 2>&1 && [ -x "$VENV/bin/distkern" ]; then
-        "$VENV/bin/distkern" bench --device cuda --json "$BENCH_JSON"
+        "$VENV/bin/distkern" bench --device cuda --json "$BENCH_JSON" "${budget[@]}"
     else
         echo "(distkern.cli not importable: running python -m distkern.bench)"
-        "$VENV/bin/python" -m distkern.bench --device cuda --json "$BENCH_JSON"
+        "$VENV/bin/python" -m distkern.bench --device cuda --json "$BENCH_JSON" "${budget[@]}"
     fi
     # a whole 50-step DDIM loop at SD-sized latents captured in one CUDA graph (per-step time, launches)
     echo
@@ -283,6 +287,10 @@ if [ "$LAST_STATUS" = "ok" ]; then
     export PATH="$VENV/bin:$PATH"
     run_step test "$T_TEST" "$OUTDIR/pytest.log" 300 "set -euo pipefail; step_test"
     run_step sanitizer "$T_SAN" "$OUTDIR/sanitizer.log" 200 "set -euo pipefail; step_sanitizer"
+    left=$((DEADLINE - $(date +%s)))
+    bt=$T_BENCH
+    [ "$bt" -le "$left" ] || bt=$left
+    export BENCH_BUDGET=$((bt > 60 ? bt - 35 : bt / 2))
     run_step bench "$T_BENCH" "$OUTDIR/bench.log" 200 "set -euo pipefail; step_bench"
 else
     for s in test:pytest sanitizer:sanitizer bench:bench; do

@@ -104,3 +104,21 @@ def test_quick_cuda_run(tmp_path):
     assert res["device"]["type"] == "cuda"
     assert "matmul_bf16" in res["ceilings"]
     assert all(c["status"] == "ok" for c in res["cases"])
+
+
+def test_time_budget_and_checkpoints(tmp_path):
+    from distkern.bench import main, run
+
+    docs = []
+    res = run("cpu", ["mahalanobis"], quick=True, repeats=1, time_budget=1e-9, checkpoint=docs.append)
+    assert res["cases"] == [] and res["skipped_for_time"] and res["complete"] is False and docs == []
+    res = run("cpu", ["mahalanobis"], quick=True, repeats=1, checkpoint=docs.append)
+    assert res["complete"] and res["skipped_for_time"] == []
+    assert len(docs) == len(res["cases"]) >= 2 and not any(d["complete"] for d in docs)
+    assert [c["name"] for c in docs[0]["cases"]] == [res["cases"][0]["name"]]
+    out = tmp_path / "b.json"
+    assert main(["--quick", "--ops", "mahalanobis", "--repeats", "1", "--quiet", "--time-budget", "1e-9",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is False and doc["cases"] == [] and len(doc["skipped_for_time"]) >= 2
+    assert main(["--quick", "--time-budget", "0"]) == 2

@@ -589,15 +589,20 @@ def run(
     quick: bool = False,
     repeats: int | None = None,
     progress: bool = False,
+    time_budget: float | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure the ceilings and run the selected cases; return the results (the JSON document)."""
+    """Measure the ceilings and run the selected cases; return the results (the JSON document).
+
+    ``time_budget`` (seconds): start no case after that much wall time; the cases left are listed
+    in ``skipped_for_time`` and ``complete`` is False. ``checkpoint(doc)`` is called after each case
+    with the document so far (``distkern bench --json`` writes it, so a run cut short by an outer
+    timeout still leaves its finished cases on disk)."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     t0 = time.perf_counter()
     load_start = _loadavg()
-    import distkern
-
     selected = cases_for(dev.type, quick=quick, ops=ops)
     _say(progress, f"distkern bench: {len(selected)} case(s) on {dev}; measuring ceilings ...")
     with torch.no_grad(), _strict_fp32():
@@ -605,12 +610,28 @@ def run(
         _say(progress, f"  copy {ceilings['copy']['gb_per_s']:.1f} GB/s, "
                        f"fp32 matmul {ceilings['matmul_fp32']['gflop_per_s']:.1f} GFLOP/s")
         probe = _RssProbe() if dev.type == "cpu" else None
-        results = []
+        results: list[dict[str, Any]] = []
+        skipped: list[str] = []
         for case in selected:
+            if time_budget is not None and time.perf_counter() - t0 > time_budget:
+                skipped.append(case.name)
+                continue
             _say(progress, f"  {case.name} ...")
             rec = _run_case(case, dev, ceilings, quick=quick, repeats=repeats, probe=probe, progress=progress)
             _say(progress, f"    {rec['status']} in {rec.get('wall_s', 0.0):.1f} s")
             results.append(rec)
+            if checkpoint is not None:
+                checkpoint(_document(dev, quick, repeats, probe, load_start, ceilings, results, [], t0, partial=True))
+    if skipped:
+        _say(progress, f"  time budget of {time_budget:.0f} s spent: {len(skipped)} case(s) not run")
+    return _document(dev, quick, repeats, probe, load_start, ceilings, results, skipped, t0, partial=False)
+
+
+def _document(dev: torch.device, quick: bool, repeats: int | None, probe: Any, load_start: Any,
+              ceilings: dict[str, Any], results: list[dict[str, Any]], skipped: list[str], t0: float, *,
+              partial: bool) -> dict[str, Any]:
+    import distkern
+
     memory_method = MEMORY_METHOD[dev.type]
     if probe is not None and not probe.available:
         memory_method = f"unavailable: {probe.reason}"
@@ -631,7 +652,9 @@ def run(
         "mem_ratio = impl peak extra memory / ours (> 1: ours smaller); floor_fraction = "
         "max(bytes / copy rate, flops / fp32 matmul rate) / median time",
         "ceilings": ceilings,
-        "cases": results,
+        "cases": list(results),
+        "complete": not partial and not skipped,
+        "skipped_for_time": list(skipped),
         "benchmark_hooks": hook_report(),  # plugins' distkern.benchmarks entry points, broken ones included
         "wall_s": time.perf_counter() - t0,
     }
@@ -828,6 +851,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, metavar="N",
                    help="timed calls per implementation (default: adaptive, ~1 s per implementation "
                    "on CPU, 0.25 s on CUDA, at least 3)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="start no case after this many seconds; the rest are listed as skipped (with --json the "
+                   "file is also rewritten after every case, so an outer timeout keeps the finished ones)")
     p.add_argument("--list", action="store_true", help="list the cases that would run, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     return p
@@ -886,11 +912,18 @@ def main(argv: list[str] | None = None) -> int:
                   "pip install --no-build-isolation --force-reinstall --no-deps .", file=sys.stderr)
             return 1
 
-    res = run(args.device, args.ops, quick=args.quick, repeats=args.repeats, progress=not args.quiet)
+    if args.time_budget is not None and args.time_budget <= 0:
+        print("distkern bench: error: --time-budget must be > 0", file=sys.stderr)
+        return 2
+    checkpoint = (lambda doc: write_json(doc, args.json)) if args.json else None
+    res = run(args.device, args.ops, quick=args.quick, repeats=args.repeats, progress=not args.quiet,
+              time_budget=args.time_budget, checkpoint=checkpoint)
     print_results(res)
     if args.json:
         write_json(res, args.json)
         print(f"results written to {args.json}")
+    if res["skipped_for_time"]:
+        print(f"distkern bench: time budget spent, not run: {', '.join(res['skipped_for_time'])}", file=sys.stderr)
     bad = [c["name"] for c in res["cases"] if c["status"] != "ok"]
     if bad:
         print(f"distkern bench: {len(bad)} case(s) not ok: {', '.join(bad)}", file=sys.stderr)
