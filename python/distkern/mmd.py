@@ -136,73 +136,85 @@ def _phi_and_grad(kernel: str, params: list[float], t: torch.Tensor, need_grad: 
     return val, grad
 
 
+def _small_mmd(x, y, kernel, params, estimator, need_x, need_y):
+    """MMD² of small samples from their kernel matrices: ``x·[x; y]ᵀ`` and ``y·yᵀ`` (two GEMMs;
+    distances from centred data, clamped, exact-zero self-distances), the estimator's weights with
+    the diagonals masked (not subtracted). Returns the value, ``z = [x; y]`` (centred) and, for the
+    samples that need a gradient, the weighted kernel derivatives ``B`` of each block. Plain
+    out-of-place torch: differentiable when called under grad mode (the double-backward path)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n, m = x.shape[0], y.shape[0]
+    xa, ya = x.to(acc), y.to(acc)
+    dot = kernel == "polynomial"
+    if not dot:  # translation-invariant: centre on y's mean for accurate distances
+        c = ya.mean(0).detach()
+        xa, ya = xa - c, ya - c
+    z = torch.cat([xa, ya])
+    gx = xa @ z.T  # (n, n + m): [x·xᵀ | x·yᵀ]
+    gyy = ya @ ya.T
+    eye_n = torch.eye(n, dtype=torch.bool, device=x.device)
+    eye_m = torch.eye(m, dtype=torch.bool, device=x.device)
+    if dot:
+        tx, tyy = gx, gyy
+    else:
+        sx, sy = (xa * xa).sum(1), (ya * ya).sum(1)
+        zero = torch.zeros((), dtype=acc, device=x.device)
+        diag_x = torch.cat([eye_n, torch.zeros(n, m, dtype=torch.bool, device=x.device)], 1)
+        # |x_i − x_i|² is 0, not its rounding
+        tx = torch.where(diag_x, zero, (sx[:, None] + torch.cat([sx, sy])[None, :] - 2 * gx).clamp_min(0))
+        tyy = torch.where(eye_m, zero, (sy[:, None] + sy[None, :] - 2 * gyy).clamp_min(0))
+    kx, dkx = _phi_and_grad(kernel, params, tx, need_x or need_y)
+    kyy, dkyy = _phi_and_grad(kernel, params, tyy, need_y)
+    if estimator == "biased":
+        wxx, wyy, wxy = 1.0 / (n * n), 1.0 / (m * m), -2.0 / (n * m)
+        mxx = mxy = myy = None
+    else:
+        wxx, wyy = 1.0 / (n * (n - 1)), 1.0 / (m * (m - 1))
+        wxy = -2.0 / (n * m) if estimator == "unbiased" else -2.0 / (n * (n - 1))
+        mxx, myy = eye_n, eye_m
+        mxy = eye_n if estimator == "ustat" else None
+
+    def masked(t, mask):
+        return t if mask is None else t.masked_fill(mask, 0)
+
+    out = (wxx * masked(kx[:, :n], mxx).sum() + wyy * masked(kyy, myy).sum()
+           + wxy * masked(kx[:, n:], mxy).sum())
+    bxx = bxy = byy = None
+    if need_x or need_y:
+        # B = weight ⊙ dφ/dt per block; a within-sample block counts each pair twice (i, j and j, i)
+        bxx = masked((2 * wxx) * dkx[:, :n], mxx)
+        bxy = masked(wxy * dkx[:, n:], mxy)
+        if need_y:
+            byy = masked((2 * wyy) * dkyy, myy)
+    return out, z, bxx, bxy, byy
+
+
 class _SmallMMD(torch.autograd.Function):
-    """MMD² of small samples from their kernel matrices, fused: forward ``x·[x; y]ᵀ`` and ``y·yᵀ``
-    (two GEMMs; distances from centred data, clamped, exact-zero self-distances), the estimator's
-    weights (diagonals masked, not subtracted); backward one GEMM per sample that needs a gradient,
-    ``B·[x; y]`` with ``B`` the weighted kernel derivatives (eager autograd needs two per Gram
-    product). Float32 (float64 for float64) throughout."""
+    """:func:`_small_mmd` with a fused backward: one GEMM per sample that needs a gradient,
+    ``B·[x; y]`` (eager autograd needs two per Gram product). A backward under ``create_graph``
+    differentiates a recomputation of :func:`_small_mmd` instead, so higher derivatives (MMD-GAN's
+    gradient penalty) are exact. Float32 (float64 for float64) throughout."""
 
     @staticmethod
     def forward(ctx, x, y, kernel, params, estimator):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        n, m = x.shape[0], y.shape[0]
-        xa, ya = x.to(acc), y.to(acc)
-        dot = kernel == "polynomial"
-        if not dot:  # translation-invariant: centre on y's mean for accurate distances
-            c = ya.mean(0)
-            xa, ya = xa - c, ya - c
-        z = torch.cat([xa, ya])
-        gx = xa @ z.T  # (n, n + m): [x·xᵀ | x·yᵀ]
-        gyy = ya @ ya.T
-        eye_n = torch.eye(n, dtype=torch.bool, device=x.device)
-        eye_m = torch.eye(m, dtype=torch.bool, device=x.device)
-        if dot:
-            tx, tyy = gx, gyy
-        else:
-            sx, sy = (xa * xa).sum(1), (ya * ya).sum(1)
-            tx = (sx[:, None] + torch.cat([sx, sy])[None, :] - 2 * gx).clamp_min_(0)
-            tx[:, :n].masked_fill_(eye_n, 0)  # |x_i − x_i|² is 0, not its rounding
-            tyy = (sy[:, None] + sy[None, :] - 2 * gyy).clamp_min_(0).masked_fill_(eye_m, 0)
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        kx, dkx = _phi_and_grad(kernel, params, tx, need_x or need_y)
-        kyy, dkyy = _phi_and_grad(kernel, params, tyy, need_y)
-        # weights: W_xx, W_yy (masked diagonals for the unbiased forms), W_xy
-        if estimator == "biased":
-            wxx, wyy, wxy = 1.0 / (n * n), 1.0 / (m * m), -2.0 / (n * m)
-            mxx = mxy = myy = None
-        else:
-            wxx, wyy = 1.0 / (n * (n - 1)), 1.0 / (m * (m - 1))
-            wxy = -2.0 / (n * m) if estimator == "unbiased" else -2.0 / (n * (n - 1))
-            mxx, myy = eye_n, eye_m
-            mxy = eye_n if estimator == "ustat" else None
-        kxx, kxy = kx[:, :n], kx[:, n:]
-        if mxx is not None:
-            kxx = kxx.masked_fill(mxx, 0)
-            kyy = kyy.masked_fill(myy, 0)
-        if mxy is not None:
-            kxy = kxy.masked_fill(mxy, 0)
-        out = wxx * kxx.sum() + wyy * kyy.sum() + wxy * kxy.sum()
+        out, z, bxx, bxy, byy = _small_mmd(x, y, kernel, params, estimator, need_x, need_y)
         if need_x or need_y:
-            # B = weight ⊙ dφ/dt per block; a within-sample block counts each pair twice (i, j and j, i)
-            bxx = (2 * wxx) * dkx[:, :n]
-            bxy = wxy * dkx[:, n:]
-            if mxx is not None:
-                bxx.masked_fill_(mxx, 0)
-            if mxy is not None:
-                bxy.masked_fill_(mxy, 0)
-            byy = None
-            if need_y:
-                byy = (2 * wyy) * dkyy
-                if myy is not None:
-                    byy.masked_fill_(myy, 0)
-            ctx.save_for_backward(z, bxx, bxy, byy)
-        ctx.dot, ctx.n, ctx.dtypes = dot, n, (x.dtype, y.dtype)
+            ctx.save_for_backward(x, y, z, bxx, bxy, byy)
+        ctx.args = (kernel, params, estimator)
+        ctx.dot, ctx.n, ctx.dtypes = kernel == "polynomial", x.shape[0], (x.dtype, y.dtype)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        z, bxx, bxy, byy = ctx.saved_tensors
+        x, y, z, bxx, bxy, byy = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            with torch.enable_grad():
+                val = _small_mmd(x, y, *ctx.args, False, False)[0]
+                wrt = [t for t, need in ((x, need_x), (y, need_y)) if need]
+                grads = iter(torch.autograd.grad(val, wrt, g, create_graph=True))
+            return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None, None
         n = ctx.n
         gx = gy = None
 
@@ -212,9 +224,9 @@ class _SmallMMD(torch.autograd.Function):
                 return bz
             return 2 * (b.sum(1, keepdim=True) * rows - bz)
 
-        if ctx.needs_input_grad[0]:
+        if need_x:
             gx = (g * grad_rows(torch.cat([bxx, bxy], 1), z[:n])).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
+        if need_y:
             gy = (g * grad_rows(torch.cat([bxy.T, byy], 1), z[n:])).to(ctx.dtypes[1])
         return gx, gy, None, None, None
 
