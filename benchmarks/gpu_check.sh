@@ -12,11 +12,12 @@
 #                                                            -> OUTDIR/build.log
 #   test       python -m pytest -m cuda                     -> OUTDIR/pytest.log, OUTDIR/pytest-junit.xml
 #   sanitizer  compute-sanitizer memcheck on the test_cuda_sanitizer* tests -> OUTDIR/sanitizer.log
-#   bench      distkern bench --device cuda --json --time-budget (the step's time less 35 s)
+#   bench      distkern bench --device cuda --json --time-budget (the step's time less 60 s)
 #                                                           -> OUTDIR/bench.log,
 #                                                              OUTDIR/bench-cuda-<gpu>-<date>.json
 #              then benchmarks/cuda_graph_loop.py (a 50-step DDIM loop in one CUDA graph; its JSON is the
-#              CUDA_GRAPH_LOOP line of bench.log)
+#              CUDA_GRAPH_LOOP line of bench.log) and benchmarks/large_kernel_sum.py (N = M = 1e6,
+#              TF32 then FMA: LARGE_KERNEL_SUM lines)
 #   summary    steps ok/FAILED with seconds, then the bench table -> stdout and OUTDIR/summary.txt
 # At most 8 files are written to OUTDIR; long logs keep their head and tail.
 # A missing prerequisite (nvidia-smi, a visible GPU, torch with CUDA, nvcc) stops the script at once
@@ -257,7 +258,7 @@ step_sanitizer() {
 
 step_bench() {
     cd "$REPO"
-    # start no case after BENCH_BUDGET s (the step's timeout less time for the graph loop); the JSON is
+    # start no case after BENCH_BUDGET s (the step's timeout less time for the scripts after it); the JSON is
     # rewritten after every case, so a timeout still leaves the finished ones
     local budget=(--time-budget "${BENCH_BUDGET:-120}")
     if "$VENV/bin/python" -c 'import distkern.cli' >/dev/null 2>&1 && [ -x "$VENV/bin/distkern" ]; then
@@ -269,6 +270,9 @@ step_bench() {
     # a whole 50-step DDIM loop at SD-sized latents captured in one CUDA graph (per-step time, launches)
     echo
     "$VENV/bin/python" benchmarks/cuda_graph_loop.py --steps 50 --dtype float16 || echo "cuda_graph_loop FAILED"
+    # N = M = 1e6 kernel sum (no kernel matrix could exist): TF32 tensor cores, then FMA (LARGE_KERNEL_SUM lines)
+    echo "LARGE_KERNEL_SUM $("$VENV/bin/python" benchmarks/large_kernel_sum.py --mode tf32 2>&1 | tail -n 1)"
+    echo "LARGE_KERNEL_SUM $("$VENV/bin/python" benchmarks/large_kernel_sum.py --mode fma --check 0 2>&1 | tail -n 1)"
 }
 
 : >"$OUTDIR/env.txt"
@@ -290,7 +294,7 @@ if [ "$LAST_STATUS" = "ok" ]; then
     left=$((DEADLINE - $(date +%s)))
     bt=$T_BENCH
     [ "$bt" -le "$left" ] || bt=$left
-    export BENCH_BUDGET=$((bt > 60 ? bt - 35 : bt / 2))
+    export BENCH_BUDGET=$((bt > 90 ? bt - 60 : bt / 2))
     run_step bench "$T_BENCH" "$OUTDIR/bench.log" 200 "set -euo pipefail; step_bench"
 else
     for s in test:pytest sanitizer:sanitizer bench:bench; do
