@@ -57,11 +57,17 @@ def _ulps(a, b, dtype):
 
 # ---- sampler step ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 3, 7, 9), (4, 1031)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 3, 7, 9), (4, 1031), "misaligned"])
 def test_sampler_step(lib, dtype, shape):
+    misaligned = shape == "misaligned"
+    if misaligned:  # inputs one element past a vector boundary: the element-wise path throughout
+        shape = (3, 37)
     g = torch.Generator().manual_seed(len(shape) + shape[-1])
     x, m, px = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    if misaligned:
+        x = torch.cat([torch.zeros(1, dtype=dtype), x.reshape(-1)])[1:].view(shape)
+        assert x.data_ptr() % 16 != 0
     noise = torch.randn(shape, generator=g).to(dtype)
     B = shape[0]
     n = x.numel() // B

@@ -1,7 +1,8 @@
 // CUDA kernels of the fused sampler step (pure CUDA: no torch headers).
 //
-// Forward: one thread per block of 4 consecutive elements (grid-stride), 4-wide vector loads and
-// stores when every pointer allows, one Philox call per block when the noise is drawn in the kernel;
+// Forward: one thread per 8 consecutive elements of a 16-bit type, 4 of float32 (one 16-byte access
+// per tensor) or 4 of float64 (two); grid-stride; vector accesses when every pointer allows, one
+// Philox call per 4 elements when the noise is drawn in the kernel;
 // the arithmetic is step_math.h, the same functions the CPU kernel runs. Bytes: 2 reads + 2 writes
 // per element (+1 read for prev_x0 and for a noise tensor) — the floor of the step.
 // Dynamic thresholding: one block per sample first selects its quantile of |x0| by an 8-bit radix
@@ -24,9 +25,16 @@ using cuda::to_acc;
 
 constexpr int kThreads = 256;
 
+// Elements per thread: 16 bytes of a 2- or 4-byte type (one 16-byte access per tensor), 4 of a
+// double (two). A multiple of 4, so each thread's elements are whole Philox groups.
 template <typename T>
-struct alignas(sizeof(T) * 4) Pack4 {
-  T v[4];
+constexpr int vec_width() {
+  return sizeof(T) == 2 ? 8 : 4;
+}
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
 };
 
 template <typename T>
@@ -66,101 +74,108 @@ __device__ __forceinline__ acc_t lim_at(const Scalars& s, const acc_t* scale, in
   return s.clip_mode == kClipThreshold ? scale[i / s.n] : static_cast<acc_t>(s.clip_range);
 }
 
-// Load 4 elements starting at i (vectorised when `vec`, element-wise with bounds otherwise).
-template <typename T, typename acc_t>
-__device__ __forceinline__ void load4(const T* p, int64_t i, int64_t numel, bool vec, acc_t out[4]) {
+// Load V elements starting at i (one vector access when `vec`, element-wise with bounds otherwise).
+template <int V, typename T, typename acc_t>
+__device__ __forceinline__ void loadv(const T* p, int64_t i, int64_t numel, bool vec, acc_t out[V]) {
   if (vec) {
-    const Pack4<T> v = *reinterpret_cast<const Pack4<T>*>(p + i);
+    const Pack<T, V> v = *reinterpret_cast<const Pack<T, V>*>(p + i);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = to_acc<acc_t>(v.v[j]);
+    for (int j = 0; j < V; ++j) out[j] = to_acc<acc_t>(v.v[j]);
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = i + j < numel ? to_acc<acc_t>(p[i + j]) : acc_t(0);
+    for (int j = 0; j < V; ++j) out[j] = i + j < numel ? to_acc<acc_t>(p[i + j]) : acc_t(0);
   }
 }
 
-template <typename T, typename acc_t>
-__device__ __forceinline__ void store4(T* p, int64_t i, int64_t numel, bool vec, const acc_t in[4]) {
+template <int V, typename T, typename acc_t>
+__device__ __forceinline__ void storev(T* p, int64_t i, int64_t numel, bool vec, const acc_t in[V]) {
   if (vec) {
-    Pack4<T> v;
+    Pack<T, V> v;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v.v[j] = from_acc<T>(in[j]);
-    *reinterpret_cast<Pack4<T>*>(p + i) = v;
+    for (int j = 0; j < V; ++j) v.v[j] = from_acc<T>(in[j]);
+    *reinterpret_cast<Pack<T, V>*>(p + i) = v;
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < V; ++j)
       if (i + j < numel) p[i + j] = from_acc<T>(in[j]);
   }
 }
 
-template <typename T, typename acc_t>
-__device__ __forceinline__ void noise4(const Ptrs<T>& p, const Scalars& s, int64_t i, bool vec, acc_t nz[4]) {
+// The noise of elements i … i + V − 1: given, or drawn in the kernel (one Philox call per 4 elements,
+// keyed by the element index / 4 — the numbers the CPU kernel draws), or none.
+template <int V, typename T, typename acc_t>
+__device__ __forceinline__ void noisev(const Ptrs<T>& p, const Scalars& s, int64_t i, bool vec, acc_t nz[V]) {
   if (p.noise) {
-    load4<T, acc_t>(p.noise, i, s.numel, vec, nz);
+    loadv<V>(p.noise, i, s.numel, vec, nz);
   } else if (s.seed >= 0) {
-    float z[4];
-    normals4(static_cast<uint64_t>(s.seed), static_cast<uint64_t>(s.offset), static_cast<uint64_t>(i >> 2), z);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) nz[j] = static_cast<acc_t>(z[j]);
+    for (int q = 0; q < V; q += 4) {
+      float z[4];
+      normals4(static_cast<uint64_t>(s.seed), static_cast<uint64_t>(s.offset), static_cast<uint64_t>((i + q) >> 2), z);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) nz[q + j] = static_cast<acc_t>(z[j]);
+    }
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) nz[j] = acc_t(0);
+    for (int j = 0; j < V; ++j) nz[j] = acc_t(0);
   }
 }
 
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads) step_forward_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
                                                                 const acc_t* scale, bool vec_aligned) {
-  const int64_t groups = (s.numel + 3) / 4;
+  constexpr int V = vec_width<T>();
+  const int64_t groups = (s.numel + V - 1) / V;
   for (int64_t grp = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; grp < groups;
        grp += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = grp * 4;
-    const bool vec = vec_aligned && i + 3 < s.numel;
-    acc_t x[4], m[4], nz[4], px[4], out[4], x0[4];
-    load4<T, acc_t>(p.x, i, s.numel, vec, x);
-    load4<T, acc_t>(p.m, i, s.numel, vec, m);
-    noise4<T, acc_t>(p, s, i, vec, nz);
+    const int64_t i = grp * V;
+    const bool vec = vec_aligned && i + V - 1 < s.numel;
+    acc_t x[V], m[V], nz[V], px[V], out[V], x0[V];
+    loadv<V>(p.x, i, s.numel, vec, x);
+    loadv<V>(p.m, i, s.numel, vec, m);
+    noisev<V>(p, s, i, vec, nz);
     if (p.px0) {
-      load4<T, acc_t>(p.px0, i, s.numel, vec, px);
+      loadv<V>(p.px0, i, s.numel, vec, px);
     } else {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) px[j] = acc_t(0);
+      for (int j = 0; j < V; ++j) px[j] = acc_t(0);
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < V; ++j) {
       const int64_t e = i + j < s.numel ? i + j : s.numel - 1;
       const Coefs<acc_t> c = coefs_at(s, uniform, e);
       x0[j] = clip_x0(x0_of(c, x[j], m[j], nz[j]), s.clip_mode, lim_at(s, scale, e));
       out[j] = prev_of(c, x0[j], x[j], m[j], px[j], nz[j]);
     }
-    store4<T, acc_t>(p.out, i, s.numel, vec, out);
-    store4<T, acc_t>(p.x0, i, s.numel, vec, x0);
+    storev<V>(p.out, i, s.numel, vec, out);
+    storev<V>(p.x0, i, s.numel, vec, x0);
   }
 }
 
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads) step_backward_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
                                                                  bool vec_aligned) {
-  const int64_t groups = (s.numel + 3) / 4;
+  constexpr int V = vec_width<T>();
+  const int64_t groups = (s.numel + V - 1) / V;
   for (int64_t grp = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; grp < groups;
        grp += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = grp * 4;
-    const bool vec = vec_aligned && i + 3 < s.numel;
-    acc_t gp[4], g0[4], x[4], m[4], nz[4], gx[4], gm[4], gpx[4];
-    load4<T, acc_t>(p.gprev, i, s.numel, vec, gp);
+    const int64_t i = grp * V;
+    const bool vec = vec_aligned && i + V - 1 < s.numel;
+    acc_t gp[V], g0[V], x[V], m[V], nz[V], gx[V], gm[V], gpx[V];
+    loadv<V>(p.gprev, i, s.numel, vec, gp);
     if (p.gx0) {
-      load4<T, acc_t>(p.gx0, i, s.numel, vec, g0);
+      loadv<V>(p.gx0, i, s.numel, vec, g0);
     } else {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) g0[j] = acc_t(0);
+      for (int j = 0; j < V; ++j) g0[j] = acc_t(0);
     }
     if (s.clip_mode != kClipNone) {
-      load4<T, acc_t>(p.x, i, s.numel, vec, x);
-      load4<T, acc_t>(p.m, i, s.numel, vec, m);
-      noise4<T, acc_t>(p, s, i, vec, nz);
+      loadv<V>(p.x, i, s.numel, vec, x);
+      loadv<V>(p.m, i, s.numel, vec, m);
+      noisev<V>(p, s, i, vec, nz);
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < V; ++j) {
       const int64_t e = i + j < s.numel ? i + j : s.numel - 1;
       const Coefs<acc_t> c = coefs_at(s, uniform, e);
       const acc_t inside = s.clip_mode == kClipNone
@@ -168,9 +183,9 @@ __global__ void __launch_bounds__(kThreads) step_backward_kernel(Ptrs<T> p, Scal
                                : clip_grad(x0_of(c, x[j], m[j], nz[j]), s.clip_mode, static_cast<acc_t>(s.clip_range));
       step_grad(c, inside, gp[j], g0[j], &gx[j], &gm[j], &gpx[j]);
     }
-    store4<T, acc_t>(p.out, i, s.numel, vec, gx);
-    store4<T, acc_t>(p.x0, i, s.numel, vec, gm);
-    store4<T, acc_t>(p.gpx0, i, s.numel, vec, gpx);
+    storev<V>(p.out, i, s.numel, vec, gx);
+    storev<V>(p.x0, i, s.numel, vec, gm);
+    storev<V>(p.gpx0, i, s.numel, vec, gpx);
   }
 }
 
@@ -279,12 +294,13 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(Ptrs<T> p, Scalars 
 }
 
 template <typename T>
-bool aligned4(const void* ptr) {
-  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * 4) == 0;
+bool aligned(const void* ptr) {
+  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * vec_width<T>()) == 0;
 }
 
+template <typename T>
 int64_t grid_for(int64_t numel) {
-  const int64_t groups = (numel + 3) / 4;
+  const int64_t groups = (numel + vec_width<T>() - 1) / vec_width<T>();
   int64_t blocks = (groups + kThreads - 1) / kThreads;
   return blocks < 1 ? 1 : (blocks > (int64_t(1) << 20) ? (int64_t(1) << 20) : blocks);
 }
@@ -305,18 +321,18 @@ cudaError_t forward(const StepArgs& a, cudaStream_t stream) {
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const bool vec = aligned4<T>(a.x) && aligned4<T>(a.m) && aligned4<T>(a.px0) && aligned4<T>(a.noise) &&
-                   aligned4<T>(a.out) && aligned4<T>(a.x0);
-  step_forward_kernel<T, acc_t><<<static_cast<unsigned>(grid_for(a.numel)), kThreads, 0, stream>>>(p, s, uniform,
-                                                                                                   scale, vec);
+  const bool vec = aligned<T>(a.x) && aligned<T>(a.m) && aligned<T>(a.px0) && aligned<T>(a.noise) &&
+                   aligned<T>(a.out) && aligned<T>(a.x0);
+  step_forward_kernel<T, acc_t><<<static_cast<unsigned>(grid_for<T>(a.numel)), kThreads, 0, stream>>>(
+      p, s, uniform, scale, vec);
   return cudaGetLastError();
 }
 
 template <typename T, typename acc_t>
 cudaError_t backward(const StepArgs& a, cudaStream_t stream) {
-  const bool vec = aligned4<T>(a.x) && aligned4<T>(a.m) && aligned4<T>(a.noise) && aligned4<T>(a.out) &&
-                   aligned4<T>(a.x0) && aligned4<T>(a.gpx0) && aligned4<T>(a.grad_prev) && aligned4<T>(a.grad_x0);
-  step_backward_kernel<T, acc_t><<<static_cast<unsigned>(grid_for(a.numel)), kThreads, 0, stream>>>(
+  const bool vec = aligned<T>(a.x) && aligned<T>(a.m) && aligned<T>(a.noise) && aligned<T>(a.out) &&
+                   aligned<T>(a.x0) && aligned<T>(a.gpx0) && aligned<T>(a.grad_prev) && aligned<T>(a.grad_x0);
+  step_backward_kernel<T, acc_t><<<static_cast<unsigned>(grid_for<T>(a.numel)), kThreads, 0, stream>>>(
       ptrs<T>(a), scalars(a), load_coefs<acc_t>(a.coefs), vec);
   return cudaGetLastError();
 }
