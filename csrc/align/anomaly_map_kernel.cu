@@ -1,11 +1,12 @@
 // CUDA kernel of the anomaly map (pure CUDA: no torch headers).
 //
-// One block per (32 patch rows, image). For each layer and each chunk of 64 prompt pairs, the block
-// streams D in chunks of 64 (32 for float64) through shared memory: the 32×64 patch tile and the
-// 64×64 direction tile; each of the 256 threads owns one row and 8 pairs (k = kg, kg+8, …) and accumulates their
-// dot products in registers, the row's sum of squares on the side. Then σ(z / ‖x‖) is summed over
+// One block per (32 patch rows, image). For each layer and each chunk of 32 prompt pairs (K <= 32)
+// or 64, the block streams D in chunks of 64 (32 for float64) through shared memory: the 32×64
+// patch tile and the pairs×64 direction tile; each of the 256 threads owns one row and 4 or 8 pairs
+// (k = kg, kg+8, …) and accumulates their dot products in registers, the row's sum of squares on
+// the side. Then σ(z / ‖x‖) is summed over
 // the pairs, the 8 threads of a row reduce by shuffles, and the mean over layers and pairs is
-// written. Each patch token is read once per 64 pairs (once for Bayes-PFL's 30 pairs).
+// written. Each patch token is read once per pass of pairs (once for Bayes-PFL's 30 pairs).
 // Bytes: L·B·P·D·elem read + B·P·4 written; FLOPs: 2·L·B·P·D·K (half the two-cosine form).
 #include <cuda_runtime.h>
 
@@ -22,15 +23,16 @@ namespace {
 using cuda::to_acc;
 
 constexpr int kRows = 32;
-constexpr int kPairs = 64;
 constexpr int kThreads = 256;
-constexpr int kPerThread = kPairs / (kThreads / kRows);  // 8 pairs per thread
 
-template <typename T, typename acc_t, int kChunk = (sizeof(acc_t) == 8 ? 32 : 64)>
+// kPairs prompt pairs per pass: 32 when K <= 32 (Bayes-PFL's 30: a 64-wide pass would spend more
+// than half its FMAs and shared-memory reads on zero-padded pairs), else 64.
+template <typename T, typename acc_t, int kPairs, int kChunk = (sizeof(acc_t) == 8 ? 32 : 64)>
 __global__ void __launch_bounds__(kThreads, 1) anomaly_map_kernel(const T* __restrict__ patches,
                                                                const acc_t* __restrict__ dirs, acc_t* __restrict__ out,
                                                                int64_t L, int64_t B, int64_t P, int64_t D, int64_t K,
                                                                int64_t Ld, int64_t Bd) {
+  constexpr int kPerThread = kPairs / (kThreads / kRows);  // pairs per thread: 4 or 8
   __shared__ acc_t xs[kRows][kChunk + 1];
   __shared__ acc_t ds[kPairs][kChunk + 1];
   __shared__ acc_t rinv[kRows];
@@ -94,9 +96,13 @@ cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, 
                    int64_t K, int64_t Ld, int64_t Bd, cudaStream_t stream) {
   if (B > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>((P + kRows - 1) / kRows), static_cast<unsigned>(B));
-  anomaly_map_kernel<T, acc_t><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(patches),
-                                                               static_cast<const acc_t*>(dirs),
-                                                               static_cast<acc_t*>(out), L, B, P, D, K, Ld, Bd);
+  const T* x = static_cast<const T*>(patches);
+  const acc_t* d = static_cast<const acc_t*>(dirs);
+  acc_t* o = static_cast<acc_t*>(out);
+  if (K <= 32)
+    anomaly_map_kernel<T, acc_t, 32><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd);
+  else
+    anomaly_map_kernel<T, acc_t, 64><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd);
   return cudaGetLastError();
 }
 
