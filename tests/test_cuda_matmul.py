@@ -135,6 +135,20 @@ def test_kernel_matmul(mode, kernel, kw, N, M, D, C):
 
 
 @cuda
+@pytest.mark.parametrize("L,B,P,D,K", [(1, 1, 1, 3, 1), (2, 3, 70, 65, 30), (4, 2, 37, 130, 70)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_anomaly_map(mode, L, B, P, D, K, dtype):
+    from distkern.ops import align
+
+    g = torch.Generator().manual_seed(L + B + P + D + K)
+    patches = torch.randn(L, B, P, D, generator=g).to(dtype)
+    text = torch.randn(L, K, 2, D, generator=g)
+    ref = align.anomaly_map(patches.double(), text.double(), 14.3)
+    out = align.anomaly_map(patches.cuda(), text.cuda(), 14.3)
+    assert float((out.double().cpu() - ref).abs().max()) < (1e-5 if mode != "tf32" else 5e-3)
+
+
+@cuda
 def test_tf32_is_the_tensor_core_path():
     """On float32 data TF32 rounds the products (error ~1e-4 here) and 3xTF32 does not: if the
     tensor-core kernels silently fell back to FMAs, the first bound would fail."""
@@ -182,7 +196,7 @@ def test_auto_follows_torch_allow_tf32():
 @cuda
 def test_cuda_sanitizer_case_tensor_core_tiles():
     """Odd shapes through every tensor-core instantiation family (single, backward, tied and
-    per-component K, positions with bf16 factors, nearest, kernel sums) for compute-sanitizer."""
+    per-component K, positions with bf16 factors, nearest, kernel sums, anomaly map) for compute-sanitizer."""
     if not HAS_CUDA or torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("needs an sm_80+ GPU and a CUDA build of distkern")
     g = torch.Generator().manual_seed(9)
@@ -197,6 +211,7 @@ def test_cuda_sanitizer_case_tensor_core_tiles():
                         distkern.mahalanobis_k(x.detach(), mu, L[0]),
                         distkern.mahalanobis_pos(x.detach()[:, None].expand(N, K, D).contiguous(), mu, L.bfloat16()),
                         distkern.nearest_reference(x.detach(), mu).similarity,
-                        distkern.kernel_matmul(x.detach(), mu, kernel="gaussian", bandwidth=2.0)]
+                        distkern.kernel_matmul(x.detach(), mu, kernel="gaussian", bandwidth=2.0),
+                        torch.ops.distkern.anomaly_map(x.detach()[None, None], mu)]
                 torch.cuda.synchronize()
                 assert all(torch.isfinite(o).all() for o in outs)

@@ -115,7 +115,10 @@ def test_sampler_step_backward(lib, dtype):
 @pytest.mark.parametrize("L,B,P,D,K,per_image", [(1, 1, 1, 1, 1, False), (2, 3, 37, 70, 5, True),
                                                  (4, 2, 33, 65, 3, False), (2, 1, 40, 33, 32, False),
                                                  (1, 2, 20, 40, 70, True)])
-def test_anomaly_map(lib, dtype, L, B, P, D, K, per_image):
+@pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
+def test_anomaly_map(lib, dtype, L, B, P, D, K, per_image, mode):
+    if dtype == torch.float64 and mode != FMA:
+        pytest.skip("float64 runs on FMAs in every mode")
     g = torch.Generator().manual_seed(L + B + P + D)
     patches = torch.randn(L, B, P, D, generator=g).to(dtype)
     text = torch.randn(*((L, B) if per_image else (L,)), K, 2, D, generator=g)
@@ -124,9 +127,9 @@ def test_anomaly_map(lib, dtype, L, B, P, D, K, per_image):
     d4 = dirs if per_image else dirs[:, None]
     ref = torch.ops.distkern.anomaly_map(patches, dirs)
     out = torch.empty(B, P, dtype=ref.dtype)
-    _call(lib.emu_anomaly_map, INT(DT[dtype]), _p(patches.contiguous()), _p(d4.contiguous()), _p(out), I64(L), I64(B),
-          I64(P), I64(D), I64(K), I64(d4.shape[0]), I64(d4.shape[1]))
-    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    _call(lib.emu_anomaly_map, INT(DT[dtype]), INT(mode), _p(patches.contiguous()), _p(d4.contiguous()), _p(out),
+          I64(L), I64(B), I64(P), I64(D), I64(K), I64(d4.shape[0]), I64(d4.shape[1]))
+    tol = 1e-12 if dtype == torch.float64 else 2e-6 if mode != TF32 else 5e-3
     assert torch.allclose(out, ref, rtol=tol, atol=tol), (out - ref).abs().max()
 
 

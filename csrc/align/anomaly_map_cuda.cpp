@@ -8,6 +8,7 @@
 #include "align/anomaly_map.h"
 #include "align/anomaly_map_launch.h"
 #include "common/check.h"
+#include "common/matmul_mode_cuda.h"
 
 namespace distkern {
 namespace align {
@@ -22,7 +23,7 @@ at::Tensor anomaly_map_cuda(const at::Tensor& patches, const at::Tensor& dirs) {
   if (in.D == 0) return out.fill_(0.5);
   C10_CUDA_CHECK(launch_anomaly_map(to_dtype(in.patches.scalar_type()), in.patches.data_ptr(), in.dirs.data_ptr(),
                                     out.data_ptr(), in.L, in.B, in.P, in.D, in.K, in.Ld, in.Bd,
-                                    at::cuda::getCurrentCUDAStream()));
+                                    matmul_mode_for(in.patches), at::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -15,6 +15,7 @@
 #include "align/anomaly_map_launch.h"
 #include "align/anomaly_map_math.h"
 #include "common/cuda_types.cuh"
+#include "common/tile_gemm.cuh"
 
 namespace distkern {
 namespace align {
@@ -91,10 +92,93 @@ __global__ void __launch_bounds__(kThreads, 1) anomaly_map_kernel(const T* __res
   if (kg == 0 && pr < P) out[b * P + pr] = total / static_cast<acc_t>(L * K);
 }
 
+// ---- the same map as a tile product on tensor cores (matmul modes tf32 / 3xtf32) -----------------
+// Rows: the P tokens of an image; the product's K axis: D; columns: the prompt pairs; problems:
+// (image b, layer l) with the L layers of one image in one block row (ppb = L), so the sum over
+// layers stays in registers. ‖x‖² is the row guard of the loads; σ(x·d/‖x‖) is summed in the
+// epilogue, reduced over the 16 column threads of a row and written once per image.
+
+template <typename T>
+struct MapRows {  // A(p = b·L + l, row = token, k = feature)
+  const T* x;
+  int64_t L, B, P, D;
+  __device__ float operator()(int64_t p, int64_t row, int64_t k, float& guard) const {
+    const int64_t b = p / L, l = p % L;
+    const float v = to_acc<float>(x[((l * B + b) * P + row) * D + k]);
+    guard += v * v;
+    return v;
+  }
+};
+
+struct MapDirs {  // B(p, k = feature, j = pair) = dirs[l or 0, b or 0, j, k]
+  enum { kKContiguous = 1 };
+  const float* d;
+  int64_t L, K, D, Ld, Bd;
+  __device__ float operator()(int64_t p, int64_t k, int64_t j) const {
+    const int64_t b = p / L, l = p % L;
+    return d[(((Ld == 1 ? 0 : l) * Bd + (Bd == 1 ? 0 : b)) * K + j) * D + k];
+  }
+};
+
+struct MapSum {
+  struct Args {
+    float* out;
+    int64_t P, K, L;
+  };
+  template <int TR, int TC>
+  struct Epi {
+    Args a;
+    struct State {
+      float t[TR];
+    };
+    __device__ void init(State& st) const {
+#pragma unroll
+      for (int i = 0; i < TR; ++i) st.t[i] = 0.f;
+    }
+    __device__ void block(State& st, const float (&c)[TR][TC], int64_t, int64_t row_base, int64_t j0, float*,
+                          const float* guard_rows) const {
+      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+      for (int i = 0; i < TR; ++i) {
+        const int r = ty * TR + i;
+        if (row_base + r >= a.P) continue;
+        const float iv = inv_norm(guard_rows[r]);
+#pragma unroll
+        for (int j = 0; j < TC; ++j)
+          if (j0 + tx * TC + j < a.K) st.t[i] += sigmoid(c[i][j] * iv);
+      }
+    }
+    __device__ void end_problem(State&, int64_t, int64_t, const float*) const {}
+    __device__ void finish(State& st, int64_t row_base) const {
+      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+      const int64_t b = blockIdx.y;  // ppb = L: block row y holds the layers of image y
+#pragma unroll
+      for (int i = 0; i < TR; ++i) {
+        const float v = cuda::row_lanes_sum(st.t[i]);
+        const int64_t row = row_base + ty * TR + i;
+        if (tx == 0 && row < a.P) a.out[b * a.P + row] = v / static_cast<float>(a.L * a.K);
+      }
+    }
+  };
+};
+
+template <typename T>
+cudaError_t launch_tiles(const void* patches, const void* dirs, void* out, int64_t L, int64_t B, int64_t P, int64_t D,
+                         int64_t K, int64_t Ld, int64_t Bd, cuda::MatMode mode, cudaStream_t stream) {
+  const MapRows<T> a{static_cast<const T*>(patches), L, B, P, D};
+  const MapDirs d{static_cast<const float*>(dirs), L, K, D, Ld, Bd};
+  const MapSum::Args e{static_cast<float*>(out), P, K, L};
+  return cuda::launch_tile_gemm_rows_mode<float, 4, 4, MapSum::template Epi>(mode, P, D, K, cuda::Tri::None, B * L, L,
+                                                                              a, d, e, stream);
+}
+
 template <typename T, typename acc_t>
 cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, int64_t B, int64_t P, int64_t D,
-                   int64_t K, int64_t Ld, int64_t Bd, cudaStream_t stream) {
+                   int64_t K, int64_t Ld, int64_t Bd, cuda::MatMode mode, cudaStream_t stream) {
   if (B > 65535) return cudaErrorInvalidConfiguration;
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (mode != cuda::MatMode::Fma) return launch_tiles<T>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
+  }
   const dim3 grid(static_cast<unsigned>((P + kRows - 1) / kRows), static_cast<unsigned>(B));
   const T* x = static_cast<const T*>(patches);
   const acc_t* d = static_cast<const acc_t*>(dirs);
@@ -109,13 +193,14 @@ cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, 
 }  // namespace
 
 cudaError_t launch_anomaly_map(DType xtype, const void* patches, const void* dirs, void* out, int64_t L, int64_t B,
-                               int64_t P, int64_t D, int64_t K, int64_t Ld, int64_t Bd, cudaStream_t stream) {
+                               int64_t P, int64_t D, int64_t K, int64_t Ld, int64_t Bd, cuda::MatMode mode,
+                               cudaStream_t stream) {
   if (B == 0 || P == 0) return cudaSuccess;
   switch (xtype) {
-    case DType::F32: return launch<float, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, stream);
-    case DType::F16: return launch<__half, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, stream);
-    case DType::BF16: return launch<__nv_bfloat16, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, stream);
-    case DType::F64: return launch<double, double>(patches, dirs, out, L, B, P, D, K, Ld, Bd, stream);
+    case DType::F32: return launch<float, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
+    case DType::F16: return launch<__half, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
+    case DType::BF16: return launch<__nv_bfloat16, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
+    case DType::F64: return launch<double, double>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -6,15 +6,18 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/matmul_mode.h"
 
 namespace distkern {
 namespace align {
 
 // out (B, P) = mean over l < L, k < K of σ(x̂_lbp · d_{l,b,k}); patches (L, B, P, D) contiguous of
 // `xtype`; dirs (Ld, Bd, K, D) contiguous float32 (float64 for float64 patches), broadcast over
-// layers / images when Ld / Bd is 1; out float32 (float64).
+// layers / images when Ld / Bd is 1; out float32 (float64). The products on FMAs (its own kernel) or,
+// for float32 accumulation with a tensor-core mode, on the tile skeleton (common/tile_gemm.cuh).
 cudaError_t launch_anomaly_map(DType xtype, const void* patches, const void* dirs, void* out, int64_t L, int64_t B,
-                               int64_t P, int64_t D, int64_t K, int64_t Ld, int64_t Bd, cudaStream_t stream);
+                               int64_t P, int64_t D, int64_t K, int64_t Ld, int64_t Bd, cuda::MatMode mode,
+                               cudaStream_t stream);
 
 }  // namespace align
 }  // namespace distkern

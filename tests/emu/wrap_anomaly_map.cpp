@@ -1,8 +1,8 @@
 // C entry point of the emulated anomaly-map kernel (tests/test_kernel_emulation.py, ctypes).
 #include "align/anomaly_map_kernel.cu"  // rewritten by cu2cpp.py
 
-extern "C" int emu_anomaly_map(int dtype, const void* patches, const void* dirs, void* out, int64_t L, int64_t B,
-                               int64_t P, int64_t D, int64_t K, int64_t Ld, int64_t Bd) {
+extern "C" int emu_anomaly_map(int dtype, int mode, const void* patches, const void* dirs, void* out, int64_t L,
+                               int64_t B, int64_t P, int64_t D, int64_t K, int64_t Ld, int64_t Bd) {
   return distkern::align::launch_anomaly_map(static_cast<distkern::DType>(dtype), patches, dirs, out, L, B, P, D, K,
-                                             Ld, Bd, nullptr);
+                                             Ld, Bd, static_cast<distkern::cuda::MatMode>(mode), nullptr);
 }

@@ -788,6 +788,7 @@ def _mode_cases() -> list[Case]:
         (_ksum_cases, "kernel_matmul/gaussian x3 N=M=65536 D=64 fp32", ("tf32",)),
         (_ksum_cases, "kernel_matmul/gaussian x3 N=M=65536 D=2048 fp32", ("tf32",)),
         (_mahalanobis_cases, "mahalanobis/N=1000000 D=512 fp32", ("tf32",)),
+        (_align_cases, "anomaly_map/L=4 B=32 P=1369 D=768 K=30 fp32", ("tf32", "3xtf32")),
     ]
     out = []
     for family, name, modes in picks:
