@@ -2,8 +2,9 @@
 
 The ops built on the shared tile skeleton — :func:`~distkern.mahalanobis` (forward and backward),
 :func:`~distkern.mahalanobis_k`, :func:`~distkern.mahalanobis_pos`,
-:func:`~distkern.nearest_reference` and :func:`~distkern.kernel_matmul` (so :func:`~distkern.mmd2`)
-— form their ``x·W`` / ``x·y`` products in one of three ways on CUDA:
+:func:`~distkern.nearest_reference`, :func:`~distkern.kernel_matmul` (so :func:`~distkern.mmd2`) and
+:func:`distkern.ops.align.anomaly_map` — form their ``x·W`` / ``x·y`` products in one of three ways on
+CUDA (the anomaly map keeps a dedicated kernel for ``"fma"``):
 
 ``"fma"``
     float32 FMAs on the CUDA cores: float32-exact products and sums.
