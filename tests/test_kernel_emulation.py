@@ -214,6 +214,33 @@ def test_mahalanobis_k_components(lib, mode, reduce):
 
 
 @pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
+@pytest.mark.parametrize("reduce", [0, 1, 2])
+def test_mahalanobis_k_shared(lib, mode, reduce):
+    # the tied-covariance form: ‖W(x − c)‖² by the single-Gaussian kernel, then the cross term
+    # (x − c)·B_k with B = W Vᵀ, V_k = (μ_k − c) W, combined as ‖z‖² − 2 z·v_k + ‖v_k‖² (mahalanobis.cpp)
+    g = torch.Generator().manual_seed(50 + reduce)
+    N, D, K = 170, 40, 70
+    L = _factor(D, D, g, True)
+    mu = 2 * torch.randn(K, D, generator=g)
+    x = mu[torch.randint(K, (N,), generator=g)] + torch.randn(N, D, generator=g)
+    bias = torch.randn(K, generator=g)
+    c = mu.mean(0)
+    V = ((mu - c) @ L).contiguous()
+    vv, bmat = (V * V).sum(1).contiguous(), (L @ V.T).contiguous()
+    zz = torch.empty(N)
+    _call(lib.emu_maha_forward, INT(0), INT(mode), _p(x), I64(D), I64(1), _p(c), _p(L), _p(zz), I64(N), I64(D),
+          I64(D), INT(1))
+    out = torch.empty(N, K) if reduce == 0 else torch.empty(N)
+    idx = torch.empty(N, dtype=torch.int64)
+    _call(lib.emu_maha_k_shared, INT(0), INT(mode), _p(x), I64(D), I64(1), _p(c), _p(bmat), _p(zz), _p(vv), _p(bias),
+          _p(out), _p(idx) if reduce == 1 else None, I64(N), I64(D), I64(K), INT(reduce))
+    z = (x.double()[:, None] - mu.double()[None]) @ L.double()
+    d2 = (z * z).sum(-1)
+    ref = [d2, d2.min(1).values, torch.logsumexp(bias.double() - 0.5 * d2, 1)][reduce]
+    assert _rel(out, ref) < TOL[mode] * (20 if mode == TF32 else 50)
+
+
+@pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
 @pytest.mark.parametrize("fdtype", [torch.float32, torch.bfloat16])
 def test_mahalanobis_positions(lib, mode, fdtype):
     g = torch.Generator().manual_seed(7)

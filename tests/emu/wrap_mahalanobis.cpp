@@ -34,4 +34,11 @@ int emu_maha_pos(int xt, int ft, int mode, const void* x, int64_t sb, int64_t sp
                                                  factors, out, B, P, D, R, lower != 0, static_cast<MatMode>(mode),
                                                  nullptr);
 }
+int emu_maha_k_shared(int xt, int mode, const void* x, int64_t sx0, int64_t sx1, const void* center,
+                      const void* bmat, const void* zz, const void* vv, const void* bias, void* out, int64_t* idx,
+                      int64_t N, int64_t D, int64_t K, int reduce) {
+  return distkern::mahalanobis::launch_k_shared(static_cast<DType>(xt), x, sx0, sx1, center, bmat, zz, vv, bias, out,
+                                                idx, N, D, K, static_cast<distkern::mahalanobis::KReduce>(reduce),
+                                                static_cast<MatMode>(mode), nullptr);
+}
 }
