@@ -114,7 +114,8 @@ def test_sampler_step_backward(lib, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("L,B,P,D,K,per_image", [(1, 1, 1, 1, 1, False), (2, 3, 37, 70, 5, True),
                                                  (4, 2, 33, 65, 3, False), (2, 1, 40, 33, 32, False),
-                                                 (1, 2, 20, 40, 70, True)])
+                                                 (1, 2, 20, 40, 70, True), (2, 2, 300, 50, 30, False),
+                                                 (1, 1, 130, 17, 33, True)])
 @pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
 def test_anomaly_map(lib, dtype, L, B, P, D, K, per_image, mode):
     if dtype == torch.float64 and mode != FMA:

@@ -1,12 +1,7 @@
 // CUDA kernel of the anomaly map (pure CUDA: no torch headers).
 //
-// One block per (32 patch rows, image). For each layer and each chunk of 32 prompt pairs (K <= 32)
-// or 64, the block streams D in chunks of 64 (32 for float64) through shared memory: the 32×64
-// patch tile and the pairs×64 direction tile; each of the 256 threads owns one row and 4 or 8 pairs
-// (k = kg, kg+8, …) and accumulates their dot products in registers, the row's sum of squares on
-// the side. Then σ(z / ‖x‖) is summed over
-// the pairs, the 8 threads of a row reduce by shuffles, and the mean over layers and pairs is
-// written. Each patch token is read once per pass of pairs (once for Bayes-PFL's 30 pairs).
+// FMA path: a register-tiled kernel (below); tensor-core modes: the shared tile skeleton. The map is
+// the mean over layers and prompt pairs of σ(x·d/‖x‖) per patch token, written once per token.
 // Bytes: L·B·P·D·elem read + B·P·4 written; FLOPs: 2·L·B·P·D·K (half the two-cosine form).
 #include <cuda_runtime.h>
 
@@ -23,73 +18,111 @@ namespace {
 
 using cuda::to_acc;
 
-constexpr int kRows = 32;
 constexpr int kThreads = 256;
+constexpr int kGroups = 8;  // pair groups: the 8 consecutive lanes that share a row group
 
-// kPairs prompt pairs per pass: 32 when K <= 32 (Bayes-PFL's 30: a 64-wide pass would spend more
-// than half its FMAs and shared-memory reads on zero-padded pairs), else 64.
-template <typename T, typename acc_t, int kPairs, int kChunk = (sizeof(acc_t) == 8 ? 32 : 64)>
-__global__ void __launch_bounds__(kThreads, 1) anomaly_map_kernel(const T* __restrict__ patches,
+// One block per (32·TR patch rows, image); the 256 threads are 32 row groups × 8 pair groups, each
+// thread a register tile of TR rows × TP pairs (TR·TP = 32): per feature it reads TR + TP values
+// from shared memory for TR·TP FMAs (2.7 per read), where one row × 8 pairs read 9 for 8.
+// kPairs prompt pairs per pass: 32 when K <= 32 (Bayes-PFL's 30; TP = 4, TR = 8, 256 rows), else
+// 64 (TP = 8, TR = 4, 128 rows). D streams through shared memory in chunks of kChunk features,
+// stored feature-major so a thread's rows and pairs are contiguous. ‖x‖² comes from the same
+// tiles: thread kg of a row group squares feature c0 + kg of every 8, and the 8 lanes sum by
+// shuffles.
+template <typename T, typename acc_t, int kPairs, int kChunk = (sizeof(acc_t) == 8 ? 16 : 32)>
+__global__ void __launch_bounds__(kThreads) anomaly_map_kernel(const T* __restrict__ patches,
                                                                const acc_t* __restrict__ dirs, acc_t* __restrict__ out,
                                                                int64_t L, int64_t B, int64_t P, int64_t D, int64_t K,
                                                                int64_t Ld, int64_t Bd) {
-  constexpr int kPerThread = kPairs / (kThreads / kRows);  // pairs per thread: 4 or 8
-  __shared__ acc_t xs[kRows][kChunk + 1];
-  __shared__ acc_t ds[kPairs][kChunk + 1];
-  __shared__ acc_t rinv[kRows];
+  constexpr int TP = kPairs / kGroups;   // pairs per thread: 4 or 8
+  constexpr int TR = 32 / TP;            // rows per thread: 8 or 4
+  constexpr int kRows = 32 * TR;         // rows per block: 256 or 128
+  constexpr int kPad = 16 / sizeof(acc_t);
+  static_assert(kChunk % kGroups == 0, "feature chunk must be a multiple of the pair groups");
+  __shared__ __align__(16) acc_t xs[kChunk][kRows + kPad];
+  __shared__ __align__(16) acc_t ds[kChunk][kPairs + kPad];
   const int64_t b = blockIdx.y;
   const int64_t r0 = int64_t(blockIdx.x) * kRows;
   const int tid = threadIdx.x;
-  const int row = tid / (kThreads / kRows);  // 0..31
-  const int kg = tid % (kThreads / kRows);   // 0..7
-  acc_t total = 0;
+  const int rg = tid / kGroups, kg = tid % kGroups;
+  acc_t total[TR];
+#pragma unroll
+  for (int i = 0; i < TR; ++i) total[i] = 0;
   for (int64_t l = 0; l < L; ++l) {
     const T* xb = patches + ((l * B + b) * P) * D;
     const acc_t* db = dirs + ((Ld == 1 ? 0 : l) * Bd + (Bd == 1 ? 0 : b)) * K * D;
+    acc_t rinv[TR];
     for (int64_t k0 = 0; k0 < K; k0 += kPairs) {
-      acc_t acc[kPerThread];
+      acc_t acc[TR][TP], sumsq[TR];
 #pragma unroll
-      for (int j = 0; j < kPerThread; ++j) acc[j] = 0;
-      acc_t sumsq = 0;
+      for (int i = 0; i < TR; ++i) {
+        sumsq[i] = 0;
+#pragma unroll
+        for (int j = 0; j < TP; ++j) acc[i][j] = 0;
+      }
       for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+        // a warp reads kChunk consecutive features of a row (coalesced), stored feature-major
         for (int e = tid; e < kRows * kChunk; e += kThreads) {
           const int r = e / kChunk, c = e % kChunk;
           const int64_t pr = r0 + r, dc = d0 + c;
-          xs[r][c] = (pr < P && dc < D) ? to_acc<acc_t>(xb[pr * D + dc]) : acc_t(0);
+          xs[c][r] = (pr < P && dc < D) ? to_acc<acc_t>(xb[pr * D + dc]) : acc_t(0);
         }
         for (int e = tid; e < kPairs * kChunk; e += kThreads) {
           const int k = e / kChunk, c = e % kChunk;
           const int64_t kk = k0 + k, dc = d0 + c;
-          ds[k][c] = (kk < K && dc < D) ? db[kk * D + dc] : acc_t(0);
+          ds[c][k] = (kk < K && dc < D) ? db[kk * D + dc] : acc_t(0);
         }
         __syncthreads();
-#pragma unroll 4
-        for (int c = 0; c < kChunk; ++c) {
-          const acc_t xv = xs[row][c];
-          if (kg == 0) sumsq += xv * xv;
+#pragma unroll 2
+        for (int c0 = 0; c0 < kChunk; c0 += kGroups) {
+          if (k0 == 0) {
 #pragma unroll
-          for (int j = 0; j < kPerThread; ++j) acc[j] += xv * ds[kg + j * (kThreads / kRows)][c];
+            for (int i = 0; i < TR; ++i) {
+              const acc_t v = xs[c0 + kg][rg * TR + i];
+              sumsq[i] += v * v;
+            }
+          }
+#pragma unroll
+          for (int c = c0; c < c0 + kGroups; ++c) {
+            acc_t xv[TR], dv[TP];
+#pragma unroll
+            for (int i = 0; i < TR; ++i) xv[i] = xs[c][rg * TR + i];
+#pragma unroll
+            for (int j = 0; j < TP; ++j) dv[j] = ds[c][kg * TP + j];
+#pragma unroll
+            for (int i = 0; i < TR; ++i)
+#pragma unroll
+              for (int j = 0; j < TP; ++j) acc[i][j] += xv[i] * dv[j];
+          }
         }
         __syncthreads();
       }
       if (k0 == 0) {
-        if (kg == 0) rinv[row] = inv_norm(sumsq);
-        __syncthreads();
-      }
-      const acc_t iv = rinv[row];
 #pragma unroll
-      for (int j = 0; j < kPerThread; ++j) {
-        const int64_t kk = k0 + kg + j * (kThreads / kRows);
-        if (kk < K) total += sigmoid(acc[j] * iv);
+        for (int i = 0; i < TR; ++i) {
+          acc_t v = sumsq[i];
+#pragma unroll
+          for (int off = kGroups / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+          rinv[i] = inv_norm(v);
+        }
       }
-      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < TP; ++j) {
+        if (k0 + kg * TP + j >= K) continue;
+#pragma unroll
+        for (int i = 0; i < TR; ++i) total[i] += sigmoid(acc[i][j] * rinv[i]);
+      }
     }
   }
-  // the 8 threads of a row are consecutive lanes of one warp
+  // the 8 pair groups of a row group are consecutive lanes of one warp
 #pragma unroll
-  for (int off = (kThreads / kRows) / 2; off > 0; off /= 2) total += __shfl_down_sync(0xffffffffu, total, off, 8);
-  const int64_t pr = r0 + row;
-  if (kg == 0 && pr < P) out[b * P + pr] = total / static_cast<acc_t>(L * K);
+  for (int i = 0; i < TR; ++i) {
+    acc_t v = total[i];
+#pragma unroll
+    for (int off = kGroups / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const int64_t pr = r0 + rg * TR + i;
+    if (kg == 0 && pr < P) out[b * P + pr] = v / static_cast<acc_t>(L * K);
+  }
 }
 
 // ---- the same map as a tile product on tensor cores (matmul modes tf32 / 3xtf32) -----------------
@@ -179,14 +212,16 @@ cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, 
   if constexpr (std::is_same<acc_t, float>::value) {
     if (mode != cuda::MatMode::Fma) return launch_tiles<T>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
   }
-  const dim3 grid(static_cast<unsigned>((P + kRows - 1) / kRows), static_cast<unsigned>(B));
   const T* x = static_cast<const T*>(patches);
   const acc_t* d = static_cast<const acc_t*>(dirs);
   acc_t* o = static_cast<acc_t*>(out);
-  if (K <= 32)
+  if (K <= 32) {  // 256 rows per block
+    const dim3 grid(static_cast<unsigned>((P + 255) / 256), static_cast<unsigned>(B));
     anomaly_map_kernel<T, acc_t, 32><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd);
-  else
+  } else {  // 128 rows per block
+    const dim3 grid(static_cast<unsigned>((P + 127) / 128), static_cast<unsigned>(B));
     anomaly_map_kernel<T, acc_t, 64><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd);
+  }
   return cudaGetLastError();
 }
 
