@@ -38,8 +38,8 @@ DEADLINE=$((START + ${DK_DEADLINE:-540}))
 T_ENV=${DK_T_ENV:-20}
 T_BUILD=${DK_T_BUILD:-170}
 T_TEST=${DK_T_TEST:-140}
-T_SAN=${DK_T_SAN:-75}
-T_BENCH=${DK_T_BENCH:-150}
+T_SAN=${DK_T_SAN:-100}
+T_BENCH=${DK_T_BENCH:-250}
 
 log() { printf '[gpu_check %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() {
