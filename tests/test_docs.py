@@ -7,7 +7,7 @@ import pytest
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-@pytest.mark.parametrize("name,min_blocks", [("plugins.md", 4), ("diffusion.md", 4), ("alignment.md", 3)])
+@pytest.mark.parametrize("name,min_blocks", [("plugins.md", 4), ("diffusion.md", 4), ("alignment.md", 3), ("cuda.md", 2)])
 def test_guide_blocks_run(name, min_blocks, tmp_path, monkeypatch):
     doc = DOCS / name
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
