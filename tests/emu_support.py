@@ -35,5 +35,8 @@ def compile_flags(tmp: Path) -> list[str]:
     finally:
         sys.path.pop(0)
     cu2cpp.transform_tree(ROOT / "csrc", tmp / "cu")
+    # the example plugin's kernel too (the template plugin authors start from)
+    plugin = ROOT / "plugins" / "example_kernel" / "csrc"
+    cu2cpp.transform_tree(plugin, tmp / "cu_plugin")
     return ["-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-I{EMU / 'stub'}",
-            f"-I{tmp / 'cu'}", f"-I{ROOT / 'csrc'}", f"-I{cuda_include()}"]
+            f"-I{tmp / 'cu'}", f"-I{tmp / 'cu_plugin'}", f"-I{ROOT / 'csrc'}", f"-I{plugin}", f"-I{cuda_include()}"]

@@ -15,7 +15,7 @@ import distkern
 from distkern.ops import align
 from emu_support import EMU, compile_flags, missing
 
-WRAPPERS = ["step", "anomaly_map", "attention", "mahalanobis", "nearest", "kernel_sum"]
+WRAPPERS = ["step", "anomaly_map", "attention", "mahalanobis", "nearest", "kernel_sum", "example_kernel"]
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 FMA, TF32, TF32X3 = 0, 1, 2
 
@@ -297,3 +297,18 @@ def test_kernel_matmul(lib, mode, kernel, kw, C):
           _p(out), I64(N), I64(M), I64(D), I64(C), INT(kind), INT(len(p) if kernel in ("gaussian", "laplacian") else 0), pa)
     ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
     assert _rel(out, ref) < (1e-5 if mode != TF32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("N,D", [(1, 1), (13, 70), (100, 33)])
+def test_example_plugin_kernel(lib, dtype, N, D):
+    """The example plugin's warp-per-row kernel (plugins/example_kernel), strided input included."""
+    g = torch.Generator().manual_seed(N + D)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(D, N, generator=g).to(dtype).T  # column-major rows
+    mean, inv_std = torch.randn(D, generator=g).to(acc), (torch.rand(D, generator=g) + 0.5).to(acc)
+    out = torch.empty(N, dtype=acc)
+    _call(lib.emu_standardized_sqdist, INT(DT[dtype]), _p(x), I64(x.stride(0)), I64(x.stride(1)), _p(mean),
+          _p(inv_std), _p(out), I64(N), I64(D))
+    ref = (((x.double() - mean.double()) * inv_std.double()) ** 2).sum(1)
+    assert torch.allclose(out.double(), ref, rtol=1e-5 if acc == torch.float32 else 1e-12)
