@@ -9,10 +9,10 @@
 
 namespace distkern {
 
-// The setting resolved for `like`'s device: Auto follows torch's allow_tf32 for cuBLAS; float64
-// and devices before sm_80 always get Fma.
+// The setting resolved for `like`'s device: Auto follows torch's allow_tf32 for cuBLAS; devices
+// before sm_80 get Fma. (float64 runs on FMAs whatever the mode: the launchers take the tensor-core
+// kernel for float32 accumulation only.)
 inline cuda::MatMode matmul_mode_for(const at::Tensor& like) {
-  if (like.scalar_type() == at::kDouble) return cuda::MatMode::Fma;
   int mode = matmul_mode_setting();
   if (mode < 0) mode = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
   if (mode == 0) return cuda::MatMode::Fma;

@@ -56,13 +56,13 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
             return _paired(a, b, kernel, kw)
 
         return (pairs(x1, x2) + pairs(y1, y2) - pairs(x1, y2) - pairs(x2, y1)).mean()
+    if estimator != "biased" and (n < 2 or m < 2):
+        raise ValueError(f"distkern.mmd2: the {estimator} estimator needs at least 2 samples on each side")
+    if estimator == "ustat" and n != m:
+        raise ValueError(f"distkern.mmd2: the full U-statistic needs n = m; got {n} and {m} (use 'unbiased')")
     if max(n, m) <= _DENSE_MAX:
         # Small batches (MMD-DDM trains with 64): the kernel matrices fit in cache; one fused
         # estimator with two GEMMs forward and one per sample backward (see _SmallMMD).
-        if estimator != "biased" and (n < 2 or m < 2):
-            raise ValueError(f"distkern.mmd2: the {estimator} estimator needs at least 2 samples on each side")
-        if estimator == "ustat" and n != m:
-            raise ValueError(f"distkern.mmd2: the full U-statistic needs n = m; got {n} and {m} (use 'unbiased')")
         params = kernel_params(kernel, x.shape[1], **kw)[1]
         return _SmallMMD.apply(x, y, kernel, params, estimator)
     kxx = kernel_matmul(x, x, kernel=kernel, **kw).sum()
@@ -70,31 +70,14 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
     kxy = kernel_matmul(x, y, kernel=kernel, **kw).sum()
     if estimator == "biased":
         return kxx / (n * n) + kyy / (m * m) - 2 * kxy / (n * m)
-    if n < 2 or m < 2:
-        raise ValueError(f"distkern.mmd2: the {estimator} estimator needs at least 2 samples on each side")
     dx, dy = _paired(x, x, kernel, kw).sum(), _paired(y, y, kernel, kw).sum()  # k(x_i, x_i)
     if estimator == "unbiased":
         return (kxx - dx) / (n * (n - 1)) + (kyy - dy) / (m * (m - 1)) - 2 * kxy / (n * m)
-    if n != m:
-        raise ValueError(f"distkern.mmd2: the full U-statistic needs n = m; got {n} and {m} (use 'unbiased')")
     kxy_diag = _paired(x, y, kernel, kw).sum()
     return ((kxx - dx) + (kyy - dy) - 2 * (kxy - kxy_diag)) / (n * (n - 1))
 
 
 _DENSE_MAX = 512  # largest batch for which mmd2 forms the kernel matrices densely
-
-
-def _phi(kernel: str, params: list[float], r2: torch.Tensor | None, dot: torch.Tensor | None) -> torch.Tensor:
-    """The kernel value from squared distances (or, for the polynomial kernel, dot products), in
-    plain torch, with the op's conventions: r² ≥ 0 and a zero gradient of r at r = 0."""
-    if kernel == "polynomial":
-        return (params[0] * dot + params[1]) ** params[2]
-    if kernel in ("distance", "laplacian"):
-        r = torch.where(r2 > 0, r2.clamp_min(1e-30).sqrt(), torch.zeros_like(r2))
-        return r if kernel == "distance" else sum(torch.exp(-r / s) for s in params)
-    if kernel == "gaussian":
-        return sum(torch.exp(-r2 / (2 * s * s)) for s in params)
-    return sum((1 + r2 / (s * s)).rsqrt() for s in params)
 
 
 def _as_acc(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +86,9 @@ def _as_acc(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _phi_and_grad(kernel: str, params: list[float], t: torch.Tensor, need_grad: bool):
-    """φ and dφ/dt elementwise, t = r² (or x·y for the polynomial kernel); dφ/dt of the Laplacian
-    and distance kernels is 0 at r = 0 (the op's convention: no NaN at x = y)."""
+    """The kernel in plain torch, with the op's conventions: φ and (when asked) dφ/dt elementwise,
+    t = r² ≥ 0 (or x·y for the polynomial kernel); r and dφ/dt of the Laplacian and distance
+    kernels are 0 at r = 0, also under autograd (no NaN at x = y)."""
     if kernel == "polynomial":
         g, c, d = params
         base = g * t + c
@@ -235,9 +219,8 @@ def _paired(a: torch.Tensor, b: torch.Tensor, kernel: str, kw: dict) -> torch.Te
     """k(a_i, b_i) for each row i, in plain torch (O(n·D))."""
     a, b = _as_acc(a, b)
     params = kernel_params(kernel, a.shape[1], **kw)[1]
-    if kernel == "polynomial":
-        return _phi(kernel, params, None, (a * b).sum(1))
-    return _phi(kernel, params, ((a - b) ** 2).sum(1), None)
+    t = (a * b).sum(1) if kernel == "polynomial" else ((a - b) ** 2).sum(1)
+    return _phi_and_grad(kernel, params, t, False)[0]
 
 
 class MMDLoss(torch.nn.Module):

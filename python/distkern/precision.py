@@ -30,26 +30,22 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from . import _C
+
 MODES = ("auto", "fma", "tf32", "3xtf32")
 _CODES = {"auto": -1, "fma": 0, "tf32": 1, "3xtf32": 2}
-
-
-def _c():
-    from . import _C
-
-    return _C
 
 
 def set_cuda_matmul(mode: str) -> None:
     """Set how the CUDA tile-product kernels multiply float32 tiles: one of :data:`MODES`."""
     if mode not in _CODES:
         raise ValueError(f"distkern.set_cuda_matmul: mode must be one of {MODES}; got {mode!r}")
-    _c().set_matmul_mode(_CODES[mode])
+    _C.set_matmul_mode(_CODES[mode])
 
 
 def get_cuda_matmul() -> str:
     """The current setting (``"auto"`` unless changed); see the module docstring."""
-    code = _c().matmul_mode()
+    code = _C.matmul_mode()
     return next(k for k, v in _CODES.items() if v == code)
 
 
