@@ -4,6 +4,7 @@
 #
 # On a GPU machine whose Python already has a CUDA torch (and no network):
 #   make test SYSTEM_TORCH=1 VENV=/tmp/dkvenv     venv with --system-site-packages, nothing downloaded
+#   make gpu-wheels     peer-library wheels in .whl/ for benchmarks/gpu_check.sh there (the device call carries .whl)
 #
 # Variables: PYTHON (interpreter for the venv), VENV, TORCH (pip spec), MAX_JOBS, DISTKERN_CUDA (0/1),
 # PYTEST_ARGS, BENCH_ARGS.
@@ -29,10 +30,10 @@ VENV_FLAGS :=
 PIP_OFFLINE :=
 endif
 
-.PHONY: help install test bench test-cuda cmake-check clean
+.PHONY: help install test bench test-cuda cmake-check gpu-wheels clean
 
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '1,10p' Makefile
 
 $(STAMP)/venv:
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -61,6 +62,18 @@ bench: install
 
 test-cuda: install
 	$(VPY) -m pytest -q -m cuda $(PYTEST_ARGS)
+
+# Peer libraries for benchmarks/gpu_check.sh on a GPU machine without network: wheels in .whl/ (git-ignored),
+# which the device call carries. Pure-Python wheels, at the versions the CPU tests use; KeOps and keopscore
+# ship as sdists, so their wheels are built here.
+GPU_WHEELS ?= diffusers==0.42.1 geomloss==0.3.1
+GPU_SDISTS ?= pykeops==2.3 keopscore==2.3
+gpu-wheels: $(STAMP)/venv
+	rm -rf .whl && mkdir -p .whl/src
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: -d .whl $(GPU_WHEELS)
+	$(VPY) -m pip download -q --no-deps --no-binary=:all: -d .whl/src $(GPU_SDISTS)
+	$(VPY) -m pip wheel -q --no-deps --no-build-isolation -w .whl .whl/src/*
+	rm -rf .whl/src && ls -l .whl
 
 # The standalone CUDA compile check (also run by the test suite).
 cmake-check:

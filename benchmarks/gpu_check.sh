@@ -10,7 +10,7 @@
 #   env        nvidia-smi, versions                          -> OUTDIR/env.txt
 #   build      venv /tmp/dkvenv (--system-site-packages), distkern with DISTKERN_CUDA=1, plugins/*
 #                                                            -> OUTDIR/build.log
-#   test       python -m pytest -m cuda                     -> OUTDIR/pytest.log, OUTDIR/pytest-junit.xml
+#   test       python -m pytest -m cuda                     -> OUTDIR/pytest.log
 #   sanitizer  compute-sanitizer memcheck on the test_cuda_sanitizer* tests -> OUTDIR/sanitizer.log
 #   bench      distkern bench --device cuda --json --time-budget (the step's time less 60 s)
 #                                                           -> OUTDIR/bench.log,
@@ -18,13 +18,19 @@
 #              then benchmarks/cuda_graph_loop.py (a 50-step DDIM loop in one CUDA graph; its JSON is the
 #              CUDA_GRAPH_LOOP line of bench.log) and benchmarks/large_kernel_sum.py (N = M = 1e6,
 #              TF32 then FMA: LARGE_KERNEL_SUM lines)
+#   peers      only with pykeops wheels in .whl/ (make gpu-wheels; carry .whl): KeOps on the GPU against
+#              our kernel sums at N = M = 65536   -> OUTDIR/bench.log (appended),
+#                                                              OUTDIR/bench-cuda-<gpu>-<date>-peers.json
 #   summary    steps ok/FAILED with seconds, then the bench table -> stdout and OUTDIR/summary.txt
+# Peer libraries the GPU machine lacks travel as wheels in .whl/ (`make gpu-wheels` here, then carry .whl):
+# the build step installs them into the venv, except pykeops/keopscore, which the peers step installs
+# after the main bench (its first use compiles KeOps' engine, which the main bench cannot wait for).
 # At most 8 files are written to OUTDIR; long logs keep their head and tail.
 # A missing prerequisite (nvidia-smi, a visible GPU, torch with CUDA, nvcc) stops the script at once
 # with exit code 1. Otherwise every step runs; the exit code is 1 if any step failed or timed out.
 #
 # Environment overrides: PYTHON (python3), DK_VENV (/tmp/dkvenv), DK_DEADLINE (total seconds, 540),
-# DK_T_ENV, DK_T_BUILD, DK_T_TEST, DK_T_SAN, DK_T_BENCH (per-step timeouts in seconds).
+# DK_T_ENV, DK_T_BUILD, DK_T_TEST, DK_T_SAN, DK_T_BENCH, DK_T_PEERS (per-step timeouts in seconds).
 set -euo pipefail
 
 START=$(date +%s)
@@ -40,6 +46,10 @@ T_BUILD=${DK_T_BUILD:-170}
 T_TEST=${DK_T_TEST:-140}
 T_SAN=${DK_T_SAN:-100}
 T_BENCH=${DK_T_BENCH:-250}
+T_PEERS=${DK_T_PEERS:-100}
+WHEELS="$REPO/.whl"
+HAVE_KEOPS_WHEELS=0
+ls "$WHEELS"/pykeops-*.whl >/dev/null 2>&1 && HAVE_KEOPS_WHEELS=1
 
 log() { printf '[gpu_check %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -105,6 +115,7 @@ GPU_NAME=$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader | head -
 SLUG=$(echo "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//')
 DATE=$(date -u +%Y%m%d)
 BENCH_JSON="$OUTDIR/bench-cuda-${SLUG:-gpu}-$DATE.json"
+PEERS_JSON="$OUTDIR/bench-cuda-${SLUG:-gpu}-$DATE-peers.json"
 log "GPU: $GPU_NAME; torch $TORCH_VER (CUDA $TORCH_CUDA); nvcc $NVCC; CUDA_HOME ${CUDA_HOME:-unset}"
 
 # ------------------------------------------------------------------------------------------------
@@ -198,7 +209,7 @@ print("\n".join(dict.fromkeys(p)))')
     # Build from a clean copy of the tree: no stale build/ or egg-info, and the checkout is left as is.
     src=$(mktemp -d /tmp/dksrc.XXXXXX)
     trap 'rm -rf "$src"' EXIT  # (src is global in this child shell: the trap runs at its exit)
-    tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
+    tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist --exclude=./.whl \
         --exclude='./plugins/*/build' --exclude='*.egg-info' --exclude=./benchmarks/results -cf - . |
         tar -C "$src" -xf -
     cd "$src"
@@ -213,6 +224,17 @@ print("\n".join(dict.fromkeys(p)))')
         n=$((n + 1))
     done
     [ "$n" -gt 0 ] || echo "(no plugins under plugins/)"
+    # carried peer wheels (diffusers, geomloss, ...): all but KeOps, which the peers step installs
+    local wheels=()
+    for p in "$WHEELS"/*.whl; do
+        [ -f "$p" ] || continue
+        case "$(basename "$p")" in pykeops-* | keopscore-*) ;; *) wheels+=("$p") ;; esac
+    done
+    if [ "${#wheels[@]}" -gt 0 ]; then
+        echo "== carried wheels: ${wheels[*]##*/}"
+        "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
+            "${wheels[@]}" || echo "(carried wheels not installed: the peers they bring are not compared)"
+    fi
     cd /
     "$VENV/bin/python" - <<'EOF'
 import distkern
@@ -224,7 +246,7 @@ EOF
 
 step_test() {
     cd "$REPO"
-    "$VENV/bin/python" -m pytest -m cuda -q -ra -p no:cacheprovider --junitxml="$OUTDIR/pytest-junit.xml"
+    "$VENV/bin/python" -m pytest -m cuda -q -ra -p no:cacheprovider --durations=15
 }
 
 step_sanitizer() {
@@ -275,14 +297,33 @@ step_bench() {
     echo "LARGE_KERNEL_SUM $("$VENV/bin/python" benchmarks/large_kernel_sum.py --mode fma --check 0 2>&1 | tail -n 1)"
 }
 
+step_peers() {
+    cd "$REPO"
+    "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
+        "$WHEELS"/keopscore-*.whl "$WHEELS"/pykeops-*.whl
+    export CUDA_PATH="${CUDA_PATH:-${CUDA_HOME:-/usr/local/cuda}}"
+    export KEOPS_CACHE_FOLDER=/tmp/keops-cache
+    # compile KeOps' engine and one formula first, with its own limit: a KeOps that cannot build here
+    # is reported as such, not as a bench failure
+    if ! timeout 120 "$VENV/bin/python" -c 'import pykeops; pykeops.test_torch_bindings()'; then
+        echo "GPU_CHECK_SKIP: pykeops does not run on this machine (see above)"
+        return 0
+    fi
+    local left=$((DEADLINE - $(date +%s) - 20))
+    [ "$left" -gt 20 ] || { echo "GPU_CHECK_SKIP: no time left for the KeOps cases"; return 0; }
+    # the three fp32 kernel-sum cases (ours on FMAs: the float32-accurate mode, like KeOps), 3 timed calls
+    "$VENV/bin/distkern" bench --device cuda --cases '^kernel_matmul/gaussian x3 N=M=65536 D=[0-9]+ fp32$' \
+        --repeats 3 --time-budget "$left" --json "$PEERS_JSON"
+}
+
 : >"$OUTDIR/env.txt"
 echo "prerequisites: GPU $GPU_NAME; torch $TORCH_VER CUDA $TORCH_CUDA; nvcc $NVCC; CUDA_HOME ${CUDA_HOME:-unset}" >"$OUTDIR/env.txt"
 for f in build.log pytest.log sanitizer.log bench.log; do : >"$OUTDIR/$f"; done
-rm -f "$OUTDIR/pytest-junit.xml"
+rm -f "$OUTDIR/pytest-junit.xml" "$PEERS_JSON"
 
 # The steps run in child shells: hand them the functions and the settings.
-export -f step_env step_build step_test step_sanitizer step_bench
-export REPO OUTDIR PY VENV NVCC BENCH_JSON
+export -f step_env step_build step_test step_sanitizer step_bench step_peers
+export REPO OUTDIR PY VENV NVCC BENCH_JSON PEERS_JSON WHEELS DEADLINE
 LAST_STATUS=""
 
 run_step env "$T_ENV" "$OUTDIR/env.txt" 200 "set -uo pipefail; step_env"
@@ -294,8 +335,15 @@ if [ "$LAST_STATUS" = "ok" ]; then
     left=$((DEADLINE - $(date +%s)))
     bt=$T_BENCH
     [ "$bt" -le "$left" ] || bt=$left
+    # with KeOps wheels, the peers step gets its T_PEERS s out of what the bench would take
+    [ "$HAVE_KEOPS_WHEELS" = 0 ] || [ $((left - bt)) -ge "$T_PEERS" ] || bt=$((left - T_PEERS))
+    [ "$bt" -ge 30 ] || bt=30
     export BENCH_BUDGET=$((bt > 90 ? bt - 60 : bt / 2))
-    run_step bench "$T_BENCH" "$OUTDIR/bench.log" 200 "set -euo pipefail; step_bench"
+    run_step bench "$bt" "$OUTDIR/bench.log" 400 "set -euo pipefail; step_bench"
+    if [ "$HAVE_KEOPS_WHEELS" = 1 ]; then
+        echo "== peers: KeOps on the GPU" >>"$OUTDIR/bench.log"
+        run_step peers "$T_PEERS" "$OUTDIR/bench.log" 500 "set -euo pipefail; step_peers"
+    fi
 else
     for s in test:pytest sanitizer:sanitizer bench:bench; do
         echo "gpu_check: ${s%%:*} not run: the build failed (see build.log)" >>"$OUTDIR/${s#*:}.log"
@@ -318,6 +366,7 @@ fi
         sed -n '/^distkern bench —/,$p' "$OUTDIR/bench.log" | grep -v '^gpu_check: '
     fi
     [ -f "$BENCH_JSON" ] && echo "bench JSON: $BENCH_JSON"
+    [ -f "$PEERS_JSON" ] && echo "peers JSON: $PEERS_JSON"
     if [ "$FAILED" = 0 ]; then echo "gpu_check: all steps ok"; else echo "gpu_check: FAILED (see the logs in $OUTDIR)"; fi
 } | tee "$OUTDIR/summary.txt"
 exit "$FAILED"

@@ -67,6 +67,32 @@ def test_list(capsys):
     assert "N=2000 D=64" in capsys.readouterr().out
 
 
+def test_cases_regex_selects_cases(capsys, tmp_path):
+    assert bench.main(["--list", "--device", "cuda", "--cases", r"^kernel_matmul/gaussian x3 N=M=65536 D=\d+ fp32$"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")]
+    assert [ln.split()[3] for ln in lines] == ["D=64", "D=512", "D=2048"]
+    assert bench.main(["--list", "--cases", "("]) == 2
+    assert "not a regular expression" in capsys.readouterr().err
+    assert bench.main(["--quick", "--cases", "no such case"]) == 2
+    assert "matching 'no such case'" in capsys.readouterr().err
+    res = bench.run("cpu", quick=True, repeats=1, match="^mahalanobis/")
+    assert res["cases"] and all(c["name"].startswith("mahalanobis/") for c in res["cases"])
+
+
+def test_peers_on_cuda_only_where_declared():
+    from distkern.bench.cases import Case
+
+    def f(i):
+        return None
+
+    c = Case(op="x", label="y", params={}, dtype=torch.float32, setup=f, ours=f, baselines={"eager": f},
+             bytes=1, flops=1, devices=("cpu", "cuda"), peers={"numpy-lib": f, "torch-lib": f},
+             cuda_peers=("torch-lib",))
+    assert list(c.peers_on("cpu")) == ["numpy-lib", "torch-lib"]
+    assert list(c.peers_on("cuda")) == ["torch-lib"]
+    assert list(c.peers_on("cuda:0")) == ["torch-lib"]
+
+
 def test_unknown_op_is_a_usage_error(capsys):
     assert bench.main(["--ops", "no-such-op"]) == 2
     err = capsys.readouterr().err
@@ -122,3 +148,24 @@ def test_time_budget_and_checkpoints(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["complete"] is False and doc["cases"] == [] and len(doc["skipped_for_time"]) >= 2
     assert main(["--quick", "--time-budget", "0"]) == 2
+
+
+def test_gpu_check_script_fails_fast_without_a_gpu(tmp_path):
+    """benchmarks/gpu_check.sh parses, and on a machine without a GPU stops at once with a named reason."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    bash = shutil.which("bash")
+    if bash is None or not script.exists():
+        pytest.skip("no bash or no benchmarks/gpu_check.sh in this checkout")
+    assert subprocess.run([bash, "-n", str(script)]).returncode == 0
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    r = subprocess.run([bash, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "DK_VENV": str(tmp_path / "venv")})
+    assert r.returncode == 1
+    assert "nvidia-smi not found" in (tmp_path / "env.txt").read_text()
+    assert not (tmp_path / "venv").exists()

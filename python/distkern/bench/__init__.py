@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -414,9 +415,8 @@ def _run_case(case: Case, device: torch.device, ceilings: dict[str, Any], *, qui
     impls: dict[str, tuple[str, Callable]] = {"ours": ("ours", case.ours)}
     for k, f in case.baselines.items():
         impls[k] = ("baseline", f)
-    if device.type == "cpu":
-        for k, f in case.peers.items():
-            impls[k] = ("peer", f)
+    for k, f in case.peers_on(device.type).items():
+        impls[k] = ("peer", f)
 
     # 1. agreement (and the first, cold call of each implementation)
     outputs: dict[str, Any] = {}
@@ -591,19 +591,21 @@ def run(
     progress: bool = False,
     time_budget: float | None = None,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    match: str | None = None,
 ) -> dict[str, Any]:
     """Measure the ceilings and run the selected cases; return the results (the JSON document).
 
     ``time_budget`` (seconds): start no case after that much wall time; the cases left are listed
     in ``skipped_for_time`` and ``complete`` is False. ``checkpoint(doc)`` is called after each case
     with the document so far (``distkern bench --json`` writes it, so a run cut short by an outer
-    timeout still leaves its finished cases on disk)."""
+    timeout still leaves its finished cases on disk). ``match``: a regular expression searched in the case
+    names (``op/label``); only the cases it finds run."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     t0 = time.perf_counter()
     load_start = _loadavg()
-    selected = cases_for(dev.type, quick=quick, ops=ops)
+    selected = cases_for(dev.type, quick=quick, ops=ops, match=match)
     _say(progress, f"distkern bench: {len(selected)} case(s) on {dev}; measuring ceilings ...")
     with torch.no_grad(), _strict_fp32():
         ceilings = measure_ceilings(dev, quick=quick)
@@ -845,6 +847,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="device to benchmark on (default: cpu); cuda needs a GPU and a CUDA build of distkern")
     p.add_argument("--ops", nargs="+", metavar="NAME",
                    help=f"only these ops (known: {', '.join(known_ops())})")
+    p.add_argument("--cases", metavar="REGEX",
+                   help="only the cases whose name (op/label, as --list prints it) matches this regular expression")
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats: a smoke run of a few seconds (used by the tests)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
@@ -862,7 +866,7 @@ def _parser() -> argparse.ArgumentParser:
 def _list(cases: list[Case], device: str, quick: bool) -> None:
     print(f"{len(cases)} case(s), device {device}, {'quick' if quick else 'full'} suite:")
     for c in cases:
-        impls = ["ours", *c.baselines, *(f"{p} (peer)" for p in (c.peers if device == "cpu" else {}))]
+        impls = ["ours", *c.baselines, *(f"{p} (peer)" for p in c.peers_on(device))]
         extra = f"  [{c.note}]" if c.note else ""
         origin = f"  (from {c.origin})" if c.origin != "distkern" else ""
         print(f"  {c.name:<40} {', '.join(impls)}{origin}{extra}")
@@ -889,7 +893,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distkern bench: error: unknown op(s): {', '.join(unknown)}; known ops: {', '.join(known)}",
                   file=sys.stderr)
             return 2
-    cases = cases_for(args.device, quick=args.quick, ops=args.ops)
+    if args.cases:
+        try:
+            re.compile(args.cases)
+        except re.error as e:
+            print(f"distkern bench: error: --cases {args.cases!r} is not a regular expression: {e}", file=sys.stderr)
+            return 2
+    cases = cases_for(args.device, quick=args.quick, ops=args.ops, match=args.cases)
     if args.list:
         _list(cases, args.device, args.quick)
         return 0
@@ -897,7 +907,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distkern bench: warning: {line}", file=sys.stderr)
     if not cases:
         print(f"distkern bench: error: no {'quick' if args.quick else 'full'}-suite cases for "
-              f"{', '.join(args.ops or known)} on {args.device}", file=sys.stderr)
+              f"{', '.join(args.ops or known)}{f' matching {args.cases!r}' if args.cases else ''} on {args.device}",
+              file=sys.stderr)
         return 2
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -917,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     checkpoint = (lambda doc: write_json(doc, args.json)) if args.json else None
     res = run(args.device, args.ops, quick=args.quick, repeats=args.repeats, progress=not args.quiet,
-              time_budget=args.time_budget, checkpoint=checkpoint)
+              time_budget=args.time_budget, checkpoint=checkpoint, match=args.cases)
     print_results(res)
     if args.json:
         write_json(res, args.json)

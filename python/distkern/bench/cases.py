@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import importlib.util
+import math
+import re
 from typing import Any, Callable
 
 import torch
@@ -45,12 +46,13 @@ class Case:
     flops: int  # count model: FLOPs of ours' arithmetic
     devices: tuple[str, ...]  # "cpu", "cuda"
     quick: bool = False  # belongs to the --quick suite (else to the full suite)
-    peers: dict[str, Impl] = dataclasses.field(default_factory=dict)
+    peers: dict[str, Impl] = dataclasses.field(default_factory=dict)  # peer libraries (CPU only unless in cuda_peers)
     acceptance: dict[str, Any] | None = None  # e.g. {"baseline": "eager", "max_time_ratio": 1.0, "max_mem_fraction": 0.25}
     note: str = ""
     tol: float | None = None  # agreement tolerance when the input dtype alone does not set it
     origin: str = "distkern"  # who registered the case: distkern, or a plugin's distribution (bench hooks)
     matmul_ceiling: str = "matmul_fp32"  # the measured matmul rate its FLOPs are held against
+    cuda_peers: tuple[str, ...] = ()  # peers that run on CUDA tensors too (the others go through NumPy)
 
     @property
     def name(self) -> str:
@@ -59,6 +61,12 @@ class Case:
     @property
     def primary_baseline(self) -> str:
         return next(iter(self.baselines))
+
+    def peers_on(self, device: str) -> dict[str, Impl]:
+        """The peers timed on ``device``: all of them on the CPU, those in ``cuda_peers`` on CUDA."""
+        if torch.device(device).type == "cpu":
+            return dict(self.peers)
+        return {k: f for k, f in self.peers.items() if k in self.cuda_peers}
 
 
 _TOLERANCE = {
@@ -684,6 +692,7 @@ def _ksum_cases() -> list[Case]:
             ours=_ksum_ours,
             baselines={"eager": _ksum_eager},
             peers={"pykeops": _ksum_pykeops} if _has("pykeops") else {},
+            cuda_peers=("pykeops",),
             bytes=2 * N * D * 4 + N * 4,
             flops=2 * N * N * D + 3 * 4 * N * N,
             devices=devs,
@@ -729,6 +738,7 @@ def _ksum_cases() -> list[Case]:
         ours=_mmd_biased_ours,
         baselines={"eager": _mmd_biased_eager},
         peers={"geomloss": _mmd_biased_geomloss} if _has("geomloss") else {},
+        cuda_peers=("geomloss",),
         bytes=2 * N * 64 * 4 * 3,
         flops=3 * (2 * N * N * 64 + 4 * N * N),
         devices=both,
@@ -833,11 +843,15 @@ def known_ops() -> list[str]:
     return sorted({c.op for c in all_cases()})
 
 
-def cases_for(device: str, *, quick: bool = False, ops: list[str] | None = None) -> list[Case]:
-    """The cases of one suite (full or quick) on one device kind, optionally filtered by op name."""
+def cases_for(device: str, *, quick: bool = False, ops: list[str] | None = None,
+              match: str | None = None) -> list[Case]:
+    """The cases of one suite (full or quick) on one device kind, optionally filtered by op name and by a
+    regular expression searched in the case name (``op/label``)."""
     kind = torch.device(device).type
+    pattern = re.compile(match) if match else None
     return [
         c
         for c in all_cases()
         if kind in c.devices and c.quick == quick and (not ops or c.op in ops)
+        and (pattern is None or pattern.search(c.name))
     ]
