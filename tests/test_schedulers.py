@@ -108,7 +108,7 @@ def compare_loop(name, cfg, *, steps=20, step_kw=None, stochastic=False, set_kw=
     ref = getattr(diffusers, name)(**cfg)
     ours = getattr(dd, name).from_config(ref.config)
     direct = getattr(dd, name)(**cfg)
-    assert dict(direct.config) == dict(ours.config)
+    assert _public(direct.config) == _public(ours.config)
     ref.set_timesteps(**set_kw)
     ours.set_timesteps(**set_kw)
     assert ours.timesteps.dtype == ref.timesteps.dtype
@@ -288,13 +288,19 @@ ALL = ("DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "EulerDiscreteS
 
 # ----------------------------------------------------------------------------------------------------- from_config
 
+def _public(cfg) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_config_has_diffusers_keys_and_defaults(name):
     diffusers = pytest.importorskip("diffusers")
-    ref = getattr(diffusers, name)()
-    ours = getattr(dd, name)()
-    public = {k: v for k, v in ref.config.items() if not k.startswith("_")}
-    assert dict(ours.config) == public
+    ref = getattr(diffusers, name)(beta_start=0.0002)
+    ours = getattr(dd, name)(beta_start=0.0002)
+    assert _public(ours.config) == _public(ref.config)
+    # the defaulted arguments, under diffusers' key, so that its from_config of our config leaves them alone
+    assert sorted(ours.config["_use_default_values"]) == sorted(ref.config["_use_default_values"])
+    assert "beta_start" not in ours.config["_use_default_values"]
     assert ours.order == ref.order
     assert len(ours) == len(ref)
 
@@ -307,7 +313,7 @@ def test_from_config_of_another_diffusers_scheduler(name):
     source = diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1).config
     ref = getattr(diffusers, name).from_config(source)
     ours = getattr(dd, name).from_config(source)
-    assert dict(ours.config) == {k: ref.config[k] for k in ours.config}  # diffusers also keeps the unused keys
+    assert _public(ours.config) == {k: ref.config[k] for k in _public(ours.config)}  # diffusers keeps unused keys
     compare_loop(name, dict(ours.config), steps=10, stochastic=name in ("DDPMScheduler",
                                                                        "EulerAncestralDiscreteScheduler"),
                  label=f"{name}-from-ddim-config")
@@ -322,9 +328,13 @@ def test_from_config_defaults_and_reverse_direction():
     assert "timestep_spacing" in ddim.config.use_default_values and "beta_end" not in ddim.config.use_default_values
     diffusers = pytest.importorskip("diffusers")
     ref = diffusers.EulerDiscreteScheduler.from_config(diffusers.DDIMScheduler(**SD, clip_sample=False).config)
-    assert dict(euler.config) == {k: ref.config[k] for k in euler.config}
+    assert _public(euler.config) == {k: ref.config[k] for k in _public(euler.config)}
     back = diffusers.DDIMScheduler.from_config(ddim.config)
-    assert {k: back.config[k] for k in ddim.config} == dict(ddim.config)
+    assert {k: back.config[k] for k in _public(ddim.config)} == _public(ddim.config)
+    # the defaults travel in the config dict itself (diffusers' key): a plain dict() copy keeps them, and
+    # diffusers' from_config of our config leaves Euler's own default spacing
+    assert dd.EulerDiscreteScheduler.from_config(dict(ddim.config)).config.timestep_spacing == "linspace"
+    assert diffusers.EulerDiscreteScheduler.from_config(ddim.config).config.timestep_spacing == "linspace"
 
 
 def test_ddpm_fixed_large_log_uses_beta(caplog):
@@ -350,8 +360,9 @@ def test_from_config_ignores_unknown_keys_and_overrides(caplog):
     assert s.config.timestep_spacing == "trailing"
     assert "skip_prk_steps" in caplog.text and "_class_name" not in caplog.text
     assert dict(dd.DDIMScheduler.from_config(s).config) == dict(s.config)  # a scheduler works as a config too
-    with pytest.raises(TypeError, match="not_an_arg"):
-        dd.DDIMScheduler.from_config(cfg, not_an_arg=1)
+    with pytest.warns(UserWarning, match="not_an_arg"):  # diffusers ignores it silently; we say so
+        s2, unused = dd.DDIMScheduler.from_config(cfg, not_an_arg=1, return_unused_kwargs=True)
+    assert unused == {"not_an_arg": 1} and _public(s2.config) == _public(dd.DDIMScheduler.from_config(cfg).config)
     with pytest.raises(TypeError, match="read-only"):
         s.config["eta"] = 1
     with pytest.raises(TypeError, match="read-only"):
@@ -446,8 +457,12 @@ def test_more_bad_inputs():
         s.add_noise(x, x, torch.tensor([0, 1000]))
     e = dd.EulerDiscreteScheduler()
     e.set_timesteps(10)
+    with pytest.raises(ValueError, match="integer timestep 3.*enumerate"):
+        e.step(x, 3, x)  # an index, not a timestep value (refused as diffusers does, even where it is one)
+    with pytest.raises(ValueError, match="integer timestep"):
+        e.step(x, torch.tensor(999), x)
     with pytest.raises(ValueError, match="not one of scheduler.timesteps"):
-        e.step(x, 3, x)  # an index, not a timestep value
+        e.step(x, 3.0, x)
     e.set_timesteps(2)
     e.step(x, e.timesteps[0], x)
     e.step(x, e.timesteps[1], x)
@@ -547,7 +562,7 @@ def test_per_sample_timesteps_details():
     for i in range(2):
         one = dd.EulerDiscreteScheduler()
         one.set_timesteps(10)
-        alone = one.step(x[i:i + 1], int(ts[i]), x[i:i + 1], s_churn=3.0, s_tmin=lo,
+        alone = one.step(x[i:i + 1], float(ts[i]), x[i:i + 1], s_churn=3.0, s_tmin=lo,
                          variance_noise=noise[i:i + 1]).prev_sample
         assert torch.allclose(both[i:i + 1], alone, atol=1e-6)
     plain = e.step(x, ts, x).prev_sample
@@ -643,11 +658,17 @@ def test_in_kernel_noise_is_reproducible_from_the_scheduler_seed(name, cfg, step
     assert sa.noise_seed == 11 and sa.noise_offset == 8  # the offset advances every step
     d, _ = _noisy_loop(name, None, cfg, step_kw, reseed=False, s=sa)  # a second loop gets fresh noise
     assert not torch.allclose(a, d)
-    torch.manual_seed(0)  # an unseeded scheduler draws its seed once from torch's CPU generator
+    torch.manual_seed(0)  # an unseeded scheduler draws each step's seed from torch's CPU generator
     e, se = _noisy_loop(name, None, cfg, step_kw)
     torch.manual_seed(0)
     f, _ = _noisy_loop(name, None, cfg, step_kw)
     assert torch.equal(e, f) and se.noise_seed is not None
+    # ... so torch.manual_seed replays a loop of the same scheduler object too, as with diffusers
+    torch.manual_seed(0)
+    g, _ = _noisy_loop(name, None, cfg, step_kw, reseed=False, s=se)
+    assert torch.equal(e, g)
+    h, _ = _noisy_loop(name, None, cfg, step_kw, reseed=False, s=se)
+    assert not torch.allclose(e, h)
 
 
 def test_in_kernel_noise_is_standard_normal():
@@ -731,3 +752,79 @@ def test_runs_without_diffusers():
     res = subprocess.run([sys.executable, "-c", STANDALONE], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "standalone ok" in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------------- in a pipeline
+
+def _tiny_unet():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_swapped_into_a_diffusers_pipeline(name):
+    """The one-line swap in a real diffusers pipeline (a tiny random UNet): the same images as diffusers'
+    scheduler from the same generator, and, without a generator, ``torch.manual_seed`` replays a run."""
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=getattr(diffusers, name)())
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=6, output_type="np", batch_size=2)
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.scheduler = getattr(dd, name).from_config(pipe.scheduler.config)
+    ours = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(ours - ref).max() <= 1e-5 * max(abs(ref).max(), 1e-6)
+    torch.manual_seed(3)
+    a = pipe(**kw).images
+    torch.manual_seed(3)
+    b = pipe(**kw).images
+    assert (a == b).all()
+
+
+def test_from_pretrained_and_save_pretrained_round_trip(tmp_path):
+    """``X.from_pretrained(folder, subfolder="scheduler")`` reads diffusers' files, and diffusers reads ours."""
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=diffusers.DDIMScheduler(**SD, steps_offset=1))
+    pipe.save_pretrained(tmp_path / "pipe")
+    ours = dd.DDIMScheduler.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
+    assert _public(ours.config) == _public(pipe.scheduler.config)
+    euler = dd.EulerDiscreteScheduler.from_pretrained(tmp_path / "pipe", subfolder="scheduler", timestep_spacing="trailing")
+    assert euler.config.beta_schedule == "scaled_linear" and euler.config.timestep_spacing == "trailing"
+    ours.save_pretrained(tmp_path / "ours")
+    back = diffusers.DDIMScheduler.from_pretrained(tmp_path / "ours")
+    assert {k: back.config[k] for k in _public(ours.config)} == _public(ours.config)
+    assert dd.DDIMScheduler.from_pretrained(tmp_path / "ours" / "scheduler_config.json").config == ours.config
+    with pytest.raises(FileNotFoundError, match="subfolder='scheduler'"):
+        dd.DDIMScheduler.from_pretrained(tmp_path / "pipe")
+    with pytest.raises(NotImplementedError, match="push_to_hub"):
+        ours.save_pretrained(tmp_path / "x", push_to_hub=True)
+
+
+def test_pipeline_config_fixups_take_effect():
+    """StableDiffusionPipeline rewrites an outdated config through ``scheduler._internal_dict``: it must change
+    the scheduler, as it changes diffusers'."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.configuration_utils import FrozenDict
+
+    ref, ours = diffusers.DDIMScheduler(**SD), dd.DDIMScheduler(**SD)
+    for s in (ref, ours):
+        new = dict(s.config)
+        new["steps_offset"], new["clip_sample"] = 1, False
+        s._internal_dict = FrozenDict(new)
+        s.set_timesteps(10)
+    assert ours.config.steps_offset == 1 and ours.config.clip_sample is False
+    assert torch.equal(ours.timesteps, ref.timesteps) and int(ours.timesteps[0]) == 901
+
+
+def test_dpm_solver_output_dtype_follows_diffusers():
+    """fp32 latents under an fp16 model stay fp32 (diffusers casts to its converted data prediction's dtype)."""
+    s = dd.DPMSolverMultistepScheduler()
+    s.set_timesteps(5)
+    x = torch.randn(SHAPE)
+    assert s.step(x.half(), s.timesteps[0], x).prev_sample.dtype == torch.float32
+    s = dd.DPMSolverMultistepScheduler(prediction_type="sample")
+    s.set_timesteps(5)
+    assert s.step(x.half(), s.timesteps[0], x).prev_sample.dtype == torch.float16  # x̂0 is the model output

@@ -4,8 +4,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import logging
 import math
+import os
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -24,13 +27,18 @@ class SchedulerConfig(dict):
     (``scheduler.config.prediction_type`` or ``scheduler.config["prediction_type"]``), like diffusers' ``FrozenDict``.
     Build a changed scheduler with ``type(s).from_config(s.config, key=value)``.
 
-    ``use_default_values`` (an attribute, not a key) lists the arguments that were not given and took their
-    default; ``from_config`` of another scheduler class leaves those to that class's defaults, as diffusers does
-    (its ``_use_default_values``)."""
+    The ``_use_default_values`` key (also ``config.use_default_values``) lists the arguments that were not given
+    and took their default; ``from_config`` of another scheduler class, ours or diffusers', leaves those to that
+    class's defaults, as diffusers does with its own key of that name."""
 
-    def __init__(self, *args, use_default_values=(), **kwargs):
+    def __init__(self, *args, use_default_values=None, **kwargs):
         super().__init__(*args, **kwargs)
-        object.__setattr__(self, "use_default_values", tuple(use_default_values))
+        if use_default_values is not None or "_use_default_values" not in self:
+            dict.__setitem__(self, "_use_default_values", list(use_default_values or ()))
+
+    @property
+    def use_default_values(self) -> tuple:
+        return tuple(self.get("_use_default_values", ()))
 
     def __getattr__(self, name):
         try:
@@ -44,14 +52,17 @@ class SchedulerConfig(dict):
     __setattr__ = __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _frozen
 
     def __reduce__(self):
-        return (functools.partial(SchedulerConfig, use_default_values=self.use_default_values), (dict(self),))
+        return (SchedulerConfig, (dict(self),))
 
 
 def register_config(init):
-    """Decorate a scheduler's ``__init__``: records which arguments the caller gave (the rest are defaults)."""
+    """Decorate a scheduler's ``__init__``: records which arguments the caller gave (the rest are defaults), and
+    drops private keywords (``_class_name``, ``_use_default_values``, …) as diffusers' constructors do, so that
+    ``Scheduler(**scheduler.config)`` works."""
 
     @functools.wraps(init)
     def inner(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
         bound = inspect.signature(init).bind(self, *args, **kwargs)
         self._given_args = frozenset(bound.arguments) - {"self", "kwargs"}
         init(self, *args, **kwargs)
@@ -102,6 +113,7 @@ class SchedulerBase:
         self._dev: dict = {}
         self._noise_seed: int | None = None
         self._noise_offset = 0
+        self._noise_seed_set = False  # set_noise_seed was called (else every step draws its own seed)
 
     def _set_config(self, **changes) -> None:
         self._config = SchedulerConfig({**self._config, **changes}, use_default_values=[
@@ -122,7 +134,7 @@ class SchedulerBase:
         return cfg
 
     @classmethod
-    def from_config(cls, config=None, **kwargs):
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """Build a scheduler from a config: ours, a diffusers scheduler's ``.config`` (``FrozenDict``), a plain
         dict, or a scheduler object (its ``.config`` is used). ``kwargs`` override config entries.
 
@@ -133,7 +145,9 @@ class SchedulerBase:
         ignored, like diffusers does (the ignored non-private keys are logged at INFO level on
         ``distkern.diffusion``). Keys it takes but values it does not support (``variance_type="learned"``,
         ``use_exponential_sigmas=True``, …) raise a ``ValueError`` naming the key rather than giving numbers
-        different from diffusers'. An unknown override in ``kwargs`` raises ``TypeError``.
+        different from diffusers'. An override in ``kwargs`` this scheduler does not take is ignored with a
+        ``UserWarning`` naming it (diffusers ignores it silently); ``return_unused_kwargs=True`` returns
+        ``(scheduler, {ignored overrides})``, as diffusers.
         """
         if config is None:
             config = {}
@@ -146,22 +160,116 @@ class SchedulerBase:
         defaulted = set(config.get("_use_default_values", ()) or ()) | set(getattr(config, "use_default_values", ()))
         cfg = cls._translate_legacy({k: v for k, v in config.items()
                                      if k not in defaulted and k != "_use_default_values"})
-        bad = [k for k in kwargs if k not in keys]
-        if bad:
-            raise TypeError(f"{cls.__name__}.from_config: unknown argument(s) {bad}; known: {sorted(keys)}")
+        unused = {k: kwargs.pop(k) for k in [k for k in kwargs if k not in keys]}
+        if unused:
+            warnings.warn(f"{cls.__name__}.from_config: ignoring argument(s) this scheduler does not take: "
+                          f"{sorted(unused)} (known: {sorted(keys)})", UserWarning, stacklevel=2)
         ignored = sorted(k for k in cfg if k not in keys and not str(k).startswith("_"))
         if ignored:
             logger.info("%s.from_config: ignoring config keys this scheduler does not take: %s", cls.__name__,
                         ", ".join(ignored))
         args = {k: v for k, v in cfg.items() if k in keys}
         args.update(kwargs)
-        return cls(**args)
+        scheduler = cls(**args)
+        return (scheduler, unused) if return_unused_kwargs else scheduler
+
+    # diffusers' pipelines rewrite outdated configs in place (StableDiffusionPipeline forces steps_offset=1 and
+    # clip_sample=False through ``scheduler._internal_dict = FrozenDict(new_config)``): a config assigned here
+    # rebuilds the scheduler from it, so such fix-ups take effect as they do on diffusers' schedulers.
+    @property
+    def _internal_dict(self) -> SchedulerConfig:
+        return self._config
+
+    @_internal_dict.setter
+    def _internal_dict(self, config: Mapping) -> None:
+        keys = self._config_keys()
+        fresh = type(self)(**{k: v for k, v in config.items() if k in keys})  # every value, as assigned
+        old = self._config
+        fresh._config = SchedulerConfig(fresh._config, use_default_values=[  # still defaults: those left as they were
+            k for k in config.get("_use_default_values", ()) if k in keys and config.get(k) == old.get(k)])
+        self.__dict__.clear()
+        self.__dict__.update(fresh.__dict__)
+
+    # ------------------------------------------------------------------ files
+    config_name = "scheduler_config.json"
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write the config as ``save_directory/scheduler_config.json`` in diffusers' format (``_class_name`` +
+        the constructor arguments), which ``from_pretrained`` of this class or of diffusers' class of the same
+        name reads back. ``push_to_hub`` is not supported (upload the folder with ``huggingface_hub``)."""
+        if push_to_hub:
+            raise NotImplementedError(f"{self._name}.save_config: push_to_hub is not supported; save locally and "
+                                      "upload the folder with huggingface_hub")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{self._name}.save_config: {os.fspath(save_directory)!r} is a file, not a directory")
+        from .. import __version__
+
+        os.makedirs(save_directory, exist_ok=True)
+        doc = {"_class_name": type(self).__name__, "_distkern_version": __version__}
+        doc.update({k: v for k, v in self.config.items() if not k.startswith("_")})
+        for k, v in doc.items():  # trained_betas: a tensor / array / list
+            if isinstance(v, (torch.Tensor, np.ndarray)):
+                doc[k] = v.tolist()
+        path = os.path.join(save_directory, self.config_name)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+            f.write("\n")
+        logger.info("%s: config written to %s", self._name, path)
+
+    save_pretrained = save_config
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                    return_unused_kwargs: bool = False, **kwargs):
+        """The config dict of a saved scheduler: ``pretrained_model_name_or_path`` is a directory holding
+        ``[subfolder/]scheduler_config.json`` (or that file itself), or a Hugging Face Hub repository id, fetched
+        through ``huggingface_hub`` (an optional dependency; its cache, ``HF_HUB_OFFLINE`` and these keywords
+        apply: ``cache_dir``, ``revision``, ``token``, ``local_files_only``, ``force_download``).
+        With ``return_unused_kwargs=True`` returns ``(config, the other kwargs)``."""
+        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+        hub = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isfile(path):
+            file = path
+        elif os.path.isdir(path):
+            file = os.path.join(path, subfolder or "", cls.config_name)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{cls.__name__}.load_config: no {cls.config_name} in "
+                                        f"{os.path.join(path, subfolder or '')!r}"
+                                        + ("" if subfolder else " (a pipeline folder keeps it in subfolder='scheduler')"))
+        else:
+            try:
+                from huggingface_hub import hf_hub_download
+            except ImportError:
+                raise FileNotFoundError(
+                    f"{cls.__name__}.load_config: {path!r} is not a local file or directory, and huggingface_hub "
+                    "is not installed to fetch it from the Hub (pip install huggingface_hub)") from None
+            file = hf_hub_download(path, cls.config_name, subfolder=subfolder, **hub)
+        try:
+            with open(file, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{cls.__name__}.load_config: cannot read {file!r} as a scheduler config: {e}") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{cls.__name__}.load_config: {file!r} holds a {type(config).__name__}, not a config "
+                             "object")
+        return (config, kwargs) if return_unused_kwargs else config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        return_unused_kwargs: bool = False, **kwargs):
+        """Build the scheduler from a saved config, ours or diffusers' (``load_config`` says where it is read
+        from), as diffusers' ``X.from_pretrained(repo, subfolder="scheduler")``; the other ``kwargs`` override
+        config entries (see :meth:`from_config`)."""
+        config, kwargs = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder,
+                                         return_unused_kwargs=True, **kwargs)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)
 
     def __repr__(self) -> str:
-        items = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas")
+        items = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas" and k[0] != "_")
         return f"{type(self).__name__}({items})"
 
     # ------------------------------------------------------------------ schedule
@@ -317,8 +425,10 @@ class SchedulerBase:
 
         Step ``k`` after this call draws the counter-based (Philox) normals of ``(seed, offset + k)``: every step
         call advances the offset by one, so a loop is reproducible from its seed and the same on CPU and CUDA.
-        Without a call, the seed is drawn once (on first need) from torch's default CPU generator.
         ``set_timesteps`` does not reset the offset (a second loop gets fresh noise); call this to replay.
+        Without a call, every step that needs noise draws a fresh seed from torch's default CPU generator (no
+        device sync), so ``torch.manual_seed(s)`` before a loop replays it, as it does with diffusers'
+        schedulers and pipelines (the numbers differ from diffusers', which draws them with ``torch.randn``).
         Element ``i`` of the ``(B, ...)`` batch gets the normal of counter ``i``: a sample's noise depends on its
         position in the batch (pass ``generator`` / ``variance_noise`` for noise tied to the sample).
         """
@@ -327,15 +437,18 @@ class SchedulerBase:
         if isinstance(offset, bool) or int(offset) != offset or int(offset) < 0:
             raise ValueError(f"{self._name}.set_noise_seed: offset must be an int ≥ 0; got {offset!r}")
         self._noise_seed, self._noise_offset = int(seed), int(offset)
+        self._noise_seed_set = True
 
     @property
     def noise_seed(self) -> int | None:
-        """The in-kernel noise seed (``None`` until set or first needed)."""
+        """The in-kernel noise seed: the one set by :meth:`set_noise_seed`, else the seed the last noisy step drew
+        (``None`` before)."""
         return self._noise_seed
 
     @property
     def noise_offset(self) -> int:
-        """The Philox offset the next step uses for in-kernel noise."""
+        """The Philox offset the next step uses for in-kernel noise seeded by :meth:`set_noise_seed` (steps count
+        it up; without a seed each step's fresh seed is used at offset 0)."""
         return self._noise_offset
 
     def _noise_kwargs(self, model_output, sample, *, needed: bool, generator, variance_noise,
@@ -355,8 +468,9 @@ class SchedulerBase:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=draw_dtype or model_output.dtype)
             return {"noise": noise.to(device=sample.device, dtype=sample.dtype)}
-        if self._noise_seed is None:
-            self._noise_seed = int(torch.randint(0, 2**62, (1,)).item())  # default CPU generator: no device sync
+        if not self._noise_seed_set:  # a fresh seed per step from the default CPU generator: no device sync
+            self._noise_seed = int(torch.randint(0, 2**62, (1,)).item())
+            return {"seed": self._noise_seed, "offset": 0}
         return {"seed": self._noise_seed, "offset": self._noise_offset}
 
     # ------------------------------------------------------------------ outputs

@@ -176,12 +176,15 @@ class DPMSolverMultistepScheduler(IndexedScheduler):
             variance_noise: ``(B, ...)`` SDE noise to use instead of drawing it.
             return_dict: return a :class:`SchedulerOutput` (else ``(prev_sample,)``, as diffusers).
 
-        Returns: :class:`SchedulerOutput`: ``prev_sample`` (model output's dtype) and ``pred_original_sample``
-        (the step's data prediction), both ``(B, ...)``.
+        Returns: :class:`SchedulerOutput`: ``prev_sample`` and ``pred_original_sample`` (the step's data
+        prediction), both ``(B, ...)``. ``prev_sample`` has the dtype diffusers gives it, that of its converted data
+        prediction: the model output's for ``prediction_type="sample"``, else the promotion of the sample's and the
+        model output's (float32 latents stay float32 under a float16 model).
         """
         self._require_timesteps()
         model_dtype = model_output.dtype if isinstance(model_output, torch.Tensor) else None
         model_output, sample = self._check_pair(model_output, sample)
+        out_dtype = model_dtype if self.config.prediction_type == "sample" else sample.dtype
         if isinstance(timestep, torch.Tensor) and timestep.dim() == 1 and timestep.shape[0] > 1:
             raise ValueError(f"{self._name}.step: per-sample timesteps (a (B,) tensor) are not supported: the "
                              "multistep history is shared by the batch; pass one timestep")
@@ -212,7 +215,7 @@ class DPMSolverMultistepScheduler(IndexedScheduler):
             self.lower_order_nums += 1
         self._step_index += 1
         self._noise_offset += 1
-        prev = prev.to(model_dtype)
+        prev = prev.to(out_dtype)
         if not return_dict:
             return (prev,)
         return self._output(prev, x0, True)

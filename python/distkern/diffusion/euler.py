@@ -92,6 +92,14 @@ class _SigmaBase(IndexedScheduler):
         sig = self._on("sig", self._sig64_t, dev)[idx].to(original_samples.dtype)
         return original_samples + noise.to(dev) * self._expand(sig, original_samples)
 
+    def _refuse_index(self, timestep) -> None:
+        """diffusers' guard: an integer is a loop index (``enumerate(timesteps)``), not one of the schedule's float
+        timesteps. Without it ``step(eps, 0, x)`` would take timestep 0, the last step, silently."""
+        if isinstance(timestep, (int, np.integer)) or (
+                isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+            raise ValueError(f"{self._name}.step: got an integer timestep {timestep!r}; pass one of "
+                             "scheduler.timesteps (floats), not a loop index such as from enumerate(timesteps)")
+
     def _finish(self, prev, x0, model_dtype, per, return_dict):
         if per is None:
             self._step_index += 1
@@ -237,6 +245,7 @@ class EulerDiscreteScheduler(_SigmaBase):
         ``pred_original_sample``, both ``(B, ...)``.
         """
         self._require_timesteps()
+        self._refuse_index(timestep)
         model_dtype = model_output.dtype if isinstance(model_output, torch.Tensor) else None
         model_output, sample = self._check_pair(model_output, sample)
         host, per = self._parse_timestep(timestep, sample.shape[0], "step", check_range=not self._continuous_v())
@@ -306,6 +315,7 @@ class EulerAncestralDiscreteScheduler(_SigmaBase):
         Returns: :class:`SchedulerOutput`, ``prev_sample`` (model output's dtype) and ``pred_original_sample``.
         """
         self._require_timesteps()
+        self._refuse_index(timestep)
         model_dtype = model_output.dtype if isinstance(model_output, torch.Tensor) else None
         model_output, sample = self._check_pair(model_output, sample)
         host, per = self._parse_timestep(timestep, sample.shape[0], "step")
