@@ -81,6 +81,16 @@ def test_streaming_matches_sklearn_with_large_offset(n, d, rng):
     assert_close(stats.covariance("oas", ridge=0.5), stats.covariance("oas") + 0.5 * torch.eye(d, dtype=torch.float64), 1e-15)
 
 
+@pytest.mark.parametrize("offset", [1e4, 1e8])
+def test_float32_products_of_float64_data_keep_the_offset_out(offset, rng):
+    """product_dtype=float32 on float64 data: centred in float64 before the cast, so a large offset costs only
+    float32's rounding of the centred values (it used to cast first: an offset of 1e8 gave a zero covariance)."""
+    x = sample(2000, 5, rng, offset=offset)
+    ref = GaussianStats().update(x).covariance()
+    ours = GaussianStats(product_dtype=torch.float32).update(x).covariance()
+    assert_close(ours, ref, 1e-5)
+
+
 @pytest.mark.parametrize("n,d", [(30, 10), (200, 50), (10, 40), (5, 1), (3, 7)])
 def test_oas_matches_sklearn(n, d, rng):
     x = sample(n, d, rng, offset=3.0)

@@ -102,6 +102,17 @@ def test_gradcheck(device, lower, rng):
     fn = (lambda a, b, c: distkern.mahalanobis(a, b, c.tril(), lower=True)) if lower else (
         lambda a, b, c: distkern.mahalanobis(a, b, c, lower=False))
     assert torch.autograd.gradcheck(fn, (x, m, w))
+    assert torch.autograd.gradgradcheck(fn, (x, m, w))  # second derivatives: the backward op has its own
+
+
+def test_hessian_is_twice_the_precision(rng):
+    """d²/dx² of (x − μ)ᵀ W Wᵀ (x − μ) is 2·W·Wᵀ, also through create_graph (e.g. input pre-processing losses)."""
+    D = 6
+    mean, cov = random_gaussian(D, rng, "cpu")
+    W = whitening_factor(cov, dtype=torch.float64)
+    x = torch.randn(1, D, generator=rng, dtype=torch.float64)
+    H = torch.autograd.functional.hessian(lambda t: distkern.mahalanobis(t, mean, W).sum(), x).reshape(D, D)
+    assert torch.allclose(H, 2 * W @ W.T, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -105,6 +105,11 @@ def test_gradcheck(device, shared, rng):
     assert torch.autograd.gradcheck(lambda a, c: distkern.mahalanobis_k(a, c, L), (x, m))
     assert torch.autograd.gradcheck(lambda a, c: distkern.mahalanobis_k(a, c, L, reduce="min").values, (x, m))
     assert torch.autograd.gradcheck(lambda a, c, d: distkern.mahalanobis_k(a, c, L, reduce="logsumexp", bias=d), (x, m, b))
+    # second derivatives (the per-component factors go through the backward op's own autograd)
+    assert torch.autograd.gradgradcheck(lambda a, c: distkern.mahalanobis_k(a, c, L), (x, m))
+    assert torch.autograd.gradgradcheck(lambda a, c: distkern.mahalanobis_k(a, c, L, reduce="min").values, (x, m))
+    assert torch.autograd.gradgradcheck(
+        lambda a, c, d: distkern.mahalanobis_k(a, c, L, reduce="logsumexp", bias=d), (x, m, b))
 
 
 def test_opcheck(rng):

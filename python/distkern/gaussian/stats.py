@@ -77,7 +77,10 @@ def _dense_moments(x: torch.Tensor, product_dtype: torch.dtype = torch.float64,
     ``total`` may pass the float64 column sums when the caller has them already."""
     n = x.shape[0]
     mean = (x.sum(0, dtype=torch.float64) if total is None else total) / n
-    z = x.to(product_dtype) - mean.to(product_dtype)
+    if torch.finfo(x.dtype).eps < torch.finfo(product_dtype).eps:
+        z = (x - mean.to(x.dtype)).to(product_dtype)  # centre at x's precision first: offsets cancel exactly
+    else:
+        z = x.to(product_dtype) - mean.to(product_dtype)
     s = (z * z).sum(-1)  # (B, G)
     if x.shape[1] == 1:  # one Gaussian: a plain GEMM / GEMV, no batched permute
         z0 = z[:, 0]

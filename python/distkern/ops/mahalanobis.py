@@ -89,6 +89,45 @@ def _backward(ctx, grad):
 torch.library.register_autograd("distkern::mahalanobis", _backward, setup_context=_setup_context)
 
 
+# Second derivatives: the backward op (gx = 2·g·(x − μ)·W·Wᵀ, gm = −Σₙ gxₙ) differentiated as plain tensor
+# algebra. With upstream (vx, vm), S = Σₙ 2·gₙ·uₙ·W·Wᵀ·(xₙ − μ)ᵀ for uₙ = vxₙ − vm, so
+#   ∂S/∂g = 2·rowsum(u ⊙ (x − μ)WWᵀ),  ∂S/∂x = 2·g·uWWᵀ = −∂S/∂μ summed over rows,
+#   ∂S/∂W = 2·[(g⊙u)ᵀ(x − μ)W + (g⊙(x − μ))ᵀuW]  (lower triangle when W is).
+# Being torch operations, these differentiate again (third order and beyond).
+def _mb_setup(ctx, inputs, output):
+    grad, x, mean, factor, lower = inputs
+    ctx.save_for_backward(grad, x, mean, factor)
+    ctx.lower = lower
+
+
+def _mb_backward(ctx, vx, vm):
+    g, x, mean, factor = ctx.saved_tensors
+    need_g, need_x, need_mean, need_factor = ctx.needs_input_grad[:4]
+    acc = _acc_dtype(x)
+    w = factor.to(acc)
+    if ctx.lower:
+        w = w.tril()
+    u = vx.to(acc) if vx is not None else torch.zeros(x.shape, dtype=acc, device=x.device)
+    if vm is not None:
+        u = u - vm.to(acc)
+    ga = g.to(acc)
+    xc = x.to(acc) - mean.to(acc)
+    out_g = out_x = out_mean = out_factor = None
+    if need_g:
+        out_g = (2 * (u * ((xc @ w) @ w.T)).sum(1)).to(g.dtype)
+    if need_x or need_mean:
+        dx = 2 * ga[:, None] * ((u @ w) @ w.T)
+        out_x = dx.to(x.dtype) if need_x else None
+        out_mean = (-dx.sum(0)).to(mean.dtype) if need_mean else None
+    if need_factor:
+        gw = 2 * ((ga[:, None] * u).T @ (xc @ w) + (ga[:, None] * xc).T @ (u @ w))
+        out_factor = (gw.tril() if ctx.lower else gw).to(factor.dtype)
+    return out_g, out_x, out_mean, out_factor, None
+
+
+torch.library.register_autograd("distkern::mahalanobis_backward", _mb_backward, setup_context=_mb_setup)
+
+
 # ---- K Gaussians ---------------------------------------------------------------------------------
 
 class MinResult(NamedTuple):
