@@ -381,6 +381,20 @@ def test_thresholding_scale_is_per_sample_quantile(rng):
     assert torch.allclose(x0, x.clamp(-s, s) / s, rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("pos", [0, 500, 999])
+def test_thresholding_with_a_nan_is_nan_like_torch_quantile(pos, rng):
+    """A NaN anywhere in a sample makes its quantile, hence its whole x0, NaN (the scale used to depend on where
+    the NaN sat: nth_element has no order for it); the other samples are untouched."""
+    x = torch.randn(3, 1000, generator=rng, dtype=F64) * 3
+    x[1, pos] = float("nan")
+    coefs, clip = [1, 0, 0, 1, 0, 0, 0, 0], (2, 1.0, 0.9, 5.0)
+    for dtype in (F64, torch.float32):
+        _, x0 = call(x.to(dtype), x.to(dtype), None, None, coefs, None, clip)
+        _, ref = sampler_step_reference(x, x, None, None, coefs, None, *clip)
+        assert torch.equal(x0.isnan(), ref.isnan()) and x0[1].isnan().all()
+        assert torch.allclose(x0[[0, 2]].double(), ref[[0, 2]], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("clip", CLIPS, ids=CLIP_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_per_sample_table(dtype, clip, rng):

@@ -92,6 +92,26 @@ def test_sampler_step(lib, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pos", [0, 500, 999])
+def test_sampler_step_threshold_with_nan(lib, dtype, pos):
+    """A NaN in a sample makes its dynamic-thresholding quantile NaN (as torch.quantile), wherever it sits."""
+    g = torch.Generator().manual_seed(pos)
+    x = (torch.randn(3, 1000, generator=g) * 3).to(dtype)
+    x[1, pos] = float("nan")
+    m = torch.zeros_like(x)
+    coefs = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    ref_out, ref_x0 = torch.ops.distkern.sampler_step(x, m, None, None, coefs, None, 2, 1.0, 0.9, 5.0, -1, 0)
+    assert ref_x0[1].isnan().all() and not ref_x0[[0, 2]].isnan().any()
+    out, x0 = torch.empty_like(x), torch.empty_like(x)
+    scale = torch.empty(3, dtype=dtype)
+    _call(lib.emu_sampler_step, INT(DT[dtype]), _p(x), _p(m), None, None, _p(out), _p(x0), None,
+          (ctypes.c_double * 8)(*coefs), I64(3), I64(1000), I64(x.numel()), INT(2), DBL(1.0), DBL(0.9), DBL(5.0),
+          I64(-1), I64(0), _p(scale))
+    assert scale[1].isnan() and not scale[[0, 2]].isnan().any()
+    assert torch.equal(x0.isnan(), ref_x0.isnan()) and _ulps(x0[[0, 2]], ref_x0[[0, 2]], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sampler_step_backward(lib, dtype):
     g = torch.Generator().manual_seed(3)
     shape = (3, 4, 5, 7)

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "diffusion/step.h"
@@ -65,14 +66,20 @@ std::vector<acc_t> threshold_scales(const StepInputs& in) {
     for (int64_t b = b0; b < b1; ++b) {
       const Coefs<acc_t> c = coefs_for<acc_t>(in, table, b);
       const int64_t base = b * in.n;
+      bool nan = false;
       for (int64_t k0 = 0; k0 < in.n; k0 += kBlock) {
         const int64_t len = std::min(kBlock, in.n - k0);
         const acc_t* nz = fill_noise<scalar_t, acc_t>(in, np, base + k0, len, nbuf);
         for (int64_t k = 0; k < len; ++k) {
           const int64_t e = base + k0 + k;
           const acc_t x0 = x0_of(c, static_cast<acc_t>(xp[e]), static_cast<acc_t>(mp[e]), nz ? nz[k] : acc_t(0));
+          nan |= (x0 != x0);
           v[k0 + k] = x0 < 0 ? -x0 : x0;
         }
+      }
+      if (nan) {  // a NaN anywhere: a NaN quantile, as torch.quantile (nth_element has no order for NaN)
+        scale[b] = std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
       }
       std::nth_element(v.begin(), v.begin() + lo, v.end());
       const acc_t vlo = v[lo];

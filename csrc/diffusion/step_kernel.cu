@@ -231,6 +231,7 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(Ptrs<T> p, Scalars 
   __shared__ long long s_k;
   __shared__ unsigned long long s_count;
   __shared__ key_t s_min;
+  __shared__ int s_nan;
   const int64_t b = blockIdx.x;
   const int64_t base = b * s.n;
   const Coefs<acc_t> c = s.per_sample ? load_coefs<acc_t>(s.per_sample + b * kNumCoefs) : uniform;
@@ -270,12 +271,16 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(Ptrs<T> p, Scalars 
   if (threadIdx.x == 0) {
     s_count = 0;
     s_min = ~key_t(0);
+    s_nan = 0;
   }
   __syncthreads();
   unsigned long long count = 0;
   key_t mn = ~key_t(0);
+  bool nan = false;
   for (int64_t e = threadIdx.x; e < s.n; e += blockDim.x) {
-    const key_t key = K::key(x0_at<T, acc_t>(p, s, c, base + e));
+    const acc_t v = x0_at<T, acc_t>(p, s, c, base + e);
+    nan |= (v != v);
+    const key_t key = K::key(v);
     if (key <= prefix) {
       ++count;
     } else if (key < mn) {
@@ -284,11 +289,13 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(Ptrs<T> p, Scalars 
   }
   atomicAdd(&s_count, count);
   atomicMin(&s_min, mn);
+  if (nan) s_nan = 1;
   __syncthreads();
   if (threadIdx.x == 0) {
-    const acc_t vlo = K::value(prefix);
+    acc_t vlo = K::value(prefix);
     acc_t vhi = vlo;
     if (lo + 1 < s.n && static_cast<unsigned long long>(lo + 1) >= s_count) vhi = K::value(s_min);
+    if (s_nan) vlo = vhi = K::value(~key_t(0) >> 1);  // a NaN anywhere: a NaN quantile, as torch.quantile
     scale[b] = threshold_scale(lerp(vlo, vhi, frac), max_value);
   }
 }
