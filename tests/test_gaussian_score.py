@@ -82,6 +82,21 @@ def test_compile():
     x = torch.randn(4, 6, generator=g, dtype=F64)
     f = torch.compile(lambda x: gaussian_teleport(x, 80.0, 1.0, (mu, U, lam)), backend="aot_eager", fullgraph=True)
     assert (f(x) - _teleport_ref(x, 80.0, 1.0, mu, U, lam)).abs().max() < 1e-12
+    # dynamic shapes: the op's sizes are SymInts (it used to call numel() on symbolic sizes)
+    d = torch.compile(lambda x: gaussian_denoise(x, 2.0, (mu, U, lam)), backend="aot_eager", fullgraph=True,
+                      dynamic=True)
+    for B in (3, 5):
+        xb = torch.randn(B, 6, generator=g, dtype=F64)
+        assert (d(xb) - _denoise_ref(xb, 2.0, mu, U, lam)).abs().max() < 1e-12
+    sig = torch.tensor(0.5, dtype=F64)
+    torch.library.opcheck(torch.ops.distkern.gaussian_lowrank.default, (x, mu, U, lam, sig, sig / 2))
+
+
+def test_empty_batch():
+    g = torch.Generator().manual_seed(5)
+    mu, U, lam = _gaussian(g)
+    assert gaussian_denoise(torch.empty(0, 6, dtype=F64), 1.0, (mu, U, lam)).shape == (0, 6)
+    assert gaussian_teleport(torch.empty(0, 2, 3, dtype=F64), 80.0, 1.0, (mu, U, lam)).shape == (0, 2, 3)
 
 
 def test_errors():

@@ -1,5 +1,6 @@
 """distkern.kernel_matmul and the MMD estimators against dense float64 references."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -396,3 +397,40 @@ def test_mmd2_small_path_double_backward(kernel, kw, estimator):
     y = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, b: distkern.mmd2(a, b, kernel=kernel, estimator=estimator, **kw),
                                         (x, y))
+
+
+def test_bandwidths_checked_on_every_path():
+    """mmd2's small-batch path never reaches the op, so the arguments are checked before the branch: the same
+    errors at n = 100 as at n = 600 (a negative bandwidth used to give a number)."""
+    g = torch.Generator().manual_seed(2)
+    for n in (100, 600):
+        x, y = torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
+        for bw in (-1.0, 0.0, float("nan"), [1.0] * 17):
+            with pytest.raises(ValueError, match="bandwidths"):
+                distkern.mmd2(x, y, kernel="laplacian", bandwidth=bw)
+        with pytest.raises(ValueError, match="degree must be >= 1"):
+            distkern.mmd2(x, y, kernel="polynomial", degree=0.5)
+    with pytest.raises(ValueError, match="MMDLoss: bandwidths"):
+        distkern.MMDLoss(bandwidth=-1.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        distkern.mmd2(torch.ones(10, 3, dtype=torch.long), torch.randn(10, 3))
+    with pytest.raises(ValueError, match="at least 1 sample"):
+        distkern.mmd2(torch.randn(0, 3), torch.randn(5, 3), bandwidth=1.0, estimator="biased")
+    with pytest.raises(ValueError, match="one D"):
+        distkern.mmd_test(torch.randn(4, 3), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="inf or NaN"):
+        distkern.median_bandwidth(torch.tensor([[float("nan")], [1.0], [2.0]]))
+    x = torch.randn(50, 3, generator=g)
+    ref = distkern.kernel_matmul(x, x, bandwidth=[1.0, 2.0])
+    assert torch.equal(distkern.kernel_matmul(x, x, bandwidth=np.array([1.0, 2.0])), ref)
+    assert torch.equal(distkern.kernel_matmul(x, x, bandwidth=torch.tensor([1.0, 2.0])), ref)
+
+
+def test_backward_with_no_columns_of_v():
+    x, y = torch.randn(5, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    v = torch.randn(4, 0, requires_grad=True)
+    out = distkern.kernel_matmul(x, y, v, bandwidth=1.0)
+    assert out.shape == (5, 0)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(y.grad, torch.zeros_like(y))
+    assert v.grad.shape == (4, 0)

@@ -11,7 +11,7 @@ namespace distkern {
 
 inline std::string shape_str(const at::Tensor& t) {
   std::ostringstream os;
-  os << t.sizes();
+  os << t.sym_sizes();  // (symbolic sizes under torch.compile print as their expressions)
   return os.str();
 }
 

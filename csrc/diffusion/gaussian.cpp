@@ -8,7 +8,8 @@
 // (B, D)·(D, r) products, so this op is a composite of GEMMs (BLAS / cuBLAS are at the floor there)
 // and two small elementwise passes; it never forms x − μ: Uᵀ(x − μ) = Uᵀx − Uᵀμ, and the output is
 // addmm(k·x + (1−k)·μ, Z, Uᵀ). Registered as CompositeImplicitAutograd: autograd, fake tensors and
-// every device come from the ATen ops it calls.
+// every device come from the ATen ops it calls. Sizes are SymInts throughout, so the op also traces under
+// torch.compile with dynamic shapes.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -24,21 +25,22 @@ at::Tensor gaussian_lowrank(const at::Tensor& x, const at::Tensor& mean, const a
   check_float(op, "x", x);
   TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be (B, ...) with a batch dimension and at least one feature "
                     "dimension; got shape ", shape_str(x));
-  const int64_t B = x.size(0);
-  const int64_t D = B > 0 ? x.numel() / B : x.slice(0, 0, 1).numel();
-  TORCH_CHECK_VALUE(mean.numel() == D, op, ": mean must have the ", D, " features of one sample of x; got shape ",
+  const c10::SymInt B = x.sym_size(0);
+  c10::SymInt D = 1;  // the features of one sample (also when the batch is empty)
+  for (int64_t i = 1; i < x.dim(); ++i) D = D * x.sym_size(i);
+  TORCH_CHECK_VALUE(mean.sym_numel() == D, op, ": mean must have the ", D, " features of one sample of x; got shape ",
                     shape_str(mean));
   check_dim(op, "U", U, 2, "(D, r)");
-  TORCH_CHECK_VALUE(U.size(0) == D, op, ": U must be (D, r) with D = ", D, "; got ", shape_str(U));
-  const int64_t r = U.size(1);
-  TORCH_CHECK_VALUE(lam.dim() == 1 && lam.size(0) == r, op, ": lam must be (r,) = (", r, ",); got ",
+  TORCH_CHECK_VALUE(U.sym_size(0) == D, op, ": U must be (D, r) with D = ", D, "; got ", shape_str(U));
+  const c10::SymInt r = U.sym_size(1);
+  TORCH_CHECK_VALUE(lam.dim() == 1 && lam.sym_size(0) == r, op, ": lam must be (r,) = (", r, ",); got ",
                     shape_str(lam));
   for (const auto* t : {&mean, &U, &lam}) check_float(op, "mean/U/lam", *t);
   check_same_device(op, "mean", mean, "x", x);
   check_same_device(op, "U", U, "x", x);
   check_same_device(op, "lam", lam, "x", x);
   auto check_sigma = [&](const char* name, const at::Tensor& s) {
-    TORCH_CHECK_VALUE(s.dim() == 0 || (s.dim() == 1 && (s.size(0) == B || s.size(0) == 1)), op, ": ", name,
+    TORCH_CHECK_VALUE(s.dim() == 0 || (s.dim() == 1 && (s.sym_size(0) == B || s.sym_size(0) == 1)), op, ": ", name,
                       " must be a scalar or (B,) = (", B, ",); got shape ", shape_str(s));
     if (s.dim() > 0) check_same_device(op, name, s, "x", x);
   };
@@ -47,8 +49,8 @@ at::Tensor gaussian_lowrank(const at::Tensor& x, const at::Tensor& mean, const a
   if (teleport) check_sigma("sigma_to", *sigma_to);
 
   const auto acc = acc_type(x.scalar_type());
-  const at::Tensor xf = x.reshape({B, D}).to(acc);
-  const at::Tensor mu = mean.reshape({D}).to(acc);
+  const at::Tensor xf = x.reshape_symint({B, D}).to(acc);
+  const at::Tensor mu = mean.reshape_symint({D}).to(acc);
   const at::Tensor Uf = U.to(acc);
   const at::Tensor lm = lam.to(acc);
   auto col = [&](const at::Tensor& s) { return s.dim() == 0 ? s.to(acc) : s.to(acc).reshape({-1, 1}); };
@@ -61,10 +63,10 @@ at::Tensor gaussian_lowrank(const at::Tensor& x, const at::Tensor& mean, const a
     base = k * xf + (1 - k) * mu;
   } else {
     w = lm / (lm + s * s);
-    base = mu.expand({B, D});
+    base = mu.expand_symint({B, D});
   }
   const at::Tensor z = (at::mm(xf, Uf) - at::matmul(mu, Uf)) * w;
-  return at::addmm(base, z, Uf.t()).reshape(x.sizes()).to(x.scalar_type());
+  return at::addmm(base, z, Uf.t()).reshape_symint(x.sym_sizes()).to(x.scalar_type());
 }
 
 }  // namespace

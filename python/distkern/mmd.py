@@ -2,6 +2,7 @@
 all on top of :func:`distkern.kernel_matmul` (no N×M matrix anywhere)."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -11,6 +12,21 @@ from .ops.kernel_sum import kernel_matmul, kernel_params
 __all__ = ["mmd2", "median_bandwidth", "MMDLoss", "mmd_test", "MMDTestResult", "kid"]
 
 ESTIMATORS = ("biased", "unbiased", "ustat", "linear")
+
+
+def _check_samples(op: str, x, y, names=("x", "y"), min_rows: int = 1) -> None:
+    """Two floating (n, D) and (m, D) samples with one D and at least ``min_rows`` rows each."""
+    for name, t in zip(names, (x, y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor; got {t.dtype}")
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"{op}: {names[0]} and {names[1]} must be (n, D) and (m, D) with one D; got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] < min_rows or y.shape[0] < min_rows:
+        raise ValueError(f"{op}: needs at least {min_rows} sample{'s' if min_rows > 1 else ''} on each side; got "
+                         f"{x.shape[0]} and {y.shape[0]}")
 
 
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor | None = None, *, max_points: int = 1000, seed: int = 0) -> float:
@@ -24,6 +40,8 @@ def median_bandwidth(x: torch.Tensor, y: torch.Tensor | None = None, *, max_poin
     d = torch.cdist(z, z)
     iu = torch.triu_indices(len(z), len(z), 1, device=z.device)
     med = float(d[iu[0], iu[1]].median()) if iu.shape[1] else 1.0
+    if math.isnan(med) or not bool(torch.isfinite(z).all()):
+        raise ValueError("distkern.median_bandwidth: the samples hold inf or NaN values; no bandwidth from them")
     return med if med > 0 else 1.0
 
 
@@ -41,8 +59,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"distkern.mmd2: estimator must be one of {ESTIMATORS}; got {estimator!r}")
-    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"distkern.mmd2: x and y must be (n, D) and (m, D) with one D; got {tuple(x.shape)} and {tuple(y.shape)}")
+    _check_samples("distkern.mmd2", x, y)
     n, m = x.shape[0], y.shape[0]
     if kernel in ("gaussian", "laplacian", "imq") and bandwidth is None:
         bandwidth = median_bandwidth(x, y)
@@ -63,7 +80,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
     if max(n, m) <= _DENSE_MAX:
         # Small batches (MMD-DDM trains with 64): the kernel matrices fit in cache; one fused
         # estimator with two GEMMs forward and one per sample backward (see _SmallMMD).
-        params = kernel_params(kernel, x.shape[1], **kw)[1]
+        params = kernel_params(kernel, x.shape[1], **kw, op="distkern.mmd2")[1]
         return _SmallMMD.apply(x, y, kernel, params, estimator)
     kxx = kernel_matmul(x, x, kernel=kernel, **kw).sum()
     kyy = kernel_matmul(y, y, kernel=kernel, **kw).sum()
@@ -218,7 +235,7 @@ class _SmallMMD(torch.autograd.Function):
 def _paired(a: torch.Tensor, b: torch.Tensor, kernel: str, kw: dict) -> torch.Tensor:
     """k(a_i, b_i) for each row i, in plain torch (O(n·D))."""
     a, b = _as_acc(a, b)
-    params = kernel_params(kernel, a.shape[1], **kw)[1]
+    params = kernel_params(kernel, a.shape[1], **kw, op="distkern.mmd2")[1]
     t = (a * b).sum(1) if kernel == "polynomial" else ((a - b) ** 2).sum(1)
     return _phi_and_grad(kernel, params, t, False)[0]
 
@@ -232,7 +249,7 @@ class MMDLoss(torch.nn.Module):
     def __init__(self, kernel: str = "gaussian", bandwidth=None, estimator: str = "unbiased", **kernel_kwargs):
         super().__init__()
         self.kernel, self.bandwidth, self.estimator, self.kernel_kwargs = kernel, bandwidth, estimator, kernel_kwargs
-        kernel_params(kernel, 1, bandwidth if bandwidth is not None else 1.0, **kernel_kwargs)  # validate early
+        kernel_params(kernel, 1, bandwidth if bandwidth is not None else 1.0, **kernel_kwargs, op="MMDLoss")  # early
         if estimator not in ESTIMATORS:
             raise ValueError(f"MMDLoss: estimator must be one of {ESTIMATORS}; got {estimator!r}")
 
@@ -255,6 +272,7 @@ def mmd_test(x: torch.Tensor, y: torch.Tensor, *, permutations: int = 1000, seed
     :func:`kernel_matmul` call. p-value = (1 + #{perm ≥ observed}) / (1 + P)."""
     if permutations < 1:
         raise ValueError(f"distkern.mmd_test: permutations must be >= 1; got {permutations}")
+    _check_samples("distkern.mmd_test", x, y)
     n, m = x.shape[0], y.shape[0]
     z = torch.cat([x, y.to(x.dtype)]).detach()
     if kernel in ("gaussian", "laplacian", "imq") and bandwidth is None:
@@ -281,8 +299,9 @@ def kid(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100, subset_si
     ``torch.randperm`` in torchmetrics' order (real, then fake, per subset) from ``generator``
     (``None``: torch's global generator, so after the same ``torch.manual_seed`` both give the
     same subsets and the same numbers)."""
-    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"distkern.kid: real and fake must be (n, D) and (m, D) with one D; got {tuple(real.shape)} and {tuple(fake.shape)}")
+    _check_samples("distkern.kid", real, fake, ("real", "fake"), 2)
+    if subsets < 1 or subset_size < 2:
+        raise ValueError(f"distkern.kid: subsets must be >= 1 and subset_size >= 2; got {subsets} and {subset_size}")
     if real.shape[0] < subset_size or fake.shape[0] < subset_size:
         raise ValueError(f"distkern.kid: subset_size ({subset_size}) must not exceed the number of real ({real.shape[0]}) "
                          f"or fake ({fake.shape[0]}) samples")

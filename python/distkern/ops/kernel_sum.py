@@ -1,8 +1,9 @@
 """Kernel sums ``K(x, y) @ v`` without the N×M matrix: ``torch.ops.distkern.kernel_matmul``."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 
+import numpy as np
 import torch
 
 __all__ = ["kernel_matmul", "KERNELS"]
@@ -13,20 +14,42 @@ _DERIV = {0: 5, 1: 6, 2: 7, 3: 8, 4: 9}
 _POLY, _POLY_D = 3, 8
 
 
-def kernel_params(kernel: str, D: int, bandwidth=None, gamma=None, coef0: float = 1.0, degree: float = 3) -> tuple[int, list[float]]:
-    """``(kernel id, params)`` for the op from a kernel name and its parameters."""
+def kernel_params(kernel: str, D: int, bandwidth=None, gamma=None, coef0: float = 1.0, degree: float = 3,
+                  *, op: str = "distkern.kernel_matmul") -> tuple[int, list[float]]:
+    """``(kernel id, params)`` for the op from a kernel name and its parameters, checked as the op checks them
+    (so the paths that do not reach the op, such as ``mmd2``'s small batches, refuse the same arguments)."""
     if kernel not in KERNELS:
-        raise ValueError(f"distkern.kernel_matmul: kernel must be one of {sorted(KERNELS)}; got {kernel!r}")
+        raise ValueError(f"{op}: kernel must be one of {sorted(KERNELS)}; got {kernel!r}")
     kind = KERNELS[kernel]
     if kernel == "polynomial":
-        return kind, [float(1.0 / D if gamma is None else gamma), float(coef0), float(degree)]
+        params = [float(1.0 / D if gamma is None else gamma), float(coef0), float(degree)]
+        if not all(math.isfinite(p) for p in params):
+            raise ValueError(f"{op}: polynomial parameters (gamma, coef0, degree) must be finite; got {params}")
+        if params[2] < 1:
+            raise ValueError(f"{op}: polynomial degree must be >= 1; got {params[2]}")
+        return kind, params
     if kernel == "distance":
         return kind, []
     if bandwidth is None:
-        raise ValueError(f"distkern.kernel_matmul: the {kernel} kernel needs bandwidth= (a float or a list of floats; "
+        raise ValueError(f"{op}: the {kernel} kernel needs bandwidth= (a float or a list of floats; "
                          "distkern.median_bandwidth(x, y) gives the median heuristic)")
-    bw = [float(b) for b in (bandwidth if isinstance(bandwidth, Sequence) or (isinstance(bandwidth, torch.Tensor) and bandwidth.dim() > 0) else [bandwidth])]
+    try:
+        if isinstance(bandwidth, (torch.Tensor, np.ndarray)):
+            bw = [float(b) for b in bandwidth.reshape(-1).tolist()]
+        elif isinstance(bandwidth, (list, tuple)):
+            bw = [float(b) for b in bandwidth]
+        else:
+            bw = [float(bandwidth)]
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: bandwidth must be a number or a list of numbers; got {bandwidth!r}") from None
+    if not 1 <= len(bw) <= MAX_BANDWIDTHS:
+        raise ValueError(f"{op}: between 1 and {MAX_BANDWIDTHS} bandwidths; got {len(bw)}")
+    if not all(math.isfinite(b) and b > 0 for b in bw):
+        raise ValueError(f"{op}: bandwidths must be finite and > 0; got {bw}")
     return kind, bw
+
+
+MAX_BANDWIDTHS = 16  # kMaxParams of csrc/kernel_sum/kernel_math.h
 
 
 def kernel_matmul(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor | None = None, *, kernel: str = "gaussian",
@@ -84,6 +107,9 @@ def _backward(ctx, grad):
     dkind = _DERIV[kind]
     grad_x = grad_y = grad_v = None
     need_x, need_y, need_v = ctx.needs_input_grad[:3]
+    if C == 0:  # an empty output: no dependence on anything
+        return (torch.zeros_like(x) if need_x else None, torch.zeros_like(y) if need_y else None,
+                torch.zeros_like(v) if need_v and v is not None else None, None, None)
     if need_v and v is not None:
         grad_v = op(y, x, g, kind, params).to(v.dtype)
     if need_x:
