@@ -611,6 +611,8 @@ def test_prompt_align_grads_match_reference(rng):
 def test_map_errors(rng):
     x = randn((2, 3, 10, 8), rng, torch.float32)
     d = randn((4, 8), rng, torch.float32)
+    with pytest.raises(ValueError, match=r"patches is an empty list"):
+        anomaly_map([], torch.randn(2, 2, 8))
     with pytest.raises(ValueError, match=r"anomaly_map: patches must be a 4-D tensor"):
         MAP(x[0], d)  # 3-D patches to the op
     with pytest.raises(ValueError, match=r"dirs must have the patches' D = 8"):

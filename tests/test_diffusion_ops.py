@@ -1347,3 +1347,26 @@ def test_direct_path_equals_generic_path():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     a, b = euler_step(m, x, 3.0, 2.2), euler_step(m, x, t64(3.0), 2.2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_schedule_values_out_of_range_are_refused():
+    x = torch.randn(2, 8)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="alpha_t must be finite and in \\[0, 1\\]"):
+            distkern.ddim_step(x, x, bad, 0.9)
+        with pytest.raises(ValueError, match="alpha_prev must be finite"):
+            distkern.ddpm_step(x, x, 0.5, bad)
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(ValueError, match="sigma must be finite"):
+            distkern.euler_step(x, x, bad, 0.5)
+        with pytest.raises(ValueError, match="sigma must be finite"):
+            distkern.dpmpp_2m_step(x, x, bad, 0.5)
+
+
+def test_in_kernel_noise_under_compile_needs_a_seed():
+    x = torch.randn(2, 8)
+    f = torch.compile(lambda a: distkern.ddpm_step(a, a, 0.5, 0.6)[0], fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="needs seed="):
+        f(x)
+    g = torch.compile(lambda a: distkern.ddpm_step(a, a, 0.5, 0.6, seed=3)[0], fullgraph=True, backend="eager")
+    assert torch.equal(g(x), distkern.ddpm_step(x, x, 0.5, 0.6, seed=3)[0])

@@ -81,6 +81,11 @@ def test_streaming_matches_sklearn_with_large_offset(n, d, rng):
     assert_close(stats.covariance("oas", ridge=0.5), stats.covariance("oas") + 0.5 * torch.eye(d, dtype=torch.float64), 1e-15)
 
 
+def test_overflowing_column_sums_are_named_as_such():
+    with pytest.raises(ValueError, match="overflow float64"):
+        GaussianStats().update(torch.full((4, 2), 1e308, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e8])
 def test_float32_products_of_float64_data_keep_the_offset_out(offset, rng):
     """product_dtype=float32 on float64 data: centred in float64 before the cast, so a large offset costs only

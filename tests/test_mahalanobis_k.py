@@ -187,3 +187,23 @@ def test_cuda_sanitizer_case_k():
             (d2.sum() + mn.values.sum() + ls.sum()).backward()
             torch.cuda.synchronize()
             assert torch.isfinite(d2).all() and torch.isfinite(x.grad).all()
+
+
+def test_logsumexp_with_infinite_log_weights_matches_torch(rng):
+    """Two +inf log-weights: inf, as torch.logsumexp (exp(inf − inf) used to make it NaN); all −inf: −inf."""
+    x = torch.randn(5, 3, generator=rng)
+    means, L = torch.randn(3, 3, generator=rng), torch.eye(3)
+    d2 = distkern.mahalanobis_k(x, means, L)
+    for b in ([math.inf, math.inf, 0.0], [-math.inf] * 3, [math.inf, -math.inf, 1.0]):
+        b = torch.tensor(b)
+        assert torch.equal(distkern.mahalanobis_k(x, means, L, reduce="logsumexp", bias=b),
+                           torch.logsumexp(b - 0.5 * d2, 1))
+
+
+def test_gmm_log_likelihood_names_mismatched_shapes():
+    x, m = torch.randn(5, 3), torch.randn(4, 3)
+    F = torch.eye(3).expand(4, 3, 3).contiguous()
+    with pytest.raises(ValueError, match="log_weights must be \\(K,\\) = \\(4,\\)"):
+        distkern.gmm_log_likelihood(x, m, F, torch.zeros(3))
+    with pytest.raises(ValueError, match="factors must be .* \\(2, 3, 3\\)"):
+        distkern.gmm_log_likelihood(x, m[:2], F)

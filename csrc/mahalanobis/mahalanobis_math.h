@@ -104,6 +104,8 @@ struct LseAcc {
       m = s = a;
     } else if (s != s) {
       // stays NaN
+    } else if (a == m) {  // also +inf twice: exp(inf − inf) would be NaN where torch.logsumexp gives inf
+      s += acc_t(1);
     } else if (a > m) {
       s = s * dk_exp(m - a) + acc_t(1);
       m = a;
@@ -119,6 +121,8 @@ struct LseAcc {
     } else if (s == acc_t(0)) {
       m = o.m;
       s = o.s;
+    } else if (o.m == m) {
+      s += o.s;
     } else if (o.m > m) {
       s = s * dk_exp(m - o.m) + o.s;
       m = o.m;

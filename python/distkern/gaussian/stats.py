@@ -250,6 +250,9 @@ class GaussianStats:
             bad = torch.nonzero(~finite)[:5].tolist()
             what = "(sample, position) pairs" if self.mode == "positions" else "rows"
             bad_s = [tuple(r) for r in bad] if self.mode == "positions" else [r[0] for r in bad]
+            if not bad:  # every entry finite, their float64 sum not: magnitudes near the float64 limit
+                raise ValueError(f"{who}: batch {b} has finite values whose column sums overflow float64 "
+                                 f"(max |x| = {float(x.abs().max()):.3g}); rescale the features")
             raise ValueError(f"{who}: batch {b} contains inf or NaN in {what} {bad_s}{'...' if len(bad) == 5 else ''}")
         assert self._m is not None
         if self.mode == "classes":

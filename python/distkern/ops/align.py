@@ -45,6 +45,9 @@ def anomaly_map(patches, text: torch.Tensor, temperature=1.0 / 0.07) -> torch.Te
         Differentiable in ``patches``, ``text`` and ``temperature``.
     """
     if isinstance(patches, Sequence) and not isinstance(patches, torch.Tensor):
+        if len(patches) == 0:
+            raise ValueError("distkern.anomaly_map: patches is an empty list; give at least one layer's (B, P, D) "
+                             "tokens")
         patches = torch.stack(list(patches))
     if not isinstance(patches, torch.Tensor):
         raise TypeError("distkern.anomaly_map: patches must be a tensor (L, B, P, D) or a list of (B, P, D) tensors")

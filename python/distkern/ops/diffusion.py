@@ -46,8 +46,15 @@ def _as_t(v, device=None) -> torch.Tensor:
     return torch.tensor(float(v), dtype=torch.float64, device=device)
 
 
-def _val(v):
-    return v.to(dtype=torch.float64) if isinstance(v, torch.Tensor) else float(v)
+def _val(v, op: str | None = None, name: str = "", lo: float = 0.0, hi: float = math.inf):
+    """A schedule value as a float64 tensor or a float; a float is checked to be finite in [lo, hi] when ``op``
+    names the caller (tensors are not: reading them back would sync the device)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype=torch.float64)
+    f = float(v)
+    if op is not None and not (math.isfinite(f) and lo <= f <= hi):
+        raise ValueError(f"distkern.{op}: {name} must be finite and in [{lo:g}, {hi:g}]; got {f}")
+    return f
 
 
 def _sqrt(v):
@@ -231,6 +238,9 @@ def _launch(name, sample, model_output, prev_x0, noise, seed, offset, clip, thre
         if generator is not None:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         elif seed is None:
+            if torch.compiler.is_compiling():  # a seed read from a tensor would be data-dependent in the graph
+                raise ValueError(f"{op}: under torch.compile the in-kernel noise needs seed= (an int), noise= or "
+                                 "generator=; seed=None draws it from torch's generator at call time")
             seed_i = int(torch.randint(0, 2**62, (1,)).item())  # CPU default generator: no device sync
         else:
             seed_i = int(seed)
@@ -280,7 +290,7 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_t, alpha_p
     Returns ``(prev_sample, pred_original_sample)``.
     """
     _check_prediction("ddim_step", prediction_type)
-    at, ap = _val(alpha_t), _val(alpha_prev)
+    at, ap = _val(alpha_t, "ddim_step", "alpha_t", 0, 1), _val(alpha_prev, "ddim_step", "alpha_prev", 0, 1)
     (a, b), (c, d) = _vp_x0_eps(prediction_type, at)
     std = float(eta) * _sqrt((1 - ap) / (1 - at) * (1 - at / ap)) if eta else 0.0
     direction = _sqrt(1 - ap - std**2)
@@ -310,7 +320,7 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_t, alpha_p
     drops the noise, as diffusers does at ``t = 0``. Returns ``(prev_sample, pred_original_sample)``.
     """
     _check_prediction("ddpm_step", prediction_type)
-    at, ap = _val(alpha_t), _val(alpha_prev)
+    at, ap = _val(alpha_t, "ddpm_step", "alpha_t", 0, 1), _val(alpha_prev, "ddpm_step", "alpha_prev", 0, 1)
     (a, b), _ = _vp_x0_eps(prediction_type, at)
     alpha = at / ap
     beta = 1 - alpha
@@ -354,7 +364,7 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_ne
     """
     churn = isinstance(gamma, torch.Tensor) or bool(gamma)
     _check_prediction("euler_step", prediction_type)
-    sg, sn = _val(sigma), _val(sigma_next)
+    sg, sn = _val(sigma, "euler_step", "sigma"), _val(sigma_next, "euler_step", "sigma_next")
     zero = 0.0
     noise_kw = _noise_kw(noise_kw)
     if ancestral:
@@ -411,7 +421,7 @@ def dpmpp_2m_step(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma
         raise ValueError("distkern.dpmpp_2m_step: a second-order step needs both prev_x0 and sigma_prev")
 
     def alpha_sigma(s):
-        s = _val(s)
+        s = _val(s, "dpmpp_2m_step", "sigma")
         al = 1 / _sqrt(s**2 + 1)
         return al, s * al
 

@@ -195,6 +195,12 @@ def gmm_log_likelihood(x: torch.Tensor, means: torch.Tensor, factors: torch.Tens
     if factors.dim() not in (2, 3) or factors.shape[-1] != factors.shape[-2]:
         raise ValueError("distkern.gmm_log_likelihood: factors must be lower-triangular (D, D) or (K, D, D); "
                          f"got shape {tuple(factors.shape)}")
+    if factors.shape[-1] != D or (factors.dim() == 3 and factors.shape[0] != K):
+        raise ValueError(f"distkern.gmm_log_likelihood: factors must be (D, D) or (K, D, D) = ({K}, {D}, {D}) for "
+                         f"means of shape {tuple(means.shape)}; got {tuple(factors.shape)}")
+    if log_weights is not None and tuple(log_weights.shape) != (K,):
+        raise ValueError(f"distkern.gmm_log_likelihood: log_weights must be (K,) = ({K},); got "
+                         f"{tuple(log_weights.shape)}")
     logdet = torch.log(torch.diagonal(factors.to(acc), dim1=-2, dim2=-1)).sum(-1)  # ½ log det Σ⁻¹
     if logdet.dim() == 0:
         logdet = logdet.expand(K)
