@@ -294,12 +294,16 @@ def test_nearest(lib, mode):
 @pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
 @pytest.mark.parametrize("kernel,kw,C", [("gaussian", {"bandwidth": [1.0, 3.0]}, 1), ("laplacian", {"bandwidth": 2.0}, 3),
                                          ("polynomial", {}, 2), ("distance", {}, 1)])
-def test_kernel_matmul(lib, mode, kernel, kw, C):
+@pytest.mark.parametrize("coincident", [False, True])
+def test_kernel_matmul(lib, mode, kernel, kw, C, coincident):
     from distkern.ops.kernel_sum import kernel_params
 
     g = torch.Generator().manual_seed(9 + C)
     N, M, D = 90, 133, 40
     x, y = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g) + 0.2
+    if coincident:  # y holds every x (the diagonal of K(x, x)): r² from the coordinates there, exactly 0
+        x = x * 3 + 5
+        y = torch.cat([x, y[N:]])
     v = torch.randn(M, C, generator=g)
     kind, params = kernel_params(kernel, D, **kw)
     # the op's preparation (kernel_sum.cpp): y centred on its mean (distance kernels; the polynomial
@@ -317,6 +321,15 @@ def test_kernel_matmul(lib, mode, kernel, kw, C):
           _p(out), I64(N), I64(M), I64(D), I64(C), INT(kind), INT(len(p) if kernel in ("gaussian", "laplacian") else 0), pa)
     ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
     assert _rel(out, ref) < (1e-5 if mode != TF32 else 2e-2)
+    if coincident and kernel in ("laplacian", "distance"):
+        # K itself (v = I): at x = y, r² comes from the coordinates, so k(x, x) is exact in every mode (the
+        # norm form left ~1e-3 there in float32, far more with TF32 products)
+        eye = torch.eye(M)
+        K = torch.zeros(N, M)
+        _call(lib.emu_kernel_matmul, INT(0), INT(mode), _p(x), I64(D), I64(1), _p(center), _p(yc), _p(yy), _p(eye),
+              _p(K), I64(N), I64(M), I64(D), I64(M), INT(kind), INT(len(p) if kernel == "laplacian" else 0), pa)
+        diag = K.diagonal()
+        assert torch.equal(diag, torch.ones(N) if kernel == "laplacian" else torch.zeros(N))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -3,8 +3,9 @@
 //   out[n, c] = Σ_m φ(x_n, y_m) v[m, c]
 //
 // Distance kernels see r² = ‖x − y‖², computed as ‖x‖² + ‖y‖² − 2 x·y on data centred on the
-// mean of y and clamped at 0 (never negative, no NaN at x = y); the polynomial kernel sees the
-// raw dot product. Each kernel has a derivative kind (with respect to r², or to x·y for the
+// mean of y and clamped at 0 (never negative, no NaN at x = y), and again as Σ (x_k − y_k)² for the
+// few pairs closer than that form resolves (needs_exact_r2); the polynomial kernel sees the raw dot
+// product. Each kernel has a derivative kind (with respect to r², or to x·y for the
 // polynomial) that the backward evaluates with the same op, so no N×M matrix exists there either.
 #pragma once
 
@@ -49,11 +50,24 @@ DK_HD double dk_expf(double a) { return exp(a); }
 DK_HD float dk_pow(float a, float b) { return powf(a, b); }
 DK_HD double dk_pow(double a, double b) { return pow(a, b); }
 
-// r² from the centred norms and dot product, clamped at 0.
+// r² from the centred norms and dot product, clamped at 0. A non-finite row (x or y) makes it NaN: the
+// guard (xx − xx) + (yy − yy) is 0 for finite norms and NaN otherwise, and the clamp keeps NaN — so a
+// NaN or inf row gets NaN sums, as mahalanobis gives, never the value of a pair at distance 0 or ∞.
 template <typename acc_t>
 DK_HD acc_t sq_dist(acc_t xx, acc_t yy, acc_t dot) {
-  const acc_t r2 = xx + yy - (dot + dot);
-  return r2 > acc_t(0) ? r2 : acc_t(0);
+  const acc_t r2 = xx + yy - (dot + dot) + ((xx - xx) + (yy - yy));
+  return r2 < acc_t(0) ? acc_t(0) : r2;
+}
+
+// The norm form cancels: its r² carries rounding noise of order ε·(‖x‖² + ‖y‖²), which the square root
+// of the Laplacian and distance kernels makes visible for near-coincident pairs (k(x, x) = 0.9986 for
+// the Laplacian at D = 256 in float32). Pairs with r² below 2⁻¹⁰·(‖x‖² + ‖y‖²) — within ~3 % of
+// their (centred) norms: duplicates, the diagonal of K(x, x), dense low-dimensional data — take r²
+// from the coordinates instead (exactly 0 at x = y); elsewhere the norm form's relative error in r²
+// stays below ~2¹⁰·ε. Rare in high dimension, and cheap in low dimension, where they are common.
+template <typename acc_t>
+DK_HD bool needs_exact_r2(acc_t r2, acc_t xx, acc_t yy) {
+  return r2 < acc_t(1.0 / 1024) * (xx + yy);
 }
 
 // φ for one pair: r2 for the distance kinds, dot for the polynomial ones.

@@ -25,6 +25,7 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
   const acc_t* cp = in.center.data_ptr<acc_t>();
   const acc_t* yyp = in.yy.data_ptr<acc_t>();
+  const acc_t* ycp = in.yc.data_ptr<acc_t>();
   const auto opts = in.yc.options();
   const Params kp = in.kp;
   const bool dist = uses_distance(kp.kind);
@@ -54,7 +55,17 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
         for (int64_t i = 0; i < m; ++i)
           for (int64_t j = 0; j < nb; ++j) {
             const acc_t dot = kp_[i * nb + j];
-            kp_[i * nb + j] = phi(kp, dist ? sq_dist(xx[i], yyp[j0 + j], dot) : acc_t(0), dot);
+            acc_t r2 = 0;
+            if (dist) {
+              r2 = sq_dist(xx[i], yyp[j0 + j], dot);
+              if (needs_exact_r2(r2, xx[i], yyp[j0 + j])) {
+                const acc_t* a = xcp + i * D;
+                const acc_t* b = ycp + (j0 + j) * D;
+                r2 = 0;
+                for (int64_t k = 0; k < D; ++k) r2 += (a[k] - b[k]) * (a[k] - b[k]);
+              }
+            }
+            kp_[i * nb + j] = phi(kp, r2, dot);
           }
         if (in.v.defined()) {
           o.addmm_(K, in.v.narrow(0, j0, nb));

@@ -37,6 +37,7 @@ struct YTLoad {  // B[k][m] = yc[m][k]
   __device__ float operator()(int64_t, int64_t k, int64_t m) const { return yc[m * D + k]; }
 };
 
+template <typename T>
 struct KV {
   struct Args {
     float* out;
@@ -44,6 +45,9 @@ struct KV {
     const float* yy;
     Params kp;
     int64_t N, M, C;
+    XCLoad<T> x;      // for the exact r² of near-coincident pairs (needs_exact_r2)
+    const float* yc;  // (M, D) centred y
+    int64_t D;
   };
   template <int TR, int TC>
   struct Epi {
@@ -73,7 +77,19 @@ struct KV {
           float k = 0.f;
           if (row_base + r < a.N && gm < a.M) {
             const float dot = c[i][j];
-            k = phi(a.kp, dist ? sq_dist(xx[r], a.yy[gm], dot) : 0.f, dot);
+            float r2 = 0.f;
+            if (dist) {
+              r2 = sq_dist(xx[r], a.yy[gm], dot);
+              if (needs_exact_r2(r2, xx[r], a.yy[gm])) {  // rare: the coordinates again, from L2
+                float sq = 0.f;
+                r2 = 0.f;
+                for (int64_t q = 0; q < a.D; ++q) {
+                  const float d = a.x(0, row_base + r, q, sq) - a.yc[gm * a.D + q];
+                  r2 += d * d;
+                }
+              }
+            }
+            k = phi(a.kp, r2, dot);
           }
           Ks[r][m] = k;
         }
@@ -121,10 +137,10 @@ cudaError_t typed(const void* x, int64_t sx0, int64_t sx1, const float* center, 
                   int64_t C, const Params& kp, cuda::MatMode mode, cudaStream_t stream) {
   XCLoad<T> a{static_cast<const T*>(x), sx0, sx1, center};
   YTLoad b{yc, D};
-  const KV::Args e{out, v, yy, kp, N, M, C};
+  const typename KV<T>::Args e{out, v, yy, kp, N, M, C, a, yc, D};
   const int64_t chunks = (C + 63) / 64;  // output columns per block: 64
-  return cuda::launch_tile_gemm_rows_mode<float, 4, 4, KV::template Epi>(mode, N, D, M, cuda::Tri::None, chunks,
-                                                                         1, a, b, e, stream);
+  return cuda::launch_tile_gemm_rows_mode<float, 4, 4, KV<T>::template Epi>(mode, N, D, M, cuda::Tri::None, chunks,
+                                                                            1, a, b, e, stream);
 }
 
 }  // namespace
