@@ -83,3 +83,40 @@ def test_model_file_format(tmp_path):
         dkio.read_model(tmp_path / "junk.safetensors", "my-method")
     with pytest.raises(FileNotFoundError):
         dkio.read_model(tmp_path / "missing.safetensors", "my-method")
+
+
+def test_cli_labels_kinds_and_maps(tmp_path, rng, capsys):
+    """Labels files holding a dict, refusal of class labels for AUROC and of non-detectors, --map checked
+    before scoring and drawn from the finite values."""
+    train = torch.randn(200, 4, generator=rng)
+    test = torch.randn(20, 4, generator=rng)
+    np.save(tmp_path / "train.npy", train.numpy())
+    np.save(tmp_path / "test.npy", test.numpy())
+    torch.save({"labels": (torch.arange(20) % 2)}, tmp_path / "y.pt")
+    torch.save({"labels": (torch.arange(20) % 3)}, tmp_path / "classes.pt")
+    model = tmp_path / "m.safetensors"
+    assert main(["fit", "gaussian-ad", str(tmp_path / "train.npy"), "-o", str(model)]) == 0
+    assert main(["score", str(model), str(tmp_path / "test.npy"), "--labels", str(tmp_path / "y.pt")]) == 0
+    assert "AUROC" in capsys.readouterr().out
+    assert main(["score", str(model), str(tmp_path / "test.npy"), "--labels", str(tmp_path / "classes.pt")]) == 1
+    assert "0 (normal) or 1 (anomalous)" in capsys.readouterr().err
+    assert main(["fit", "mmd-align", str(tmp_path / "train.npy"), "-o", str(tmp_path / "x.safetensors")]) == 1
+    assert "take detectors" in capsys.readouterr().err
+    assert main(["score", str(model), str(tmp_path / "test.npy"), "--map", str(tmp_path / "m.png"),
+                 "-o", str(tmp_path / "s.npy")]) == 1
+    assert "no anomaly map" in capsys.readouterr().err and not (tmp_path / "s.npy").exists()
+
+
+def test_map_png_ignores_nan_pixels(tmp_path):
+    pytest.importorskip("matplotlib")
+    from distkern.cli import _save_map_png
+
+    maps = torch.rand(2, 8, 8)
+    maps[1, 3, 3] = float("nan")
+    _save_map_png(maps, str(tmp_path / "m.png"))
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(tmp_path / "m.png")
+    assert (img[..., :3] < 0.9).any(axis=-1).mean() > 0.2  # maps drawn (a NaN scale left them blank)
+    with pytest.raises(ValueError, match="no images"):
+        _save_map_png(maps[:0], str(tmp_path / "e.png"))

@@ -121,6 +121,11 @@ def test_streaming_fit_equals_one_shot(GaussianAD, rng):
     loader = ((b[0], torch.zeros(len(b[0]))) for b in batches)
     single = GaussianAD().fit(loader)
     assert torch.allclose(single.score(test[0]), GaussianAD().fit(train[0]).score(test[0]), rtol=1e-5)
+    # a real DataLoader: its default collate yields lists [features, labels]
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dl = DataLoader(TensorDataset(train[0], torch.zeros(300, dtype=torch.long)), batch_size=64)
+    assert torch.allclose(GaussianAD().fit(dl).score(test[0]), GaussianAD().fit(train[0]).score(test[0]), rtol=1e-5)
 
 
 def test_pca_npca_partition_the_distance(GaussianAD, rng):

@@ -175,12 +175,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from . import methods
-    from .io import load_features, parse_options
+    from .io import load_features, load_labels, parse_options
 
     cls = methods.get(args.method)
+    kind = getattr(cls, "kind", None)
+    if kind != "detector":
+        raise ValueError(f"{args.method} is a {kind or 'method of no kind'}; distkern fit / score take detectors "
+                         "(distkern plugins lists the kinds)")
     features, labels = load_features(args.features)
     if args.labels:
-        labels, _ = load_features(args.labels)
+        labels = load_labels(args.labels)
     det = cls(**parse_options(args.set or []))
     det.fit(features, labels) if labels is not None else det.fit(features)
     det.save(args.output)
@@ -191,13 +195,26 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .io import load_features, load_model
+    from .io import load_features, load_labels, load_model
     from .metrics import auroc, average_precision
 
     det = load_model(args.model, device=args.device)
+    if not callable(getattr(det, "score", None)):
+        raise ValueError(f"{args.model} holds a {getattr(det, 'kind', None) or type(det).__name__} "
+                         f"({det.name}); distkern score takes detectors")
+    if args.map and not hasattr(det, "anomaly_map"):  # before any work
+        raise ValueError(f"--map: method {det.name!r} has no anomaly map (try padim)")
     features, labels = load_features(args.features)
     if args.labels:
-        labels, _ = load_features(args.labels)
+        labels = load_labels(args.labels)
+    if labels is not None:
+        lab = torch.as_tensor(labels)
+        if lab.is_floating_point() and not bool(torch.isfinite(lab).all()):
+            raise ValueError("labels must be 0 (normal) or 1 (anomalous); they hold inf or NaN")
+        uniq = torch.unique(lab).tolist()
+        if not set(uniq) <= {0, 1}:
+            raise ValueError(f"labels must be 0 (normal) or 1 (anomalous) for AUROC; got the values "
+                             f"{uniq[:6]}{'...' if len(uniq) > 6 else ''} (class labels? they are for fit)")
     if args.device != "cpu":
         features = [f.to(args.device) for f in features] if isinstance(features, list) else features.to(args.device)
     scores = det.score(features).detach().float().cpu()
@@ -210,8 +227,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
         np.save(args.output, scores.numpy())
         print(f"scores written to {args.output}")
     if args.map:
-        if not hasattr(det, "anomaly_map"):
-            raise ValueError(f"--map: method {det.name!r} has no anomaly map (try padim)")
         maps = det.anomaly_map(features).detach().float().cpu()
         _save_map_png(maps, args.map)
         print(f"anomaly maps written to {args.map}")
@@ -228,10 +243,13 @@ def _save_map_png(maps: torch.Tensor, path: str, columns: int = 8) -> None:
     except ImportError:
         raise RuntimeError("--map needs matplotlib: pip install matplotlib") from None
     n = maps.shape[0]
+    if n == 0:
+        raise ValueError("--map: no images to draw (the features hold 0 samples)")
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
-    vmin, vmax = float(maps.min()), float(maps.max())
+    finite = maps[torch.isfinite(maps)]  # one scale for all maps, from their finite values (NaN pixels blank)
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:

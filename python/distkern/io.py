@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["load_features", "load_model", "model_method", "parse_options", "read_model", "write_model"]
+__all__ = ["load_features", "load_labels", "load_model", "model_method", "parse_options", "read_model", "write_model"]
 
 
 def _from_mapping(d: dict, path: str) -> tuple[Any, torch.Tensor | None]:
@@ -53,6 +53,34 @@ def load_features(path: str | os.PathLike) -> tuple[Any, torch.Tensor | None]:
 
         return _from_mapping(load_file(p), p)
     raise ValueError(f"{p}: unknown feature file type {ext!r} (use .npy, .pt or .safetensors)")
+
+
+def load_labels(path: str | os.PathLike) -> torch.Tensor:
+    """Read labels ``(N,)`` from a file: a ``.npy`` array or a tensor, or the ``labels`` entry of a dict
+    (``.pt`` / ``.safetensors``; a dict holding one tensor is that tensor)."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"no such file: {p}")
+    ext = os.path.splitext(p)[1].lower()
+    obj: Any
+    if ext == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj = load_file(p)
+    elif ext in (".pt", ".pth"):
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    else:
+        obj = load_features(p)[0]
+    if isinstance(obj, dict):
+        if "labels" in obj:
+            obj = obj["labels"]
+        elif len(obj) == 1:
+            obj = next(iter(obj.values()))
+        else:
+            raise ValueError(f"{p}: no 'labels' entry among {sorted(obj)}")
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{p}: labels must be a tensor or array; got {type(obj).__name__}")
+    return obj.reshape(-1) if obj.dim() > 1 and obj.numel() == obj.shape[0] else obj
 
 
 def model_method(path: str | os.PathLike) -> str:
@@ -117,8 +145,9 @@ def write_model(path: str | os.PathLike, method: str, tensors: dict[str, torch.T
 
 
 def read_model(path: str | os.PathLike, method: str, *, format_version: int = 1,
-               package: str | None = None) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """``(config, fitted, tensors)`` of a file written by :func:`write_model` for ``method``.
+               package: str | None = None, require: tuple[str, ...] = ()) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """``(config, fitted, tensors)`` of a file written by :func:`write_model` for ``method``; ``require``
+    names the tensors it must hold (a missing one is a ``ValueError``, not a ``KeyError`` later).
 
     Raises ``FileNotFoundError``; ``ValueError`` for a file that is not safetensors, holds another
     method's model (or no distkern model), has a format version newer than ``format_version``
@@ -150,4 +179,7 @@ def read_model(path: str | os.PathLike, method: str, *, format_version: int = 1,
         except json.JSONDecodeError as e:
             raise ValueError(f"{method}: {p!r} has damaged metadata ({e})") from None
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    missing = [k for k in require if k not in tensors]
+    if missing:
+        raise ValueError(f"{method}: {p!r} lacks the tensor(s) {missing} a {method} model holds (damaged file?)")
     return config, fitted, tensors

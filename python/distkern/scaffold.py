@@ -95,7 +95,8 @@ class @cls@:
 
     @classmethod
     def load(cls, path, device="cpu") -> "@cls@":
-        config, fitted, tensors = read_model(path, cls.name, format_version=FORMAT_VERSION, package="@dist@")
+        config, fitted, tensors = read_model(path, cls.name, format_version=FORMAT_VERSION, package="@dist@",
+                                             require=("mean", "factor"))
         det = cls(**config)
         det.mean, det.factor = tensors["mean"], tensors["factor"]
         return det.to(device)
@@ -141,6 +142,11 @@ class @cls@:
 
     def fit(self, features: torch.Tensor, labels=None) -> "@cls@":
         self._check(features, "fit")
+        if features.shape[0] < 1:
+            raise ValueError("@name@: fit() needs at least one sample")
+        bad = (~torch.isfinite(features).all(1)).nonzero()[:5, 0].tolist()
+        if bad:
+            raise ValueError(f"@name@: fit() features contain inf or NaN (rows {bad})")
         x = features.detach().to(torch.float64)
         self.mean = x.mean(0).float()
         self.inv_std = (x.var(0, unbiased=False) + self.eps).rsqrt().float()
@@ -165,7 +171,8 @@ class @cls@:
 
     @classmethod
     def load(cls, path, device="cpu") -> "@cls@":
-        config, fitted, tensors = read_model(path, cls.name, format_version=FORMAT_VERSION, package="@dist@")
+        config, fitted, tensors = read_model(path, cls.name, format_version=FORMAT_VERSION, package="@dist@",
+                                             require=("mean", "inv_std"))
         det = cls(**config)
         det.mean, det.inv_std = tensors["mean"], tensors["inv_std"]
         return det.to(device)

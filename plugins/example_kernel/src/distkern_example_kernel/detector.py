@@ -33,6 +33,11 @@ class DiagGaussian:
 
     def fit(self, features: torch.Tensor, labels=None) -> "DiagGaussian":
         self._check(features, "fit")
+        if features.shape[0] < 1:
+            raise ValueError("diag-gaussian: fit() needs at least one sample")
+        bad = (~torch.isfinite(features).all(1)).nonzero()[:5, 0].tolist()
+        if bad:
+            raise ValueError(f"diag-gaussian: fit() features contain inf or NaN (rows {bad})")
         x = features.detach().to(torch.float64)
         self.mean = x.mean(0).float()
         self.inv_std = (x.var(0, unbiased=False) + self.eps).rsqrt().float()
@@ -57,7 +62,8 @@ class DiagGaussian:
 
     @classmethod
     def load(cls, path, device="cpu") -> "DiagGaussian":
-        config, fitted, tensors = read_model(path, cls.name, format_version=FORMAT_VERSION, package="distkern-example-kernel")
+        config, fitted, tensors = read_model(path, cls.name, format_version=FORMAT_VERSION,
+                                             package="distkern-example-kernel", require=("mean", "inv_std"))
         det = cls(**config)
         det.mean, det.inv_std = tensors["mean"], tensors["inv_std"]
         return det.to(device)

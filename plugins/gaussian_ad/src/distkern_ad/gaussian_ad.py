@@ -110,9 +110,12 @@ class GaussianAD:
         batches = [features] if isinstance(features, (torch.Tensor, list, tuple)) else features
         stats: list[GaussianStats] = []
         for batch in batches:
-            if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) and batch[1].dim() == 1 \
-                    and not isinstance(features, (list, tuple)):
-                batch = batch[0]  # (features, labels) from a DataLoader
+            # (features, labels) from a DataLoader (default collate gives a list): labels are 1-D, one per
+            # sample; a level of features is never 1-D
+            if isinstance(batch, (list, tuple)) and len(batch) == 2 and not isinstance(features, (list, tuple)) \
+                    and isinstance(batch[1], torch.Tensor) and batch[1].dim() == 1 \
+                    and isinstance(batch[0], torch.Tensor) and batch[1].shape[0] == batch[0].shape[0]:
+                batch = batch[0]
             levels = _levels(batch)
             if not stats:
                 stats = [GaussianStats() for _ in levels]
