@@ -6,12 +6,13 @@
 #   make test SYSTEM_TORCH=1 VENV=/tmp/dkvenv     venv with --system-site-packages, nothing downloaded
 #   make gpu-wheels     peer-library wheels in .whl/ for benchmarks/gpu_check.sh there (the device call carries .whl)
 #
-# Variables: PYTHON (interpreter for the venv), VENV, TORCH (pip spec), MAX_JOBS, DISTKERN_CUDA (0/1),
-# PYTEST_ARGS, BENCH_ARGS.
+# Variables: PYTHON (interpreter for the venv), VENV, TORCH (pip spec), TORCH_PIP_ARGS (e.g. --index-url
+# https://download.pytorch.org/whl/cpu for a CPU-only torch), MAX_JOBS, DISTKERN_CUDA (0/1), PYTEST_ARGS, BENCH_ARGS.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 SYSTEM_TORCH ?= 0
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
@@ -40,7 +41,8 @@ $(STAMP)/venv:
 ifeq ($(SYSTEM_TORCH),1)
 	$(VPY) -c "import torch; print('using the system torch', torch.__version__, 'CUDA', torch.version.cuda)"
 else
-	$(VPY) -m pip install -q "$(TORCH)" numpy setuptools wheel ninja
+	$(VPY) -m pip install -q "$(TORCH)" $(TORCH_PIP_ARGS)
+	$(VPY) -m pip install -q numpy setuptools wheel ninja
 endif
 	@mkdir -p $(STAMP) && touch $@
 

@@ -415,10 +415,21 @@ def test_cli_plugins_check(capsys):
         assert rows[name]["check"].startswith("ok ("), rows[name]
     assert rows["toy-loss-finite"]["check"].startswith("FAILED [finite]")
     assert rc == 1  # the broken toy
-    for r in rows.values():
-        assert r["check"] == "-" if r["status"] != "ok" else r["check"].startswith(("ok (", "FAILED"))
+    for r in rows.values():  # a method that cannot load fails the check too
+        assert r["check"] == f"FAILED [{r['status']}]" if r["status"] != "ok" else r["check"].startswith(("ok (", "FAILED"))
     assert re.search(r"^name\s+kind\s+package\s+version\s+status\s+error\s+check", table, flags=re.M)
     assert re.search(r"^toy-sampler\s+sampler\s+<in-process>.*ok \(\d+ rules\)", table, flags=re.M)
+
+
+def test_cli_plugins_check_fails_on_a_method_that_cannot_load(capsys, monkeypatch):
+    from distkern import cli
+
+    rows = [{"name": "ghost", "kind": "detector", "package": "ghost-pkg", "version": "1", "status": "broken",
+             "error": "ImportError: no module"}]
+    monkeypatch.setattr(cli, "_plugin_rows", lambda: [dict(r) for r in rows])
+    assert cli.main(["plugins"]) == 0  # listing is not checking
+    assert cli.main(["plugins", "--check"]) == 1
+    assert "FAILED [broken]" in capsys.readouterr().out
 
 
 def test_aligner_with_layered_tokens_passes():

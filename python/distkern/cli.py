@@ -134,8 +134,8 @@ def _check_rows(rows: list[dict[str, Any]]) -> int:
 
     failed = 0
     for r in rows:
-        if r.get("status") != "ok":
-            r["check"] = "-"
+        if r.get("status") != "ok":  # a plugin that cannot load (broken, incompatible, collision) fails --check
+            r["check"], failed = f"FAILED [{r.get('status')}]", failed + 1
             continue
         try:
             r["check"] = f"ok ({len(check_method(methods.get(r['name'])))} rules)"
@@ -300,7 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--check", action="store_true",
                    help="run distkern.testing.check_method on every installed method, of every kind "
-                        "(exit 1 if one fails)")
+                        "(exit 1 if one fails, or if a method cannot load: broken, incompatible, collision)")
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("fit", parents=[common], help="fit a method to features and save it",

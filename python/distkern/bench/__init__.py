@@ -850,7 +850,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", metavar="REGEX",
                    help="only the cases whose name (op/label, as --list prints it) matches this regular expression")
     p.add_argument("--quick", action="store_true",
-                   help="small shapes and few repeats: a smoke run of a few seconds (used by the tests)")
+                   help="small shapes and few repeats: a smoke run (about 30 s on 2 cores; used by the tests)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     p.add_argument("--repeats", type=int, metavar="N",
                    help="timed calls per implementation (default: adaptive, ~1 s per implementation "
