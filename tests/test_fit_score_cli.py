@@ -120,3 +120,21 @@ def test_map_png_ignores_nan_pixels(tmp_path):
     assert (img[..., :3] < 0.9).any(axis=-1).mean() > 0.2  # maps drawn (a NaN scale left them blank)
     with pytest.raises(ValueError, match="no images"):
         _save_map_png(maps[:0], str(tmp_path / "e.png"))
+
+
+def test_unreadable_files_are_named(tmp_path, capsys):
+    for name in ("g.npy", "g.pt", "g.safetensors"):
+        (tmp_path / name).write_bytes(b"garbage" * 8)
+        with pytest.raises(ValueError, match=f"{name}: not a readable"):
+            dkio.load_features(tmp_path / name)
+    np.save(tmp_path / "be.npy", np.arange(6, dtype=">f4").reshape(3, 2))  # big-endian: converted, not refused
+    assert torch.equal(dkio.load_features(tmp_path / "be.npy")[0], torch.arange(6.0).reshape(3, 2))
+    np.save(tmp_path / "train.npy", np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32))
+    assert main(["fit", "gaussian-ad", str(tmp_path / "train.npy"), "-o", str(tmp_path / "no" / "m.safetensors")]) == 1
+    assert "no such directory" in capsys.readouterr().err
+    nan = np.full((4, 3), np.nan, dtype=np.float32)
+    np.save(tmp_path / "nan.npy", nan)
+    assert main(["fit", "gaussian-ad", str(tmp_path / "train.npy"), "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["score", str(tmp_path / "m.safetensors"), str(tmp_path / "nan.npy"), "-o", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "4 not finite" in out and (tmp_path / "s.npy").exists() and "s.npy" in out

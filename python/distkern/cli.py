@@ -182,6 +182,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if kind != "detector":
         raise ValueError(f"{args.method} is a {kind or 'method of no kind'}; distkern fit / score take detectors "
                          "(distkern plugins lists the kinds)")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):  # before fitting, not after
+        raise FileNotFoundError(f"-o {args.output}: no such directory {out_dir!r}")
     features, labels = load_features(args.features)
     if args.labels:
         labels = load_labels(args.labels)
@@ -198,6 +201,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .io import load_features, load_labels, load_model
     from .metrics import auroc, average_precision
 
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here"
+                         + (" (this torch is a CPU-only build)" if torch.version.cuda is None else ""))
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise FileNotFoundError(f"-o {args.output}: no such directory {os.path.dirname(os.path.abspath(args.output))!r}")
     det = load_model(args.model, device=args.device)
     if not callable(getattr(det, "score", None)):
         raise ValueError(f"{args.model} holds a {getattr(det, 'kind', None) or type(det).__name__} "
@@ -218,14 +226,18 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.device != "cpu":
         features = [f.to(args.device) for f in features] if isinstance(features, list) else features.to(args.device)
     scores = det.score(features).detach().float().cpu()
-    q = torch.quantile(scores[torch.isfinite(scores)], torch.tensor([0.0, 0.5, 1.0])) if scores.numel() else None
+    finite = scores[torch.isfinite(scores)]
+    q = torch.quantile(finite, torch.tensor([0.0, 0.5, 1.0])) if finite.numel() else None
+    n_bad = scores.numel() - finite.numel()
     print(f"{args.model} ({det.name}) on {args.features}: {scores.numel()} scores"
-          + (f", min {q[0]:.4g} median {q[1]:.4g} max {q[2]:.4g}" if q is not None else ""))
+          + (f", min {q[0]:.4g} median {q[1]:.4g} max {q[2]:.4g}" if q is not None else "")
+          + (f", {n_bad} not finite (inf/NaN features?)" if n_bad else ""))
     if labels is not None:
         print(f"AUROC {auroc(scores, labels):.4f}  AUPR {average_precision(scores, labels):.4f}")
     if args.output:
-        np.save(args.output, scores.numpy())
-        print(f"scores written to {args.output}")
+        out = args.output if args.output.endswith(".npy") else args.output + ".npy"  # what np.save writes
+        np.save(out, scores.numpy())
+        print(f"scores written to {out}")
     if args.map:
         maps = det.anomaly_map(features).detach().float().cpu()
         _save_map_png(maps, args.map)

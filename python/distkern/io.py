@@ -31,6 +31,28 @@ def _from_mapping(d: dict, path: str) -> tuple[Any, torch.Tensor | None]:
     raise ValueError(f"{path}: cannot tell which entry holds the features ({sorted(d)}); name it 'features'")
 
 
+def _read(p: str, ext: str) -> Any:
+    """The raw object of a feature / label file; an unreadable file is a ValueError naming it."""
+    try:
+        if ext == ".npy":
+            a = np.load(p, allow_pickle=False)
+            if not a.dtype.isnative:
+                a = a.astype(a.dtype.newbyteorder("="))
+            return torch.from_numpy(a)
+        if ext in (".pt", ".pth"):
+            return torch.load(p, map_location="cpu", weights_only=True)
+        if ext == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(p)
+    except (OSError, ValueError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{p}: not a readable {ext} file of tensors ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    except Exception as e:  # noqa: BLE001 - unpicklers / safetensors raise their own types
+        raise ValueError(f"{p}: not a readable {ext} file of tensors ({type(e).__name__})") from None
+    raise ValueError(f"{p}: unknown feature file type {ext!r} (use .npy, .pt or .safetensors)")
+
+
 def load_features(path: str | os.PathLike) -> tuple[Any, torch.Tensor | None]:
     """Read ``(features, labels or None)`` from a ``.npy``, ``.pt`` / ``.pth`` or ``.safetensors`` file."""
     p = os.fspath(path)
@@ -38,9 +60,9 @@ def load_features(path: str | os.PathLike) -> tuple[Any, torch.Tensor | None]:
         raise FileNotFoundError(f"no such file: {p}")
     ext = os.path.splitext(p)[1].lower()
     if ext == ".npy":
-        return torch.from_numpy(np.load(p, allow_pickle=False)), None
+        return _read(p, ext), None
     if ext in (".pt", ".pth"):
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = _read(p, ext)
         if isinstance(obj, torch.Tensor):
             return obj, None
         if isinstance(obj, dict):
@@ -49,9 +71,7 @@ def load_features(path: str | os.PathLike) -> tuple[Any, torch.Tensor | None]:
             return list(obj), None
         raise ValueError(f"{p}: expected a tensor, a list of tensors or a dict with 'features'; got {type(obj).__name__}")
     if ext == ".safetensors":
-        from safetensors.torch import load_file
-
-        return _from_mapping(load_file(p), p)
+        return _from_mapping(_read(p, ext), p)
     raise ValueError(f"{p}: unknown feature file type {ext!r} (use .npy, .pt or .safetensors)")
 
 
@@ -62,15 +82,7 @@ def load_labels(path: str | os.PathLike) -> torch.Tensor:
     if not os.path.exists(p):
         raise FileNotFoundError(f"no such file: {p}")
     ext = os.path.splitext(p)[1].lower()
-    obj: Any
-    if ext == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj = load_file(p)
-    elif ext in (".pt", ".pth"):
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    else:
-        obj = load_features(p)[0]
+    obj = _read(p, ext) if ext in (".safetensors", ".pt", ".pth") else load_features(p)[0]
     if isinstance(obj, dict):
         if "labels" in obj:
             obj = obj["labels"]

@@ -82,6 +82,10 @@ class @cls@:
         dev = features.device
         return distkern.mahalanobis(features, self.mean.to(dev), self.factor.to(dev))
 
+    def __repr__(self) -> str:
+        state = "not fitted" if self.mean is None else f"fitted, D={self.mean.numel()}"
+        return f"{type(self).__name__}(ridge={self.ridge}; {state})"
+
     def to(self, device) -> "@cls@":
         if self.mean is not None:
             self.mean, self.factor = self.mean.to(device), self.factor.to(device)
@@ -157,6 +161,10 @@ class @cls@:
             raise RuntimeError("@name@: score() called before fit()")
         self._check(features, "score")
         return standardized_sqdist(features, self.mean, self.inv_std)
+
+    def __repr__(self) -> str:
+        state = "not fitted" if self.mean is None else f"fitted, D={self.mean.numel()}"
+        return f"{type(self).__name__}(eps={self.eps}; {state})"
 
     def to(self, device) -> "@cls@":
         if self.mean is not None:

@@ -49,6 +49,10 @@ class DiagGaussian:
         self._check(features, "score")
         return standardized_sqdist(features, self.mean, self.inv_std)
 
+    def __repr__(self) -> str:
+        state = "not fitted" if self.mean is None else f"fitted, D={self.mean.numel()}"
+        return f"{type(self).__name__}(eps={self.eps}; {state})"
+
     def to(self, device) -> "DiagGaussian":
         if self.mean is not None:
             self.mean, self.inv_std = self.mean.to(device), self.inv_std.to(device)

@@ -65,6 +65,10 @@ class KDE:
         dens = distkern.kernel_matmul(x, self.train.to(x.device), kernel="gaussian", bandwidth=self.sigma_)
         return (math.log(self.train.shape[0]) - torch.log(dens)).to(torch.float32)
 
+    def __repr__(self) -> str:
+        state = "not fitted" if self.train is None else f"fitted on {self.train.shape[0]} samples, D={self.train.shape[1]}, σ={self.sigma_:.4g}"
+        return f"KDE(bandwidth={self.bandwidth!r}; {state})"
+
     def to(self, device) -> "KDE":
         if self.train is not None:
             self.train = self.train.to(device)
