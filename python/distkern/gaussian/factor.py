@@ -54,8 +54,8 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
         where = f" at batch index {index}" if index else ""
         raise NotPositiveDefiniteError(
             f"whitening_factor: covariance{where} is not positive definite: smallest eigenvalue "
-            f"{float(eig[0]):.6g} (largest {float(eig[-1]):.6g}). Use shrinkage (e.g. Ledoit-Wolf) or "
-            f"pass ridge > 0 (e.g. ridge={max(1e-6, 1e-6 * abs(float(eig[-1]))):.1g}).",
+            f"{float(eig[0]):.6g} (largest {float(eig[-1]):.6g}). Use shrinkage (Ledoit-Wolf, OAS; with very few "
+            f"samples they may not shrink enough) or pass ridge > 0 (e.g. ridge={max(1e-6, 1e-6 * abs(float(eig[-1]))):.1g}).",
             index=index,
             min_eigenvalue=float(eig[0]),
         )

@@ -84,8 +84,8 @@ class GaussianAD:
                  variance_ratio: float = 0.99, paper_selection: bool = False, combine: str = "sum"):
         if estimator not in _ESTIMATORS:
             raise ValueError(f"gaussian-ad: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
-        if not ridge >= 0:
-            raise ValueError(f"gaussian-ad: ridge must be >= 0; got {ridge}")
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < float("inf"):
+            raise ValueError(f"gaussian-ad: ridge must be a finite number >= 0; got {ridge!r}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"gaussian-ad: reduction must be one of {_REDUCTIONS}; got {reduction!r}")
         if reduction != "none" and not 0.0 < variance_ratio < 1.0:

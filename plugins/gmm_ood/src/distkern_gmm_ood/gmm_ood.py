@@ -247,28 +247,31 @@ class GMMOOD:
     def class_log_likelihood(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, C)`` log-density ``log p_c(x)`` of each row under each class's mixture (column
         order ``classes_``); float64 for float64 features, else float32. A non-finite row gives NaN."""
-        x = self._input(features, "class_log_likelihood")
+        return self._class_ll(features, "class_log_likelihood")
+
+    def _class_ll(self, features: torch.Tensor, what: str) -> torch.Tensor:
+        x = self._input(features, what)  # errors name the method the user called
         m, L, lw, _ = self._params(x)
         cols = [distkern.gmm_log_likelihood(x, m[s:e], L[s:e], lw[s:e]) for s, e in self._slices()]
         return torch.stack(cols, 1)
 
-    def in_distribution_score(self, features: torch.Tensor) -> torch.Tensor:
+    def in_distribution_score(self, features: torch.Tensor, _what: str = "in_distribution_score") -> torch.Tensor:
         """``(N,)`` in-distribution score (higher = more in-distribution), in the dtype of
         :meth:`class_log_likelihood`: ``max_c log p_c(x)`` or ``log Σ_c π_c p_c(x)`` (``aggregate``)."""
         if self.aggregate == "max":
-            return self.class_log_likelihood(features).max(1).values
-        x = self._input(features, "in_distribution_score")
+            return self._class_ll(features, _what).max(1).values
+        x = self._input(features, _what)
         m, L, _, lw_all = self._params(x)
         return distkern.gmm_log_likelihood(x, m, L, lw_all)  # one fused pass over all classes' components
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """OOD score ``(N,)`` float32 for features ``(N, D)``: ``−in_distribution_score``;
         higher = more out-of-distribution. A row with inf or NaN scores NaN (no host sync)."""
-        return (-self.in_distribution_score(features)).to(torch.float32)
+        return (-self.in_distribution_score(features, "score")).to(torch.float32)
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """``(N,)`` int64: the label (from ``classes_``) whose mixture gives the highest likelihood."""
-        ll = self.class_log_likelihood(features)
+        ll = self._class_ll(features, "predict")
         return self.classes_.to(ll.device)[ll.argmax(1)]
 
     def to(self, device) -> "GMMOOD":
