@@ -121,6 +121,7 @@ PYBIND11_MODULE(_C, m) {
         "How the CUDA tile-product kernels multiply float32 tiles: -1 auto (TF32 when torch allows it "
         "for cuBLAS), 0 FMA, 1 TF32 tensor cores, 2 3xTF32 tensor cores. No effect on the CPU.");
   m.def("matmul_mode", &distkern::matmul_mode_setting);
+  m.attr("auto_tensor_cores") = distkern::kAutoTensorCores;
 #ifdef DISTKERN_WITH_CUDA
   m.def("set_cuda_tile_config", &distkern::mahalanobis::set_tile_config,
         "Thread tiles of the CUDA tile-product kernels: 0 auto, 1 always 4x4 (64x64 blocks), "

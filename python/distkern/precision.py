@@ -17,10 +17,12 @@ CUDA (the anomaly map keeps a dedicated kernel for ``"fma"``):
     tensor cores, float32-accurate: each operand is split ``a = big + small`` (both TF32) and
     ``a·b ≈ big·big + big·small + small·big`` — three mma per product, errors at the float32 level.
 
-The default, ``"auto"``, is ``"tf32"`` when torch allows TF32 in cuBLAS matmuls
+The default, ``"auto"``, is meant to be ``"tf32"`` when torch allows TF32 in cuBLAS matmuls
 (``torch.backends.cuda.matmul.allow_tf32``, or ``torch.set_float32_matmul_precision("high")`` /
 ``"medium"``) and ``"fma"`` otherwise — the precision an eager PyTorch matmul gets under the same
-settings. float64 always runs on FMAs; GPUs older than sm_80 have no TF32 tensor cores and fall
+settings. The tensor-core kernels have not run on a GPU yet (only in the tests' CPU emulation), so
+until their CUDA tests pass on one, ``"auto"`` stays ``"fma"`` whatever torch allows
+(:data:`AUTO_TENSOR_CORES` is False); ``"tf32"`` / ``"3xtf32"`` run them when asked for. float64 always runs on FMAs; GPUs older than sm_80 have no TF32 tensor cores and fall
 back to ``"fma"``. The setting is process-wide and has no effect on the CPU. ``DISTKERN_CUDA_MATMUL``
 (one of the mode names) sets it when distkern is imported.
 """
@@ -34,6 +36,8 @@ from . import _C
 
 MODES = ("auto", "fma", "tf32", "3xtf32")
 _CODES = {"auto": -1, "fma": 0, "tf32": 1, "3xtf32": 2}
+#: whether ``"auto"`` may pick the tensor-core kernels (set in the C++ build: csrc/common/matmul_mode.h)
+AUTO_TENSOR_CORES: bool = bool(getattr(_C, "auto_tensor_cores", False))
 
 
 def set_cuda_matmul(mode: str) -> None:
