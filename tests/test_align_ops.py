@@ -407,18 +407,29 @@ def test_attention_mask_no_influence(rng):
 
 
 def test_attention_fully_masked_row(rng):
-    """Documented (csrc/align/attention.cpp): a row whose tokens are all masked out gives NaN (lse −inf);
-    the other rows are unaffected."""
+    """A row whose tokens are all masked out (a fully padded image) attends to nothing: output 0 as torch's
+    scaled_dot_product_attention, lse −inf, zero gradients — it used to be NaN, and through prompt_align's
+    shared projections one padded image made every parameter's gradient NaN. Other rows are unaffected."""
     B, M, P, D = 3, 4, 20, 8
     q, x = randn((B, M, D), rng), randn((B, P, D), rng)
     mask = random_mask(rng, B, P)
     mask[1] = False
     for tile in (1, 7, 256):
         out, lse = shared_kv_attention(q, x, mask, tile=tile)
-        assert out[1].isnan().all() and torch.all(lse[1] == float("-inf"))
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.all(lse[1] == float("-inf"))
         ro, rl = ref_attention(q, x, mask)
         keep = [0, 2]
         assert max_err(out[keep], ro[keep]) < 1e-12 and max_err(lse[keep], rl[keep]) < 1e-12
+    sdpa = F.scaled_dot_product_attention(q, x, x, attn_mask=mask[:, None, :], scale=1.0)
+    assert max_err(shared_kv_attention(q, x, mask)[0], sdpa) < 1e-12
+    qg, xg = q.clone().requires_grad_(), x.clone().requires_grad_()
+    out, lse = shared_kv_attention(qg, xg, mask)
+    (out.sum() + torch.where(torch.isinf(lse), 0, lse).sum()).backward()
+    assert torch.isfinite(qg.grad).all() and torch.equal(qg.grad[1], torch.zeros_like(qg.grad[1]))
+    assert torch.isfinite(xg.grad).all() and torch.equal(xg.grad[1], torch.zeros_like(xg.grad[1]))
+    text, w_q = randn((M, D), rng).requires_grad_(), randn((D, D), rng).requires_grad_()
+    prompt_align(text, x, w_q, None, None, 2, mask=mask).sum().backward()
+    assert torch.isfinite(w_q.grad).all() and torch.isfinite(text.grad).all()
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -559,13 +570,15 @@ def test_prompt_align_mask_no_influence(rng):
 
 
 def test_prompt_align_fully_masked_image(rng):
-    """An image with every token masked out has nothing to attend to: NaN rows (as shared_kv_attention
-    documents), the other images unaffected."""
+    """An image with every token masked out has nothing to attend to: its attention term is 0 (value bias
+    included, as scaled_dot_product_attention on the projected values gives), so its output is the normalised
+    text; the other images are unaffected."""
     a = rca_inputs(rng, B=3, T=4, P=20, D=8, E=8, Dt=8)
     mask = random_mask(rng, 3, 20)
     mask[0] = False
     out = rca_call(prompt_align, a, 2, mask=mask)
-    assert out[0].isnan().all()
+    text0 = a["text"][0] if a["text"].dim() == 3 else a["text"]
+    assert max_err(out[0], F.normalize(text0, dim=-1)) < 1e-12
     assert not out[1:].isnan().any()
     assert max_err(out[1:], rca_call(ref_rca, a, 2, mask=mask)[1:]) < 1e-12
 

@@ -163,12 +163,15 @@ def test_fused_attention(lib, dtype, B, M, P, D, masked):
     mask = (torch.rand(B, P, generator=g) > 0.3) if masked else None
     if mask is not None:
         mask[:, 0] = True
+        mask[-1] = False  # an image with every token masked: output 0, lse −inf (as the composite and SDPA)
     ref_out, ref_lse = torch.ops.distkern.shared_kv_attention(q.double(), x.double(), mask, 16)
     out, lse = torch.empty_like(q), torch.empty(B, M)
     _call(lib.emu_attention, INT(DT[dtype]), _p(q), _p(x), _p(mask), _p(out), _p(lse), I64(B), I64(M), I64(P), I64(D))
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(out.double(), ref_out, rtol=tol, atol=tol), (out.double() - ref_out).abs().max()
     assert torch.allclose(lse.double(), ref_lse, rtol=1e-5, atol=1e-4)
+    if mask is not None:
+        assert torch.equal(out[-1], torch.zeros_like(out[-1])) and bool((lse[-1] == float("-inf")).all())
 
 
 # ---- tile kernels (FMA, TF32, 3xTF32) ------------------------------------------------------------

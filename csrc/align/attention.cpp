@@ -93,7 +93,9 @@ std::tuple<at::Tensor, at::Tensor> shared_kv_attention_composite(const at::Tenso
     out.mul_(alpha.unsqueeze(-1)).baddbmm_(s, xt);
     run_max = new_max;
   }
-  out.div_(run_sum.unsqueeze(-1));  // a row whose tokens are all masked out gives NaN: nothing to attend to
+  // A row whose tokens are all masked out attends to nothing: output 0 (as torch's
+  // scaled_dot_product_attention), log-sum-exp −inf, and the backward gives it zero gradients.
+  out.div_(at::where(run_sum > 0, run_sum, at::ones_like(run_sum)).unsqueeze(-1));
   const at::Tensor lse = run_max + at::log(run_sum);
   return {out.to(q.scalar_type()), lse};
 }

@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const T* __rest
 #pragma unroll
     for (int j = 0; j < kNJ; ++j) {
       const int64_t d = tid + int64_t(j) * kThreads;
-      if (d < D) out[(b * M + row) * D + d] = from_acc<T>(o[i][j] / l);  // l = 0: all masked, NaN as the composite
+      // l = 0: every token masked out — 0, as torch's scaled_dot_product_attention (and the composite)
+      if (d < D) out[(b * M + row) * D + d] = from_acc<T>(l > 0.f ? o[i][j] / l : 0.f);
     }
     if (tid == 0) lse[b * M + row] = m_s[i] + logf(l);
   }

@@ -84,7 +84,9 @@ def image_scores(amap: torch.Tensor, text_score: torch.Tensor | None = None, *, 
 
 def shared_kv_attention(q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None, *, tile: int = 256):
     """``softmax(q xᵀ) x`` over the P tokens of ``x (B, P, D)`` for queries ``q (B, M, D)`` (keys = values = x),
-    streamed in tiles with an online softmax. ``mask (B, P)`` bool: True for tokens to attend to.
+    streamed in tiles with an online softmax. ``mask (B, P)`` bool: True for tokens to attend to; a row with
+    no token to attend to gets output 0 and log-sum-exp −inf (as ``scaled_dot_product_attention``), and zero
+    gradients.
     Returns ``(out (B, M, D) in q's dtype, log-sum-exp (B, M) float32/float64)``; differentiable in q and x
     by a flash-style backward (the (B, M, P) probabilities are recomputed tile by tile, never stored)."""
     return torch.ops.distkern.shared_kv_attention(q, x, mask, tile)
@@ -108,7 +110,8 @@ def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w
     Args:
         text: ``(T, Dt)`` prompt embeddings shared by the batch, or ``(B, T, Dt)``.
         patches: ``(B, P, D)`` patch tokens (already projected to the joint space, as Bayes-PFL's per-layer
-            linear does). mask: optional ``(B, P)`` bool, False for padded tokens.
+            linear does). mask: optional ``(B, P)`` bool, False for padded tokens; an image with every token
+            masked attends to nothing (its attention term is 0, as in ``scaled_dot_product_attention``).
         w_q: ``(Dt, E)``, w_k: ``(D, E)``, w_v: ``(D, Dt)`` — ``(in, out)`` matrices, i.e. ``linear.weight.T``.
             ``w_k = w_v = None``: keys = values = the tokens themselves, split into heads along D (Bayes-PFL's
             RCA, whose tokens are already projected); then ``E = D = Dt``.
@@ -157,8 +160,9 @@ def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w
         attn = _attend_heads(q, patches, H, mask, tile)
     else:
         attn = _attend_projected(q, patches, w_k, w_v, H, mask, tile)
-    if b_v is not None:
-        attn = attn + b_v
+    if b_v is not None:  # the value bias passes through softmax weights that sum to 1 — to 0 for an image with
+        # no token left by the mask, which attends to nothing (as scaled_dot_product_attention gives it 0)
+        attn = attn + (b_v if mask is None else b_v * mask.any(1).to(attn.dtype)[:, None, None])
     return torch.nn.functional.normalize(text + attn, dim=-1)
 
 
@@ -209,6 +213,7 @@ def _backward_attn(ctx, grad_out, grad_lse):
     q, x, mask, out, lse = ctx.saved_tensors
     acc = lse.dtype
     qa, oa = q.to(acc), out.to(acc)
+    lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # all-masked rows: exp(−inf − 0) = 0, not NaN
     go = grad_out.to(acc) if grad_out is not None else torch.zeros_like(oa)
     delta = (go * oa).sum(-1, keepdim=True)  # (B, M, 1)
     need_q, need_x = ctx.needs_input_grad[:2]
