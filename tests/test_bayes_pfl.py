@@ -198,6 +198,9 @@ def test_fit_accepts_a_loader_of_repository_style_batches():
               (images[2:], masks[2:])]
     m.fit(loader, epochs=2, progress=False)
     assert m.epochs_trained_ == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in m.history_)
+    # a generator is spent by the first epoch: the second says so instead of counting an empty epoch
+    with pytest.raises(ValueError, match="epoch 2 got no batches"):
+        _small().fit(((images[i:i + 2], masks[i:i + 2]) for i in (0, 2)), epochs=2, progress=False)
 
 
 def test_quick_demo_training_beats_untrained_on_held_out_categories():

@@ -463,3 +463,51 @@ def test_non_finite_rows_give_nan(kernel):
     assert out[[1, 3]].isnan().all() and torch.isfinite(out[[0, 2]]).all()
     y[4, 1] = float("nan")
     assert distkern.kernel_matmul(x[[0, 2]], y, kernel=kernel, **kw).isnan().all()
+
+
+_SHARD_ERRORS_WORKER = """
+import sys, torch, torch.distributed as dist
+import distkern
+rank, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+km, mmd = distkern.distributed.kernel_matmul, distkern.distributed.mmd2
+x = torch.randn(5, 3)
+cases = {
+    "x's D differs": lambda: km(torch.randn(5, 3 + rank), torch.randn(4, 3 + rank), bandwidth=1.0),
+    "x's rows differ": lambda: km(torch.randn(5 + rank, 3), torch.randn(4, 3), bandwidth=1.0),
+    "v on one rank": lambda: km(x, torch.randn(4, 3), torch.randn(4, 2) if rank else None, bandwidth=1.0),
+    "bad bandwidth, empty shard": lambda: km(x, torch.randn(4 * (1 - rank), 3), bandwidth=-1.0),
+    "requires grad": lambda: km(x.clone().requires_grad_(), torch.randn(4, 3), bandwidth=1.0),
+    "mmd2 D differs": lambda: mmd(torch.randn(4, 3 + rank), torch.randn(4, 3 + rank), bandwidth=1.0),
+    "mmd2 dtype differs": lambda: mmd(torch.randn(4, 3, dtype=torch.float64 if rank else torch.float32),
+                                      torch.randn(4, 3), bandwidth=1.0),
+}
+got = {}
+for name, call in cases.items():
+    try:
+        call()
+        got[name] = "no error"
+    except (ValueError, RuntimeError) as e:
+        got[name] = f"{type(e).__name__}: {e}"
+got["still works"] = km(x, torch.randn(4, 3), bandwidth=1.0).shape  # the group is still in step
+torch.save(got, f"{path}.{rank}")
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_argument_errors_raise_on_every_rank(tmp_path, gloo_run):
+    """Ranks that disagree, or one rank refusing its arguments, give the same clear error on every rank —
+    they used to hang (a rank without rows skipped the checks and waited in all_reduce), abort the process
+    (gloo on mismatched sizes) or silently reduce different things; inputs requiring grad are refused."""
+    gloo_run(_SHARD_ERRORS_WORKER, str(tmp_path / "err"))
+    r0, r1 = (torch.load(tmp_path / f"err.{r}") for r in range(2))
+    for got in (r0, r1):
+        assert "disagree on D" in got["x's D differs"] or "disagree on x's D" in got["x's D differs"]
+        assert "disagree on x's shape" in got["x's rows differ"]
+        assert "disagree on v" in got["v on one rank"]
+        assert got["bad bandwidth, empty shard"].startswith("ValueError")
+        assert "forward only" in got["requires grad"]
+        assert "disagree on D" in got["mmd2 D differs"]
+        assert "disagree on x's dtype" in got["mmd2 dtype differs"]
+        assert tuple(got["still works"]) == (5,)
+    assert "bandwidths must be finite" in r0["bad bandwidth, empty shard"]

@@ -256,3 +256,14 @@ def test_quick_recipe_improves_the_five_step_mmd():
     assert res.after[5]["polynomial"] < res.before[5]["polynomial"], res.table()
     assert set(res.after) == {5, 10} and "data/data" in res.table()
     assert torch.get_num_threads() == threads  # the recipe runs on 1 thread and restores the setting
+
+
+def test_distance_kernel_and_zero_iterations_are_refused():
+    recipe = importlib.import_module(f"{mmd_ddm.__name__}.recipe").main
+
+    with pytest.raises(ValueError, match="energy distance"):
+        MMDDDMLoss(lambda x, t: x, kernel="distance")
+    for flag in ("--pretrain-iters", "--finetune-iters"):
+        with pytest.raises(SystemExit) as e:
+            recipe([flag, "0"])
+        assert e.value.code == 2

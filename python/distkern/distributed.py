@@ -18,6 +18,36 @@ from .ops.kernel_sum import kernel_matmul as _kernel_matmul
 __all__ = ["kernel_matmul", "mmd2"]
 
 
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _dtype_code(t: torch.Tensor) -> int:
+    return _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1
+
+
+def _agree(who: str, group: Any, device: torch.device, local_error: Exception | None,
+           fields: list[tuple[str, int]]) -> None:
+    """Before any data moves: every rank learns whether all ranks accepted their arguments and agree on
+    ``fields`` (one small all-gather), and all of them raise the same way if not — instead of one rank
+    raising while the others wait in a collective (a hang), or ranks exchanging tensors of different sizes
+    (gloo aborts the process) or silently reducing different things."""
+    dist = _require_dist(who)
+    vals = torch.tensor([0 if local_error is not None else 1] + [int(v) for _, v in fields], dtype=torch.int64,
+                        device=device)
+    parts = [torch.empty_like(vals) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, vals, group=group)
+    table = torch.stack(parts).cpu()
+    if local_error is not None:
+        raise local_error
+    refused = [r for r in range(table.shape[0]) if int(table[r, 0]) == 0]
+    if refused:
+        raise ValueError(f"{who}: rank(s) {refused} refused their arguments (their error says why)")
+    for j, (name, _) in enumerate(fields, start=1):
+        col = table[:, j]
+        if not bool((col == col[0]).all()):
+            raise ValueError(f"{who}: the ranks disagree on {name}: {col.tolist()} (in rank order)")
+
+
 def kernel_matmul(x: torch.Tensor, y_local: torch.Tensor, v_local: torch.Tensor | None = None, *, group: Any = None,
                   **kernel: Any) -> torch.Tensor:
     """``K(x, y) @ v`` for ``y`` (and ``v``) sharded by rows across the ranks of ``group``.
@@ -25,13 +55,39 @@ def kernel_matmul(x: torch.Tensor, y_local: torch.Tensor, v_local: torch.Tensor 
     Every rank passes the same ``x`` and its own rows ``y_local`` (``v_local``); the local sums
     are all-reduced, so every rank ends with the result one process would compute on the whole
     of ``y`` (up to the order of the float additions). Keyword arguments are those of
-    :func:`distkern.kernel_matmul`. Forward only (the all-reduce is not differentiated).
+    :func:`distkern.kernel_matmul`. Forward only: with grad mode on, inputs that require grad are refused
+    (the all-reduce is not differentiated, so a backward would see this rank's part only);
+    :func:`mmd2` has exact per-shard gradients. The ranks first check that they agree on x's shape, D,
+    the dtypes and v's columns, and all raise the same ``ValueError`` if one refuses its arguments.
     """
+    from .ops.kernel_sum import kernel_params
+
+    who = "distkern.distributed.kernel_matmul"
+    _require_dist("kernel_matmul")
+    error = None
+    try:
+        if x.dim() != 2 or y_local.dim() != 2 or x.shape[1] != y_local.shape[1]:
+            raise ValueError(f"{who}: x and y_local must be (N, D) and (m_r, D) with one D; got {tuple(x.shape)} "
+                             f"and {tuple(y_local.shape)}")
+        if v_local is not None and (v_local.dim() not in (1, 2) or v_local.shape[0] != y_local.shape[0]):
+            raise ValueError(f"{who}: v_local must be (m_r,) or (m_r, C) with m_r = {y_local.shape[0]}; got "
+                             f"{tuple(v_local.shape)}")
+        kernel_params(kernel.get("kernel", "gaussian"), x.shape[-1], op=who,
+                      **{k: w for k, w in kernel.items() if k != "kernel"})
+    except (ValueError, TypeError) as e:
+        error = e
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y_local, v_local))
+    C = -1 if v_local is None else (0 if v_local.dim() == 1 else v_local.shape[-1])
+    _agree(who, group, x.device, error, [
+        ("x's shape (rows)", x.shape[0]), ("D", x.shape[-1]), ("y's D", y_local.shape[-1]),
+        ("x's dtype", _dtype_code(x)), ("y's dtype", _dtype_code(y_local)), ("v (absent: -1, 1-D: 0, else C)", C),
+        ("inputs requiring grad", int(grad))])
+    if grad:
+        raise RuntimeError(f"{who}: forward only — the all-reduce is not differentiated, so a backward would "
+                           "see this rank's part of the sum only; call it under torch.no_grad() (or detach the "
+                           "inputs), or use distkern.distributed.mmd2, whose gradients are exact")
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("distkern.distributed.kernel_matmul: torch.distributed is not initialised "
-                           "(call torch.distributed.init_process_group first)")
     if y_local.shape[0] == 0:  # a rank without rows still takes part in the reduction
         C = v_local.shape[1] if v_local is not None and v_local.dim() == 2 else None
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -93,7 +149,14 @@ def mmd2(x_local: torch.Tensor, y_local: torch.Tensor, *, kernel: str = "gaussia
                          "data; distkern.median_bandwidth on a gathered subsample gives one)")
     dist = _require_dist("mmd2")
     params = dict(bandwidth=bandwidth, **kernel_kw)
-    kernel_params(kernel, x_local.shape[1], **params)  # validate before any collective
+    who = "distkern.distributed.mmd2"
+    error = None
+    try:
+        kernel_params(kernel, x_local.shape[1], **params, op=who)
+    except (ValueError, TypeError) as e:
+        error = e
+    _agree(who, group, x_local.device, error, [("D", x_local.shape[1]), ("x's dtype", _dtype_code(x_local)),
+                                               ("y's dtype", _dtype_code(y_local))])
     X, n = _gather_rows(x_local, group)
     Y, m = _gather_rows(y_local, group)
     if n < 2 or m < 2:

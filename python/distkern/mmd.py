@@ -55,7 +55,8 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
     full U-statistic (``n = m``: also drops the paired cross terms ``k(x_i, y_i)``); ``"linear"``
     — the linear-time estimator over consecutive pairs. ``bandwidth=None`` with a bandwidth
     kernel uses :func:`median_bandwidth`. Differentiable in ``x`` and ``y``. Returns a 0-d
-    float32 (float64 for float64 inputs) tensor.
+    float32 (float64 for float64 inputs) tensor. With ``kernel="distance"`` (k = r, not positive definite)
+    the biased value is minus the energy distance ``2E|X−Y| − E|X−X′| − E|Y−Y′|``.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"distkern.mmd2: estimator must be one of {ESTIMATORS}; got {estimator!r}")

@@ -651,6 +651,9 @@ class BayesPFL(nn.Module):
                         bar.update(1)
                 if not total_steps:
                     bar.update(1)
+                if n == 0:  # e.g. a generator, spent by the first epoch: say so rather than count empty epochs
+                    raise ValueError(f"bayes-pfl: epoch {self.epochs_trained_ + 1} got no batches; give a re-iterable "
+                                     "loader (a DataLoader or a list, not a generator) for epochs > 1")
                 self.epochs_trained_ += 1
                 self.history_.append({**{k: v / max(n, 1) for k, v in sums.items()},
                                       "seconds": time.perf_counter() - t0})

@@ -91,8 +91,13 @@ class MMDDDMLoss(torch.nn.Module):
                              f"got {prediction_type!r}")
         if clip_sample is not None and not float(clip_sample) > 0:
             raise ValueError(f"mmd-ddm: clip_sample must be > 0 or None; got {clip_sample}")
+        if kernel == "distance":  # k = r is not positive definite: the "MMD²" is minus the energy distance
+            raise ValueError("mmd-ddm: kernel='distance' makes the loss minus the energy distance, so minimising it "
+                             "pushes the samples away from the data; use 'polynomial', 'gaussian', 'laplacian' or "
+                             "'imq'")
         if kernel in _BANDWIDTH_KERNELS and bandwidth is not None:
-            bws = list(bandwidth) if isinstance(bandwidth, Sequence) else [bandwidth]
+            bws = (bandwidth.reshape(-1).tolist() if isinstance(bandwidth, torch.Tensor)
+                   else list(bandwidth) if isinstance(bandwidth, Sequence) else [bandwidth])
             if not bws or any(not float(b) > 0 for b in bws):
                 raise ValueError(f"mmd-ddm: bandwidth must be > 0 (a float or a list of floats); got {bandwidth}")
         # validates kernel, estimator and the kernel parameters early (ValueError with the kernel's name)

@@ -313,13 +313,20 @@ def _plot(path: str, data: torch.Tensor, before: dict, after: dict, say) -> None
     say(f"wrote {path}")
 
 
+def _at_least_one(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> RecipeResult:
     p = argparse.ArgumentParser(prog="python -m distkern_mmd_ddm.recipe", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer iterations and samples (for tests)")
     p.add_argument("--dim", type=int, default=2, help="2 (8 Gaussians on a circle) or >= 8 (at 2·e_k)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrain-iters", type=int)
-    p.add_argument("--finetune-iters", type=int)
+    p.add_argument("--pretrain-iters", type=_at_least_one)
+    p.add_argument("--finetune-iters", type=_at_least_one)
     p.add_argument("--finetune-steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
