@@ -198,6 +198,10 @@ def test_fit_accepts_a_loader_of_repository_style_batches():
               (images[2:], masks[2:])]
     m.fit(loader, epochs=2, progress=False)
     assert m.epochs_trained_ == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in m.history_)
+    with pytest.raises(ValueError, match="labels must be 0"):  # 2 used to reach cross_entropy's IndexError
+        _small().fit(images, masks, torch.tensor([0, 1, 2, 0]), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be"):
+        m.predict(images, batch_size=0)
     # a generator is spent by the first epoch: the second says so instead of counting an empty epoch
     with pytest.raises(ValueError, match="epoch 2 got no batches"):
         _small().fit(((images[i:i + 2], masks[i:i + 2]) for i in (0, 2)), epochs=2, progress=False)

@@ -226,6 +226,9 @@ def test_bad_inputs(rng):
         GaussianTeleport(EulerDiscreteScheduler(), G, sigma_skip=1e-4)
     with pytest.raises(ValueError, match="not both"):
         GaussianTeleport(EulerDiscreteScheduler(), G, sigma_skip=5.0, skip_fraction=0.2)
+    mean, U, lam = G
+    with pytest.raises(ValueError, match="finite and ≥ 0"):  # NaN passed the lam < 0 check before
+        GaussianTeleport(EulerDiscreteScheduler(), (mean, U, torch.full_like(lam, float("nan"))))
     with pytest.raises(ValueError, match="skip_fraction must lie"):
         GaussianTeleport(EulerDiscreteScheduler(), G, skip_fraction=1.0)
     with pytest.raises(ValueError, match="more than num_train_timesteps"):

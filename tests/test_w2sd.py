@@ -226,6 +226,10 @@ def test_reflection_steps_and_progress(rng):
     assert odd.reflection_indices(n) == [1, 3, 5]  # index 6 (the last) is never asked under "official"
     with pytest.raises(ValueError, match="official indexing needs"):
         W2SD(None, strong_fn_t, weak_fn_t, reflection_steps={n - 1})(x, n)
+    with pytest.raises(ValueError, match="integer step indices"):  # 1.5 used to become step 1
+        W2SD(None, strong_fn_t, weak_fn_t, reflection_steps=[1.5])
+    with pytest.raises(TypeError, match="not a string"):  # "01" used to mean {0, 1}
+        W2SD(None, strong_fn_t, weak_fn_t, reflection_steps="01")
     last = W2SD(None, strong_fn_t, weak_fn_t, reflection_steps={n - 1}, indexing="consistent")
     last(x, n)
     assert last.nfe == n + 2

@@ -455,6 +455,8 @@ class BayesPFL(nn.Module):
         ``text_score (N,)`` and ``topk (N,)``."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"bayes-pfl: predict takes images (N, 3, H, W); got {type(images).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"bayes-pfl: batch_size must be an int >= 1; got {batch_size!r}")
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 1:
             raise ValueError(f"bayes-pfl: predict takes images (N, 3, H, W); got {tuple(images.shape)}")
         N = images.shape[0]
@@ -545,9 +547,13 @@ class BayesPFL(nn.Module):
         if labels is None:
             labels = masks.flatten(1).amax(1).long()
         else:
-            labels = torch.as_tensor(labels).reshape(-1).long()
+            labels = torch.as_tensor(labels).reshape(-1)
             if labels.shape[0] != images.shape[0]:
                 raise ValueError(f"bayes-pfl: labels must be (N,) = ({images.shape[0]},); got {tuple(labels.shape)}")
+            if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
+                raise ValueError(f"bayes-pfl: labels must be 0 (normal) or 1 (anomalous); got the values "
+                                 f"{torch.unique(labels).tolist()[:6]}")
+            labels = labels.long()
         return masks, labels
 
     def fit(self, data, masks: torch.Tensor | None = None, labels: torch.Tensor | None = None, *, epochs: int = 10,

@@ -79,8 +79,10 @@ def _as_gaussian(g) -> LowRankGaussian:
     if U.dim() != 2 or U.shape[0] != mean.numel() or lam.dim() != 1 or lam.shape[0] != U.shape[1]:
         raise ValueError("gaussian-teleport: the Gaussian must be mean (D,), U (D, r), lam (r,); got "
                          f"{tuple(mean.shape)}, {tuple(U.shape)}, {tuple(lam.shape)}")
-    if bool((lam < 0).any()):
-        raise ValueError("gaussian-teleport: the variances lam must be ≥ 0")
+    if not bool(((lam >= 0) & torch.isfinite(lam)).all()):
+        raise ValueError("gaussian-teleport: the variances lam must be finite and ≥ 0")
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(U).all()):
+        raise ValueError("gaussian-teleport: mean and U must be finite")
     return LowRankGaussian(mean.detach(), U.detach(), lam.detach())
 
 

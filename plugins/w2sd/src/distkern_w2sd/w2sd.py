@@ -171,7 +171,14 @@ class W2SD:
             raise TypeError("w2sd: reflection_steps must be None, a set / range / iterable of step indices or a "
                             f"callable i -> bool; got {type(reflection_steps).__name__}")
         if reflection_steps is not None and not callable(reflection_steps) and not isinstance(reflection_steps, range):
-            reflection_steps = frozenset(int(i) for i in reflection_steps)
+            if isinstance(reflection_steps, (str, bytes)):
+                raise TypeError(f"w2sd: reflection_steps must hold step indices (ints), not a string; got "
+                                f"{reflection_steps!r}")
+            steps = list(reflection_steps)
+            bad = [i for i in steps if isinstance(i, bool) or not float(i).is_integer()]
+            if bad:
+                raise ValueError(f"w2sd: reflection_steps must be integer step indices; got {bad}")
+            reflection_steps = frozenset(int(i) for i in steps)
         self.reflection_steps = reflection_steps
         self.nfe = 0
 
