@@ -511,3 +511,27 @@ def test_sharded_argument_errors_raise_on_every_rank(tmp_path, gloo_run):
         assert "disagree on x's dtype" in got["mmd2 dtype differs"]
         assert tuple(got["still works"]) == (5,)
     assert "bandwidths must be finite" in r0["bad bandwidth, empty shard"]
+
+
+@pytest.mark.parametrize("kernel,bw", [("gaussian", 1e-20), ("imq", 1e-20), ("laplacian", 1e-40)])
+def test_tiny_bandwidths_give_the_kernel_limit_not_nan(kernel, bw):
+    """1/(2σ²) overflowed float32 (σ < 1.3e-19 for the Gaussian): inf·0 made k(x, x) NaN in the op and in
+    mmd2's dense path. The coefficient is capped: k(x, x) = 1 and k = 0 elsewhere, the kernel's limit."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    for dt in (torch.float32, torch.float64):
+        out = distkern.kernel_matmul(x.to(dt), x.to(dt), kernel=kernel, bandwidth=bw)
+        assert torch.equal(out, torch.tensor([2.0, 1.0, 2.0], dtype=out.dtype))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    for n in (4, 600):  # dense and tiled paths
+        a, b = torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
+        v = distkern.mmd2(a, b, kernel=kernel, bandwidth=bw, estimator="biased")
+        assert float(v) == pytest.approx(2.0 / n, rel=1e-5)
+
+
+def test_mixed_dtypes_take_one_working_dtype():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(513, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(513, 4, generator=g, dtype=torch.float64).float().double()  # exact in float32
+    for n in (512, 513):  # the tiled path (513) used to compute the y terms in float32
+        assert float(distkern.mmd2(x[:n], y[:n], bandwidth=1.0)) == float(distkern.mmd2(x[:n], y[:n].float(), bandwidth=1.0))

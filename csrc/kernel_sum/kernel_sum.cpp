@@ -1,4 +1,7 @@
 // Checks and preparation of kernel_matmul, shared by the CPU and CUDA implementations.
+#include <algorithm>
+#include <limits>
+
 #include "kernel_sum/kernel_sum.h"
 
 #include <cmath>
@@ -48,7 +51,12 @@ Inputs prepare(const char* op, const at::Tensor& x, const at::Tensor& y,
                         s, " at index ", i);
       const bool gauss = kind == kGaussian || kind == kGaussianD;
       const bool lap = kind == kLaplacian || kind == kLaplacianD;
-      in.kp.p[i] = gauss ? 1.0 / (2.0 * s * s) : lap ? 1.0 / s : 1.0 / (s * s);
+      // A tiny σ makes the coefficient overflow the accumulation type (1/(2σ²) > 3.4e38 in float32 from
+      // σ < 1.3e-19): inf·0 would be NaN at r = 0. The largest finite value keeps k(x, x) = 1 and every
+      // other pair at 0, the kernel's limit.
+      const double cap = in.acc == at::kDouble ? std::numeric_limits<double>::max()
+                                               : static_cast<double>(std::numeric_limits<float>::max());
+      in.kp.p[i] = std::min(cap, gauss ? 0.5 / s / s : lap ? 1.0 / s : 1.0 / s / s);
     }
     in.kp.ns = static_cast<int>(params.size());
   } else if (kind == kPolynomial || kind == kPolynomialD) {

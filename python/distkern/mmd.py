@@ -61,6 +61,9 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
     if estimator not in ESTIMATORS:
         raise ValueError(f"distkern.mmd2: estimator must be one of {ESTIMATORS}; got {estimator!r}")
     _check_samples("distkern.mmd2", x, y)
+    if x.dtype != y.dtype:  # one working dtype on every path (the tiled path would mix precisions)
+        dt = torch.promote_types(x.dtype, y.dtype)
+        x, y = x.to(dt), y.to(dt)
     n, m = x.shape[0], y.shape[0]
     if kernel in ("gaussian", "laplacian", "imq") and bandwidth is None:
         bandwidth = median_bandwidth(x, y)
@@ -111,6 +114,7 @@ def _phi_and_grad(kernel: str, params: list[float], t: torch.Tensor, need_grad: 
         g, c, d = params
         base = g * t + c
         return base ** d, (d * g * base ** (d - 1) if need_grad else None)
+    big = torch.finfo(t.dtype).max  # a tiny σ's coefficient capped as the op caps it: k(x, x) = 1, not inf·0
     if kernel in ("distance", "laplacian"):
         pos = t > 0
         r = torch.where(pos, t.clamp_min(1e-30).sqrt(), torch.zeros_like(t))
@@ -118,20 +122,23 @@ def _phi_and_grad(kernel: str, params: list[float], t: torch.Tensor, need_grad: 
             return r, (torch.where(pos, 0.5 / r.clamp_min(1e-30), torch.zeros_like(t)) if need_grad else None)
         val = grad = None
         for sgm in params:
-            e = torch.exp(-r / sgm)
+            inv = min(1.0 / sgm, big)
+            e = torch.exp(-r * inv)
             val = e if val is None else val + e
             if need_grad:
-                gi = e / (-2 * sgm * r.clamp_min(1e-30))
+                gi = e * (-0.5 * inv) / r.clamp_min(1e-30)
                 grad = gi if grad is None else grad + gi
         return val, (torch.where(pos, grad, torch.zeros_like(t)) if need_grad else None)
     val = grad = None
     for sgm in params:
         if kernel == "gaussian":
-            e = torch.exp(t * (-0.5 / (sgm * sgm)))
-            gi = e * (-0.5 / (sgm * sgm)) if need_grad else None
+            c = min(0.5 / sgm / sgm, big)
+            e = torch.exp(t * -c)
+            gi = e * -c if need_grad else None
         else:  # imq
-            u = (1 + t / (sgm * sgm)).rsqrt()
-            e, gi = u, (-0.5 / (sgm * sgm)) * u * u * u if need_grad else None
+            c = min(1.0 / sgm / sgm, big)
+            u = (1 + t * c).rsqrt()
+            e, gi = u, (-0.5 * c) * u * u * u if need_grad else None
         val = e if val is None else val + e
         if need_grad:
             grad = gi if grad is None else grad + gi
