@@ -153,6 +153,34 @@ def test_each_rule_catches_a_broken_detector(rule):
     assert e.value.rule == rule, str(e.value)
 
 
+def _variant(**attrs):
+    class V(_Good):
+        pass
+
+    for k, v in attrs.items():
+        setattr(V, k, v)
+    V.name = "toy-variant"
+    return V
+
+
+@pytest.mark.parametrize("attrs,rule,match", [
+    # a save() that pickles passes a round trip through its own load(), but distkern score cannot read it
+    (dict(save=lambda self, path: torch.save({"mu": self.mu}, path),
+          load=classmethod(lambda cls, path, device="cpu": (lambda d: (setattr(d, "mu", torch.load(path)["mu"]), d)[1])(cls()))),
+     "save-load", "distkern's model format"),
+    (dict(save=lambda self, path: __import__("distkern").io.write_model(path, "someone-else", {"mu": self.mu},
+                                                                         config={}, fitted={})),
+     "save-load", "recorded the method 'someone-else'"),
+    (dict(load=classmethod(lambda cls, path, device="cpu": 1 / 0)), "save-load", "ZeroDivisionError"),
+    (dict(score=lambda self, x: _Good.score(self, x).double()), "score-shape", "must be float32"),
+    (dict(score=lambda self, x: _Good.score(self, x) * float("nan")), "score-shape", "inf/NaN"),
+])
+def test_detector_subchecks_name_the_problem(attrs, rule, match):
+    with pytest.raises(CheckFailure, match=match) as e:
+        check_method(_variant(**attrs))
+    assert e.value.rule == rule
+
+
 def test_labelled_example():
     ex = gaussian_example(torch.Generator().manual_seed(1), classes=3)
     assert ex.labels is not None and set(ex.labels.tolist()) == {0, 1, 2}
@@ -418,7 +446,7 @@ def test_cli_plugins_check(capsys):
     for r in rows.values():  # a method that cannot load fails the check too
         assert r["check"] == f"FAILED [{r['status']}]" if r["status"] != "ok" else r["check"].startswith(("ok (", "FAILED"))
     assert re.search(r"^name\s+kind\s+package\s+version\s+status\s+error\s+check", table, flags=re.M)
-    assert re.search(r"^toy-sampler\s+sampler\s+<in-process>.*ok \(\d+ rules\)", table, flags=re.M)
+    assert re.search(r"^toy-sampler\s+sampler\s+<in-process>.*ok \(\d+ rules(; device not run: no GPU)?\)", table, flags=re.M)
 
 
 def test_cli_plugins_check_fails_on_a_method_that_cannot_load(capsys, monkeypatch):

@@ -216,6 +216,21 @@ def test_broken_and_incompatible_entry_points(reg):
     methods.available(refresh=True)  # still fine after a reload
 
 
+def test_entry_point_name_must_match_the_class_name(reg):
+    """A model file records the class's ``name`` and distkern score looks it up: an entry point registering the
+    class under another name would fit but never score, so it is listed as broken."""
+    site, p = reg
+    make_dist(site, f"{p}-named", "1.0", {f"{p}-alias": f"{p}_named:Method"},
+              {f"{p}_named": GOOD.replace("class Method:", f"class Method:\n    name = '{p}-real'")})
+    methods.refresh()
+    (row,) = rows(f"{p}-alias")
+    assert row.status == "broken" and f"{p}-real" in row.error and "must be equal" in row.error
+    make_dist(site, f"{p}-func", "1.0", {f"{p}-func": f"{p}_func:make"}, {f"{p}_func": "def make():\n    pass\n"})
+    methods.refresh()
+    (row,) = rows(f"{p}-func")
+    assert row.status == "broken" and "must be a class" in row.error
+
+
 def test_collision_between_distributions(reg):
     site, p = reg
     name = f"{p}-shared"

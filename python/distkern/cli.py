@@ -138,7 +138,8 @@ def _check_rows(rows: list[dict[str, Any]]) -> int:
             r["check"], failed = f"FAILED [{r.get('status')}]", failed + 1
             continue
         try:
-            r["check"] = f"ok ({len(check_method(methods.get(r['name'])))} rules)"
+            passed = check_method(methods.get(r["name"]))
+            r["check"] = f"ok ({len(passed)} rules{'' if 'device' in passed else '; device not run: no GPU'})"
         except CheckFailure as e:
             r["check"], failed = f"FAILED {e}", failed + 1
         except Exception as e:  # noqa: BLE001 - a crashing method is a failed check, not a crashed CLI

@@ -123,6 +123,9 @@ _inprocess: dict[str, _Claim] = {}
 def _check(obj: Any, name: str, kind: Any) -> tuple[str | None, str, str | None]:
     """Validate a loaded class: (kind or None, status, error)."""
     good_kind = kind if isinstance(kind, str) and kind in KINDS else None
+    if not isinstance(obj, type):
+        return good_kind, "broken", (f"method {name!r} must be a class (the entry point names "
+                                     f"{type(obj).__name__} {getattr(obj, '__name__', obj)!r})")
     api = getattr(obj, "distkern_api", None)
     if api is None or isinstance(api, bool) or not isinstance(api, int):
         return good_kind, "broken", (
@@ -146,6 +149,11 @@ def _load(claim: _Claim) -> _Claim:
         claim.obj = claim.ep.load()
         claim.kind, claim.status, claim.error = _check(
             claim.obj, claim.name, getattr(claim.obj, "kind", None))
+        declared = getattr(claim.obj, "name", None)
+        if claim.status == "ok" and isinstance(declared, str) and declared != claim.name:  # models record it
+            claim.status, claim.error = "broken", (
+                f"entry point {claim.name!r} loads a class whose name is {declared!r}; they must be equal (model "
+                f"files record the class's name, and distkern score looks the method up by it)")
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # noqa: BLE001  a plugin must never take the registry down

@@ -227,7 +227,8 @@ class _Ctx:
     def rule(self, name: str, ok: bool, msg: str) -> None:
         if not ok:
             raise CheckFailure(name, f"{self.label}: {msg}")
-        self.passed.append(name)
+        if name not in self.passed:  # a rule may be several checks
+            self.passed.append(name)
 
     def fail(self, name: str, msg: str, cause: BaseException | None = None):
         raise CheckFailure(name, f"{self.label}: {msg}") from cause
@@ -334,10 +335,13 @@ def _check_detector(ctx: _Ctx, example) -> None:
     rule("fit-returns-self", _fit(det, ex) is det, "fit() must return the detector (self)")
     s_norm, s_anom = det.score(ex.normal), det.score(ex.anomalous)
     n = len(ex.normal) if not isinstance(ex.normal, (list, tuple)) else len(ex.normal[0])
-    rule("score-shape", isinstance(s_norm, torch.Tensor) and s_norm.shape == (n,) and s_norm.is_floating_point()
-         and bool(torch.isfinite(s_norm).all()),
-         f"score() must return a finite floating (N,) = ({n},) tensor; got "
+    rule("score-shape", isinstance(s_norm, torch.Tensor) and s_norm.shape == (n,) and s_norm.is_floating_point(),
+         f"score() must return a floating (N,) = ({n},) tensor; got "
          f"{type(s_norm).__name__} {getattr(s_norm, 'shape', None)} {getattr(s_norm, 'dtype', None)}")
+    rule("score-shape", bool(torch.isfinite(s_norm).all()),
+         f"score() returned inf/NaN for finite float32 inputs ({int((~torch.isfinite(s_norm)).sum())} of {n})")
+    rule("score-shape", s_norm.dtype == torch.float32,
+         f"score() of float32 features must be float32 (float64 is for float64 features); got {s_norm.dtype}")
     auc = _auroc(s_norm, s_anom)
     rule("higher-is-anomalous", auc > 0.9, f"anomalous examples must score higher than normal ones; AUROC {auc:.3f}")
     rule("no-mutation", _same(before, ex), "fit() or score() modified its input tensors")
@@ -347,12 +351,23 @@ def _check_detector(ctx: _Ctx, example) -> None:
          "two fits on the same data give different scores (seed the method's randomness)")
 
     with tempfile.TemporaryDirectory() as tmp:
+        from .io import model_method, write_model
+
         path = os.path.join(tmp, "model.safetensors")
         det.save(path)
-        loaded = cls.load(path)
+        try:  # distkern score / io.load_model find the plugin from the file: it must be distkern's format
+            saved_as = model_method(path)
+        except ValueError as e:
+            ctx.fail("save-load", f"save() must write distkern's model format (distkern.io.write_model: "
+                                  f"safetensors + JSON, no pickle) so that distkern score can read it; {e}", e)
+        rule("save-load", saved_as == cls.name, f"save() recorded the method {saved_as!r}, not {cls.name!r} "
+                                                "(pass the class's name to distkern.io.write_model)")
+        try:
+            loaded = cls.load(path)
+        except Exception as e:  # noqa: BLE001
+            ctx.fail("save-load", f"load() of the file save() wrote raised {_err(e)}", e)
         rule("save-load", torch.allclose(loaded.score(ex.normal), s_norm, rtol=1e-5, atol=1e-6),
              "load(save()) scores differently from the saved detector")
-        from .io import write_model
 
         other = os.path.join(tmp, "other.safetensors")
         write_model(other, f"not-{cls.name}", {"x": torch.zeros(1)}, config={}, fitted={})
