@@ -534,6 +534,17 @@ def test_cuda_matches_cpu():
                                standardized_sqdist(x, mean, inv_std), rtol=1e-5, atol=1e-5)
 
 
+def test_bench_cases_agree_with_their_baseline():
+    """The distkern.benchmarks hook (src/@module@/bench.py): its quick case runs, ours agrees with eager."""
+    from @module@.bench import cases
+
+    quick = [c for c in cases() if c.quick]
+    assert quick and all(c.op == "@ns@.standardized_sqdist" for c in cases())
+    for c in quick:
+        inputs = c.setup("cpu", c.dtype)
+        torch.testing.assert_close(c.ours(inputs), c.baselines["eager"](inputs), rtol=1e-4, atol=1e-4)
+
+
 def test_cuda_kernel_compiles_with_nvcc_alone():
     """The pure-CUDA rule: the .cu files compile with nvcc and distkern's headers, without torch."""
     from distkern.cpp_extension import find_nvcc, nvcc_compile_check
@@ -892,7 +903,7 @@ dependencies = ["distkern", "torch", "safetensors"]
 
 [project.entry-points."distkern.methods"]
 @name@ = "@module@.method:@cls@"
-
+@bench_ep@
 [tool.setuptools.packages.find]
 where = ["src"]
 '''
@@ -924,11 +935,72 @@ CUDA, laid out like distkern's own ops:
 | `csrc/standardized_sqdist_launch.h`, `csrc/standardized_sqdist_kernel.cu` | pure CUDA: kernel + launcher on raw pointers and a stream; no torch header |
 | `csrc/standardized_sqdist_cuda.cpp` | checks, device guard, stream; `TORCH_LIBRARY_IMPL(@ns@, CUDA, m)` (CUDA builds only) |
 | `src/@module@/ops.py` | checked load (`distkern.cpp_extension.load_extension`), Python entry point, `register_fake`, `register_autograd` |
+| `src/@module@/bench.py` | `distkern bench` cases (the `distkern.benchmarks` entry point): the op against the eager formula |
 | `setup.py` | `distkern.cpp_extension.DistkernExtension` + `build_ext` (writes `_build_info.py`) |
 
 Build against the torch and distkern you run with: `pip install --no-build-isolation -e .`
 (`DISTKERN_CUDA=1` forces the CUDA kernels, `0` leaves them out). After upgrading torch or distkern,
 rebuild: the import says so. The `.cu` file compiles with nvcc alone (`tests/test_@module@_op.py`).
+'''
+
+_K_BENCH = '''"""Benchmark cases for ``distkern bench`` (the ``distkern.benchmarks`` entry-point group in pyproject.toml):
+the plugin's op (``ours``) against the eager formula a user would write, measured and reported like distkern's
+own cases (``distkern bench --list`` shows them "(from @dist@)"; ``--ops @ns@.standardized_sqdist`` selects them).
+"""
+from __future__ import annotations
+
+import torch
+
+from distkern.bench.cases import Case, dtype_name
+
+
+def _setup(N: int, D: int):
+    def setup(device, dtype, *, seed: int = 0):
+        g = torch.Generator(device=device)
+        g.manual_seed(1_000_003 * (seed + 1) + 7919 * D + N)
+        x = torch.randn(N, D, generator=g, device=device).mul_(2.0).add_(1.0).to(dtype)
+        mean = torch.randn(D, generator=g, device=device)
+        inv_std = torch.rand(D, generator=g, device=device).add_(0.5)
+        return {"x": x, "mean": mean, "inv_std": inv_std}
+
+    return setup
+
+
+def _ours(i):
+    from .ops import standardized_sqdist
+
+    return standardized_sqdist(i["x"], i["mean"], i["inv_std"])
+
+
+def _eager(i):
+    x = i["x"] if i["x"].dtype == torch.float32 else i["x"].float()
+    return ((x - i["mean"]) * i["inv_std"]).square().sum(1)
+
+
+def _case(N: int, D: int, dtype: torch.dtype, devices: tuple[str, ...], quick: bool = False) -> Case:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return Case(
+        op="@ns@.standardized_sqdist",  # qualified: another plugin started from the template has the same op
+        label=f"N={N} D={D} {dtype_name(dtype)}",
+        params={"N": N, "D": D},
+        dtype=dtype,
+        setup=_setup(N, D),
+        ours=_ours,
+        baselines={"eager": _eager},
+        bytes=N * D * elem + 2 * D * 4 + N * 4,  # count model: x read once, mean and inv_std read, N floats out
+        flops=3 * N * D,
+        devices=devices,
+        quick=quick,
+    )
+
+
+def cases() -> list[Case]:
+    """The plugin's benchmark cases (full and quick suites, CPU and CUDA)."""
+    return [
+        _case(200_000, 256, torch.float32, ("cpu",)),
+        _case(1_000_000, 512, torch.float32, ("cuda",)),
+        _case(2_000, 64, torch.float32, ("cpu", "cuda"), quick=True),
+    ]
 '''
 
 _MANIFEST = "graft csrc\n"
@@ -971,7 +1043,9 @@ def new_plugin(name: str, kind: str, out_dir: str | os.PathLike = ".", *, with_k
                   build_requires=', "wheel", "torch", "distkern"' if with_kernel else "",
                   no_iso="--no-build-isolation " if with_kernel else "",
                   op_tests=f" (and tests/test_{module}_op.py: the op)" if with_kernel else "",
-                  kernel_readme=_README_KERNEL if with_kernel else "")
+                  kernel_readme=_README_KERNEL if with_kernel else "",
+                  bench_ep=('\n[project.entry-points."distkern.benchmarks"]\n@name@ = "@module@.bench:cases"\n'
+                            if with_kernel else ""))
     methods = {"detector": _DETECTOR_KERNEL if with_kernel else _DETECTOR,
                "loss": _LOSS_KERNEL if with_kernel else _LOSS,
                "sampler": _SAMPLER, "aligner": _ALIGNER}
@@ -996,6 +1070,7 @@ def new_plugin(name: str, kind: str, out_dir: str | os.PathLike = ".", *, with_k
             "csrc/standardized_sqdist_cpu.cpp": _K_CPU,
             "csrc/standardized_sqdist_cuda.cpp": _K_CUDA_CPP,
             f"src/{module}/ops.py": _K_OPS,
+            f"src/{module}/bench.py": _K_BENCH,
             f"tests/test_{module}_op.py": _TEST_OP,
         })
     for rel, text in files.items():
