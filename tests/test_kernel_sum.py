@@ -481,6 +481,7 @@ cases = {
     "mmd2 D differs": lambda: mmd(torch.randn(4, 3 + rank), torch.randn(4, 3 + rank), bandwidth=1.0),
     "mmd2 dtype differs": lambda: mmd(torch.randn(4, 3, dtype=torch.float64 if rank else torch.float32),
                                       torch.randn(4, 3), bandwidth=1.0),
+    "mmd2 bad shards on one rank": lambda: mmd(torch.randn(4, 3), torch.randn(4, 3 + rank), bandwidth=1.0),
 }
 got = {}
 for name, call in cases.items():
@@ -509,6 +510,7 @@ def test_sharded_argument_errors_raise_on_every_rank(tmp_path, gloo_run):
         assert "forward only" in got["requires grad"]
         assert "disagree on D" in got["mmd2 D differs"]
         assert "disagree on x's dtype" in got["mmd2 dtype differs"]
+        assert got["mmd2 bad shards on one rank"].startswith("ValueError")  # rank 0: refused by rank 1
         assert tuple(got["still works"]) == (5,)
     assert "bandwidths must be finite" in r0["bad bandwidth, empty shard"]
 

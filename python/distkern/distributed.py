@@ -77,9 +77,10 @@ def kernel_matmul(x: torch.Tensor, y_local: torch.Tensor, v_local: torch.Tensor 
     except (ValueError, TypeError) as e:
         error = e
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y_local, v_local))
-    C = -1 if v_local is None else (0 if v_local.dim() == 1 else v_local.shape[-1])
-    _agree(who, group, x.device, error, [
-        ("x's shape (rows)", x.shape[0]), ("D", x.shape[-1]), ("y's D", y_local.shape[-1]),
+    C = -1 if v_local is None else (0 if v_local.dim() <= 1 else v_local.shape[-1])
+    _agree(who, group, x.device, error, [  # (a 0-dim tensor was refused above; -1 keeps the header well formed)
+        ("x's shape (rows)", x.shape[0] if x.dim() else -1), ("D", x.shape[-1] if x.dim() else -1),
+        ("y's D", y_local.shape[-1] if y_local.dim() else -1),
         ("x's dtype", _dtype_code(x)), ("y's dtype", _dtype_code(y_local)), ("v (absent: -1, 1-D: 0, else C)", C),
         ("inputs requiring grad", int(grad))])
     if grad:
@@ -141,9 +142,6 @@ def mmd2(x_local: torch.Tensor, y_local: torch.Tensor, *, kernel: str = "gaussia
 
     if estimator not in ("biased", "unbiased"):
         raise ValueError(f"distkern.distributed.mmd2: estimator must be 'biased' or 'unbiased'; got {estimator!r}")
-    if x_local.dim() != 2 or y_local.dim() != 2 or x_local.shape[1] != y_local.shape[1]:
-        raise ValueError("distkern.distributed.mmd2: x_local and y_local must be (n_r, D) and (m_r, D) with one D; "
-                         f"got {tuple(x_local.shape)} and {tuple(y_local.shape)}")
     if kernel in ("gaussian", "laplacian", "imq") and bandwidth is None:
         raise ValueError("distkern.distributed.mmd2: give bandwidth= (the median heuristic would need every rank's "
                          "data; distkern.median_bandwidth on a gathered subsample gives one)")
@@ -151,12 +149,15 @@ def mmd2(x_local: torch.Tensor, y_local: torch.Tensor, *, kernel: str = "gaussia
     params = dict(bandwidth=bandwidth, **kernel_kw)
     who = "distkern.distributed.mmd2"
     error = None
-    try:
+    try:  # a rank's own data can be wrong: refuse it on every rank (a local raise would leave the others waiting)
+        if x_local.dim() != 2 or y_local.dim() != 2 or x_local.shape[1] != y_local.shape[1]:
+            raise ValueError(f"{who}: x_local and y_local must be (n_r, D) and (m_r, D) with one D; got "
+                             f"{tuple(x_local.shape)} and {tuple(y_local.shape)}")
         kernel_params(kernel, x_local.shape[1], **params, op=who)
     except (ValueError, TypeError) as e:
         error = e
-    _agree(who, group, x_local.device, error, [("D", x_local.shape[1]), ("x's dtype", _dtype_code(x_local)),
-                                               ("y's dtype", _dtype_code(y_local))])
+    _agree(who, group, x_local.device, error, [("D", x_local.shape[-1] if x_local.dim() else -1),
+                                               ("x's dtype", _dtype_code(x_local)), ("y's dtype", _dtype_code(y_local))])
     X, n = _gather_rows(x_local, group)
     Y, m = _gather_rows(y_local, group)
     if n < 2 or m < 2:
