@@ -312,7 +312,7 @@ step_peers() {
     local left=$((DEADLINE - $(date +%s) - 20))
     [ "$left" -gt 20 ] || { echo "GPU_CHECK_SKIP: no time left for the KeOps cases"; return 0; }
     # the three fp32 kernel-sum cases (ours on FMAs: the float32-accurate mode, like KeOps), 3 timed calls
-    "$VENV/bin/distkern" bench --device cuda --cases '^kernel_matmul/gaussian x3 N=M=65536 D=[0-9]+ fp32$' \
+    "$VENV/bin/python" -m distkern bench --device cuda --cases '^kernel_matmul/gaussian x3 N=M=65536 D=[0-9]+ fp32$' \
         --repeats 3 --time-budget "$left" --json "$PEERS_JSON"
 }
 
