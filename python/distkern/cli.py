@@ -183,9 +183,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if kind != "detector":
         raise ValueError(f"{args.method} is a {kind or 'method of no kind'}; distkern fit / score take detectors "
                          "(distkern plugins lists the kinds)")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):  # before fitting, not after
-        raise FileNotFoundError(f"-o {args.output}: no such directory {out_dir!r}")
+    _check_output_dir(args.output)  # before fitting, not after
     features, labels = load_features(args.features)
     if args.labels:
         labels = load_labels(args.labels)
@@ -200,13 +198,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .io import load_features, load_labels, load_model
-    from .metrics import auroc, average_precision
+    from .metrics import auroc, average_precision, binary_labels
 
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here"
                          + (" (this torch is a CPU-only build)" if torch.version.cuda is None else ""))
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise FileNotFoundError(f"-o {args.output}: no such directory {os.path.dirname(os.path.abspath(args.output))!r}")
+    if args.output:
+        _check_output_dir(args.output)
     det = load_model(args.model, device=args.device)
     if not callable(getattr(det, "score", None)):
         raise ValueError(f"{args.model} holds a {getattr(det, 'kind', None) or type(det).__name__} "
@@ -216,14 +214,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     features, labels = load_features(args.features)
     if args.labels:
         labels = load_labels(args.labels)
-    if labels is not None:
-        lab = torch.as_tensor(labels)
-        if lab.is_floating_point() and not bool(torch.isfinite(lab).all()):
-            raise ValueError("labels must be 0 (normal) or 1 (anomalous); they hold inf or NaN")
-        uniq = torch.unique(lab).tolist()
-        if not set(uniq) <= {0, 1}:
-            raise ValueError(f"labels must be 0 (normal) or 1 (anomalous) for AUROC; got the values "
-                             f"{uniq[:6]}{'...' if len(uniq) > 6 else ''} (class labels? they are for fit)")
+    if labels is not None:  # before scoring: class labels (they are for fit) are refused by the metrics anyway
+        binary_labels(labels, "score")
     if args.device != "cpu":
         features = [f.to(args.device) for f in features] if isinstance(features, list) else features.to(args.device)
     scores = det.score(features).detach().float().cpu()
@@ -244,6 +236,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
         _save_map_png(maps, args.map)
         print(f"anomaly maps written to {args.map}")
     return 0
+
+
+def _check_output_dir(path: str) -> None:
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"-o {path}: no such directory {out_dir!r}")
 
 
 def _save_map_png(maps: torch.Tensor, path: str, columns: int = 8) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .ops.kernel_sum import kernel_matmul as _kernel_matmul
+from .ops.kernel_sum import kernel_params
 
 __all__ = ["kernel_matmul", "mmd2"]
 
@@ -25,13 +26,12 @@ def _dtype_code(t: torch.Tensor) -> int:
     return _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1
 
 
-def _agree(who: str, group: Any, device: torch.device, local_error: Exception | None,
+def _agree(dist: Any, who: str, group: Any, device: torch.device, local_error: Exception | None,
            fields: list[tuple[str, int]]) -> None:
     """Before any data moves: every rank learns whether all ranks accepted their arguments and agree on
     ``fields`` (one small all-gather), and all of them raise the same way if not — instead of one rank
     raising while the others wait in a collective (a hang), or ranks exchanging tensors of different sizes
     (gloo aborts the process) or silently reducing different things."""
-    dist = _require_dist(who)
     vals = torch.tensor([0 if local_error is not None else 1] + [int(v) for _, v in fields], dtype=torch.int64,
                         device=device)
     parts = [torch.empty_like(vals) for _ in range(dist.get_world_size(group))]
@@ -60,10 +60,8 @@ def kernel_matmul(x: torch.Tensor, y_local: torch.Tensor, v_local: torch.Tensor 
     :func:`mmd2` has exact per-shard gradients. The ranks first check that they agree on x's shape, D,
     the dtypes and v's columns, and all raise the same ``ValueError`` if one refuses its arguments.
     """
-    from .ops.kernel_sum import kernel_params
-
     who = "distkern.distributed.kernel_matmul"
-    _require_dist("kernel_matmul")
+    dist = _require_dist("kernel_matmul")
     error = None
     try:
         if x.dim() != 2 or y_local.dim() != 2 or x.shape[1] != y_local.shape[1]:
@@ -78,7 +76,7 @@ def kernel_matmul(x: torch.Tensor, y_local: torch.Tensor, v_local: torch.Tensor 
         error = e
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y_local, v_local))
     C = -1 if v_local is None else (0 if v_local.dim() <= 1 else v_local.shape[-1])
-    _agree(who, group, x.device, error, [  # (a 0-dim tensor was refused above; -1 keeps the header well formed)
+    _agree(dist, who, group, x.device, error, [  # (a 0-dim tensor was refused above; -1 keeps the header well formed)
         ("x's shape (rows)", x.shape[0] if x.dim() else -1), ("D", x.shape[-1] if x.dim() else -1),
         ("y's D", y_local.shape[-1] if y_local.dim() else -1),
         ("x's dtype", _dtype_code(x)), ("y's dtype", _dtype_code(y_local)), ("v (absent: -1, 1-D: 0, else C)", C),
@@ -87,7 +85,6 @@ def kernel_matmul(x: torch.Tensor, y_local: torch.Tensor, v_local: torch.Tensor 
         raise RuntimeError(f"{who}: forward only — the all-reduce is not differentiated, so a backward would "
                            "see this rank's part of the sum only; call it under torch.no_grad() (or detach the "
                            "inputs), or use distkern.distributed.mmd2, whose gradients are exact")
-    import torch.distributed as dist
 
     if y_local.shape[0] == 0:  # a rank without rows still takes part in the reduction
         C = v_local.shape[1] if v_local is not None and v_local.dim() == 2 else None
@@ -138,7 +135,6 @@ def mmd2(x_local: torch.Tensor, y_local: torch.Tensor, *, kernel: str = "gaussia
     ranks' data would need it gathered; compute it once with :func:`distkern.median_bandwidth`).
     """
     from .mmd import _paired
-    from .ops.kernel_sum import kernel_params
 
     if estimator not in ("biased", "unbiased"):
         raise ValueError(f"distkern.distributed.mmd2: estimator must be 'biased' or 'unbiased'; got {estimator!r}")
@@ -156,7 +152,7 @@ def mmd2(x_local: torch.Tensor, y_local: torch.Tensor, *, kernel: str = "gaussia
         kernel_params(kernel, x_local.shape[1], **params, op=who)
     except (ValueError, TypeError) as e:
         error = e
-    _agree(who, group, x_local.device, error, [("D", x_local.shape[-1] if x_local.dim() else -1),
+    _agree(dist, who, group, x_local.device, error, [("D", x_local.shape[-1] if x_local.dim() else -1),
                                                ("x's dtype", _dtype_code(x_local)), ("y's dtype", _dtype_code(y_local))])
     X, n = _gather_rows(x_local, group)
     Y, m = _gather_rows(y_local, group)

@@ -7,7 +7,21 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["auroc", "average_precision"]
+__all__ = ["auroc", "average_precision", "binary_labels"]
+
+
+def binary_labels(labels, name: str = "labels") -> torch.Tensor:
+    """``labels`` as a flat bool CPU tensor (True = anomalous); refuses anything but 0 / 1 / bool values (class
+    labels or ±1 would otherwise be read as "nonzero = anomalous", silently)."""
+    y = torch.as_tensor(labels).detach().flatten().cpu()
+    if y.dtype == torch.bool:
+        return y
+    if not bool(((y == 0) | (y == 1)).all()):
+        vals = torch.unique(y[torch.isfinite(y)] if y.is_floating_point() else y).tolist()
+        raise ValueError(f"{name}: labels must be 0 (normal) or 1 (anomalous); got the values "
+                         f"{vals[:6]}{'...' if len(vals) > 6 else ''}"
+                         f"{' and inf/NaN' if y.is_floating_point() and not bool(torch.isfinite(y).all()) else ''}")
+    return y != 0
 
 
 def _prep(scores, labels, name):
@@ -17,7 +31,7 @@ def _prep(scores, labels, name):
         raise ValueError(f"{name}: scores and labels must have the same number of entries; got {s.numel()} and {y.numel()}")
     if not bool(torch.isfinite(s).all()):
         raise ValueError(f"{name}: scores contain inf or NaN")
-    y = y.to(torch.bool) if y.dtype == torch.bool else (y != 0)
+    y = binary_labels(y, name)
     if bool(y.all()) or not bool(y.any()):
         raise ValueError(f"{name}: labels must contain both normal (0) and anomalous (1) samples")
     return s, y
