@@ -82,7 +82,7 @@ def load_labels(path: str | os.PathLike) -> torch.Tensor:
     if not os.path.exists(p):
         raise FileNotFoundError(f"no such file: {p}")
     ext = os.path.splitext(p)[1].lower()
-    obj = _read(p, ext) if ext in (".safetensors", ".pt", ".pth") else load_features(p)[0]
+    obj = _read(p, ext)
     if isinstance(obj, dict):
         if "labels" in obj:
             obj = obj["labels"]

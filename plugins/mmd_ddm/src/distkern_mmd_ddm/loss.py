@@ -25,8 +25,6 @@ from .schedule import _check_steps, ddim_alpha_pairs, ddim_timesteps, ddpm_alpha
 
 __all__ = ["MMDDDMLoss"]
 
-_BANDWIDTH_KERNELS = ("gaussian", "laplacian", "imq")
-
 
 class MMDDDMLoss(torch.nn.Module):
     r"""MMD² between a ``num_steps``-step DDIM sample of ``denoiser`` and real data (MMD-DDM's objective).
@@ -95,11 +93,6 @@ class MMDDDMLoss(torch.nn.Module):
             raise ValueError("mmd-ddm: kernel='distance' makes the loss minus the energy distance, so minimising it "
                              "pushes the samples away from the data; use 'polynomial', 'gaussian', 'laplacian' or "
                              "'imq'")
-        if kernel in _BANDWIDTH_KERNELS and bandwidth is not None:
-            bws = (bandwidth.reshape(-1).tolist() if isinstance(bandwidth, torch.Tensor)
-                   else list(bandwidth) if isinstance(bandwidth, Sequence) else [bandwidth])
-            if not bws or any(not float(b) > 0 for b in bws):
-                raise ValueError(f"mmd-ddm: bandwidth must be > 0 (a float or a list of floats); got {bandwidth}")
         # validates kernel, estimator and the kernel parameters early (ValueError with the kernel's name)
         self.mmd = distkern.MMDLoss(kernel=kernel, bandwidth=bandwidth, estimator=estimator, degree=degree,
                                     gamma=gamma, coef0=coef0)
