@@ -1,5 +1,6 @@
 """Building distkern's CUDA sources for the CPU emulation (tests/emu): the include paths, and the
 sources rewritten by tests/emu/cu2cpp.py. Used by test_tile_emulation and test_kernel_emulation."""
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,5 +39,7 @@ def compile_flags(tmp: Path) -> list[str]:
     # the example plugin's kernel too (the template plugin authors start from)
     plugin = ROOT / "plugins" / "example_kernel" / "csrc"
     cu2cpp.transform_tree(plugin, tmp / "cu_plugin")
-    return ["-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-I{EMU / 'stub'}",
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] \
+        if os.environ.get("DK_EMU_SANITIZE") == "1" else []
+    return ["-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", *san, f"-I{EMU / 'stub'}",
             f"-I{tmp / 'cu'}", f"-I{tmp / 'cu_plugin'}", f"-I{ROOT / 'csrc'}", f"-I{plugin}", f"-I{cuda_include()}"]

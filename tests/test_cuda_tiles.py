@@ -1,6 +1,6 @@
-"""Both thread-tile shapes of the CUDA tile-product kernels (4×4 / 64×64 and 8×8 / 128×128)
-give the float64 result, for every op that runs on them. The automatic choice picks one by
-size; these tests force each on shapes that straddle the tile edges."""
+"""Every thread-tile shape of the CUDA tile-product kernels (4×4 / 64×64, 8×8 / 128×128, and the 2×4 /
+32×64 tiles the automatic choice gives mahalanobis_pos batches of ≤ 32 rows) gives the float64 result,
+for every op that runs on them, on shapes that straddle the tile edges."""
 import pytest
 import torch
 
@@ -10,7 +10,7 @@ from cuda_refs import check_k, factors as _factors, rel as _rel
 pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture(params=[1, 2], ids=["tiles64", "tiles128"])
+@pytest.fixture(params=[0, 1, 2], ids=["auto", "tiles64", "tiles128"])
 def tile_config(request):
     C = distkern._C
     if not hasattr(C, "set_cuda_tile_config"):
@@ -42,7 +42,7 @@ def test_k(tile_config, shared, N, D, K):
     check_k(N, D, K, shared, 1e-4 if shared else 2e-5)
 
 
-@pytest.mark.parametrize("B,P,D", [(33, 5, 130), (130, 3, 64)])
+@pytest.mark.parametrize("B,P,D", [(33, 5, 130), (130, 3, 64), (32, 4, 100), (7, 3, 65)])
 def test_positions(tile_config, B, P, D):
     g = torch.Generator().manual_seed(B + P + D)
     L = _factors(P, D, g).float()

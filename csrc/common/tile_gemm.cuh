@@ -70,25 +70,96 @@ __device__ __forceinline__ void k_range(Tri tri, int64_t K, int64_t j0, int64_t 
 // When the first column block covers all of K (Tri::None or Tri::Lower), guard_rows[r] holds the
 // sum of the guards of row (row_base + r) over all k for the current problem, from its first
 // call of block() on.
+template <typename B, typename = void>
+struct b_k_contiguous : std::false_type {};
+template <typename B>
+struct b_k_contiguous<B, std::void_t<decltype(B::kKContiguous)>> : std::integral_constant<bool, bool(B::kKContiguous)> {};
+
+// N consecutive values from shared memory at p (16-byte aligned when N·sizeof(T) is a multiple of
+// 16) in 128-bit loads where the size allows: the fragment reads of the FMA kernel's inner loop,
+// which scalar loads would make shared-memory-bound (8 LDS.32 per 16 FMAs for a 4×4 thread tile,
+// with 2-way bank conflicts on B; as 128-bit loads, 2 per 16 FMAs).
+template <int N, typename T>
+__device__ __forceinline__ void lds_vec(const T* p, T (&out)[N]) {
+  if constexpr (std::is_same<T, float>::value && N % 4 == 0) {
+#pragma unroll
+    for (int v = 0; v < N / 4; ++v) {
+      const float4 t = reinterpret_cast<const float4*>(p)[v];
+      out[4 * v] = t.x;
+      out[4 * v + 1] = t.y;
+      out[4 * v + 2] = t.z;
+      out[4 * v + 3] = t.w;
+    }
+  } else if constexpr (std::is_same<T, float>::value && N % 2 == 0) {
+#pragma unroll
+    for (int v = 0; v < N / 2; ++v) {
+      const float2 t = reinterpret_cast<const float2*>(p)[v];
+      out[2 * v] = t.x;
+      out[2 * v + 1] = t.y;
+    }
+  } else if constexpr (std::is_same<T, double>::value && N % 2 == 0) {
+#pragma unroll
+    for (int v = 0; v < N / 2; ++v) {
+      const double2 t = reinterpret_cast<const double2*>(p)[v];
+      out[2 * v] = t.x;
+      out[2 * v + 1] = t.y;
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < N; ++v) out[v] = p[v];
+  }
+}
+
+// Loader mappings of the FMA kernel (256 threads; tiles of 16 k by BM rows / BN columns), chosen
+// so that a warp's global loads are whole 32-byte sectors and its shared stores hit 32 distinct
+// banks (row strides BM + 4 and BN + 4, ≡ 4 mod 32 floats, keep the rows 16-byte aligned for the
+// 128-bit fragment reads):
+//   along k (A, and B when BLoad declares kKContiguous): lane l of warp w takes k = l % 8 + 8·(w % 2)
+//     of the rows / columns (l / 8) % 4 + 4·(w / 2) + 16·q, q < TR (TC): a warp reads 8 consecutive k
+//     (one sector in float32) of 4 rows, and stores them to banks 4·k + row, all distinct;
+//   along j (B stored [k][j]): thread t takes j = t % BN of the rows k = t / BN + (256 / BN)·q: a
+//     warp reads and stores 32 consecutive columns.
+// The k-major mapping splits a row's 16 k over two warps: the non-finite guards of a row are summed
+// over 8 lanes by shuffles, then over the two warps in shared memory.
+// Blocks per SM the FMA kernel is compiled for (__launch_bounds__). Unbounded, the compiler hoists
+// the 128-bit fragment reads of several k steps and takes 80-100 registers a thread for float32 4×4
+// tiles, 160-210 for 8×8. Default: float32 4×4 tiles at most 80 registers (3 blocks, 24 warps an
+// SM), float64 128 (2 blocks), 8×8 unbounded (their 64 accumulators and the heavier epilogues spill
+// under 128). An epilogue whose state needs more declares `enum { kMinBlocks = n };`.
+template <typename E, typename = void>
+struct epi_min_blocks : std::integral_constant<int, 0> {};
+template <typename E>
+struct epi_min_blocks<E, std::void_t<decltype(E::kMinBlocks)>> : std::integral_constant<int, int(E::kMinBlocks)> {};
+
+template <typename acc_t, int TR, int TC, typename Epi>
+constexpr int fma_min_blocks() {
+  return epi_min_blocks<Epi>::value > 0 ? epi_min_blocks<Epi>::value
+                                        : (sizeof(acc_t) > 4 ? 2 : (TR * TC > 16 ? 1 : 3));
+}
+
 template <typename acc_t, int TR, int TC, typename ALoad, typename BLoad, typename Epi>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, (fma_min_blocks<acc_t, TR, TC, Epi>()))
 tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int64_t ppb,
                       ALoad A, BLoad B, Epi epi) {
   constexpr int BM = 16 * TR, BN = 16 * TC;
-  constexpr int A_LANES = 16 / TR;  // loader threads per row of the A tile
-  __shared__ acc_t As[kTileK][BM + 4];
-  __shared__ acc_t Bs[kTileK][BN];
+  constexpr bool kKMajorB = b_k_contiguous<BLoad>::value;
+  static_assert(kTileK == 16 && kTileThreads == 256, "the loader mappings assume 16 k and 256 threads");
+  __shared__ __align__(16) acc_t As[kTileK][BM + 4];
+  __shared__ __align__(16) acc_t Bs[kTileK][BN + 4];
   __shared__ acc_t guard_rows[BM];
+  __shared__ acc_t guard_half[2][BM];
   __shared__ acc_t scratch[16][BN];
 
   const int tid = threadIdx.x;
   const int tx = tid % 16, ty = tid / 16;
+  const int lane = tid % 32, warp = tid / 32;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
-  // Loader mapping: A tile BM×16, each thread TR consecutive k of one row; B tile 16×BN, each
-  // thread TC consecutive columns of one k.
-  const int a_r = tid / A_LANES, a_k = (tid % A_LANES) * TR;
-  const int b_k = tid / 16, b_j = (tid % 16) * TC;
-  const int64_t a_row = row0 + a_r;
+  // k-major loaders: k offset and the first row (column) of this thread; rows (columns) step by 16.
+  const int km_k = lane % 8 + 8 * (warp % 2);
+  const int km_r = (lane / 8) % 4 + 4 * (warp / 2);
+  // j-major B loader.
+  constexpr int kJRows = 256 / BN;
+  const int jm_j = tid % BN, jm_k = tid / BN;
 
   typename Epi::State st;
   epi.init(st);
@@ -96,7 +167,9 @@ tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, i
   int64_t p_begin, p_end;
   block_problems(P, ppb, p_begin, p_end);
   for (int64_t p = p_begin; p < p_end; ++p) {
-    acc_t guard = 0;
+    acc_t guard[TR];
+#pragma unroll
+    for (int q = 0; q < TR; ++q) guard[q] = 0;
     for (int64_t j0 = 0; j0 < Ncols; j0 += BN) {
       acc_t c[TR][TC];
 #pragma unroll
@@ -109,30 +182,40 @@ tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, i
       const bool first = (j0 == 0);
 
       for (int64_t k0 = kbeg; k0 < kend; k0 += kTileK) {
+        const int64_t k = k0 + km_k;
 #pragma unroll
         for (int q = 0; q < TR; ++q) {
-          const int64_t k = k0 + a_k + q;
+          const int r = km_r + 16 * q;
+          const int64_t row = row0 + r;
           acc_t v = 0;
-          if (a_row < M && k < kend) {
+          if (row < M && k < kend) {
             acc_t g = 0;
-            v = A(p, a_row, k, g);
-            if (first) guard += g;
+            v = A(p, row, k, g);
+            if (first) guard[q] += g;
           }
-          As[a_k + q][a_r] = v;
+          As[km_k][r] = v;
         }
+        if constexpr (kKMajorB) {
 #pragma unroll
-        for (int q = 0; q < TC; ++q) {
-          const int64_t k = k0 + b_k, j = j0 + b_j + q;
-          Bs[b_k][b_j + q] = (k < kend && j < Ncols) ? B(p, k, j) : acc_t(0);
+          for (int q = 0; q < TC; ++q) {
+            const int jj = km_r + 16 * q;
+            const int64_t j = j0 + jj;
+            Bs[km_k][jj] = (k < kend && j < Ncols) ? B(p, k, j) : acc_t(0);
+          }
+        } else {
+#pragma unroll
+          for (int q = 0; q < TC; ++q) {
+            const int kk = jm_k + kJRows * q;
+            const int64_t kq = k0 + kk, j = j0 + jm_j;
+            Bs[kk][jm_j] = (kq < kend && j < Ncols) ? B(p, kq, j) : acc_t(0);
+          }
         }
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < kTileK; ++kk) {
           acc_t a[TR], b[TC];
-#pragma unroll
-          for (int i = 0; i < TR; ++i) a[i] = As[kk][ty * TR + i];
-#pragma unroll
-          for (int j = 0; j < TC; ++j) b[j] = Bs[kk][tx * TC + j];
+          lds_vec<TR>(&As[kk][ty * TR], a);
+          lds_vec<TC>(&Bs[kk][tx * TC], b);
 #pragma unroll
           for (int i = 0; i < TR; ++i)
 #pragma unroll
@@ -141,10 +224,17 @@ tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, i
         __syncthreads();
       }
       if (first) {
-        // The loader threads of a row are adjacent lanes: combine their guards.
+        // A row's guards: 8 adjacent lanes (xor 1, 2, 4) in each of two warps.
 #pragma unroll
-        for (int off = 1; off < A_LANES; off <<= 1) guard += __shfl_xor_sync(0xffffffffu, guard, off);
-        if ((tid % A_LANES) == 0) guard_rows[a_r] = guard;
+        for (int q = 0; q < TR; ++q) {
+          acc_t g = guard[q];
+          g += __shfl_xor_sync(0xffffffffu, g, 1);
+          g += __shfl_xor_sync(0xffffffffu, g, 2);
+          g += __shfl_xor_sync(0xffffffffu, g, 4);
+          if (lane % 8 == 0) guard_half[warp % 2][km_r + 16 * q] = g;
+        }
+        __syncthreads();
+        if (tid < BM) guard_rows[tid] = guard_half[0][tid] + guard_half[1][tid];
         __syncthreads();
       }
       epi.block(st, c, p, row0, j0, &scratch[0][0], guard_rows);
@@ -198,11 +288,6 @@ cudaError_t launch_tile_gemm_rows(int64_t M, int64_t K, int64_t Ncols, Tri tri, 
 //
 // Split (Tf32x3): each operand a = big + small with big = tf32(a), small = tf32(a − big), and the
 // product accumulated as small·big + big·small + big·big (float32-level accuracy, 3 mma).
-
-template <typename B, typename = void>
-struct b_k_contiguous : std::false_type {};
-template <typename B>
-struct b_k_contiguous<B, std::void_t<decltype(B::kKContiguous)>> : std::integral_constant<bool, bool(B::kKContiguous)> {};
 
 constexpr int kTcK = 32;         // K per shared-memory tile
 constexpr int kTcPad = 4;        // floats of row padding (conflict-free fragment loads, 32-byte aligned rows)
@@ -354,6 +439,8 @@ tile_gemm_rows_tc_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P
     __syncthreads();  // guard_rows is rewritten by the next problem
   }
   epi.finish(st, row0);
+#else
+  __trap();  // compiled out below sm_80; matmul_mode_for never picks this kernel there
 #endif
 }
 

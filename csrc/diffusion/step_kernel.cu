@@ -64,15 +64,37 @@ struct Scalars {
   double clip_range;
 };
 
+// The coefficients and clip limit of element e, for a thread walking consecutive elements: the
+// sample index e / n (a 64-bit division) is taken once per group and again only where the group
+// crosses into the next sample, not once per element. `scale` (dynamic thresholding's per-sample
+// limits) may be null when the caller does not use `lim`.
 template <typename acc_t>
-__device__ __forceinline__ Coefs<acc_t> coefs_at(const Scalars& s, const Coefs<acc_t>& uniform, int64_t i) {
-  return s.per_sample ? load_coefs<acc_t>(s.per_sample + (i / s.n) * kNumCoefs) : uniform;
-}
+struct SampleCursor {
+  const double* per_sample;
+  const acc_t* scale;  // null unless dynamic thresholding's limits are wanted
+  int64_t n, next;     // elements per sample; first element of the next sample (numel: nothing per sample)
+  Coefs<acc_t> c;
+  acc_t lim;
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t lim_at(const Scalars& s, const acc_t* scale, int64_t i) {
-  return s.clip_mode == kClipThreshold ? scale[i / s.n] : static_cast<acc_t>(s.clip_range);
-}
+  __device__ __forceinline__ SampleCursor(const Scalars& s, const Coefs<acc_t>& uniform, const acc_t* sc_scale,
+                                          int64_t first)
+      : per_sample(s.per_sample),
+        scale(s.clip_mode == kClipThreshold ? sc_scale : nullptr),
+        n(s.n),
+        next(s.numel),
+        c(uniform),
+        lim(static_cast<acc_t>(s.clip_range)) {
+    if (per_sample != nullptr || scale != nullptr) load(first / n);
+  }
+  __device__ __forceinline__ void load(int64_t b) {
+    next = (b + 1) * n;
+    if (per_sample != nullptr) c = load_coefs<acc_t>(per_sample + b * kNumCoefs);
+    if (scale != nullptr) lim = scale[b];
+  }
+  __device__ __forceinline__ void at(int64_t e) {
+    if (e >= next) load(e / n);
+  }
+};
 
 // Load V elements starting at i (one vector access when `vec`, element-wise with bounds otherwise).
 template <int V, typename T, typename acc_t>
@@ -133,7 +155,16 @@ __global__ void __launch_bounds__(kThreads) step_forward_kernel(Ptrs<T> p, Scala
     acc_t x[V], m[V], nz[V], px[V], out[V], x0[V];
     loadv<V>(p.x, i, s.numel, vec, x);
     loadv<V>(p.m, i, s.numel, vec, m);
-    noisev<V>(p, s, i, vec, nz);
+    SampleCursor<acc_t> cur(s, uniform, scale, i);
+    // In-kernel noise is not drawn for a group inside one sample whose noise coefficients are zero
+    // (a per-sample table cannot be read back to the host to decide it there): the drawn numbers are
+    // finite, so 0·n changes nothing.
+    if (s.per_sample && !p.noise && i + V <= cur.next && cur.c.g == acc_t(0) && cur.c.s == acc_t(0)) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) nz[j] = acc_t(0);
+    } else {
+      noisev<V>(p, s, i, vec, nz);
+    }
     if (p.px0) {
       loadv<V>(p.px0, i, s.numel, vec, px);
     } else {
@@ -142,10 +173,9 @@ __global__ void __launch_bounds__(kThreads) step_forward_kernel(Ptrs<T> p, Scala
     }
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const int64_t e = i + j < s.numel ? i + j : s.numel - 1;
-      const Coefs<acc_t> c = coefs_at(s, uniform, e);
-      x0[j] = clip_x0(x0_of(c, x[j], m[j], nz[j]), s.clip_mode, lim_at(s, scale, e));
-      out[j] = prev_of(c, x0[j], x[j], m[j], px[j], nz[j]);
+      cur.at(i + j < s.numel ? i + j : s.numel - 1);
+      x0[j] = clip_x0(x0_of(cur.c, x[j], m[j], nz[j]), s.clip_mode, cur.lim);
+      out[j] = prev_of(cur.c, x0[j], x[j], m[j], px[j], nz[j]);
     }
     storev<V>(p.out, i, s.numel, vec, out);
     storev<V>(p.x0, i, s.numel, vec, x0);
@@ -174,14 +204,14 @@ __global__ void __launch_bounds__(kThreads) step_backward_kernel(Ptrs<T> p, Scal
       loadv<V>(p.m, i, s.numel, vec, m);
       noisev<V>(p, s, i, vec, nz);
     }
+    SampleCursor<acc_t> cur(s, uniform, nullptr, i);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const int64_t e = i + j < s.numel ? i + j : s.numel - 1;
-      const Coefs<acc_t> c = coefs_at(s, uniform, e);
+      cur.at(i + j < s.numel ? i + j : s.numel - 1);
       const acc_t inside = s.clip_mode == kClipNone
                                ? acc_t(1)
-                               : clip_grad(x0_of(c, x[j], m[j], nz[j]), s.clip_mode, static_cast<acc_t>(s.clip_range));
-      step_grad(c, inside, gp[j], g0[j], &gx[j], &gm[j], &gpx[j]);
+                               : clip_grad(x0_of(cur.c, x[j], m[j], nz[j]), s.clip_mode, static_cast<acc_t>(s.clip_range));
+      step_grad(cur.c, inside, gp[j], g0[j], &gx[j], &gm[j], &gpx[j]);
     }
     storev<V>(p.out, i, s.numel, vec, gx);
     storev<V>(p.x0, i, s.numel, vec, gm);
@@ -212,7 +242,7 @@ __device__ __forceinline__ acc_t x0_at(const Ptrs<T>& p, const Scalars& s, const
   acc_t nv = acc_t(0);
   if (p.noise) {
     nv = to_acc<acc_t>(p.noise[e]);
-  } else if (s.seed >= 0) {
+  } else if (s.seed >= 0 && c.g != acc_t(0)) {  // x0 needs the draw only through g (drawn numbers are finite)
     float z[4];
     normals4(static_cast<uint64_t>(s.seed), static_cast<uint64_t>(s.offset), static_cast<uint64_t>(e >> 2), z);
     nv = static_cast<acc_t>(z[e & 3]);

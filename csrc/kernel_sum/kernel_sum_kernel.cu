@@ -51,6 +51,13 @@ struct KV {
   };
   template <int TR, int TC>
   struct Epi {
+    // Registers for 2 blocks an SM (128) on sm_90: the FMA kernel's default 80 spills this
+    // epilogue's per-bandwidth state; on sm_80 even 128 spills (8 bytes), so it is unbounded there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    enum { kMinBlocks = 1 };
+#else
+    enum { kMinBlocks = 2 };
+#endif
     Args a;
     static constexpr int BM = 16 * TR, BN = 16 * TC;
     struct State {
@@ -138,9 +145,10 @@ cudaError_t typed(const void* x, int64_t sx0, int64_t sx1, const float* center, 
   XCLoad<T> a{static_cast<const T*>(x), sx0, sx1, center};
   YTLoad b{yc, D};
   const typename KV<T>::Args e{out, v, yy, kp, N, M, C, a, yc, D};
-  const int64_t chunks = (C + 63) / 64;  // output columns per block: 64
+  const int64_t chunks = (C + 63) / 64;          // output columns per problem: 64
+  const int64_t ppb = (chunks + 65534) / 65535;  // problems per block: gridDim.y stays ≤ 65535 for any C
   return cuda::launch_tile_gemm_rows_mode<float, 4, 4, KV<T>::template Epi>(mode, N, D, M, cuda::Tri::None, chunks,
-                                                                            1, a, b, e, stream);
+                                                                            ppb, a, b, e, stream);
 }
 
 }  // namespace

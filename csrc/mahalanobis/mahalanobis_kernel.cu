@@ -330,11 +330,14 @@ struct GradStore {
 
 // ---- typed launchers ---------------------------------------------------------------------------
 
-// Thread-tile choice: 8×8 (128×128 tiles) for large float32 problems with many columns, 4×4
-// (64×64) otherwise; set_tile_config forces one (tests run both). Measured on an H100
-// (benchmarks/results, 2026-11-27): 8×8 is 10% faster at D = 1024 but 11% slower at D = 256
-// (a triangular factor wastes more of a 128-wide diagonal block, and 128 registers per thread
-// halve the resident warps), and slower for the N×K cross product at K = 100.
+// Thread-tile choice: 4×4 (64×64 tiles) unless set_tile_config forces 8×8 (128×128; tests run
+// both). Measured on an H100 (benchmarks/results, 2026-11-27) with scalar fragment reads, 8×8 was
+// 10% faster at D = 1024 but 11% slower at D = 256 (a triangular factor wastes more of a 128-wide
+// diagonal block) and slower for the N×K cross product at K = 100. Since the fragment reads are
+// 128-bit, the 4×4 tile no longer pays twice the shared-memory traffic per FMA, and the 8×8 kernel
+// takes 160-210 registers (one block an SM), so Auto stays on 4×4 until a GPU run says otherwise.
+// mahalanobis_pos with B ≤ 32 rows runs 2×4 tiles (32×64): a 64-row tile would spend half its
+// FMAs on padding rows.
 int g_tile_config = 0;  // 0 auto, 1 small, 2 large
 
 template <typename acc_t, template <int, int> class Epi, typename A, typename B, typename EArgs>
@@ -343,7 +346,7 @@ cudaError_t launch(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int6
   if constexpr (std::is_same<acc_t, float>::value) {
     if (mode != cuda::MatMode::Fma)  // tensor cores: 64×64 blocks only
       return cuda::launch_tile_gemm_rows_mode<acc_t, 4, 4, Epi>(mode, M, K, Ncols, tri, P, ppb, a, b, e, stream);
-    const bool large = allow_large && (g_tile_config == 2 || (g_tile_config == 0 && M >= 8192 && Ncols >= 768));
+    const bool large = allow_large && g_tile_config == 2;
     if (large) return cuda::launch_tile_gemm_rows<acc_t, 8, 8, Epi>(M, K, Ncols, tri, P, ppb, a, b, e, stream);
   }
   return cuda::launch_tile_gemm_rows<acc_t, 4, 4, Epi>(M, K, Ncols, tri, P, ppb, a, b, e, stream);
@@ -414,7 +417,12 @@ cudaError_t positions_typed(const void* x, int64_t sb, int64_t sp, int64_t sd, c
   using S = SumSq<acc_t, KReduce::None>;
   const typename S::Args e{static_cast<acc_t*>(out), nullptr, nullptr, B, P};
   const int64_t ppb = (P + 65534) / 65535;
-  return launch<acc_t, S::template Epi>(B, D, R, lower ? Tri::Lower : Tri::None, P, ppb, a, b, e, mode, stream);
+  const Tri tri = lower ? Tri::Lower : Tri::None;
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (mode == cuda::MatMode::Fma && B <= 32 && g_tile_config == 0)
+      return cuda::launch_tile_gemm_rows<acc_t, 2, 4, S::template Epi>(B, D, R, tri, P, ppb, a, b, e, stream);
+  }
+  return launch<acc_t, S::template Epi>(B, D, R, tri, P, ppb, a, b, e, mode, stream);
 }
 
 // dtype × reduction dispatch

@@ -15,8 +15,8 @@
 namespace distkern {
 namespace mahalanobis {
 
-// Thread-tile configuration of the forward kernels: 0 auto (8×8 thread tiles, 128×128 blocks,
-// for float32 problems with ≥ 8192 rows and ≥ 768 columns, else 4×4 and 64×64), 1 always 4×4, 2 always 8×8 (float32 only).
+// Thread-tile configuration of the forward kernels: 0 auto (4×4 thread tiles, 64×64 blocks; 2×4
+// and 32×64 for mahalanobis_pos with ≤ 32 rows), 1 always 4×4, 2 always 8×8 and 128×128 (float32 only).
 // Host state, for tests and benchmarks.
 void set_tile_config(int config);
 int tile_config();

@@ -14,7 +14,7 @@ from ._loader import load_extension as _load_extension
 _C = _load_extension()
 
 # DISTKERN_CUDA_TILES=64|128 forces the thread-tile shape of the CUDA tile-product kernels
-# (default: chosen by problem size); for benchmarking the two against each other.
+# (default auto: 64); for benchmarking the two against each other.
 import os as _os  # noqa: E402
 
 if hasattr(_C, "set_cuda_tile_config") and _os.environ.get("DISTKERN_CUDA_TILES"):

@@ -65,11 +65,12 @@ struct Store {
   void finish(State&, int64_t) const {}
 };
 
-enum class Kern { Fma4, Fma8, Tf32, Tf32x3 };
+enum class Kern { Fma4, Fma8, Fma24, Tf32, Tf32x3 };
 const char* kname(Kern k) {
   switch (k) {
     case Kern::Fma4: return "fma4x4";
     case Kern::Fma8: return "fma8x8";
+    case Kern::Fma24: return "fma2x4";
     case Kern::Tf32: return "tf32";
     case Kern::Tf32x3: return "3xtf32";
   }
@@ -84,6 +85,9 @@ void run(Kern kern, int64_t M, int64_t K, int64_t N, Tri tri, int64_t P, int64_t
   if (kern == Kern::Fma4) {
     const Store<4, 4> ep{e};
     emu::launch([&] { tile_gemm_rows_kernel<float, 4, 4, ALoad, BL, Store<4, 4>>(M, K, N, tri, P, ppb, a, b, ep); }, dim3((M + 63) / 64, gy), dim3(256));
+  } else if (kern == Kern::Fma24) {
+    const Store<2, 4> ep{e};
+    emu::launch([&] { tile_gemm_rows_kernel<float, 2, 4, ALoad, BL, Store<2, 4>>(M, K, N, tri, P, ppb, a, b, ep); }, dim3((M + 31) / 32, gy), dim3(256));
   } else if (kern == Kern::Fma8) {
     const Store<8, 8> ep{e};
     emu::launch([&] { tile_gemm_rows_kernel<float, 8, 8, ALoad, BL, Store<8, 8>>(M, K, N, tri, P, ppb, a, b, ep); }, dim3((M + 127) / 128, gy), dim3(256));
@@ -160,10 +164,10 @@ int main(int argc, char** argv) {
   bool ok = true;
   struct Shape { int64_t M, K, N, P, ppb; };
   const Shape shapes[] = {{1, 1, 1, 1, 1}, {63, 31, 65, 1, 1}, {130, 100, 150, 3, 2}, {64, 64, 64, 2, 1}, {200, 33, 7, 1, 1}};
-  for (Kern kern : {Kern::Fma4, Kern::Fma8, Kern::Tf32, Kern::Tf32x3})
+  for (Kern kern : {Kern::Fma4, Kern::Fma8, Kern::Fma24, Kern::Tf32, Kern::Tf32x3})
     for (bool kmajor : {false, true})
       for (const Shape& s : shapes) ok &= check(kern, kmajor, s.M, s.K, s.N, Tri::None, s.P, s.ppb, rng);
-  for (Kern kern : {Kern::Fma4, Kern::Tf32x3, Kern::Tf32})
+  for (Kern kern : {Kern::Fma4, Kern::Fma8, Kern::Fma24, Kern::Tf32x3, Kern::Tf32})
     for (Tri tri : {Tri::Lower, Tri::Upper})
       for (int64_t D : {70, 129}) ok &= check(kern, false, 90, D, D, tri, 2, 2, rng);
   std::printf(ok ? "ALL OK\n" : "SOME FAILED\n");
