@@ -1334,6 +1334,19 @@ class TestCuda:
         eager = step()
         assert torch.equal(eager[0], prev) and torch.equal(eager[1], x0)
 
+    def test_cuda_graph_capture_refusals(self):
+        x = torch.randn(2, 64, device="cuda")
+        cpu_at = torch.tensor([0.5, 0.4], dtype=F64)
+        for call, match in ((lambda: distkern.ddpm_step(x, x, 0.5, 0.6), "seed=None"),
+                            (lambda: ddim_step(x, x, cpu_at, 0.6), "must already be on cuda")):
+            graph, err = torch.cuda.CUDAGraph(), None
+            with torch.cuda.graph(graph):  # the refusal comes before any launch: the capture ends empty
+                try:
+                    call()
+                except ValueError as e:
+                    err = e
+            assert err is not None and match in str(err), err
+
 
 def test_direct_path_equals_generic_path():
     # a float schedule launches with 8 host coefficients, a 0-d tensor schedule value builds a coefficient
@@ -1361,6 +1374,27 @@ def test_schedule_values_out_of_range_are_refused():
             distkern.euler_step(x, x, bad, 0.5)
         with pytest.raises(ValueError, match="sigma must be finite"):
             distkern.dpmpp_2m_step(x, x, bad, 0.5)
+
+
+def test_capture_refuses_what_replays_would_get_wrong(monkeypatch):
+    """Under CUDA-graph capture (simulated: the check is the same for any tensor), a seed drawn at capture
+    time would repeat on every replay, and a per-sample table on another device would need an uncapturable
+    copy: both are refused with a message; a given seed and device tables go through."""
+    from distkern.ops import diffusion as dops
+
+    x = torch.randn(2, 8)
+    monkeypatch.setattr(dops, "_capturing", lambda t: True)
+    with pytest.raises(ValueError, match="CUDA-graph capture seed=None"):
+        distkern.ddpm_step(x, x, 0.5, 0.6)
+    distkern.ddpm_step(x, x, 0.5, 0.6, seed=3)  # fixed on purpose
+    distkern.ddpm_step(x, x, 0.5, 0.6, noise=torch.randn(2, 8))
+    distkern.ddim_step(x, x, torch.tensor([0.5, 0.4], dtype=torch.float64), 0.6)  # deterministic: no seed needed
+    table = torch.rand(2, 8, dtype=torch.float64)
+    dops._step_from_table("op", x, x, table, None, None, 1, 0, None, None, None, True, "sampler_step")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("meta") if t is table
+                                                         else torch.device("cpu")))
+    with pytest.raises(ValueError, match="must already be on cpu"):
+        dops._step_from_table("op", x, x, table, None, None, 1, 0, None, None, None, True, "sampler_step")
 
 
 def test_in_kernel_noise_under_compile_needs_a_seed():

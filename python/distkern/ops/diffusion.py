@@ -209,6 +209,10 @@ def _step_from_table(op, sample, model_output, table, prev_x0, noise, seed, offs
         host, per_sample = [float(c) for c in table.tolist()], None
         needs_noise = not no_noise and (host[2] != 0.0 or host[7] != 0.0)
     else:
+        if table.device != sample.device and _capturing(sample):
+            raise ValueError(f"{op}: under CUDA-graph capture the per-sample coefficients must already be on "
+                             f"{sample.device} (a copy from {table.device} cannot be captured); make the "
+                             "timesteps / schedule tensors on the sample's device")
         host, per_sample = [], table.to(sample.device).contiguous()
         needs_noise = not no_noise  # else decided per sample inside the kernel; never read back to the host
     return _launch(name, sample, model_output, prev_x0, noise, seed, offset, clip, threshold, generator, host,
@@ -241,6 +245,11 @@ def _launch(name, sample, model_output, prev_x0, noise, seed, offset, clip, thre
             if torch.compiler.is_compiling():  # a seed read from a tensor would be data-dependent in the graph
                 raise ValueError(f"{op}: under torch.compile the in-kernel noise needs seed= (an int), noise= or "
                                  "generator=; seed=None draws it from torch's generator at call time")
+            if _capturing(sample):  # the seed drawn now would be baked into the graph: every replay, same noise
+                raise ValueError(f"{op}: under CUDA-graph capture seed=None would fix the in-kernel noise at capture "
+                                 "time, so every replay would draw the same numbers; pass noise= drawn on the device "
+                                 "inside the graph (torch.randn: its generator advances per replay), or seed= "
+                                 "to fix the noise on purpose")
             seed_i = int(torch.randint(0, 2**62, (1,)).item())  # CPU default generator: no device sync
         else:
             seed_i = int(seed)
@@ -252,6 +261,11 @@ def _launch(name, sample, model_output, prev_x0, noise, seed, offset, clip, thre
         noise = None
     return _call_op(sample, model_output, prev_x0, noise, host, per_sample, clip_mode, clip_range, ratio, max_value,
                     seed_i, int(offset))
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a CUDA tensor and its device's current stream is capturing a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _call_op(*args):
