@@ -5,7 +5,7 @@ torch is a CUDA build and nvcc is found, or when forced:
 
     DISTKERN_CUDA=1   build the CUDA kernels or fail with a clear message
     DISTKERN_CUDA=0   CPU kernels only
-    TORCH_CUDA_ARCH_LIST   target archs; defaults to "8.0;9.0" when no GPU is visible
+    TORCH_CUDA_ARCH_LIST   target archs; defaults to "8.0;9.0+PTX" when no GPU is visible
     MAX_JOBS          parallel compile jobs (ninja)
 
 torch must already be installed: `pip install --no-build-isolation .`
@@ -62,7 +62,7 @@ def _sources(patterns):
 
 
 with_cuda = _build.cuda_wanted()
-# torch's own arch detection raises without a visible GPU (pytorch#137261): 8.0;9.0 then
+# torch's own arch detection raises without a visible GPU (pytorch#137261): 8.0;9.0+PTX then
 archs = _build.cuda_archs(with_cuda)
 
 cpu_sources = ["csrc/distkern.cpp"] + [

@@ -60,7 +60,7 @@ def test_loads_by_path_without_the_package():
     assert r.returncode == 0, r.stderr
     inc, version, api, archs = r.stdout.split()
     assert inc == ce.include_dirs()[0] and version == distkern.__version__
-    assert int(api) == distkern.methods.API_VERSION and archs == "8.0;9.0"
+    assert int(api) == distkern.methods.API_VERSION and archs == "8.0;9.0+PTX"
 
 
 def test_installed_layout_finds_the_packaged_headers(tmp_path):
@@ -107,7 +107,7 @@ def test_cuda_archs_default(monkeypatch):
     assert ce.cuda_archs(True) == "7.5"
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
     if not torch.cuda.is_available():
-        assert ce.cuda_archs(True) == "8.0;9.0" and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
+        assert ce.cuda_archs(True) == "8.0;9.0+PTX" and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"
 
 
 def test_extension_cpu_build_drops_the_cuda_sources():

@@ -15,7 +15,7 @@ namespace align {
 namespace {
 
 at::Tensor anomaly_map_cuda(const at::Tensor& patches, const at::Tensor& dirs) {
-  const c10::cuda::CUDAGuard guard(patches.device());
+  const c10::cuda::CUDAGuard guard(cuda_device_of("distkern.anomaly_map", "patches", patches));
   MapInputs in = prepare_map("distkern.anomaly_map", patches, dirs);
   TORCH_CHECK_VALUE(in.B <= 65535, "distkern.anomaly_map: at most 65535 images per call on CUDA; got B = ", in.B);
   at::Tensor out = at::empty({in.B, in.P}, in.dirs.options());

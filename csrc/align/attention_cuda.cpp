@@ -16,7 +16,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> shared_kv_attention_cuda(const at::Tensor& q, const at::Tensor& x,
                                                             const c10::optional<at::Tensor>& mask, int64_t tile) {
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(cuda_device_of("distkern.shared_kv_attention", "q", q));
   const at::Tensor keep = check_attention(q, x, mask, tile);
   const bool fits = q.scalar_type() != at::kDouble && q.scalar_type() == x.scalar_type() &&
                     q.size(2) <= kFusedAttentionMaxD && q.size(0) <= 65535;

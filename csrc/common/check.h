@@ -35,6 +35,15 @@ inline void check_dim(const char* op, const char* name, const at::Tensor& t, int
                     shape_doc, "; got a ", t.dim(), "-D tensor of shape ", shape_str(t));
 }
 
+// The device of a CUDA op's guard (c10::cuda::CUDAGuard): the dispatcher runs the CUDA kernel when
+// any input is on a GPU, so the tensor the guard takes may still be on the CPU; say so in the op's
+// words rather than in the guard's.
+inline c10::Device cuda_device_of(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " is on ", t.device(),
+                    " but another input is on a CUDA device; move all inputs to the same device");
+  return t.device();
+}
+
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
                               const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",

@@ -18,6 +18,10 @@ namespace cuda {
 
 enum class MatMode : int { Fma = 0, Tf32 = 1, Tf32x3 = 2 };
 
+// The virtual architecture (as __CUDA_ARCH__: 800, 900, ...) of the code this build runs on CUDA
+// device `device`, 0 when it cannot be told (common/arch_probe_kernel.cu; CUDA builds only).
+int compiled_arch(int device);
+
 }  // namespace cuda
 
 // Whether Auto may pick the tensor-core kernels. They have run only in the CPU emulation of the

@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& sample, c
                                                      const c10::optional<at::Tensor>& per_sample, int64_t clip_mode,
                                                      double clip_range, double ratio, double max_value, int64_t seed,
                                                      int64_t offset) {
-  const c10::cuda::CUDAGuard guard(sample.device());
+  const c10::cuda::CUDAGuard guard(cuda_device_of("distkern.sampler_step", "sample", sample));
   StepInputs in = prepare_step("distkern.sampler_step", sample, model_output, prev_x0, noise, coefs, per_sample,
                                clip_mode, clip_range, ratio, max_value, seed, offset);
   at::Tensor out = at::empty_like(in.x), x0 = at::empty_like(in.x);
@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampler_step_backward_cuda(
     const at::Tensor& model_output, const c10::optional<at::Tensor>& noise, at::ArrayRef<double> coefs,
     const c10::optional<at::Tensor>& per_sample, int64_t clip_mode, double clip_range, int64_t seed, int64_t offset) {
   const char* op = "distkern.sampler_step_backward";
-  const c10::cuda::CUDAGuard guard(sample.device());
+  const c10::cuda::CUDAGuard guard(cuda_device_of(op, "sample", sample));
   TORCH_CHECK_VALUE(clip_mode != kClipThreshold, op, ": the gradient through dynamic thresholding is not "
                     "implemented; use clamping or no clipping");
   StepInputs in = prepare_step(op, sample, model_output, c10::nullopt, noise, coefs, per_sample, clip_mode,

@@ -16,7 +16,7 @@ namespace {
 
 at::Tensor kernel_matmul_cuda(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& v,
                               int64_t kind, at::ArrayRef<double> params) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(cuda_device_of("distkern.kernel_matmul", "x", x));
   TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, "distkern.kernel_matmul: float64 inputs are not supported on "
                    "CUDA yet (the kernel accumulates in float32); use float32 or compute on the CPU");
   Inputs in = prepare("distkern.kernel_matmul", x, y, v, kind, params);

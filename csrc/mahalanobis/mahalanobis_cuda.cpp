@@ -23,7 +23,7 @@ constexpr const char* kBwd = "distkern.mahalanobis_backward";
 
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& factor,
                         bool lower) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(cuda_device_of(kFwd, "x", x));
   Inputs in = prepare(kFwd, x, mean, factor, lower);
   at::Tensor out = at::empty({in.N}, x.options().dtype(in.acc));
   if (in.N == 0) return out;
@@ -36,7 +36,7 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::T
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                  const at::Tensor& mean, const at::Tensor& factor,
                                                  bool lower) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(cuda_device_of(kBwd, "x", x));
   Inputs in = prepare(kBwd, x, mean, factor, lower);
   at::Tensor g = prepare_grad(kBwd, grad, x, in);
   at::Tensor gx = at::empty({in.N, in.D}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> k_cuda(const char* name, const at::Tensor& x,
                                           const at::Tensor& means, const at::Tensor& factors,
                                           bool lower, const c10::optional<at::Tensor>& bias,
                                           KReduce red) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(cuda_device_of(name, "x", x));
   KInputs in = prepare_k(name, x, means, factors, lower, bias);
   at::Tensor out = red == KReduce::None ? at::empty({in.N, in.K}, x.options().dtype(in.acc))
                                         : at::empty({in.N}, x.options().dtype(in.acc));
@@ -99,7 +99,7 @@ at::Tensor k_lse_cuda(const at::Tensor& x, const at::Tensor& means, const at::Te
 }
 
 at::Tensor pos_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tensor& factors, bool lower) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(cuda_device_of("distkern.mahalanobis_pos", "x", x));
   PosInputs in = prepare_pos("distkern.mahalanobis_pos", x, means, factors, lower);
   at::Tensor out = at::empty({in.B, in.P}, x.options().dtype(in.acc));
   if (in.B == 0) return out;

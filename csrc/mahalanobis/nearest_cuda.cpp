@@ -15,7 +15,7 @@ namespace nearest {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> nearest_cuda(const at::Tensor& x, const at::Tensor& refs) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(cuda_device_of("distkern.nearest_cosine", "x", x));
   Inputs in = prepare("distkern.nearest_cosine", x, refs);
   at::Tensor out = at::empty({in.N}, x.options().dtype(in.acc));
   at::Tensor idx = at::empty({in.N}, x.options().dtype(at::kLong));

@@ -3,7 +3,7 @@
     pip install --no-build-isolation -e .     # torch and distkern must be installed first
 
 CPU kernels always; CUDA kernels when torch is a CUDA build and nvcc is found (DISTKERN_CUDA=1 forces,
-DISTKERN_CUDA=0 skips them; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" without a visible GPU).
+DISTKERN_CUDA=0 skips them; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0+PTX" without a visible GPU).
 """
 import glob
 

@@ -18,7 +18,7 @@ What :func:`DistkernExtension` applies (the same rules as distkern's own ``setup
 * the CPU sources are always built (C++, OpenMP, ``-O3``); the CUDA sources — ``*.cu`` and
   ``*_cuda.cpp`` — only when CUDA is wanted: ``DISTKERN_CUDA=1`` (build them or fail with a clear
   message), ``DISTKERN_CUDA=0`` (never), unset: when torch is a CUDA build *and* nvcc is found;
-* ``TORCH_CUDA_ARCH_LIST`` defaults to ``8.0;9.0`` when no GPU is visible (torch's own detection
+* ``TORCH_CUDA_ARCH_LIST`` defaults to ``8.0;9.0+PTX`` when no GPU is visible (torch's own detection
   raises without one);
 * ``CUDA_HOME`` is found from a directory that really holds the CUDA headers (``nvcc`` on ``PATH``
   may be a wrapper script, which makes torch guess a wrong ``CUDA_HOME``);
@@ -49,8 +49,10 @@ __all__ = ["DEFAULT_CUDA_ARCHS", "CUDA_ENV", "HEADERS", "include_dirs", "find_cu
            "cuda_wanted", "cuda_archs", "is_cuda_source", "DistkernExtension", "build_ext", "build_info",
            "write_build_info", "check_built_against", "load_extension", "nvcc_compile_check"]
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
-"""The archs built when ``TORCH_CUDA_ARCH_LIST`` is unset and no GPU is visible (sm_80, sm_90)."""
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+"""The archs built when ``TORCH_CUDA_ARCH_LIST`` is unset and no GPU is visible: sm_80 and sm_90 code, and
+compute_90 PTX that the driver compiles for newer GPUs (sm_100, sm_120), which would otherwise refuse every
+launch with "no kernel image"."""
 CUDA_ENV = "DISTKERN_CUDA"
 """``DISTKERN_CUDA=1`` forces the CUDA sources, ``0`` leaves them out; unset: built when possible."""
 HEADERS = ("common/macros.h", "common/check.h", "common/cuda_types.cuh", "common/matmul_mode.h", "common/tile_gemm.cuh")
@@ -171,7 +173,7 @@ def cuda_wanted(flag: str | None = None, *, what: str = "the CUDA kernels") -> b
 
 
 def cuda_archs(with_cuda: bool) -> str:
-    """The arch list a CUDA build targets: ``TORCH_CUDA_ARCH_LIST`` if set; else ``8.0;9.0`` when no GPU is
+    """The arch list a CUDA build targets: ``TORCH_CUDA_ARCH_LIST`` if set; else ``8.0;9.0+PTX`` when no GPU is
     visible (and then also put in ``TORCH_CUDA_ARCH_LIST``, since torch's detection raises without a GPU);
     else ``"native"`` (torch builds for the visible GPUs). ``""`` for a CPU-only build."""
     if not with_cuda:

@@ -759,7 +759,7 @@ namespace @ns@ {
 namespace {
 
 at::Tensor standardized_sqdist_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(distkern::cuda_device_of(kOp, "x", x));
   const at::ScalarType acc = check_standardized_sqdist(x, mean, inv_std);
   const at::Tensor m = mean.contiguous(), s = inv_std.contiguous();
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(acc));
@@ -871,7 +871,7 @@ _K_SETUP = '''"""Build @module@._C with distkern's build helpers (same CPU/CUDA 
     pip install --no-build-isolation -e .     # torch and distkern must be installed first
 
 CPU kernels always; CUDA kernels when torch is a CUDA build and nvcc is found (DISTKERN_CUDA=1 forces,
-DISTKERN_CUDA=0 skips them; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" without a visible GPU).
+DISTKERN_CUDA=0 skips them; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0+PTX" without a visible GPU).
 """
 import glob
 

@@ -14,7 +14,7 @@ namespace distkern_example_kernel {
 namespace {
 
 at::Tensor standardized_sqdist_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(distkern::cuda_device_of(kOp, "x", x));
   const at::ScalarType acc = check_standardized_sqdist(x, mean, inv_std);
   const at::Tensor m = mean.contiguous(), s = inv_std.contiguous();
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(acc));
