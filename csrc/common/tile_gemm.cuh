@@ -301,8 +301,22 @@ struct TcSmem {
   static constexpr int kFloats = (kA + kB) > kC ? (kA + kB) : kC;
 };
 
+// Blocks per SM the tensor-core kernel is compiled for: on sm_90, 2 (≤ 128 registers a thread, 16
+// warps an SM to hide the MMA and load latencies) unless the epilogue declares
+// `enum { kTcMinBlocks = 1 };` (its state would spill under 128); on sm_80 most epilogues spill
+// under 128, so 1 there. (Unbounded, the kernel took 150–172 registers: one block an SM.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kTcDefaultMinBlocks = 1;
+#else
+constexpr int kTcDefaultMinBlocks = 2;
+#endif
+template <typename E, typename = void>
+struct epi_tc_min_blocks : std::integral_constant<int, kTcDefaultMinBlocks> {};
+template <typename E>
+struct epi_tc_min_blocks<E, std::void_t<decltype(E::kTcMinBlocks)>> : std::integral_constant<int, int(E::kTcMinBlocks)> {};
+
 template <int TR, int TC, typename ALoad, typename BLoad, typename Epi, bool kSplit>
-__global__ void __launch_bounds__(kTileThreads, 1)
+__global__ void __launch_bounds__(kTileThreads, (epi_tc_min_blocks<Epi>::value))
 tile_gemm_rows_tc_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int64_t ppb,
                          ALoad A, BLoad B, Epi epi) {
   static_assert(TR == 4 && TC == 4, "the tensor-core kernel runs 64×64 blocks (Epi<4, 4>)");
