@@ -20,17 +20,15 @@ inline cuda::MatMode matmul_mode_for(const at::Tensor& like) {
   int mode = matmul_mode_setting();
   if (mode < 0) mode = (kAutoTensorCores && at::globalContext().allowTF32CuBLAS()) ? 1 : 0;
   if (mode == 0) return cuda::MatMode::Fma;
+  // Per device, asked once: may the tensor-core kernels run there (0 not asked yet, 1 yes, -1 no)?
+  static std::atomic<int> tensor_cores[64] = {};
   const int dev = like.get_device();
-  if (at::cuda::getDeviceProperties(dev)->major < 8) return cuda::MatMode::Fma;
-  static std::atomic<int> arch[64] = {};  // per device: 0 unknown, else compiled arch (or -1)
-  int a = dev >= 0 && dev < 64 ? arch[dev].load(std::memory_order_relaxed) : 0;
-  if (a == 0) {
-    a = cuda::compiled_arch(dev);
-    if (a == 0) a = -1;
-    if (dev >= 0 && dev < 64) arch[dev].store(a, std::memory_order_relaxed);
+  int ok = dev >= 0 && dev < 64 ? tensor_cores[dev].load(std::memory_order_relaxed) : 0;
+  if (ok == 0) {
+    ok = at::cuda::getDeviceProperties(dev)->major >= 8 && cuda::compiled_arch(dev) >= 800 ? 1 : -1;
+    if (dev >= 0 && dev < 64) tensor_cores[dev].store(ok, std::memory_order_relaxed);
   }
-  if (a < 800) return cuda::MatMode::Fma;
-  return static_cast<cuda::MatMode>(mode);
+  return ok > 0 ? static_cast<cuda::MatMode>(mode) : cuda::MatMode::Fma;
 }
 
 }  // namespace distkern

@@ -27,6 +27,14 @@ enum class Tri : int { None = 0, Lower = 1, Upper = 2 };
 constexpr int kTileK = 16;
 constexpr int kTileThreads = 256;
 
+// Blocks an SM for a 256-thread kernel that may take up to 128 registers a thread: 2 on sm_90; 1 on
+// sm_80, where ptxas spills the heavier epilogues under 128 (seen with -Xptxas -v).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kBlocks128 = 1;
+#else
+constexpr int kBlocks128 = 2;
+#endif
+
 // Thread-tile shapes: each of the 16×16 threads holds TR rows × TC columns of C, so a block
 // covers (16·TR) × (16·TC). 4×4 (64×64 tiles) suits small M and float64; 8×8 (128×128 tiles)
 // halves the shared-memory traffic per FMA for large float32 problems.
@@ -51,25 +59,6 @@ __device__ __forceinline__ void k_range(Tri tri, int64_t K, int64_t j0, int64_t 
   if (tri == Tri::Upper) kend = (j0 + BN) < K ? (j0 + BN) : K;
 }
 
-// ALoad:  __device__ acc_t operator()(int64_t p, int64_t row, int64_t k, acc_t& guard) const
-//         (row < M and k < K guaranteed; may fold a per-row non-finite guard)
-// BLoad:  __device__ acc_t operator()(int64_t p, int64_t k, int64_t j) const  (k < K, j < Ncols)
-// Epi:    template <int TR, int TC> struct with
-//           using State = ...;                         per-thread state
-//           __device__ void init(State&) const;
-//           __device__ void block(State&, const acc_t (&c)[TR][TC], int64_t p, int64_t row_base,
-//                                 int64_t j0, acc_t* scratch /*16×(16·TC)*/,
-//                                 const acc_t* guard_rows) const;
-//           __device__ void end_problem(State&, int64_t p, int64_t row_base,
-//                                       const acc_t* guard_rows) const;
-//           __device__ void finish(State&, int64_t row_base) const;
-//         All are called by all threads of the block (they may __syncthreads); thread
-//         (tx, ty) = (tid % 16, tid / 16) holds c[i][j] for row row_base + TR·ty + i and column
-//         j0 + TC·tx + j.
-// Problems: block (bx, by) runs problems [by·ppb, min((by+1)·ppb, P)).
-// When the first column block covers all of K (Tri::None or Tri::Lower), guard_rows[r] holds the
-// sum of the guards of row (row_base + r) over all k for the current problem, from its first
-// call of block() on.
 template <typename B, typename = void>
 struct b_k_contiguous : std::false_type {};
 template <typename B>
@@ -90,17 +79,11 @@ __device__ __forceinline__ void lds_vec(const T* p, T (&out)[N]) {
       out[4 * v + 2] = t.z;
       out[4 * v + 3] = t.w;
     }
-  } else if constexpr (std::is_same<T, float>::value && N % 2 == 0) {
+  } else if constexpr ((std::is_same<T, float>::value || std::is_same<T, double>::value) && N % 2 == 0) {
+    using T2 = typename std::conditional<std::is_same<T, float>::value, float2, double2>::type;
 #pragma unroll
     for (int v = 0; v < N / 2; ++v) {
-      const float2 t = reinterpret_cast<const float2*>(p)[v];
-      out[2 * v] = t.x;
-      out[2 * v + 1] = t.y;
-    }
-  } else if constexpr (std::is_same<T, double>::value && N % 2 == 0) {
-#pragma unroll
-    for (int v = 0; v < N / 2; ++v) {
-      const double2 t = reinterpret_cast<const double2*>(p)[v];
+      const T2 t = reinterpret_cast<const T2*>(p)[v];
       out[2 * v] = t.x;
       out[2 * v + 1] = t.y;
     }
@@ -110,17 +93,6 @@ __device__ __forceinline__ void lds_vec(const T* p, T (&out)[N]) {
   }
 }
 
-// Loader mappings of the FMA kernel (256 threads; tiles of 16 k by BM rows / BN columns), chosen
-// so that a warp's global loads are whole 32-byte sectors and its shared stores hit 32 distinct
-// banks (row strides BM + 4 and BN + 4, ≡ 4 mod 32 floats, keep the rows 16-byte aligned for the
-// 128-bit fragment reads):
-//   along k (A, and B when BLoad declares kKContiguous): lane l of warp w takes k = l % 8 + 8·(w % 2)
-//     of the rows / columns (l / 8) % 4 + 4·(w / 2) + 16·q, q < TR (TC): a warp reads 8 consecutive k
-//     (one sector in float32) of 4 rows, and stores them to banks 4·k + row, all distinct;
-//   along j (B stored [k][j]): thread t takes j = t % BN of the rows k = t / BN + (256 / BN)·q: a
-//     warp reads and stores 32 consecutive columns.
-// The k-major mapping splits a row's 16 k over two warps: the non-finite guards of a row are summed
-// over 8 lanes by shuffles, then over the two warps in shared memory.
 // Blocks per SM the FMA kernel is compiled for (__launch_bounds__). Unbounded, the compiler hoists
 // the 128-bit fragment reads of several k steps and takes 80-100 registers a thread for float32 4×4
 // tiles, 160-210 for 8×8. Default: float32 4×4 tiles at most 80 registers (3 blocks, 24 warps an
@@ -137,6 +109,37 @@ constexpr int fma_min_blocks() {
                                         : (sizeof(acc_t) > 4 ? 2 : (TR * TC > 16 ? 1 : 3));
 }
 
+// ALoad:  __device__ acc_t operator()(int64_t p, int64_t row, int64_t k, acc_t& guard) const
+//         (row < M and k < K guaranteed; may fold a per-row non-finite guard)
+// BLoad:  __device__ acc_t operator()(int64_t p, int64_t k, int64_t j) const  (k < K, j < Ncols)
+// Epi:    template <int TR, int TC> struct with
+//           using State = ...;                         per-thread state
+//           __device__ void init(State&) const;
+//           __device__ void block(State&, const acc_t (&c)[TR][TC], int64_t p, int64_t row_base,
+//                                 int64_t j0, acc_t* scratch /*16×(16·TC)*/,
+//                                 const acc_t* guard_rows) const;
+//           __device__ void end_problem(State&, int64_t p, int64_t row_base,
+//                                       const acc_t* guard_rows) const;
+//           __device__ void finish(State&, int64_t row_base) const;
+//         All are called by all threads of the block (they may __syncthreads); thread
+//         (tx, ty) = (tid % 16, tid / 16) holds c[i][j] for row row_base + TR·ty + i and column
+//         j0 + TC·tx + j.
+// Problems: block (bx, by) runs problems [by·ppb, min((by+1)·ppb, P)).
+// When the first column block covers all of K (Tri::None or Tri::Lower), guard_rows[r] holds the
+// sum of the guards of row (row_base + r) over all k for the current problem, from its first
+// call of block() on.
+//
+// Loader mappings of the FMA kernel (256 threads; tiles of 16 k by BM rows / BN columns), chosen
+// so that a warp's global loads are whole 32-byte sectors and its shared stores hit 32 distinct
+// banks (row strides BM + 4 and BN + 4, ≡ 4 mod 32 floats, keep the rows 16-byte aligned for the
+// 128-bit fragment reads):
+//   along k (A, and B when BLoad declares kKContiguous): lane l of warp w takes k = l % 8 + 8·(w % 2)
+//     of the rows / columns (l / 8) % 4 + 4·(w / 2) + 16·q, q < TR (TC): a warp reads 8 consecutive k
+//     (one sector in float32) of 4 rows, and stores them to banks 4·k + row, all distinct;
+//   along j (B stored [k][j]): thread t takes j = t % BN of the rows k = t / BN + (256 / BN)·q: a
+//     warp reads and stores 32 consecutive columns.
+// The k-major mapping splits a row's 16 k over two warps: the non-finite guards of a row are summed
+// over 8 lanes by shuffles, then over the two warps in shared memory.
 template <typename acc_t, int TR, int TC, typename ALoad, typename BLoad, typename Epi>
 __global__ void __launch_bounds__(kTileThreads, (fma_min_blocks<acc_t, TR, TC, Epi>()))
 tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int64_t ppb,
@@ -301,17 +304,11 @@ struct TcSmem {
   static constexpr int kFloats = (kA + kB) > kC ? (kA + kB) : kC;
 };
 
-// Blocks per SM the tensor-core kernel is compiled for: on sm_90, 2 (≤ 128 registers a thread, 16
-// warps an SM to hide the MMA and load latencies) unless the epilogue declares
-// `enum { kTcMinBlocks = 1 };` (its state would spill under 128); on sm_80 most epilogues spill
-// under 128, so 1 there. (Unbounded, the kernel took 150–172 registers: one block an SM.)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kTcDefaultMinBlocks = 1;
-#else
-constexpr int kTcDefaultMinBlocks = 2;
-#endif
+// Blocks per SM the tensor-core kernel is compiled for: kBlocks128 (16 warps an SM on sm_90 to hide
+// the MMA and load latencies) unless the epilogue declares `enum { kTcMinBlocks = 1 };` (its state
+// would spill under 128). (Unbounded, the kernel took 150–172 registers: one block an SM.)
 template <typename E, typename = void>
-struct epi_tc_min_blocks : std::integral_constant<int, kTcDefaultMinBlocks> {};
+struct epi_tc_min_blocks : std::integral_constant<int, kBlocks128> {};
 template <typename E>
 struct epi_tc_min_blocks<E, std::void_t<decltype(E::kTcMinBlocks)>> : std::integral_constant<int, int(E::kTcMinBlocks)> {};
 

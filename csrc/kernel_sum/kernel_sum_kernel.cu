@@ -51,13 +51,8 @@ struct KV {
   };
   template <int TR, int TC>
   struct Epi {
-    // Registers for 2 blocks an SM (128) on sm_90: the FMA kernel's default 80 spills this
-    // epilogue's per-bandwidth state; on sm_80 even 128 spills (8 bytes), so it is unbounded there.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-    enum { kMinBlocks = 1 };
-#else
-    enum { kMinBlocks = 2 };
-#endif
+    // Up to 128 registers (the FMA kernel's default 80 spills this epilogue's per-bandwidth state).
+    enum { kMinBlocks = cuda::kBlocks128 };
     Args a;
     static constexpr int BM = 16 * TR, BN = 16 * TC;
     struct State {

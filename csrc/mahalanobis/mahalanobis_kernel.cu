@@ -112,7 +112,7 @@ struct SumSq {
   };
   template <int TR, int TC>
   struct Epi {
-    enum { kTcMinBlocks = RED == KReduce::LogSumExp ? 1 : cuda::kTcDefaultMinBlocks };  // logsumexp spills under 128
+    enum { kTcMinBlocks = RED == KReduce::LogSumExp ? 1 : cuda::kBlocks128 };  // logsumexp spills under 128
     Args a;
     struct State {
       acc_t s[TR];

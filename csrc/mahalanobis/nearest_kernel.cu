@@ -48,7 +48,7 @@ struct ArgMax {
   template <int TR, int TC>
   struct Epi {
     // 2 blocks an SM (128 registers): the FMA kernel's default 80 spills this epilogue.
-    enum { kMinBlocks = TR * TC > 16 ? 1 : 2 };
+    enum { kMinBlocks = 2 };
     Args a;
     struct State {
       MinAcc<acc_t> mn[TR];  // min of −dot = max of dot

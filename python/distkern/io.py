@@ -59,20 +59,18 @@ def load_features(path: str | os.PathLike) -> tuple[Any, torch.Tensor | None]:
     if not os.path.exists(p):
         raise FileNotFoundError(f"no such file: {p}")
     ext = os.path.splitext(p)[1].lower()
+    obj = _read(p, ext)  # an unknown extension is refused there
     if ext == ".npy":
-        return _read(p, ext), None
-    if ext in (".pt", ".pth"):
-        obj = _read(p, ext)
-        if isinstance(obj, torch.Tensor):
-            return obj, None
-        if isinstance(obj, dict):
-            return _from_mapping(obj, p)
-        if isinstance(obj, (list, tuple)):
-            return list(obj), None
-        raise ValueError(f"{p}: expected a tensor, a list of tensors or a dict with 'features'; got {type(obj).__name__}")
+        return obj, None
     if ext == ".safetensors":
-        return _from_mapping(_read(p, ext), p)
-    raise ValueError(f"{p}: unknown feature file type {ext!r} (use .npy, .pt or .safetensors)")
+        return _from_mapping(obj, p)
+    if isinstance(obj, torch.Tensor):  # .pt / .pth
+        return obj, None
+    if isinstance(obj, dict):
+        return _from_mapping(obj, p)
+    if isinstance(obj, (list, tuple)):
+        return list(obj), None
+    raise ValueError(f"{p}: expected a tensor, a list of tensors or a dict with 'features'; got {type(obj).__name__}")
 
 
 def load_labels(path: str | os.PathLike) -> torch.Tensor:

@@ -39,6 +39,7 @@ from torch import nn
 
 import distkern
 from distkern.io import read_model, write_model
+from distkern.metrics import binary_labels
 from distkern.ops.align import anomaly_map, image_scores, prompt_align, topk_mean
 
 from .encoders import ImageFeatures, TinyEncoder, VisionLanguageEncoder, encoder_from_config
@@ -550,10 +551,7 @@ class BayesPFL(nn.Module):
             labels = torch.as_tensor(labels).reshape(-1)
             if labels.shape[0] != images.shape[0]:
                 raise ValueError(f"bayes-pfl: labels must be (N,) = ({images.shape[0]},); got {tuple(labels.shape)}")
-            if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
-                raise ValueError(f"bayes-pfl: labels must be 0 (normal) or 1 (anomalous); got the values "
-                                 f"{torch.unique(labels).tolist()[:6]}")
-            labels = labels.long()
+            labels = binary_labels(labels, "bayes-pfl").long().to(masks.device)
         return masks, labels
 
     def fit(self, data, masks: torch.Tensor | None = None, labels: torch.Tensor | None = None, *, epochs: int = 10,
