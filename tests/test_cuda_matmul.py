@@ -124,7 +124,8 @@ def test_nearest(mode, N, M, D):
 @cuda
 @pytest.mark.parametrize("kernel,kw", [("gaussian", dict(bandwidth=[4.0, 8.0])), ("laplacian", dict(bandwidth=6.0)),
                                        ("polynomial", {}), ("distance", {})])
-@pytest.mark.parametrize("N,M,D,C", [(1, 1, 3, 1), (200, 130, 64, 1), (1000, 513, 300, 3)])
+@pytest.mark.parametrize("N,M,D,C", [(1, 1, 3, 1), (200, 130, 64, 1), (1000, 513, 300, 3),
+                                     (2100, 9000, 40, 100)])  # C > 64: K panels (two row and two column panels) + GEMMs
 def test_kernel_matmul(mode, kernel, kw, N, M, D, C):
     g = torch.Generator().manual_seed(N + M + D)
     x, y = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g) + 0.3

@@ -299,13 +299,26 @@ def test_nearest(lib, mode):
     assert float((sim.max(1).values - sim.gather(1, idx[:, None])[:, 0]).max()) < (1e-5 if mode != TF32 else 5e-3)
 
 
+def _ksum_prepare(kernel, kw, y):
+    """The op's preparation (kernel_sum.cpp): y centred on its mean (distance kernels; the polynomial
+    kernel's dot products are not translation-invariant), its squared norms, φ's constants. Returns
+    (kind, center, yc, yy, number of bandwidths, the 16 parameters as a ctypes array)."""
+    from distkern.ops.kernel_sum import kernel_params
+
+    kind, params = kernel_params(kernel, y.shape[1], **kw)
+    center = y.mean(0) if kernel != "polynomial" else torch.zeros(y.shape[1])
+    yc = (y - center).contiguous()
+    yy = (yc * yc).sum(1).contiguous()
+    bw = kernel in ("gaussian", "laplacian")
+    p = [1 / (2 * s * s) if kernel == "gaussian" else 1 / s for s in params] if bw else list(params)
+    return kind, center, yc, yy, len(p) if bw else 0, (ctypes.c_double * 16)(*(p + [0.0] * (16 - len(p))))
+
+
 @pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
 @pytest.mark.parametrize("kernel,kw,C", [("gaussian", {"bandwidth": [1.0, 3.0]}, 1), ("laplacian", {"bandwidth": 2.0}, 3),
                                          ("polynomial", {}, 2), ("distance", {}, 1)])
 @pytest.mark.parametrize("coincident", [False, True])
 def test_kernel_matmul(lib, mode, kernel, kw, C, coincident):
-    from distkern.ops.kernel_sum import kernel_params
-
     g = torch.Generator().manual_seed(9 + C)
     N, M, D = 90, 133, 40
     x, y = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g) + 0.2
@@ -313,20 +326,10 @@ def test_kernel_matmul(lib, mode, kernel, kw, C, coincident):
         x = x * 3 + 5
         y = torch.cat([x, y[N:]])
     v = torch.randn(M, C, generator=g)
-    kind, params = kernel_params(kernel, D, **kw)
-    # the op's preparation (kernel_sum.cpp): y centred on its mean (distance kernels; the polynomial
-    # kernel's dot products are not translation-invariant), its squared norms, φ's constants
-    center = y.mean(0) if kernel != "polynomial" else torch.zeros(D)
-    yc = (y - center).contiguous()
-    yy = (yc * yc).sum(1).contiguous()
-    if kernel in ("gaussian", "laplacian"):
-        p = [1 / (2 * s * s) if kernel == "gaussian" else 1 / s for s in params]
-    else:
-        p = list(params)
-    pa = (ctypes.c_double * 16)(*(p + [0.0] * (16 - len(p))))
+    kind, center, yc, yy, ns, pa = _ksum_prepare(kernel, kw, y)
     out = torch.zeros(N, C)
     _call(lib.emu_kernel_matmul, INT(0), INT(mode), _p(x), I64(D), I64(1), _p(center), _p(yc), _p(yy), _p(v),
-          _p(out), I64(N), I64(M), I64(D), I64(C), INT(kind), INT(len(p) if kernel in ("gaussian", "laplacian") else 0), pa)
+          _p(out), I64(N), I64(M), I64(D), I64(C), INT(kind), INT(ns), pa)
     ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
     assert _rel(out, ref) < (1e-5 if mode != TF32 else 2e-2)
     if coincident and kernel in ("laplacian", "distance"):
@@ -335,9 +338,46 @@ def test_kernel_matmul(lib, mode, kernel, kw, C, coincident):
         eye = torch.eye(M)
         K = torch.zeros(N, M)
         _call(lib.emu_kernel_matmul, INT(0), INT(mode), _p(x), I64(D), I64(1), _p(center), _p(yc), _p(yy), _p(eye),
-              _p(K), I64(N), I64(M), I64(D), I64(M), INT(kind), INT(len(p) if kernel == "laplacian" else 0), pa)
+              _p(K), I64(N), I64(M), I64(D), I64(M), INT(kind), INT(ns), pa)
         diag = K.diagonal()
         assert torch.equal(diag, torch.ones(N) if kernel == "laplacian" else torch.zeros(N))
+
+
+@pytest.mark.parametrize("mode", [FMA, TF32X3])
+@pytest.mark.parametrize("kernel,kw", [("gaussian", {"bandwidth": [1.0, 3.0]}), ("laplacian", {"bandwidth": 2.0}),
+                                       ("polynomial", {}), ("distance", {})])
+@pytest.mark.parametrize("plan,dtype", [((70, 300, 300), torch.float32), ((64, 100, 101), torch.bfloat16),
+                                        (None, torch.float32)])
+def test_kernel_matmul_panels(lib, mode, kernel, kw, plan, dtype):
+    """The panel schedule of many columns of v (C > 64): K written panel by panel by the tile kernel,
+    each panel followed by the caller's GEMM (here a CPU loop). Panels smaller than the data cover the
+    row and column loops, the slab tail (300 = 256 + 44 columns) and rows of a leading dimension that
+    is not a multiple of 4 (scalar stores); None is the op's own plan (one panel at these sizes)."""
+    g = torch.Generator().manual_seed(len(kernel) + (plan[0] if plan else 0))
+    N, M, D, C = 150, 333, 40, 70
+    x = (torch.randn(D, N, generator=g) * 3 + 5).to(dtype).T  # strided rows
+    y = torch.cat([x[:N // 2].float(), torch.randn(M - N // 2, D, generator=g) + 5])  # half of x lies in y
+    v = torch.randn(M, C, generator=g)
+    kind, center, yc, yy, ns, pa = _ksum_prepare(kernel, kw, y)
+    xt = DT[dtype]
+
+    def run(vv, cc):
+        rows, cols, ld = plan or (min(N, 2048), min(M, 8192), (min(M, 8192) + 3) // 4 * 4)
+        ws = torch.full((rows * ld,), float("nan"))  # a stale or unwritten entry would poison the sums
+        out, calls = torch.full((N, cc), float("nan")), I64(0)
+        _call(lib.emu_kernel_matmul_panels, INT(xt), INT(mode), _p(x), I64(x.stride(0)), I64(x.stride(1)),
+              _p(center), _p(yc), _p(yy), _p(vv), _p(out), I64(N), I64(M), I64(D), I64(cc), INT(kind), INT(ns), pa,
+              I64(rows), I64(cols), I64(ld), _p(ws), ctypes.byref(calls))
+        assert calls.value == -(-N // rows) * -(-M // cols)
+        return out
+
+    out = run(v, C)
+    ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
+    assert _rel(out, ref) < 1e-5
+    if kernel in ("laplacian", "distance"):  # K itself (v = I): exact at the coincident pairs, as fused
+        K = run(torch.eye(M), M)
+        diag = K[:N // 2, :N // 2].diagonal()
+        assert torch.equal(diag, torch.ones(N // 2) if kernel == "laplacian" else torch.zeros(N // 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -145,9 +145,10 @@ def test_bad_inputs():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel,kw", KERNELS)
-def test_cuda_backward_matches_cpu(kernel, kw):
+@pytest.mark.parametrize("D", [9, 40])  # the backward's v has C·D columns: fused at 27, K panels at 120
+def test_cuda_backward_matches_cpu(kernel, kw, D):
     g = torch.Generator().manual_seed(7)
-    x, y, v = torch.randn(70, 9, generator=g), torch.randn(130, 9, generator=g), torch.randn(130, 3, generator=g)
+    x, y, v = torch.randn(70, D, generator=g), torch.randn(130, D, generator=g), torch.randn(130, 3, generator=g)
     grads = []
     for dev in ("cpu", "cuda"):
         xs, ys, vs = (t.to(dev).requires_grad_() for t in (x, y, v))

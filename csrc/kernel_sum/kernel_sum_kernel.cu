@@ -1,8 +1,17 @@
-// CUDA schedule of kernel_matmul (pure CUDA). Flash-style: a block owns 64 rows of x and 64
-// output columns of v; for each 64-wide block of y it forms the x·y tile with the shared tile
-// skeleton, applies φ in the epilogue into shared memory, and multiplies that K tile by the
-// matching rows of v into register accumulators. K never leaves shared memory; x's centred
-// squared norms come for free from the first column block's loads (the skeleton's per-row guard).
+// CUDA schedules of kernel_matmul (pure CUDA).
+//
+// Fused (C ≤ 64): flash-style, a block owns 64 rows of x and 64 output columns of v; for each
+// 64-wide block of y it forms the x·y tile with the shared tile skeleton, applies φ in the epilogue
+// into shared memory, and multiplies that K tile by the matching rows of v into register
+// accumulators. K never leaves shared memory; x's centred squared norms come for free from the
+// first column block's loads (the skeleton's per-row guard).
+//
+// Panels (C > 64, with a workspace): the fused schedule would form every x·y tile and φ once per
+// 64 columns of v — 16 times at a 1000-permutation mmd_test, 32 times in the backward at D = 2048
+// (v is M×(C·D) there). Instead K is written one bounded panel at a time (kernel_panel_plan: at
+// most 2048 × 8192 floats, 64 MiB) by the same tile skeleton with a storing epilogue, and the
+// caller's GEMM adds panel · v[cols] to the panel's output rows: per pair, one x·y product, one φ,
+// 8 bytes of panel traffic and the 2C flops of the GEMM, which a BLAS runs near its peak.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -133,6 +142,110 @@ struct KV {
   };
 };
 
+struct PanelYT {  // B[k][j] = yc[j][k] for column slab p of width W, clamped to the panel's cols
+  enum { kKContiguous = 1 };
+  const float* yc;
+  int64_t D, W, cols;
+  __device__ float operator()(int64_t p, int64_t k, int64_t j) const {
+    const int64_t m = p * W + j;
+    return yc[(m < cols ? m : cols - 1) * D + k];
+  }
+};
+
+// K panel: problem p is the column slab [p·W, (p + 1)·W) of the panel; φ goes straight from the
+// accumulators to out[row · ld + column] (16-byte stores where the row allows).
+template <typename T>
+struct KPanel {
+  struct Args {
+    float* out;
+    int64_t ld;
+    const float* yy;
+    Params kp;
+    int64_t N, M, W;  // panel rows, panel columns, slab width
+    XCLoad<T> x;      // for the exact r² of near-coincident pairs (needs_exact_r2)
+    const float* yc;
+    int64_t D;
+  };
+  template <int TR, int TC>
+  struct Epi {
+    enum { kMinBlocks = cuda::kBlocks128 };  // 80 registers spill φ's per-bandwidth loop, as in KV
+    Args a;
+    struct State {};
+    __device__ void init(State&) const {}
+    __device__ void block(State&, const float (&c)[TR][TC], int64_t p, int64_t row_base, int64_t j0, float*,
+                          const float* xx) const {
+      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+      const bool dist = uses_distance(a.kp.kind);
+      const int64_t col0 = p * a.W + j0 + tx * TC;  // this thread's first column in the panel
+      const bool whole = col0 + TC <= a.M && j0 + tx * TC + TC <= a.W;
+#pragma unroll
+      for (int i = 0; i < TR; ++i) {
+        const int r = ty * TR + i;
+        const int64_t row = row_base + r;
+        if (row >= a.N) continue;
+        float k[TC];
+#pragma unroll
+        for (int j = 0; j < TC; ++j) {
+          const int64_t gm = col0 + j;
+          k[j] = 0.f;
+          if (gm < a.M && j0 + tx * TC + j < a.W) {
+            const float dot = c[i][j];
+            float r2 = 0.f;
+            if (dist) {
+              r2 = sq_dist(xx[r], a.yy[gm], dot);
+              if (needs_exact_r2(r2, xx[r], a.yy[gm])) {
+                float sq = 0.f;
+                r2 = 0.f;
+                for (int64_t q = 0; q < a.D; ++q) {
+                  const float d = a.x(0, row, q, sq) - a.yc[gm * a.D + q];
+                  r2 += d * d;
+                }
+              }
+            }
+            k[j] = phi(a.kp, r2, dot);
+          }
+        }
+        float* dst = a.out + row * a.ld + col0;
+        if constexpr (TC == 4) {
+          if (whole && a.ld % 4 == 0 && col0 % 4 == 0) {
+            *reinterpret_cast<float4*>(dst) = make_float4(k[0], k[1], k[2], k[3]);
+            continue;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < TC; ++j)
+          if (col0 + j < a.M && j0 + tx * TC + j < a.W) dst[j] = k[j];
+      }
+    }
+    __device__ void end_problem(State&, int64_t, int64_t, const float*) const {}
+    __device__ void finish(State&, int64_t) const {}
+  };
+};
+
+template <typename T>
+cudaError_t typed_panels(const void* x, int64_t sx0, int64_t sx1, const float* center, const float* yc,
+                         const float* yy, int64_t N, int64_t M, int64_t D, const Params& kp, cuda::MatMode mode,
+                         const PanelGemm& gemm, cudaStream_t stream) {
+  const PanelPlan plan = gemm.plan;
+  const T* xt = static_cast<const T*>(x);
+  for (int64_t r0 = 0; r0 < N; r0 += plan.rows) {
+    const int64_t rows = N - r0 < plan.rows ? N - r0 : plan.rows;
+    const XCLoad<T> a{xt + r0 * sx0, sx0, sx1, center};
+    for (int64_t j0 = 0; j0 < M; j0 += plan.cols) {
+      const int64_t cols = M - j0 < plan.cols ? M - j0 : plan.cols;
+      const float* ycp = yc + j0 * D;
+      const PanelYT b{ycp, D, kPanelSlab, cols};
+      const typename KPanel<T>::Args e{gemm.workspace, plan.ld, yy + j0, kp, rows, cols, kPanelSlab, a, ycp, D};
+      const int64_t slabs = (cols + kPanelSlab - 1) / kPanelSlab;
+      cudaError_t err = cuda::launch_tile_gemm_rows_mode<float, 4, 4, KPanel<T>::template Epi>(
+          mode, rows, D, kPanelSlab, cuda::Tri::None, slabs, 1, a, b, e, stream);
+      if (err != cudaSuccess) return err;
+      if (gemm.fn(gemm.ctx, gemm.workspace, plan.ld, r0, rows, j0, cols, j0 > 0) != 0) return cudaErrorUnknown;
+    }
+  }
+  return cudaSuccess;
+}
+
 template <typename T>
 cudaError_t typed(const void* x, int64_t sx0, int64_t sx1, const float* center, const float* yc,
                   const float* yy, const float* v, float* out, int64_t N, int64_t M, int64_t D,
@@ -151,8 +264,21 @@ cudaError_t typed(const void* x, int64_t sx0, int64_t sx1, const float* center, 
 cudaError_t launch_kernel_matmul(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                                  const float* center, const float* yc, const float* yy,
                                  const float* v, float* out, int64_t N, int64_t M, int64_t D,
-                                 int64_t C, const Params& kp, cuda::MatMode mode, cudaStream_t stream) {
+                                 int64_t C, const Params& kp, cuda::MatMode mode, const PanelGemm* gemm,
+                                 cudaStream_t stream) {
   if (N <= 0 || M <= 0) return cudaSuccess;
+  if (gemm != nullptr) {
+    const PanelPlan& pl = gemm->plan;
+    if (gemm->workspace == nullptr || gemm->fn == nullptr || pl.rows <= 0 || pl.cols <= 0 || pl.ld < pl.cols)
+      return cudaErrorInvalidValue;
+    switch (xtype) {
+      case DType::F32: return typed_panels<float>(x, sx0, sx1, center, yc, yy, N, M, D, kp, mode, *gemm, stream);
+      case DType::F16: return typed_panels<__half>(x, sx0, sx1, center, yc, yy, N, M, D, kp, mode, *gemm, stream);
+      case DType::BF16:
+        return typed_panels<__nv_bfloat16>(x, sx0, sx1, center, yc, yy, N, M, D, kp, mode, *gemm, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (xtype) {
     case DType::F32: return typed<float>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, stream);
     case DType::F16: return typed<__half>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, stream);

@@ -12,13 +12,44 @@
 namespace distkern {
 namespace kernel_sum {
 
+// Large C: K in panels of at most rows × cols (float32, leading dimension ld), each followed by the
+// caller's GEMM. rows = 0: the fused schedule (C ≤ 64, one pass over v's columns per x·y tile).
+struct PanelPlan {
+  int64_t rows, cols, ld;
+};
+constexpr int64_t kPanelMinC = 65;      // from two 64-column chunks of v on, a panel + GEMM costs less
+constexpr int64_t kPanelRows = 2048;    // panel bounds: 2048 × 8192 floats = 64 MiB of workspace
+constexpr int64_t kPanelCols = 8192;
+constexpr int64_t kPanelSlab = 256;     // columns per block of the panel kernel
+inline PanelPlan kernel_panel_plan(int64_t N, int64_t M, int64_t C) {
+  if (C < kPanelMinC || N <= 0 || M <= 0) return {0, 0, 0};
+  const int64_t rows = N < kPanelRows ? N : kPanelRows, cols = M < kPanelCols ? M : kPanelCols;
+  return {rows, cols, (cols + 3) / 4 * 4};  // rows of 16-byte multiples: vector stores
+}
+
+// The GEMM after each panel, supplied by the caller (cuBLAS through ATen; a CPU loop in the
+// emulation tests): out[r0 : r0 + rows, :] (+)= K[0 : rows, 0 : cols] @ v[j0 : j0 + cols, :], with
+// K at `workspace` (leading dimension ld); accumulate is false for a row panel's first column
+// panel. Returns 0 on success. `workspace` holds plan.rows × plan.ld floats (plan: kernel_panel_plan,
+// or smaller panels).
+struct PanelGemm {
+  int (*fn)(void* ctx, const float* K, int64_t ld, int64_t r0, int64_t rows, int64_t j0, int64_t cols,
+            bool accumulate);
+  void* ctx;
+  float* workspace;
+  PanelPlan plan;
+};
+
 // out (N×C, float32, contiguous) = Σ_m φ(x_n, y_m) v[m, :]; x is `xtype` with strides (sx0, sx1),
 // center (D), yc (M×D, y − center), yy (M, ‖yc‖²) and v (M×C, or null for ones with C = 1) are
-// float32. float32 accumulation (float64 inputs are refused by the caller).
+// float32. float32 accumulation (float64 inputs are refused by the caller). With `gemm` (for
+// kernel_panel_plan(N, M, C).rows > 0) the panel schedule runs and writes out through gemm.fn;
+// v and out are then not touched by the launcher.
 cudaError_t launch_kernel_matmul(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                                  const float* center, const float* yc, const float* yy,
                                  const float* v, float* out, int64_t N, int64_t M, int64_t D,
-                                 int64_t C, const Params& kp, cuda::MatMode mode, cudaStream_t stream);
+                                 int64_t C, const Params& kp, cuda::MatMode mode, const PanelGemm* gemm,
+                                 cudaStream_t stream);
 
 }  // namespace kernel_sum
 }  // namespace distkern

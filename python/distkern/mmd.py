@@ -9,7 +9,7 @@ import torch
 
 from .ops.kernel_sum import kernel_matmul, kernel_params
 
-__all__ = ["mmd2", "median_bandwidth", "MMDLoss", "mmd_test", "MMDTestResult", "kid"]
+__all__ = ["mmd2", "median_bandwidth", "MMDLoss", "mmd_test", "MMDTestResult", "permutation_weights", "kid"]
 
 ESTIMATORS = ("biased", "unbiased", "ustat", "linear")
 
@@ -286,16 +286,25 @@ def mmd_test(x: torch.Tensor, y: torch.Tensor, *, permutations: int = 1000, seed
     if kernel in ("gaussian", "laplacian", "imq") and bandwidth is None:
         bandwidth = median_bandwidth(x, y)
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    labels = torch.cat([torch.ones(n), torch.zeros(m)])
-    cols = [labels] + [labels[torch.randperm(n + m, generator=g)] for _ in range(permutations)]
-    L = torch.stack(cols, 1).to(device=z.device, dtype=acc)  # (n+m, 1+P), 1 = x side
-    W = L / n - (1 - L) / m
+    W = permutation_weights(n, m, permutations, seed, device=z.device, dtype=acc)
+    # one K(z, z) @ W for all 1 + P columns (on CUDA: K in bounded panels, each followed by one GEMM)
     KW = kernel_matmul(z, z, W, kernel=kernel, bandwidth=bandwidth, **kernel_kwargs)
     stats = (W * KW).sum(0)
     observed = float(stats[0])
     p = (1 + int((stats[1:] >= observed).sum())) / (1 + permutations)
     return MMDTestResult(observed, p, permutations)
+
+
+def permutation_weights(n: int, m: int, permutations: int, seed: int = 0, *, device=None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``(n + m, 1 + permutations)`` weights of :func:`mmd_test`: column 0 the observed split
+    (+1/n on the first n rows, −1/m on the rest), then one column per relabelling drawn with
+    ``torch.randperm`` from a CPU generator seeded with ``seed`` (so the same on every device)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    labels = torch.cat([torch.ones(n), torch.zeros(m)])
+    cols = [labels] + [labels[torch.randperm(n + m, generator=g)] for _ in range(permutations)]
+    L = torch.stack(cols, 1).to(device=device, dtype=dtype)  # 1 = x side
+    return L / n - (1 - L) / m
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000, degree: float = 3,

@@ -56,6 +56,11 @@ def kernel_matmul(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor | None = Non
                   bandwidth=None, gamma: float | None = None, coef0: float = 1.0, degree: float = 3) -> torch.Tensor:
     r"""``K(x, y) @ v`` for a kernel evaluated on the fly; the ``(N, M)`` matrix is never stored.
 
+    Memory is O(N + M) beyond the inputs and output: the CPU forms K one cache-sized tile at a time;
+    CUDA keeps it in shared memory for up to 64 columns of ``v``, and for more (permutation tests,
+    the backward's ``C·D`` columns) writes it in bounded panels (at most 2048 × 8192 floats) that
+    cuBLAS multiplies by ``v``, rather than re-forming each tile once per 64 columns.
+
     Kernels (``r = ‖x − y‖``; several bandwidths are summed in one pass, as multi-kernel MMD does):
     ``"gaussian"`` ``Σ_σ exp(−r²/(2σ²))``, ``"laplacian"`` ``Σ_σ exp(−r/σ)``, ``"imq"``
     ``Σ_σ (1 + r²/σ²)^(−½)``, ``"polynomial"`` ``(γ x·y + c)^d`` (the KID kernel: ``d=3``,
