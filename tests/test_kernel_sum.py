@@ -323,17 +323,16 @@ def test_mmd2_dense_path_gradcheck(kernel, kw, estimator):
 @pytest.mark.parametrize("grads", ["x", "y", "xy"])
 def test_mmd2_small_path_equals_tiled_path(monkeypatch, kernel, kw, estimator, grads):
     """The fused small-batch estimator in float32 against the kernel_matmul path in float64 (forced
-    by lowering the size switch), values and gradients; the smooth kernels also with repeated rows
-    (the Gram-trick distance of two equal rows is rounding noise, whose square root the Laplacian
-    and distance kernels cannot resolve in float32 — only the self-distances are exact zeros)."""
+    by lowering the size switch), values and gradients, with repeated rows within and across the
+    samples (their Gram-trick distance is rounding noise, whose square root the Laplacian and
+    distance kernels would show: both paths take such pairs from the coordinates)."""
     import distkern.mmd as mmd
 
     g = torch.Generator().manual_seed(11)
     n, m = 37, 37 if estimator == "ustat" else 29
     x0, y0 = torch.randn(n, 6, generator=g), torch.randn(m, 6, generator=g) + 0.3
-    if kernel not in ("laplacian", "distance"):
-        x0[5] = x0[3]
-        y0[2] = x0[1]
+    x0[5] = x0[3]
+    y0[2] = x0[1]
 
     def run(dtype):
         x = x0.detach().to(dtype).clone().requires_grad_("x" in grads)
@@ -351,6 +350,28 @@ def test_mmd2_small_path_equals_tiled_path(monkeypatch, kernel, kw, estimator, g
         if a is not None:
             assert a.dtype == torch.float32
             assert float((a.double() - b).abs().max()) < 1e-4 * float(b.abs().max()), (a.double() - b).abs().max()
+
+
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+def test_mmd2_small_path_duplicates_across_samples(estimator):
+    """A Laplacian MMD between samples sharing rows, at a bandwidth near the spread: the norm form's
+    rounding at the shared pairs (r ~ 1e-3 instead of 0) was 2e-3 of the value in float32; those pairs
+    now come from the coordinates, as in kernel_matmul."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(200, 64, generator=g) * 0.05 + 3
+    y = torch.cat([x[:120], torch.randn(80, 64, generator=g) * 0.05 + 3])
+    xd, yd = x.double(), y.double()
+
+    def kbar(a, b, drop_diag):
+        k = torch.exp(-torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") / 0.05)
+        if not drop_diag:
+            return k.mean()
+        return (k.sum() - k.diagonal().sum()) / (len(a) * (len(a) - 1))
+
+    drop = estimator == "unbiased"
+    ref = kbar(xd, xd, drop) + kbar(yd, yd, drop) - 2 * kbar(xd, yd, False)
+    ours = distkern.mmd2(x, y, kernel="laplacian", bandwidth=0.05, estimator=estimator)
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
 
 
 def test_mmd2_small_path_half_inputs_and_errors():
@@ -388,16 +409,25 @@ def test_mmd2_small_path_under_torch_compile():
 
 
 @pytest.mark.parametrize("kernel,kw", [("gaussian", {"bandwidth": [0.7, 2.0]}), ("imq", {"bandwidth": 1.0}),
-                                       ("polynomial", {})])
+                                       ("polynomial", {}), ("laplacian", {"bandwidth": 1.0}), ("distance", {})])
 @pytest.mark.parametrize("estimator", ["biased", "unbiased"])
 def test_mmd2_small_path_double_backward(kernel, kw, estimator):
     """Second derivatives (MMD-GAN's gradient penalty differentiates the gradient): the fused
     backward recomputes differentiably under create_graph."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda a, b: distkern.mmd2(a, b, kernel=kernel, estimator=estimator, **kw),
-                                        (x, y))
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    x[4], y[2] = x[2] + 1e-3, x[6] - 1e-3  # near pairs: distances from the coordinates, differentiated too
+    x.requires_grad_()
+    y.requires_grad_()
+
+    def f(a, b):
+        return distkern.mmd2(a, b, kernel=kernel, estimator=estimator, **kw)
+
+    assert torch.autograd.gradgradcheck(f, (x, y))
+    # the recomputation behind create_graph gives the fused backward's first derivatives
+    for a, b in zip(torch.autograd.grad(f(x, y), (x, y), create_graph=True), torch.autograd.grad(f(x, y), (x, y))):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_bandwidths_checked_on_every_path():

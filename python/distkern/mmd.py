@@ -57,6 +57,11 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
     kernel uses :func:`median_bandwidth`. Differentiable in ``x`` and ``y``. Returns a 0-d
     float32 (float64 for float64 inputs) tensor. With ``kernel="distance"`` (k = r, not positive definite)
     the biased value is minus the energy distance ``2E|X−Y| − E|X−X′| − E|Y−Y′|``.
+
+    Up to 512 samples a side the kernel matrices are formed densely (one fused estimator and
+    backward); beyond, and for the Laplacian and distance kernels on CUDA or under torch.compile,
+    through :func:`kernel_matmul`. Both take the distance of near-coincident pairs (shared rows)
+    from the coordinates where the Laplacian and distance kernels need it, so they agree there.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"distkern.mmd2: estimator must be one of {ESTIMATORS}; got {estimator!r}")
@@ -81,7 +86,10 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
         raise ValueError(f"distkern.mmd2: the {estimator} estimator needs at least 2 samples on each side")
     if estimator == "ustat" and n != m:
         raise ValueError(f"distkern.mmd2: the full U-statistic needs n = m; got {n} and {m} (use 'unbiased')")
-    if max(n, m) <= _DENSE_MAX:
+    dense = max(n, m) <= _DENSE_MAX
+    if kernel in _REFINED:  # the near-pair refinement of the dense path: CPU, eager
+        dense = dense and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    if dense:
         # Small batches (MMD-DDM trains with 64): the kernel matrices fit in cache; one fused
         # estimator with two GEMMs forward and one per sample backward (see _SmallMMD).
         params = kernel_params(kernel, x.shape[1], **kw, op="distkern.mmd2")[1]
@@ -99,6 +107,10 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: str = "gaussian", bandwidt
 
 
 _DENSE_MAX = 512  # largest batch for which mmd2 forms the kernel matrices densely
+# Kernels whose square root shows the norm form's rounding at near-coincident pairs (r ~ √ε·‖x‖
+# instead of 0): their dense path takes those pairs' distances from the coordinates. The Gaussian
+# and IMQ kernels see the rounding of r² itself, harmless, and keep the dense path everywhere.
+_REFINED = ("laplacian", "distance")
 
 
 def _as_acc(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +157,20 @@ def _phi_and_grad(kernel: str, params: list[float], t: torch.Tensor, need_grad: 
     return val, grad
 
 
+def _exact_near(t, a, b, sa, sb):
+    """``t = ‖a_i − b_j‖²`` from the norm form, with the pairs that form does not resolve — below
+    2⁻¹⁰(‖a_i‖² + ‖b_j‖²), the rule of kernel_matmul's needs_exact_r2 — recomputed from the
+    coordinates (exactly 0 for duplicates across or within the samples). Out of place, so
+    differentiable. Used for the kernels of ``_REFINED`` only; finding the pairs has a data-dependent
+    shape (a host sync on CUDA, a graph break under torch.compile), so there mmd2 takes
+    kernel_matmul's path instead, which refines in the kernel."""
+    idx = (t < (sa[:, None] + sb[None, :]) * (1.0 / 1024)).nonzero()
+    if idx.numel() == 0:
+        return t
+    i, j = idx[:, 0], idx[:, 1]
+    return t.index_put((i, j), (a[i] - b[j]).square().sum(1))
+
+
 def _small_mmd(x, y, kernel, params, estimator, need_x, need_y):
     """MMD² of small samples from their kernel matrices: ``x·[x; y]ᵀ`` and ``y·yᵀ`` (two GEMMs;
     distances from centred data, clamped, exact-zero self-distances), the estimator's weights with
@@ -170,8 +196,12 @@ def _small_mmd(x, y, kernel, params, estimator, need_x, need_y):
         zero = torch.zeros((), dtype=acc, device=x.device)
         diag_x = torch.cat([eye_n, torch.zeros(n, m, dtype=torch.bool, device=x.device)], 1)
         # |x_i − x_i|² is 0, not its rounding
-        tx = torch.where(diag_x, zero, (sx[:, None] + torch.cat([sx, sy])[None, :] - 2 * gx).clamp_min(0))
+        sz = torch.cat([sx, sy])
+        tx = torch.where(diag_x, zero, (sx[:, None] + sz[None, :] - 2 * gx).clamp_min(0))
         tyy = torch.where(eye_m, zero, (sy[:, None] + sy[None, :] - 2 * gyy).clamp_min(0))
+        if kernel in _REFINED:  # other near-coincident pairs from the coordinates, as kernel_matmul
+            tx = _exact_near(tx, xa, z, sx, sz)
+            tyy = _exact_near(tyy, ya, ya, sy, sy)
     kx, dkx = _phi_and_grad(kernel, params, tx, need_x or need_y)
     kyy, dkyy = _phi_and_grad(kernel, params, tyy, need_y)
     if estimator == "biased":
