@@ -139,6 +139,8 @@ def _broken(rule):
                              if "other" in str(path) else _Good.load.__func__(cls, path))
     elif rule == "clear-input-errors":
         B.score = lambda self, x: (x - self.mu).reshape(len(x), -1)[:, 0] * 0 + x.flatten(1)[:, 0] if x.dim() != 2 else _Good.score(self, x)
+    elif rule == "other-dtypes":  # float32 parameters multiplied by the features: "expected both ... same dtype"
+        B.score = lambda self, x: _Good.score(self, x) + (x @ torch.zeros(x.shape[1], dtype=torch.float32)) * 0
     B.name = f"toy-{rule}"
     return B
 
@@ -151,6 +153,19 @@ def test_each_rule_catches_a_broken_detector(rule):
     with pytest.raises(CheckFailure) as e:
         check_method(_broken(rule))
     assert e.value.rule == rule, str(e.value)
+
+
+def test_a_detector_may_refuse_other_dtypes_with_type_error():
+    class Float32Only(_Good):
+        name = "toy-float32-only"
+
+        def score(self, x):
+            if x.dtype != torch.float32:
+                raise TypeError(f"toy: features must be float32; got {x.dtype}")
+            return _Good.score(self, x)
+
+    passed = check_method(Float32Only)
+    assert "other-dtypes" not in passed and "clear-input-errors" in passed
 
 
 def _variant(**attrs):
@@ -335,6 +350,8 @@ def _broken_sampler(rule):
                                                        + 0.1 * _unseeded(x.shape))
     elif rule == "config-round-trip":
         B.from_config = classmethod(lambda cls, config: cls(config["num_train_timesteps"] // 2))
+    elif rule == "other-dtypes":  # computes in float32 whatever the sample's dtype
+        B.step = lambda self, m, t, x: SimpleNamespace(prev_sample=good_step(self, m.float(), t, x.float()).prev_sample)
     B.name = f"toy-sampler-{rule}"
     return B
 

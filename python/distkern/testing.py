@@ -24,6 +24,9 @@ reproducible               two fits of fresh instances on the same data give the
 save-load                  ``save`` / ``load`` round trip gives the same scores
 refuses-other-file         ``load`` refuses a model file of another method with ``ValueError``
 clear-input-errors         a 5-D tensor in ``score`` raises ``ValueError`` or ``TypeError``
+other-dtypes               features in float64 score within 1e-3 of the float32 scores, and in bfloat16 give
+                           finite scores that still rank anomalies higher (AUROC > 0.9) — or ``score`` refuses
+                           the dtype with ``TypeError``
 device                     with a GPU: ``to("cuda")`` scores CUDA inputs like the CPU does
 =========================  ===================================================================
 
@@ -59,6 +62,9 @@ loop-finite                a whole loop ends in a finite sample of the input's s
 reproducible               with ``torch.manual_seed(seed)``, two loops of fresh instances agree
 config-round-trip          (when the class has ``from_config`` and instances ``config``) ``from_config(config)``
                            gives the same ``config`` and the same loop
+other-dtypes               a loop on a float64 sample stays float64 and ends within 1e-4 of the float32 loop; on
+                           a bfloat16 sample it stays bfloat16 and ends finite — or ``step`` refuses the dtype
+                           with ``TypeError``
 device                     with a GPU: ``set_timesteps(n, device="cuda")`` and a CUDA loop give the CPU result
 =========================  ===================================================================
 
@@ -95,11 +101,12 @@ __all__ = ["CheckFailure", "Example", "SamplerExample", "check_method", "gaussia
 
 RULES = {
     "detector": ("declaration", "score-before-fit", "fit-returns-self", "score-shape", "higher-is-anomalous",
-                 "no-mutation", "reproducible", "save-load", "refuses-other-file", "clear-input-errors", "device"),
+                 "no-mutation", "reproducible", "save-load", "refuses-other-file", "clear-input-errors",
+                 "other-dtypes", "device"),
     "loss": ("declaration", "is-module", "scalar", "finite", "no-mutation", "differentiable", "reproducible",
              "clear-input-errors", "device"),
     "sampler": ("declaration", "step-before-set-timesteps", "set-timesteps", "step-output", "no-mutation",
-                "loop-finite", "reproducible", "config-round-trip", "device"),
+                "loop-finite", "reproducible", "config-round-trip", "other-dtypes", "device"),
     "aligner": ("declaration", "is-module", "output-shapes", "finite", "no-mutation", "differentiable",
                 "reproducible", "clear-input-errors", "device"),
 }
@@ -387,6 +394,27 @@ def _check_detector(ctx: _Ctx, example) -> None:
         ctx.fail("clear-input-errors", f"a 5-D input raised {_err(e)}; raise ValueError / TypeError naming the "
                                        "expected shape", e)
     rule("clear-input-errors", clean, "score() accepted a 5-D tensor instead of raising ValueError / TypeError")
+
+    for dt in (torch.float64, torch.bfloat16):
+        def conv(t):
+            return t.to(dt) if t.is_floating_point() else t
+
+        try:
+            sn, sa = det.score(_map(ex.normal, conv)), det.score(_map(ex.anomalous, conv))
+        except TypeError:
+            continue  # a clear refusal of the dtype
+        except Exception as e:  # noqa: BLE001
+            ctx.fail("other-dtypes", f"score() of {dt} features raised {_err(e)}; score them (in float32 or "
+                                     "float64) or refuse the dtype with TypeError", e)
+        rule("other-dtypes", isinstance(sn, torch.Tensor) and sn.shape == (n,) and sn.is_floating_point()
+             and bool(torch.isfinite(sn).all()) and bool(torch.isfinite(sa).all()),
+             f"score() of {dt} features must return finite floating ({n},) scores; got {_describe(sn)}")
+        if dt == torch.float64:
+            rule("other-dtypes", _close(sn, s_norm, rtol=1e-3, atol=1e-3 * float(s_norm.abs().max())),
+                 "score() of the same features in float64 differs from float32's by more than 1e-3 (relative)")
+        else:
+            auc = _auroc(sn.float(), sa.float())
+            rule("other-dtypes", auc > 0.9, f"bfloat16 features no longer rank anomalies higher: AUROC {auc:.3f}")
 
     if torch.cuda.is_available():
         det.to("cuda")
@@ -701,6 +729,25 @@ def _check_sampler(ctx: _Ctx, example) -> None:
         ctx.rule("config-round-trip", same_cfg and same_loop,
                  "from_config(s.config) must give a scheduler with the same config and the same loop"
                  + ("" if same_cfg else f": config {dict(inst.config)} became {dict(twin.config)}"))
+
+    def in_example_dtype(x_in, t):  # the example's model runs in its own dtype: the scheduler is under test
+        return model(x_in.to(sample.dtype), t).to(x_in.dtype)
+
+    for dt in (torch.float64, torch.bfloat16):
+        s = ctx.make(seed=ctx.seed)
+        torch.manual_seed(ctx.seed + 1)
+        try:
+            xd = _loop(s, ex._replace(sample=sample.to(dt), model=in_example_dtype))
+        except TypeError:
+            continue  # a clear refusal of the dtype
+        except Exception as e:  # noqa: BLE001
+            ctx.fail("other-dtypes", f"a loop on a {dt} sample raised {_err(e)}; keep the sample's dtype (as "
+                                     "diffusers' schedulers do) or refuse it with TypeError", e)
+        ok = isinstance(xd, torch.Tensor) and xd.dtype == dt and bool(torch.isfinite(xd).all())
+        ctx.rule("other-dtypes", ok, f"a loop on a {dt} sample must end in a finite {dt} sample; got {_describe(xd)}")
+        if dt == torch.float64:
+            ctx.rule("other-dtypes", _close(xd, first, rtol=1e-4, atol=1e-4 * float(first.abs().max())),
+                     "a loop on the float64 sample ends more than 1e-4 (relative) away from the float32 loop")
 
     if torch.cuda.is_available():
         d = seeded_loop(device="cuda")
