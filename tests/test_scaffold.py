@@ -80,15 +80,17 @@ def test_every_kind_installs_registers_and_passes(tmp_path):
 
 @pytest.mark.slow
 def test_with_kernel_builds_and_passes(tmp_path):
+    """A kernel plugin with its op named by --op: renamed everywhere, it builds and passes its tests."""
     name = "gen-kernel-x"
-    assert main(["new-plugin", name, "--kind", "detector", "--with-kernel", "-o", str(tmp_path)]) == 0
+    assert main(["new-plugin", name, "--kind", "detector", "--op", "whitened_norm", "-o", str(tmp_path)]) == 0
     root = tmp_path / name
     ns = "distkern_gen_kernel_x"
-    cu = (root / "csrc" / "standardized_sqdist_kernel.cu").read_text()
+    cu = (root / "csrc" / "whitened_norm_kernel.cu").read_text()
     assert "#include <torch" not in cu and "#include <ATen" not in cu and "#include <c10" not in cu  # pure CUDA
     assert f"TORCH_LIBRARY({ns}, m)" in (root / "csrc" / f"{ns}.cpp").read_text()
-    assert f"TORCH_LIBRARY_IMPL({ns}, CPU, m)" in (root / "csrc" / "standardized_sqdist_cpu.cpp").read_text()
-    assert f"TORCH_LIBRARY_IMPL({ns}, CUDA, m)" in (root / "csrc" / "standardized_sqdist_cuda.cpp").read_text()
+    assert f"TORCH_LIBRARY_IMPL({ns}, CPU, m)" in (root / "csrc" / "whitened_norm_cpu.cpp").read_text()
+    assert f"TORCH_LIBRARY_IMPL({ns}, CUDA, m)" in (root / "csrc" / "whitened_norm_cuda.cpp").read_text()
+    assert not [p for p in root.rglob("*") if p.is_file() and "standardized_sqdist" in p.read_text() + p.name]
     assert "distkern.cpp_extension" in (root / "setup.py").read_text()
     found = _install_and_check(tmp_path, [root], [name])
     assert {"higher-is-anomalous", "save-load"} <= set(found[name]["passed"])
@@ -107,6 +109,26 @@ def test_every_kind_and_kernel_variant_generates(tmp_path):
             assert (root / "csrc").exists() == kernel
             text = (root / "pyproject.toml").read_text()
             assert '[project.entry-points."distkern.methods"]' in text and f'k-{kind}-{int(kernel)} = ' in text
+
+
+def test_op_name_renames_the_example_op(tmp_path):
+    """Fast: --op renames the op in every file and file name; bad names are refused; it implies --with-kernel."""
+    assert main(["new-plugin", "k-op", "--kind", "loss", "--op", "my_score", "-o", str(tmp_path)]) == 0
+    root = tmp_path / "k-op"
+    assert (root / "csrc" / "my_score_kernel.cu").exists() and (root / "setup.py").exists()
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert "standardized_sqdist" not in path.read_text() + path.name, path
+            if path.suffix == ".py":
+                compile(path.read_text(), str(path), "exec")
+    assert 'm.def("my_score(' in (root / "csrc" / "distkern_k_op.cpp").read_text()
+    assert "torch.ops.distkern_k_op.my_score" in (root / "src" / "distkern_k_op" / "ops.py").read_text()
+    for bad in ("MyScore", "2x", "my-score", "class", "x_"):
+        with pytest.raises(ValueError, match="--op must be"):
+            new_plugin(f"k-bad-{len(bad)}", "detector", tmp_path, op=bad)
+    for clash in ("reference", "torch", "sum"):
+        with pytest.raises(ValueError, match="would shadow"):
+            new_plugin("k-clash", "detector", tmp_path, op=clash)
 
 
 def test_new_plugin_errors(tmp_path, capsys):

@@ -274,8 +274,8 @@ def _save_map_png(maps: torch.Tensor, path: str, columns: int = 8) -> None:
 def _cmd_new_plugin(args: argparse.Namespace) -> int:
     from .scaffold import new_plugin
 
-    root = new_plugin(args.name, args.kind, args.output, with_kernel=args.with_kernel)
-    iso = "--no-build-isolation " if args.with_kernel else ""
+    root = new_plugin(args.name, args.kind, args.output, with_kernel=args.with_kernel, op=args.op)
+    iso = "--no-build-isolation " if args.with_kernel or args.op else ""
     print(f"wrote {root}: pip install {iso}-e {root} && pytest {root / 'tests'}")
     return 0
 
@@ -346,6 +346,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="kind of method")
     p.add_argument("--with-kernel", action="store_true",
                    help="add a C++ op with CPU and CUDA kernels (torch library distkern_<name>)")
+    p.add_argument("--op", metavar="OP", default=None,
+                   help="name of that op (a lowercase identifier, e.g. my_score; default standardized_sqdist); "
+                        "implies --with-kernel")
     p.add_argument("-o", "--output", default=".", help="folder to write the package into (default: .)")
     p.set_defaults(func=_cmd_new_plugin)
 

@@ -14,7 +14,7 @@ generated. The examples, by kind:
 * ``aligner``: an ``nn.Module`` from patch tokens ``(B, P, D)`` and normal / abnormal prompt embeddings
   ``(2K, D)`` to anomaly maps ``(B, P)`` and image scores ``(B,)`` (cosine similarity, temperature softmax).
 
-``with_kernel`` adds the op ``standardized_sqdist`` in the plugin's own torch-library namespace
+``with_kernel`` adds the op ``standardized_sqdist`` (or the name given as ``op``) in the plugin's own torch-library namespace
 ``distkern_<name>`` laid out like distkern's own ops — ``csrc/<op>_math.h`` (the arithmetic, ``DK_HD``),
 ``<op>_launch.h`` + ``<op>_kernel.cu`` (pure CUDA, no torch header), ``<op>_cpu.cpp``
 (``TORCH_LIBRARY_IMPL(<ns>, CPU, m)``), ``<op>_cuda.cpp`` (``TORCH_LIBRARY_IMPL(<ns>, CUDA, m)``), ``<ns>.cpp``
@@ -24,6 +24,7 @@ aligner gets it to call from its own code.
 """
 from __future__ import annotations
 
+import builtins
 import keyword
 import os
 import re
@@ -33,6 +34,10 @@ __all__ = ["new_plugin", "KINDS_SUPPORTED", "OP_NAME"]
 
 KINDS_SUPPORTED = ("detector", "loss", "sampler", "aligner")
 OP_NAME = "standardized_sqdist"
+# Names the generated modules define or import next to the op's function (ops.py, bench.py, the tests), and
+# C++ namespaces the sources use: an op of one of these names would shadow or break them.
+_OP_RESERVED = {"reference", "torch", "cases", "distkern", "pytest", "setup", "glob", "annotations",
+                "load_extension", "check_method", "at", "c10", "std", "m", "main"}
 
 # Templates: @token@ is replaced by its value (no str.format: C++ and Python braces stay as written).
 
@@ -1017,13 +1022,25 @@ def _render(text: str, values: dict[str, str]) -> str:
     return text
 
 
-def new_plugin(name: str, kind: str, out_dir: str | os.PathLike = ".", *, with_kernel: bool = False) -> Path:
+def new_plugin(name: str, kind: str, out_dir: str | os.PathLike = ".", *, with_kernel: bool = False,
+               op: str | None = None) -> Path:
     """Write a plugin package ``<out_dir>/<name>/`` for a method ``name`` of ``kind``; returns its path.
 
     ``with_kernel``: add a C++ / CUDA op in the torch-library namespace ``distkern_<name>`` (see the
-    module docstring), built by a ``setup.py`` that uses :mod:`distkern.cpp_extension`.
+    module docstring), built by a ``setup.py`` that uses :mod:`distkern.cpp_extension`. ``op``: the op's
+    name (a lowercase C / Python identifier; implies ``with_kernel``) in place of ``standardized_sqdist`` —
+    in the schema, the functions, the files and the tests — so that the example becomes your op by
+    editing its arithmetic rather than renaming it through ten files.
     """
     from .methods import API_VERSION
+
+    if op is not None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", op) or keyword.iskeyword(op) or op.endswith("_"):
+            raise ValueError(f"new-plugin: --op must be a lowercase identifier of letters, digits and '_' starting "
+                             f"with a letter (e.g. my_score); got {op!r}")
+        if op in _OP_RESERVED or op in dir(builtins):
+            raise ValueError(f"new-plugin: --op {op!r} would shadow a name the generated modules use; choose another")
+        with_kernel = True
 
     if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", name or ""):
         raise ValueError(f"new-plugin: NAME must be lowercase letters and digits in '-'-separated words, starting "
@@ -1074,7 +1091,10 @@ def new_plugin(name: str, kind: str, out_dir: str | os.PathLike = ".", *, with_k
             f"tests/test_{module}_op.py": _TEST_OP,
         })
     for rel, text in files.items():
+        text = _render(text, values)
+        if op is not None:
+            rel, text = rel.replace(OP_NAME, op), text.replace(OP_NAME, op)
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_render(text, values))
+        path.write_text(text)
     return root
