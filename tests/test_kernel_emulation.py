@@ -115,6 +115,28 @@ def test_sampler_step_threshold_with_nan(lib, dtype, pos):
     assert torch.equal(x0.isnan(), ref_x0.isnan()) and _ulps(x0[[0, 2]], ref_x0[[0, 2]], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [2048, 5003])
+def test_sampler_step_threshold_ties(lib, dtype, n):
+    """Dynamic thresholding over several rounds of the select (2048 elements a round) with many equal |x0|
+    (values on a grid of 1/8): the warp-aggregated histogram counts each key once, the quantile and the
+    clamped step equal the CPU op's, with the noise given and drawn in the kernel."""
+    g = torch.Generator().manual_seed(n)
+    B = 3
+    x = (torch.randn(B, n, generator=g) * 8).round().div(8).to(dtype)
+    m = (torch.randn(B, n, generator=g) * 4).round().div(4).to(dtype)
+    coefs = [1.0, -0.5, 0.25, 0.9, 0.3, 0.0, 0.0, 0.0]
+    for nz, seed in ((torch.randn(B, n, generator=g).to(dtype), -1), (None, 11)):
+        for ratio in (0.5, 0.995):
+            ref_out, ref_x0 = torch.ops.distkern.sampler_step(x, m, None, nz, coefs, None, 2, 1.0, ratio, 1.5, seed, 4)
+            out, x0 = torch.empty_like(x), torch.empty_like(x)
+            scale = torch.empty(B, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            _call(lib.emu_sampler_step, INT(DT[dtype]), _p(x), _p(m), None, _p(nz), _p(out), _p(x0), None,
+                  (ctypes.c_double * 8)(*coefs), I64(B), I64(n), I64(x.numel()), INT(2), DBL(1.0), DBL(ratio),
+                  DBL(1.5), I64(seed), I64(4), _p(scale))
+            assert _ulps(out, ref_out, dtype) and _ulps(x0, ref_x0, dtype), (ratio, seed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sampler_step_backward(lib, dtype):
     g = torch.Generator().manual_seed(3)

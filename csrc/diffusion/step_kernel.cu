@@ -7,7 +7,8 @@
 // per element (+1 read for prev_x0 and for a noise tensor) — the floor of the step.
 // Dynamic thresholding: one block per sample first selects its quantile of |x0| by an 8-bit radix
 // select over the float bits (4 passes for float32 accumulation, 8 for float64, each recomputing x0
-// from the inputs), writes the per-sample scale, then the elementwise kernel reads it. No host sync.
+// from the inputs; warp-aggregated histogram adds), writes the per-sample scale, then the
+// elementwise kernel reads it. No host sync.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -250,9 +251,26 @@ __device__ __forceinline__ acc_t x0_at(const Ptrs<T>& p, const Scalars& s, const
   return x0_of(c, to_acc<acc_t>(p.x[e]), to_acc<acc_t>(p.m[e]), nv);
 }
 
+// The select runs one block per sample, so at B = 1 (SD latents, 65536 elements a sample) one SM does
+// it: its passes are bound by the loads one block keeps in flight, not by bandwidth. Hence 512 threads
+// and kSelectUnroll independent elements per thread per round. And |x0| of one sample shares a few
+// exponents, so the first passes put nearly every key in one or two bins: the histogram adds are
+// aggregated per warp (__match_any_sync: one shared atomic per distinct bin in the warp, not 32 on
+// one address). The loops are warp-uniform (a warp's lanes take 32 consecutive elements of a round,
+// out-of-range or non-matching lanes the sentinel bin 256), so the full-mask intrinsic is legal.
+constexpr int kSelectThreads = 512;
+constexpr int kSelectUnroll = 4;
+constexpr unsigned kNoBin = 256;
+
+__device__ __forceinline__ void add_to_bin(unsigned int* hist, unsigned bin) {
+  const unsigned peers = __match_any_sync(0xffffffffu, bin);
+  const bool leader = static_cast<int>(threadIdx.x % 32) == __ffs(peers) - 1;
+  if (bin != kNoBin && leader) atomicAdd(&hist[bin], static_cast<unsigned>(__popc(peers)));
+}
+
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads) threshold_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
-                                                             acc_t ratio, acc_t max_value, acc_t* scale) {
+__global__ void __launch_bounds__(kSelectThreads) threshold_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
+                                                                   acc_t ratio, acc_t max_value, acc_t* scale) {
   using K = KeyOf<acc_t>;
   using key_t = typename K::type;
   constexpr int kBits = sizeof(key_t) * 8;
@@ -270,12 +288,25 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(Ptrs<T> p, Scalars 
   quantile_rank(ratio, s.n, &lo, &frac);
   key_t prefix = 0, mask = 0;
   long long k = lo;  // rank of the wanted key among those that match the prefix so far
+  const int lane = threadIdx.x % 32;
+  const int64_t warp0 = threadIdx.x - lane;  // this warp's first element of each round
+  constexpr int64_t kRound = int64_t(kSelectThreads) * kSelectUnroll;
   for (int shift = kBits - 8; shift >= 0; shift -= 8) {
     for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
     __syncthreads();
-    for (int64_t e = threadIdx.x; e < s.n; e += blockDim.x) {
-      const key_t key = K::key(x0_at<T, acc_t>(p, s, c, base + e));
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+    for (int64_t r0 = warp0; r0 < s.n; r0 += kRound) {  // warp-uniform bound
+      unsigned bins[kSelectUnroll];
+#pragma unroll
+      for (int u = 0; u < kSelectUnroll; ++u) {
+        const int64_t e = r0 + u * kSelectThreads + lane;
+        bins[u] = kNoBin;
+        if (e < s.n) {
+          const key_t key = K::key(x0_at<T, acc_t>(p, s, c, base + e));
+          if ((key & mask) == prefix) bins[u] = static_cast<unsigned>((key >> shift) & 255u);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kSelectUnroll; ++u) add_to_bin(hist, bins[u]);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -307,6 +338,7 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(Ptrs<T> p, Scalars 
   unsigned long long count = 0;
   key_t mn = ~key_t(0);
   bool nan = false;
+#pragma unroll 4
   for (int64_t e = threadIdx.x; e < s.n; e += blockDim.x) {
     const acc_t v = x0_at<T, acc_t>(p, s, c, base + e);
     nan |= (v != v);
@@ -353,7 +385,7 @@ cudaError_t forward(const StepArgs& a, cudaStream_t stream) {
   const Coefs<acc_t> uniform = load_coefs<acc_t>(a.coefs);
   acc_t* scale = static_cast<acc_t*>(a.scale);
   if (a.clip_mode == kClipThreshold) {
-    threshold_kernel<T, acc_t><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(
+    threshold_kernel<T, acc_t><<<static_cast<unsigned>(a.B), kSelectThreads, 0, stream>>>(
         p, s, uniform, static_cast<acc_t>(a.ratio), static_cast<acc_t>(a.max_value), scale);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

@@ -138,6 +138,27 @@ T __shfl_down_sync(unsigned, T v, unsigned off, int width = 32) {
   return emu::exchange(v, src < seg + width ? src : lane);
 }
 
+// The lanes of the warp holding the same value as this one (all 32 lanes must call it: the kernels
+// call it from warp-uniform code with the full mask, which is what it checks).
+template <typename T>
+unsigned __match_any_sync(unsigned mask, T v) {
+  static_assert(sizeof(T) <= 8, "match of at most 8 bytes");
+  if (mask != 0xffffffffu) emu::fail("__match_any_sync: only the full mask is emulated");
+  const int t = threadIdx.x, w = t / 32;
+  int64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  emu::g_xch[t] = bits;
+  emu::g_warp[w]->arrive_and_wait();
+  unsigned peers = 0;
+  for (int l = 0; l < 32; ++l)
+    if (emu::g_xch[w * 32 + l] == bits) peers |= 1u << l;
+  emu::g_warp[w]->arrive_and_wait();
+  return peers;
+}
+
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+
 template <typename T>
 T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
 
