@@ -136,6 +136,26 @@ def test_kernel_matmul(mode, kernel, kw, N, M, D, C):
 
 
 @cuda
+@pytest.mark.parametrize("mode", ["fma", "3xtf32"])
+def test_kernel_matmul_panel_gemm_stays_fp32_when_torch_allows_tf32(mode):
+    """C > 64 runs K panels + a cuBLAS GEMM: in the float32-accurate modes that GEMM must not take TF32
+    from torch's global allow_tf32 (it would leave ~1e-3 errors in every column of v)."""
+    if not HAS_CUDA:
+        pytest.skip("needs a GPU and a CUDA build of distkern")
+    g = torch.Generator().manual_seed(17)
+    x, y, v = torch.randn(600, 32, generator=g), torch.randn(900, 32, generator=g), torch.randn(900, 100, generator=g)
+    ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel="gaussian", bandwidth=4.0)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with distkern.cuda_matmul(mode):
+            out = distkern.kernel_matmul(x.cuda(), y.cuda(), v.cuda(), kernel="gaussian", bandwidth=4.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert _rel(out, ref) < 5e-5
+
+
+@cuda
 @pytest.mark.parametrize("L,B,P,D,K", [(1, 1, 1, 3, 1), (2, 3, 70, 65, 30), (4, 2, 37, 130, 70)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_anomaly_map(mode, L, B, P, D, K, dtype):

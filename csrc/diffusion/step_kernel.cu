@@ -246,7 +246,8 @@ __device__ __forceinline__ acc_t x0_at(const Ptrs<T>& p, const Scalars& s, const
   } else if (s.seed >= 0 && c.g != acc_t(0)) {  // x0 needs the draw only through g (drawn numbers are finite)
     float z[4];
     normals4(static_cast<uint64_t>(s.seed), static_cast<uint64_t>(s.offset), static_cast<uint64_t>(e >> 2), z);
-    nv = static_cast<acc_t>(z[e & 3]);
+    const int j = static_cast<int>(e & 3);  // selects: z[e & 3] kept z in local memory (16 bytes a thread)
+    nv = static_cast<acc_t>(j == 0 ? z[0] : j == 1 ? z[1] : j == 2 ? z[2] : z[3]);
   }
   return x0_of(c, to_acc<acc_t>(p.x[e]), to_acc<acc_t>(p.m[e]), nv);
 }
