@@ -125,6 +125,23 @@ def test_permutation_test_calibrated():
     assert distkern.mmd_test(x, y, permutations=199, bandwidth=1.0).p_value <= 0.01
 
 
+def test_mmd_test_in_chunks_of_permutations(monkeypatch):
+    """Large samples: the weight columns go through kernel_matmul a memory-bounded chunk at a time, the
+    same permutations in the same order — the statistic and p-value of one pass."""
+    import distkern.mmd as mmd
+
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(60, 5, generator=g), torch.randn(50, 5, generator=g) + 0.15
+    whole = distkern.mmd_test(x, y, permutations=299, seed=3, bandwidth=1.5)
+    W = mmd.permutation_weights(60, 50, 299, 3)
+    assert W.shape == (110, 300) and torch.allclose(W.sum(0), torch.zeros(300), atol=1e-6)
+    for cols in (1, 7, 64, 300):  # budget for `cols` columns of 110 rows (W, K·W, their product)
+        monkeypatch.setattr(mmd, "_MMD_TEST_BYTES", 3 * 110 * 4 * cols)
+        assert torch.equal(torch.cat(list(mmd._weight_chunks(60, 50, 299, 3, cols, "cpu", torch.float32)), 1), W)
+        part = distkern.mmd_test(x, y, permutations=299, seed=3, bandwidth=1.5)
+        assert part.p_value == whole.p_value and part.statistic == pytest.approx(whole.statistic, rel=1e-6)
+
+
 def test_bad_inputs():
     x, y = torch.randn(5, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match="y must be \\(M, D\\) with D = 3"):

@@ -316,13 +316,18 @@ def mmd_test(x: torch.Tensor, y: torch.Tensor, *, permutations: int = 1000, seed
     if kernel in ("gaussian", "laplacian", "imq") and bandwidth is None:
         bandwidth = median_bandwidth(x, y)
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    W = permutation_weights(n, m, permutations, seed, device=z.device, dtype=acc)
-    # one K(z, z) @ W for all 1 + P columns (on CUDA: K in bounded panels, each followed by one GEMM)
-    KW = kernel_matmul(z, z, W, kernel=kernel, bandwidth=bandwidth, **kernel_kwargs)
-    stats = (W * KW).sum(0)
+    # K(z, z) @ W for as many of the 1 + P weight columns at a time as keep W, K·W and their product
+    # within _MMD_TEST_BYTES (all of them up to (n + m)·(1 + P) ≈ 22M; on CUDA K in bounded panels,
+    # each followed by one GEMM): memory O(n + m), not O((n + m)·P), for large samples
+    cols = max(1, _MMD_TEST_BYTES // (3 * (n + m) * torch.finfo(acc).bits // 8))
+    stats = torch.cat([(W * kernel_matmul(z, z, W, kernel=kernel, bandwidth=bandwidth, **kernel_kwargs)).sum(0)
+                       for W in _weight_chunks(n, m, permutations, seed, cols, z.device, acc)])
     observed = float(stats[0])
     p = (1 + int((stats[1:] >= observed).sum())) / (1 + permutations)
     return MMDTestResult(observed, p, permutations)
+
+
+_MMD_TEST_BYTES = 256 << 20  # mmd_test's working set for the weight columns
 
 
 def permutation_weights(n: int, m: int, permutations: int, seed: int = 0, *, device=None,
@@ -330,11 +335,20 @@ def permutation_weights(n: int, m: int, permutations: int, seed: int = 0, *, dev
     """The ``(n + m, 1 + permutations)`` weights of :func:`mmd_test`: column 0 the observed split
     (+1/n on the first n rows, −1/m on the rest), then one column per relabelling drawn with
     ``torch.randperm`` from a CPU generator seeded with ``seed`` (so the same on every device)."""
+    return torch.cat(list(_weight_chunks(n, m, permutations, seed, permutations + 1, device, dtype)), 1)
+
+
+def _weight_chunks(n: int, m: int, permutations: int, seed: int, cols: int, device, dtype):
+    """:func:`permutation_weights` ``cols`` columns at a time (the same draws in the same order)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     labels = torch.cat([torch.ones(n), torch.zeros(m)])
-    cols = [labels] + [labels[torch.randperm(n + m, generator=g)] for _ in range(permutations)]
-    L = torch.stack(cols, 1).to(device=device, dtype=dtype)  # 1 = x side
-    return L / n - (1 - L) / m
+    todo, first = permutations + 1, True
+    while todo > 0:
+        k = min(cols, todo)
+        chunk = ([labels] if first else []) + [labels[torch.randperm(n + m, generator=g)] for _ in range(k - first)]
+        L = torch.stack(chunk, 1).to(device=device, dtype=dtype)  # 1 = x side
+        yield L / n - (1 - L) / m
+        todo, first = todo - k, False
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000, degree: float = 3,
