@@ -137,6 +137,31 @@ def test_sampler_step_threshold_ties(lib, dtype, n):
             assert _ulps(out, ref_out, dtype) and _ulps(x0, ref_x0, dtype), (ratio, seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("G", [2, 7])
+def test_sampler_step_threshold_over_blocks(lib, dtype, G):
+    """The select of large samples over G blocks a sample meeting in a global histogram (here forced at
+    n = 5003, slices not multiples of a round), with ties, in-kernel noise and a NaN in one sample: the
+    scale and the step equal the CPU op's, and the workspace is left zeroed for the next call."""
+    g = torch.Generator().manual_seed(G)
+    B, n = 3, 5003
+    x = (torch.randn(B, n, generator=g) * 8).round().div(8).to(dtype)
+    m = (torch.randn(B, n, generator=g) * 4).round().div(4).to(dtype)
+    x[2, 4321] = float("nan")
+    coefs = [1.0, -0.5, 0.25, 0.9, 0.3, 0.0, 0.0, 0.0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ws = torch.zeros(B * 264, dtype=torch.int64)
+    for nz, seed, ratio in ((None, 11, 0.995), (torch.randn(B, n, generator=g).to(dtype), -1, 0.3)):
+        ref_out, ref_x0 = torch.ops.distkern.sampler_step(x, m, None, nz, coefs, None, 2, 1.0, ratio, 1.5, seed, 4)
+        out, x0, scale = torch.empty_like(x), torch.empty_like(x), torch.empty(B, dtype=acc)
+        _call(lib.emu_sampler_step_select, INT(DT[dtype]), _p(x), _p(m), _p(nz), _p(out), _p(x0),
+              (ctypes.c_double * 8)(*coefs), I64(B), I64(n), DBL(ratio), DBL(1.5), I64(seed), _p(scale), I64(G), _p(ws))
+        assert scale[2].isnan() and not scale[:2].isnan().any()
+        assert torch.equal(out.isnan(), ref_out.isnan())
+        assert _ulps(out[:2], ref_out[:2], dtype) and _ulps(x0[:2], ref_x0[:2], dtype), (ratio, seed)
+        assert not ws.any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sampler_step_backward(lib, dtype):
     g = torch.Generator().manual_seed(3)

@@ -51,10 +51,15 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& sample, c
   StepArgs a = args_of(in);
   a.out = out.data_ptr();
   a.x0 = x0.data_ptr();
-  at::Tensor scale;
+  at::Tensor scale, select_ws;
   if (in.clip_mode == kClipThreshold) {
     scale = at::empty({std::max<int64_t>(in.B, 1)}, in.x.options().dtype(acc_type(in.x.scalar_type())));
     a.scale = scale.data_ptr();
+    a.select_blocks = select_blocks_for(in.B, in.n);
+    if (a.select_blocks > 1) {  // large samples: the select over several blocks a sample
+      select_ws = at::zeros({in.B * kSelectWords}, in.x.options().dtype(at::kLong));
+      a.select_ws = select_ws.data_ptr();
+    }
   }
   C10_CUDA_CHECK(launch_sampler_step(to_dtype(in.x.scalar_type()), a, at::cuda::getCurrentCUDAStream()));
   return {out, x0};

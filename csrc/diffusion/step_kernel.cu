@@ -5,7 +5,8 @@
 // Philox call per 4 elements when the noise is drawn in the kernel;
 // the arithmetic is step_math.h, the same functions the CPU kernel runs. Bytes: 2 reads + 2 writes
 // per element (+1 read for prev_x0 and for a noise tensor) — the floor of the step.
-// Dynamic thresholding: one block per sample first selects its quantile of |x0| by an 8-bit radix
+// Dynamic thresholding: one block per sample (or, for large samples, several blocks a sample meeting
+// in a global histogram, one launch per pass) first selects its quantile of |x0| by an 8-bit radix
 // select over the float bits (4 passes for float32 accumulation, 8 for float64, each recomputing x0
 // from the inputs; warp-aggregated histogram adds), writes the per-sample scale, then the
 // elementwise kernel reads it. No host sync.
@@ -252,13 +253,15 @@ __device__ __forceinline__ acc_t x0_at(const Ptrs<T>& p, const Scalars& s, const
   return x0_of(c, to_acc<acc_t>(p.x[e]), to_acc<acc_t>(p.m[e]), nv);
 }
 
-// The select runs one block per sample, so at B = 1 (SD latents, 65536 elements a sample) one SM does
-// it: its passes are bound by the loads one block keeps in flight, not by bandwidth. Hence 512 threads
-// and kSelectUnroll independent elements per thread per round. And |x0| of one sample shares a few
-// exponents, so the first passes put nearly every key in one or two bins: the histogram adds are
-// aggregated per warp (__match_any_sync: one shared atomic per distinct bin in the warp, not 32 on
-// one address). The loops are warp-uniform (a warp's lanes take 32 consecutive elements of a round,
-// out-of-range or non-matching lanes the sentinel bin 256), so the full-mask intrinsic is legal.
+// The select runs one block per sample (select_blocks = 1) or, for large samples, G blocks a sample
+// that meet in a global histogram (select_blocks_for). In one block, at B = 1 (SD latents, 65536
+// elements a sample) one SM does every pass, bound by the loads one block keeps in flight rather than
+// by bandwidth: hence 512 threads and kSelectUnroll independent elements per thread per round. |x0|
+// of one sample shares a few exponents, so the first passes put nearly every key in one or two
+// bins: the histogram adds are aggregated per warp (__match_any_sync: one shared atomic per distinct
+// bin in the warp, not 32 on one address). The loops are warp-uniform (a warp's lanes take 32
+// consecutive elements of a round, out-of-range or non-matching lanes the sentinel bin 256), so the
+// full-mask intrinsic is legal.
 constexpr int kSelectThreads = 512;
 constexpr int kSelectUnroll = 4;
 constexpr unsigned kNoBin = 256;
@@ -269,11 +272,79 @@ __device__ __forceinline__ void add_to_bin(unsigned int* hist, unsigned bin) {
   if (bin != kNoBin && leader) atomicAdd(&hist[bin], static_cast<unsigned>(__popc(peers)));
 }
 
-template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kSelectThreads) threshold_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
-                                                                   acc_t ratio, acc_t max_value, acc_t* scale) {
+// hist (256 bins, zeroed) += the digit at `shift` of the keys of elements [begin, end) of the sample
+// at `base` whose bits under `mask` equal `prefix`. Called by every thread of the block.
+template <typename T, typename acc_t, typename key_t>
+__device__ void fill_hist(const Ptrs<T>& p, const Scalars& s, const Coefs<acc_t>& c, int64_t base, int64_t begin,
+                          int64_t end, key_t prefix, key_t mask, int shift, unsigned int* hist) {
   using K = KeyOf<acc_t>;
-  using key_t = typename K::type;
+  const int lane = threadIdx.x % 32;
+  constexpr int64_t kRound = int64_t(kSelectThreads) * kSelectUnroll;
+  for (int64_t r0 = begin + (threadIdx.x - lane); r0 < end; r0 += kRound) {  // warp-uniform bound
+    unsigned bins[kSelectUnroll];
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {
+      const int64_t e = r0 + u * kSelectThreads + lane;
+      bins[u] = kNoBin;
+      if (e < end) {
+        const key_t key = K::key(x0_at<T, acc_t>(p, s, c, base + e));
+        if ((key & mask) == prefix) bins[u] = static_cast<unsigned>((key >> shift) & 255u);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) add_to_bin(hist, bins[u]);
+  }
+}
+
+// The bin of the rank-k key among the counts: prefix gains the digit, k becomes the rank within it.
+template <typename count_t, typename key_t>
+__device__ void pick_bin(const count_t* counts, int shift, key_t* prefix, long long* k) {
+  long long cum = 0;
+  for (int d = 0; d < 256; ++d) {
+    if (cum + static_cast<long long>(counts[d]) > *k) {
+      *prefix |= static_cast<key_t>(d) << shift;
+      *k -= cum;
+      return;
+    }
+    cum += static_cast<long long>(counts[d]);
+  }
+}
+
+// Per thread over elements [begin, end): how many keys are ≤ prefix, the smallest key above it, NaN seen.
+template <typename T, typename acc_t, typename key_t>
+__device__ void count_below(const Ptrs<T>& p, const Scalars& s, const Coefs<acc_t>& c, int64_t base, int64_t begin,
+                            int64_t end, key_t prefix, unsigned long long* count, key_t* mn, bool* nan) {
+  using K = KeyOf<acc_t>;
+#pragma unroll 4
+  for (int64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
+    const acc_t v = x0_at<T, acc_t>(p, s, c, base + e);
+    *nan |= (v != v);
+    const key_t key = K::key(v);
+    if (key <= prefix) {
+      ++*count;
+    } else if (key < *mn) {
+      *mn = key;
+    }
+  }
+}
+
+// prefix is the key of the lo-th smallest |x0|; the next one is equal to it (count > lo + 1 keys are
+// ≤ it) or the smallest above it. A NaN anywhere: a NaN quantile, as torch.quantile.
+template <typename acc_t, typename key_t>
+__device__ acc_t select_scale(key_t prefix, unsigned long long count, key_t mn, bool nan, int64_t lo, acc_t frac,
+                              int64_t n, acc_t max_value) {
+  using K = KeyOf<acc_t>;
+  acc_t vlo = K::value(prefix);
+  acc_t vhi = vlo;
+  if (lo + 1 < n && static_cast<unsigned long long>(lo + 1) >= count) vhi = K::value(mn);
+  if (nan) vlo = vhi = K::value(~key_t(0) >> 1);
+  return threshold_scale(lerp(vlo, vhi, frac), max_value);
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kSelectThreads, 1) threshold_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
+                                                                   acc_t ratio, acc_t max_value, acc_t* scale) {
+  using key_t = typename KeyOf<acc_t>::type;
   constexpr int kBits = sizeof(key_t) * 8;
   __shared__ unsigned int hist[256];
   __shared__ key_t s_prefix;
@@ -289,37 +360,13 @@ __global__ void __launch_bounds__(kSelectThreads) threshold_kernel(Ptrs<T> p, Sc
   quantile_rank(ratio, s.n, &lo, &frac);
   key_t prefix = 0, mask = 0;
   long long k = lo;  // rank of the wanted key among those that match the prefix so far
-  const int lane = threadIdx.x % 32;
-  const int64_t warp0 = threadIdx.x - lane;  // this warp's first element of each round
-  constexpr int64_t kRound = int64_t(kSelectThreads) * kSelectUnroll;
   for (int shift = kBits - 8; shift >= 0; shift -= 8) {
     for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
     __syncthreads();
-    for (int64_t r0 = warp0; r0 < s.n; r0 += kRound) {  // warp-uniform bound
-      unsigned bins[kSelectUnroll];
-#pragma unroll
-      for (int u = 0; u < kSelectUnroll; ++u) {
-        const int64_t e = r0 + u * kSelectThreads + lane;
-        bins[u] = kNoBin;
-        if (e < s.n) {
-          const key_t key = K::key(x0_at<T, acc_t>(p, s, c, base + e));
-          if ((key & mask) == prefix) bins[u] = static_cast<unsigned>((key >> shift) & 255u);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kSelectUnroll; ++u) add_to_bin(hist, bins[u]);
-    }
+    fill_hist<T, acc_t, key_t>(p, s, c, base, 0, s.n, prefix, mask, shift, hist);
     __syncthreads();
     if (threadIdx.x == 0) {
-      long long cum = 0;
-      for (int d = 0; d < 256; ++d) {
-        if (cum + hist[d] > k) {
-          prefix |= static_cast<key_t>(d) << shift;
-          k -= cum;
-          break;
-        }
-        cum += hist[d];
-      }
+      pick_bin(hist, shift, &prefix, &k);
       s_prefix = prefix;
       s_k = k;
     }
@@ -329,7 +376,6 @@ __global__ void __launch_bounds__(kSelectThreads) threshold_kernel(Ptrs<T> p, Sc
     mask |= static_cast<key_t>(255) << shift;
     __syncthreads();
   }
-  // prefix is the key of the lo-th smallest |x0|; the next one is equal to it or the smallest above it
   if (threadIdx.x == 0) {
     s_count = 0;
     s_min = ~key_t(0);
@@ -339,27 +385,111 @@ __global__ void __launch_bounds__(kSelectThreads) threshold_kernel(Ptrs<T> p, Sc
   unsigned long long count = 0;
   key_t mn = ~key_t(0);
   bool nan = false;
-#pragma unroll 4
-  for (int64_t e = threadIdx.x; e < s.n; e += blockDim.x) {
-    const acc_t v = x0_at<T, acc_t>(p, s, c, base + e);
-    nan |= (v != v);
-    const key_t key = K::key(v);
-    if (key <= prefix) {
-      ++count;
-    } else if (key < mn) {
-      mn = key;
-    }
-  }
+  count_below<T, acc_t, key_t>(p, s, c, base, 0, s.n, prefix, &count, &mn, &nan);
   atomicAdd(&s_count, count);
   atomicMin(&s_min, mn);
   if (nan) s_nan = 1;
   __syncthreads();
+  if (threadIdx.x == 0) scale[b] = select_scale(prefix, s_count, s_min, s_nan != 0, lo, frac, s.n, max_value);
+}
+
+// ---- the same select over G blocks a sample (large samples) ------------------------------------------
+// Each pass is one launch over a (G, B) grid: block g histograms its slice of the sample into shared
+// memory and adds the non-zero bins to the sample's global histogram; the last block of the sample to
+// finish (a done counter, after __threadfence) takes and clears the histogram, picks the bin and
+// stores the prefix and rank for the next launch. The count pass ends the same way with the scale.
+// Words of a sample's workspace (zeroed by the caller; each pass leaves its words zeroed again):
+enum : int { kWPrefix = 256, kWRank = 257, kWDone = 258, kWCount = 259, kWMinC = 260, kWNan = 261 };
+static_assert(kWNan < kSelectWords, "select workspace words");
+
+__device__ __forceinline__ bool last_of(unsigned long long* done, int64_t G) {
+  __shared__ bool last;
+  __threadfence();  // this block's global adds before its arrival
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done, 1ull) == static_cast<unsigned long long>(G - 1);
+  __syncthreads();
+  if (last) __threadfence();  // and the others' before the last block reads them
+  return last;
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kSelectThreads, 1) select_pass_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
+                                                                     acc_t ratio, unsigned long long* ws, int shift,
+                                                                     int64_t G) {
+  using key_t = typename KeyOf<acc_t>::type;
+  constexpr int kBits = sizeof(key_t) * 8;
+  __shared__ unsigned int hist[256];
+  __shared__ unsigned long long total[256];
+  const int64_t b = blockIdx.y, per = (s.n + G - 1) / G;
+  const int64_t begin = blockIdx.x * per, end = begin + per < s.n ? begin + per : s.n;
+  unsigned long long* w = ws + b * kSelectWords;
+  const bool first = shift == kBits - 8;
+  const key_t prefix = first ? key_t(0) : static_cast<key_t>(w[kWPrefix]);
+  const key_t mask = first ? key_t(0) : static_cast<key_t>(~key_t(0) << (shift + 8));
+  const Coefs<acc_t> c = s.per_sample ? load_coefs<acc_t>(s.per_sample + b * kNumCoefs) : uniform;
+  for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
+  __syncthreads();
+  fill_hist<T, acc_t, key_t>(p, s, c, b * s.n, begin, end, prefix, mask, shift, hist);
+  __syncthreads();
+  for (int d = threadIdx.x; d < 256; d += blockDim.x)
+    if (hist[d]) atomicAdd(&w[d], static_cast<unsigned long long>(hist[d]));
+  if (!last_of(&w[kWDone], G)) return;
+  for (int d = threadIdx.x; d < 256; d += blockDim.x) total[d] = atomicExch(&w[d], 0ull);  // take and clear
+  __syncthreads();
   if (threadIdx.x == 0) {
-    acc_t vlo = K::value(prefix);
-    acc_t vhi = vlo;
-    if (lo + 1 < s.n && static_cast<unsigned long long>(lo + 1) >= s_count) vhi = K::value(s_min);
-    if (s_nan) vlo = vhi = K::value(~key_t(0) >> 1);  // a NaN anywhere: a NaN quantile, as torch.quantile
-    scale[b] = threshold_scale(lerp(vlo, vhi, frac), max_value);
+    int64_t lo;
+    acc_t frac;
+    quantile_rank(ratio, s.n, &lo, &frac);
+    long long k = first ? lo : static_cast<long long>(w[kWRank]);
+    key_t pre = prefix;
+    pick_bin(total, shift, &pre, &k);
+    w[kWPrefix] = static_cast<unsigned long long>(pre);
+    w[kWRank] = static_cast<unsigned long long>(k);
+    w[kWDone] = 0;
+  }
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kSelectThreads, 1) select_count_kernel(Ptrs<T> p, Scalars s, Coefs<acc_t> uniform,
+                                                                      acc_t ratio, acc_t max_value,
+                                                                      unsigned long long* ws, int64_t G,
+                                                                      acc_t* scale) {
+  using key_t = typename KeyOf<acc_t>::type;
+  __shared__ unsigned long long s_count, s_minc;
+  __shared__ int s_nan;
+  const int64_t b = blockIdx.y, per = (s.n + G - 1) / G;
+  const int64_t begin = blockIdx.x * per, end = begin + per < s.n ? begin + per : s.n;
+  unsigned long long* w = ws + b * kSelectWords;
+  const key_t prefix = static_cast<key_t>(w[kWPrefix]);
+  const Coefs<acc_t> c = s.per_sample ? load_coefs<acc_t>(s.per_sample + b * kNumCoefs) : uniform;
+  if (threadIdx.x == 0) {
+    s_count = 0;
+    s_minc = 0;  // the minimum key as the maximum of complements: 0 = none yet
+    s_nan = 0;
+  }
+  __syncthreads();
+  unsigned long long count = 0;
+  key_t mn = ~key_t(0);
+  bool nan = false;
+  count_below<T, acc_t, key_t>(p, s, c, b * s.n, begin, end, prefix, &count, &mn, &nan);
+  atomicAdd(&s_count, count);
+  atomicMax(&s_minc, ~static_cast<unsigned long long>(mn));
+  if (nan) s_nan = 1;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(&w[kWCount], s_count);
+    atomicMax(&w[kWMinC], s_minc);
+    if (s_nan) atomicMax(&w[kWNan], 1ull);
+  }
+  if (!last_of(&w[kWDone], G)) return;
+  if (threadIdx.x == 0) {
+    int64_t lo;
+    acc_t frac;
+    quantile_rank(ratio, s.n, &lo, &frac);
+    const unsigned long long total = atomicExch(&w[kWCount], 0ull), minc = atomicExch(&w[kWMinC], 0ull);
+    const bool any_nan = atomicExch(&w[kWNan], 0ull) != 0;
+    scale[b] = select_scale(prefix, total, static_cast<key_t>(~minc), any_nan, lo, frac, s.n, max_value);
+    w[kWPrefix] = w[kWRank] = w[kWDone] = 0;
   }
 }
 
@@ -386,8 +516,24 @@ cudaError_t forward(const StepArgs& a, cudaStream_t stream) {
   const Coefs<acc_t> uniform = load_coefs<acc_t>(a.coefs);
   acc_t* scale = static_cast<acc_t*>(a.scale);
   if (a.clip_mode == kClipThreshold) {
-    threshold_kernel<T, acc_t><<<static_cast<unsigned>(a.B), kSelectThreads, 0, stream>>>(
-        p, s, uniform, static_cast<acc_t>(a.ratio), static_cast<acc_t>(a.max_value), scale);
+    const acc_t ratio = static_cast<acc_t>(a.ratio), max_value = static_cast<acc_t>(a.max_value);
+    if (a.select_blocks > 1) {
+      if (a.select_ws == nullptr || a.B > 65535 || a.select_blocks > 0x7fffffff) return cudaErrorInvalidValue;
+      auto* ws = static_cast<unsigned long long*>(a.select_ws);
+      const dim3 grid(static_cast<unsigned>(a.select_blocks), static_cast<unsigned>(a.B));
+      constexpr int kBits = sizeof(typename KeyOf<acc_t>::type) * 8;
+      for (int shift = kBits - 8; shift >= 0; shift -= 8) {
+        select_pass_kernel<T, acc_t><<<grid, kSelectThreads, 0, stream>>>(p, s, uniform, ratio, ws, shift,
+                                                                          a.select_blocks);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+      }
+      select_count_kernel<T, acc_t><<<grid, kSelectThreads, 0, stream>>>(p, s, uniform, ratio, max_value, ws,
+                                                                         a.select_blocks, scale);
+    } else {
+      threshold_kernel<T, acc_t><<<static_cast<unsigned>(a.B), kSelectThreads, 0, stream>>>(p, s, uniform, ratio,
+                                                                                          max_value, scale);
+    }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -163,6 +163,22 @@ template <typename T>
 T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
 
 template <typename T>
+T atomicExch(T* p, T v) { return std::atomic_ref<T>(*p).exchange(v); }
+
+template <typename T>
+T atomicMax(T* p, T v) {
+  std::atomic_ref<T> a(*p);
+  T cur = a.load();
+  while (v > cur && !a.compare_exchange_weak(cur, v)) {
+  }
+  return cur;
+}
+
+// Blocks run one after another here, so there is nothing to order; the kernels' fences are checked on
+// hardware only.
+inline void __threadfence() {}
+
+template <typename T>
 T atomicMin(T* p, T v) {
   std::atomic_ref<T> a(*p);
   T cur = a.load();

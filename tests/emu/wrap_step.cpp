@@ -22,6 +22,16 @@ distkern::diffusion::StepArgs common(const void* x, const void* m, const void* n
   return a;
 }
 
+int forward(int dtype, distkern::diffusion::StepArgs a, void* out, void* x0, double ratio, double max_value,
+            void* scale) {
+  a.out = out;
+  a.x0 = x0;
+  a.ratio = ratio;
+  a.max_value = max_value;
+  a.scale = scale;
+  return distkern::diffusion::launch_sampler_step(static_cast<distkern::DType>(dtype), a, nullptr);
+}
+
 }  // namespace
 
 extern "C" {
@@ -32,12 +42,18 @@ int emu_sampler_step(int dtype, const void* x, const void* m, const void* px0, c
                      void* scale) {
   auto a = common(x, m, noise, per_sample, coefs, B, n, numel, clip_mode, clip_range, seed, offset);
   a.px0 = px0;
-  a.out = out;
-  a.x0 = x0;
-  a.ratio = ratio;
-  a.max_value = max_value;
-  a.scale = scale;
-  return distkern::diffusion::launch_sampler_step(static_cast<distkern::DType>(dtype), a, nullptr);
+  return forward(dtype, a, out, x0, ratio, max_value, scale);
+}
+
+// The same with dynamic thresholding over `select_blocks` blocks a sample, in the zeroed workspace `ws`
+// (B × kSelectWords words).
+int emu_sampler_step_select(int dtype, const void* x, const void* m, const void* noise, void* out, void* x0,
+                            const double* coefs, int64_t B, int64_t n, double ratio, double max_value, int64_t seed,
+                            void* scale, int64_t select_blocks, void* ws) {
+  auto a = common(x, m, noise, nullptr, coefs, B, n, B * n, 2, 1.0, seed, 4);
+  a.select_blocks = select_blocks;
+  a.select_ws = ws;
+  return forward(dtype, a, out, x0, ratio, max_value, scale);
 }
 
 int emu_sampler_step_backward(int dtype, const void* grad_prev, const void* grad_x0, const void* x, const void* m,
