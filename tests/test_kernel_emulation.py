@@ -137,17 +137,18 @@ def test_sampler_step_threshold_ties(lib, dtype, n):
             assert _ulps(out, ref_out, dtype) and _ulps(x0, ref_x0, dtype), (ratio, seed)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("G", [2, 7])
-def test_sampler_step_threshold_over_blocks(lib, dtype, G):
-    """The select of large samples over G blocks a sample meeting in a global histogram (here forced at
-    n = 5003, slices not multiples of a round), with ties, in-kernel noise and a NaN in one sample: the
-    scale and the step equal the CPU op's, and the workspace is left zeroed for the next call."""
-    g = torch.Generator().manual_seed(G)
-    B, n = 3, 5003
+@pytest.mark.parametrize("dtype,G,n", [(torch.float32, 2, 5003), (torch.bfloat16, 2, 5003), (torch.float64, 2, 5003),
+                                       (torch.float32, 7, 5003), (torch.float64, 7, 5003), (torch.float32, 7, 10)])
+def test_sampler_step_threshold_over_blocks(lib, dtype, G, n):
+    """The select of large samples over G blocks a sample meeting in a global histogram (forced here: at
+    n = 5003 slices not multiples of a round; at n = 10 the last two of 7 slices start past the end), with
+    ties, in-kernel noise and a NaN in one sample: the scale and the step equal the CPU op's, and the
+    workspace is left zeroed for the next call."""
+    g = torch.Generator().manual_seed(G + n)
+    B = 3
     x = (torch.randn(B, n, generator=g) * 8).round().div(8).to(dtype)
     m = (torch.randn(B, n, generator=g) * 4).round().div(4).to(dtype)
-    x[2, 4321] = float("nan")
+    x[2, n * 6 // 7] = float("nan")
     coefs = [1.0, -0.5, 0.25, 0.9, 0.3, 0.0, 0.0, 0.0]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     ws = torch.zeros(B * 264, dtype=torch.int64)
