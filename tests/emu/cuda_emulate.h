@@ -71,7 +71,9 @@ inline unsigned char* g_dyn = nullptr;
 inline void* dyn_smem() { return g_dyn; }
 
 // kernel() over `grid` blocks of `block` threads (1-D blocks, a multiple of 32), one block at a
-// time, each thread a std::thread; `smem` bytes of dynamic shared memory per block.
+// time; `smem` bytes of dynamic shared memory per block. The block's threads are std::threads made
+// once per launch: each runs the blocks in order, and all of them meet at a barrier between two
+// blocks (a block's shared memory and barriers are the next block's).
 template <typename F>
 void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
   const unsigned nt = block.x;
@@ -80,29 +82,30 @@ void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nul
   std::vector<unsigned char> dyn(smem + 128);
   g_dyn = dyn.data() + (128 - reinterpret_cast<uintptr_t>(dyn.data()) % 128) % 128;
   g_xch.assign(nt, 0);
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      std::barrier<> blk(nt);
-      std::vector<std::unique_ptr<std::barrier<>>> warps;
-      g_warp.clear();
-      for (unsigned w = 0; w < nt / 32; ++w) {
-        warps.emplace_back(new std::barrier<>(32));
-        g_warp.push_back(warps.back().get());
-      }
-      g_block = &blk;
-      std::vector<std::thread> ts;
-      for (unsigned t = 0; t < nt; ++t)
-        ts.emplace_back([&, t] {
-          threadIdx = dim3(t, 0, 0);
-          threadIdx.y = threadIdx.z = 0;
+  std::barrier<> blk(nt), between(nt);
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  g_warp.clear();
+  for (unsigned w = 0; w < nt / 32; ++w) {
+    warps.emplace_back(new std::barrier<>(32));
+    g_warp.push_back(warps.back().get());
+  }
+  g_block = &blk;
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < nt; ++t)
+    ts.emplace_back([&, t] {
+      threadIdx = dim3(t, 0, 0);
+      threadIdx.y = threadIdx.z = 0;
+      blockDim = block;
+      gridDim = grid;
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
           blockIdx = dim3(bx, by, 0);
           blockIdx.z = 0;
-          blockDim = block;
-          gridDim = grid;
           kernel();
-        });
-      for (auto& t : ts) t.join();
-    }
+          between.arrive_and_wait();  // every thread done with this block before any starts the next
+        }
+    });
+  for (auto& t : ts) t.join();
 }
 
 template <typename T>
