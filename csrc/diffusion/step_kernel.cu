@@ -239,6 +239,12 @@ struct KeyOf<double> {
   __device__ static double value(unsigned long long k) { return __longlong_as_double(static_cast<long long>(k)); }
 };
 
+// The coefficients of sample b: its row of the per-sample table, or the batch-wide ones.
+template <typename acc_t>
+__device__ __forceinline__ Coefs<acc_t> sample_coefs(const Scalars& s, const Coefs<acc_t>& uniform, int64_t b) {
+  return s.per_sample ? load_coefs<acc_t>(s.per_sample + b * kNumCoefs) : uniform;
+}
+
 template <typename T, typename acc_t>
 __device__ __forceinline__ acc_t x0_at(const Ptrs<T>& p, const Scalars& s, const Coefs<acc_t>& c, int64_t e) {
   acc_t nv = acc_t(0);
@@ -354,7 +360,7 @@ __global__ void __launch_bounds__(kSelectThreads, 1) threshold_kernel(Ptrs<T> p,
   __shared__ int s_nan;
   const int64_t b = blockIdx.x;
   const int64_t base = b * s.n;
-  const Coefs<acc_t> c = s.per_sample ? load_coefs<acc_t>(s.per_sample + b * kNumCoefs) : uniform;
+  const Coefs<acc_t> c = sample_coefs(s, uniform, b);
   int64_t lo;
   acc_t frac;
   quantile_rank(ratio, s.n, &lo, &frac);
@@ -402,6 +408,13 @@ __global__ void __launch_bounds__(kSelectThreads, 1) threshold_kernel(Ptrs<T> p,
 enum : int { kWPrefix = 256, kWRank = 257, kWDone = 258, kWCount = 259, kWMinC = 260, kWNan = 261 };
 static_assert(kWNan < kSelectWords, "select workspace words");
 
+// This block's slice [begin, end) of its sample: G slices of ceil(n / G) elements (trailing ones may be empty).
+__device__ __forceinline__ void slice_of(int64_t n, int64_t G, int64_t* begin, int64_t* end) {
+  const int64_t per = (n + G - 1) / G;
+  *begin = blockIdx.x * per;
+  *end = *begin + per < n ? *begin + per : n;
+}
+
 __device__ __forceinline__ bool last_of(unsigned long long* done, int64_t G) {
   __shared__ bool last;
   __threadfence();  // this block's global adds before its arrival
@@ -420,13 +433,14 @@ __global__ void __launch_bounds__(kSelectThreads, 1) select_pass_kernel(Ptrs<T> 
   constexpr int kBits = sizeof(key_t) * 8;
   __shared__ unsigned int hist[256];
   __shared__ unsigned long long total[256];
-  const int64_t b = blockIdx.y, per = (s.n + G - 1) / G;
-  const int64_t begin = blockIdx.x * per, end = begin + per < s.n ? begin + per : s.n;
+  const int64_t b = blockIdx.y;
+  int64_t begin, end;
+  slice_of(s.n, G, &begin, &end);
   unsigned long long* w = ws + b * kSelectWords;
   const bool first = shift == kBits - 8;
   const key_t prefix = first ? key_t(0) : static_cast<key_t>(w[kWPrefix]);
   const key_t mask = first ? key_t(0) : static_cast<key_t>(~key_t(0) << (shift + 8));
-  const Coefs<acc_t> c = s.per_sample ? load_coefs<acc_t>(s.per_sample + b * kNumCoefs) : uniform;
+  const Coefs<acc_t> c = sample_coefs(s, uniform, b);
   for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
   __syncthreads();
   fill_hist<T, acc_t, key_t>(p, s, c, b * s.n, begin, end, prefix, mask, shift, hist);
@@ -457,11 +471,12 @@ __global__ void __launch_bounds__(kSelectThreads, 1) select_count_kernel(Ptrs<T>
   using key_t = typename KeyOf<acc_t>::type;
   __shared__ unsigned long long s_count, s_minc;
   __shared__ int s_nan;
-  const int64_t b = blockIdx.y, per = (s.n + G - 1) / G;
-  const int64_t begin = blockIdx.x * per, end = begin + per < s.n ? begin + per : s.n;
+  const int64_t b = blockIdx.y;
+  int64_t begin, end;
+  slice_of(s.n, G, &begin, &end);
   unsigned long long* w = ws + b * kSelectWords;
   const key_t prefix = static_cast<key_t>(w[kWPrefix]);
-  const Coefs<acc_t> c = s.per_sample ? load_coefs<acc_t>(s.per_sample + b * kNumCoefs) : uniform;
+  const Coefs<acc_t> c = sample_coefs(s, uniform, b);
   if (threadIdx.x == 0) {
     s_count = 0;
     s_minc = 0;  // the minimum key as the maximum of complements: 0 = none yet

@@ -46,6 +46,26 @@ struct YTLoad {  // B[k][m] = yc[m][k]
   __device__ float operator()(int64_t, int64_t k, int64_t m) const { return yc[m * D + k]; }
 };
 
+// φ of the pair (row of x, column gm of y) from its x·y product: r² from the centred norms, again from
+// the coordinates (x from its loader, y from L2) for the rare pairs that form does not resolve.
+template <typename T>
+__device__ __forceinline__ float pair_phi(const Params& kp, float dot, float xx, float yy, const XCLoad<T>& x,
+                                          int64_t row, const float* yc_row, int64_t D) {
+  float r2 = 0.f;
+  if (uses_distance(kp.kind)) {
+    r2 = sq_dist(xx, yy, dot);
+    if (needs_exact_r2(r2, xx, yy)) {
+      float sq = 0.f;
+      r2 = 0.f;
+      for (int64_t q = 0; q < D; ++q) {
+        const float d = x(0, row, q, sq) - yc_row[q];
+        r2 += d * d;
+      }
+    }
+  }
+  return phi(kp, r2, dot);
+}
+
 template <typename T>
 struct KV {
   struct Args {
@@ -77,7 +97,6 @@ struct KV {
                           int64_t j0, float*, const float* xx) const {
       __shared__ float Ks[BM][BN + 1];
       const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-      const bool dist = uses_distance(a.kp.kind);
 #pragma unroll
       for (int i = 0; i < TR; ++i) {
         const int r = ty * TR + i;
@@ -86,22 +105,8 @@ struct KV {
           const int m = tx * TC + j;
           const int64_t gm = j0 + m;
           float k = 0.f;
-          if (row_base + r < a.N && gm < a.M) {
-            const float dot = c[i][j];
-            float r2 = 0.f;
-            if (dist) {
-              r2 = sq_dist(xx[r], a.yy[gm], dot);
-              if (needs_exact_r2(r2, xx[r], a.yy[gm])) {  // rare: the coordinates again, from L2
-                float sq = 0.f;
-                r2 = 0.f;
-                for (int64_t q = 0; q < a.D; ++q) {
-                  const float d = a.x(0, row_base + r, q, sq) - a.yc[gm * a.D + q];
-                  r2 += d * d;
-                }
-              }
-            }
-            k = phi(a.kp, r2, dot);
-          }
+          if (row_base + r < a.N && gm < a.M)
+            k = pair_phi(a.kp, c[i][j], xx[r], a.yy[gm], a.x, row_base + r, a.yc + gm * a.D, a.D);
           Ks[r][m] = k;
         }
       }
@@ -152,8 +157,10 @@ struct PanelYT {  // B[k][j] = yc[j][k] for column slab p of width W, clamped to
   }
 };
 
-// K panel: problem p is the column slab [p·W, (p + 1)·W) of the panel; φ goes straight from the
-// accumulators to out[row · ld + column] (16-byte stores where the row allows).
+// K panel: problem p is the column slab [p·W, (p + 1)·W) of the panel (W a multiple of the block's
+// 64 columns, so a thread's columns never straddle two slabs); φ goes straight from the accumulators
+// to out[row · ld + column] (16-byte stores where the row allows).
+static_assert(kPanelSlab % 64 == 0, "panel slabs are whole 64-column blocks");
 template <typename T>
 struct KPanel {
   struct Args {
@@ -175,9 +182,8 @@ struct KPanel {
     __device__ void block(State&, const float (&c)[TR][TC], int64_t p, int64_t row_base, int64_t j0, float*,
                           const float* xx) const {
       const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-      const bool dist = uses_distance(a.kp.kind);
       const int64_t col0 = p * a.W + j0 + tx * TC;  // this thread's first column in the panel
-      const bool whole = col0 + TC <= a.M && j0 + tx * TC + TC <= a.W;
+      const bool whole = col0 + TC <= a.M;
 #pragma unroll
       for (int i = 0; i < TR; ++i) {
         const int r = ty * TR + i;
@@ -187,23 +193,7 @@ struct KPanel {
 #pragma unroll
         for (int j = 0; j < TC; ++j) {
           const int64_t gm = col0 + j;
-          k[j] = 0.f;
-          if (gm < a.M && j0 + tx * TC + j < a.W) {
-            const float dot = c[i][j];
-            float r2 = 0.f;
-            if (dist) {
-              r2 = sq_dist(xx[r], a.yy[gm], dot);
-              if (needs_exact_r2(r2, xx[r], a.yy[gm])) {
-                float sq = 0.f;
-                r2 = 0.f;
-                for (int64_t q = 0; q < a.D; ++q) {
-                  const float d = a.x(0, row, q, sq) - a.yc[gm * a.D + q];
-                  r2 += d * d;
-                }
-              }
-            }
-            k[j] = phi(a.kp, r2, dot);
-          }
+          k[j] = gm < a.M ? pair_phi(a.kp, c[i][j], xx[r], a.yy[gm], a.x, row, a.yc + gm * a.D, a.D) : 0.f;
         }
         float* dst = a.out + row * a.ld + col0;
         if constexpr (TC == 4) {
@@ -214,7 +204,7 @@ struct KPanel {
         }
 #pragma unroll
         for (int j = 0; j < TC; ++j)
-          if (col0 + j < a.M && j0 + tx * TC + j < a.W) dst[j] = k[j];
+          if (col0 + j < a.M) dst[j] = k[j];
       }
     }
     __device__ void end_problem(State&, int64_t, int64_t, const float*) const {}
@@ -249,7 +239,8 @@ cudaError_t typed_panels(const void* x, int64_t sx0, int64_t sx1, const float* c
 template <typename T>
 cudaError_t typed(const void* x, int64_t sx0, int64_t sx1, const float* center, const float* yc,
                   const float* yy, const float* v, float* out, int64_t N, int64_t M, int64_t D,
-                  int64_t C, const Params& kp, cuda::MatMode mode, cudaStream_t stream) {
+                  int64_t C, const Params& kp, cuda::MatMode mode, const PanelGemm* gemm, cudaStream_t stream) {
+  if (gemm != nullptr) return typed_panels<T>(x, sx0, sx1, center, yc, yy, N, M, D, kp, mode, *gemm, stream);
   XCLoad<T> a{static_cast<const T*>(x), sx0, sx1, center};
   YTLoad b{yc, D};
   const typename KV<T>::Args e{out, v, yy, kp, N, M, C, a, yc, D};
@@ -271,18 +262,12 @@ cudaError_t launch_kernel_matmul(DType xtype, const void* x, int64_t sx0, int64_
     const PanelPlan& pl = gemm->plan;
     if (gemm->workspace == nullptr || gemm->fn == nullptr || pl.rows <= 0 || pl.cols <= 0 || pl.ld < pl.cols)
       return cudaErrorInvalidValue;
-    switch (xtype) {
-      case DType::F32: return typed_panels<float>(x, sx0, sx1, center, yc, yy, N, M, D, kp, mode, *gemm, stream);
-      case DType::F16: return typed_panels<__half>(x, sx0, sx1, center, yc, yy, N, M, D, kp, mode, *gemm, stream);
-      case DType::BF16:
-        return typed_panels<__nv_bfloat16>(x, sx0, sx1, center, yc, yy, N, M, D, kp, mode, *gemm, stream);
-      default: return cudaErrorInvalidValue;
-    }
   }
   switch (xtype) {
-    case DType::F32: return typed<float>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, stream);
-    case DType::F16: return typed<__half>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, stream);
-    case DType::BF16: return typed<__nv_bfloat16>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, stream);
+    case DType::F32: return typed<float>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, gemm, stream);
+    case DType::F16: return typed<__half>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, gemm, stream);
+    case DType::BF16:
+      return typed<__nv_bfloat16>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, gemm, stream);
     default: return cudaErrorInvalidValue;
   }
 }

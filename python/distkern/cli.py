@@ -275,7 +275,7 @@ def _cmd_new_plugin(args: argparse.Namespace) -> int:
     from .scaffold import new_plugin
 
     root = new_plugin(args.name, args.kind, args.output, with_kernel=args.with_kernel, op=args.op)
-    iso = "--no-build-isolation " if args.with_kernel or args.op else ""
+    iso = "--no-build-isolation " if (root / "setup.py").exists() else ""  # a kernel plugin builds against torch
     print(f"wrote {root}: pip install {iso}-e {root} && pytest {root / 'tests'}")
     return 0
 

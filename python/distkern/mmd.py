@@ -2,6 +2,7 @@
 all on top of :func:`distkern.kernel_matmul` (no N×M matrix anywhere)."""
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -342,13 +343,10 @@ def _weight_chunks(n: int, m: int, permutations: int, seed: int, cols: int, devi
     """:func:`permutation_weights` ``cols`` columns at a time (the same draws in the same order)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     labels = torch.cat([torch.ones(n), torch.zeros(m)])
-    todo, first = permutations + 1, True
-    while todo > 0:
-        k = min(cols, todo)
-        chunk = ([labels] if first else []) + [labels[torch.randperm(n + m, generator=g)] for _ in range(k - first)]
+    columns = itertools.chain([labels], (labels[torch.randperm(n + m, generator=g)] for _ in range(permutations)))
+    while chunk := list(itertools.islice(columns, cols)):
         L = torch.stack(chunk, 1).to(device=device, dtype=dtype)  # 1 = x side
         yield L / n - (1 - L) / m
-        todo, first = todo - k, False
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000, degree: float = 3,

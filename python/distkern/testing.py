@@ -701,10 +701,10 @@ def _check_sampler(ctx: _Ctx, example) -> None:
              f"dtype {x.dtype} and device; got {_describe(prev) if prev is not None else type(out).__name__}")
     ctx.rule("no-mutation", _same(before, (m_out, x)), "step() modified model_output or sample")
 
-    def seeded_loop(sched=None, device=None):
+    def seeded_loop(sched=None, device=None, example=ex):
         s = sched if sched is not None else ctx.make(seed=ctx.seed)
         torch.manual_seed(ctx.seed + 1)
-        return _loop(s, ex, device)
+        return _loop(s, example, device)
 
     try:
         first = seeded_loop()
@@ -734,10 +734,8 @@ def _check_sampler(ctx: _Ctx, example) -> None:
         return model(x_in.to(sample.dtype), t).to(x_in.dtype)
 
     for dt in (torch.float64, torch.bfloat16):
-        s = ctx.make(seed=ctx.seed)
-        torch.manual_seed(ctx.seed + 1)
         try:
-            xd = _loop(s, ex._replace(sample=sample.to(dt), model=in_example_dtype))
+            xd = seeded_loop(example=ex._replace(sample=sample.to(dt), model=in_example_dtype))
         except TypeError:
             continue  # a clear refusal of the dtype
         except Exception as e:  # noqa: BLE001
