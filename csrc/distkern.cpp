@@ -50,6 +50,16 @@ TORCH_LIBRARY(distkern, m) {
   // Kernel sums: K(x, y) @ v without storing K. x (N, D), y (M, D), v (M, C) or None (ones:
   // returns (N,)); kernel ids and params in csrc/kernel_sum/kernel_math.h.
   m.def("kernel_matmul(Tensor x, Tensor y, Tensor? v, int kernel, float[] params) -> Tensor");
+  // Dense products of mmd2's small-sample path: z·zᵀ (n, n) and a @ b, float32 / float64, no autograd
+  // (csrc/kernel_sum/dense.cpp; on the CPU in float32 through distkern's AVX-512 kernel).
+  m.def("dense_gram(Tensor z) -> Tensor");
+  m.def("dense_mm(Tensor a, Tensor b) -> Tensor");
+  // mmd2's small-sample estimator on the CPU: (value, B (rows, n + m), z (n + m, D)) for kernel id and
+  // params as kernel_matmul's, estimator 0 biased / 1 unbiased / 2 ustat; and the gradient rows from B.
+  m.def(
+      "dense_mmd(Tensor x, Tensor y, int kernel, float[] params, int estimator, bool need_x, bool need_y)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def("dense_mmd_grad(Tensor b, Tensor z, int row0, bool dot) -> Tensor");
   // Fused diffusion sampler step (csrc/diffusion/step_math.h): per element, x0 = a·x + b·m + g·n,
   // clipped (clip_mode 0 none, 1 clamp to ±clip_range, 2 dynamic thresholding at quantile `ratio`
   // of |x0| per sample, scale clamped to [1, max_value]), prev = p·x0 + r·x + w·m + u·prev_x0 + s·n.

@@ -12,9 +12,11 @@ KERNELS = [("gaussian", dict(bandwidth=[0.7, 2.0])), ("laplacian", dict(bandwidt
            ("polynomial", dict()), ("distance", dict())]
 
 
-def dense_kernel(x, y, kernel, kw):
+def dense_kernel(x, y, kernel, kw, exact=False):
+    """k(x, y) in float64; exact: distances from the coordinates (cdist without its GEMM form: exactly 0
+    at x = y, with a zero gradient there)."""
     x, y = x.double(), y.double()
-    r = torch.cdist(x, y)
+    r = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist") if exact else torch.cdist(x, y)
     if kernel == "polynomial":
         return (x @ y.T / x.shape[1] + 1.0) ** 3
     if kernel == "distance":

@@ -20,6 +20,8 @@ struct Inputs {
   at::ScalarType acc;
 };
 
+Params make_params(const char* op, int64_t kind, at::ArrayRef<double> params, at::ScalarType acc);
+
 Inputs prepare(const char* op, const at::Tensor& x, const at::Tensor& y,
                const c10::optional<at::Tensor>& v, int64_t kind, at::ArrayRef<double> params);
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from .ops.kernel_sum import kernel_matmul, kernel_params
+from .ops.kernel_sum import KERNELS, kernel_matmul, kernel_params
 
 __all__ = ["mmd2", "median_bandwidth", "MMDLoss", "mmd_test", "MMDTestResult", "permutation_weights", "kid"]
 
@@ -172,6 +172,25 @@ def _exact_near(t, a, b, sa, sb):
     return t.index_put((i, j), (a[i] - b[j]).square().sum(1))
 
 
+_ESTIMATOR_ID = {"biased": 0, "unbiased": 1, "ustat": 2}
+# Kernels whose small-sample estimator runs as one C++ pass on the CPU (dense_mmd): those whose φ is
+# a few multiplications. The exponential kernels keep the torch composition below, whose exp is
+# vectorised (the C++ pass evaluates φ pair by pair).
+_FUSED_KERNELS = ("polynomial", "distance")
+
+
+def _fused_cpu(x, kernel):
+    """Whether mmd2's small path runs as distkern.dense_mmd: CPU, eager, float32/float64 work."""
+    return (kernel in _FUSED_KERNELS and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.is_grad_enabled())
+
+
+def _dense_cpu(z):
+    """Whether the small path's products go to distkern's dense ops: float32 CPU tensors outside grad
+    mode (the ops have no autograd; under create_graph the plain products are differentiated)."""
+    return z.dtype == torch.float32 and z.device.type == "cpu" and not torch.is_grad_enabled()
+
+
 def _small_mmd(x, y, kernel, params, estimator, need_x, need_y):
     """MMD² of small samples from their kernel matrices: ``x·[x; y]ᵀ`` and ``y·yᵀ`` (two GEMMs;
     distances from centred data, clamped, exact-zero self-distances), the estimator's weights with
@@ -186,8 +205,12 @@ def _small_mmd(x, y, kernel, params, estimator, need_x, need_y):
         c = ya.mean(0).detach()
         xa, ya = xa - c, ya - c
     z = torch.cat([xa, ya])
-    gx = xa @ z.T  # (n, n + m): [x·xᵀ | x·yᵀ]
-    gyy = ya @ ya.T
+    if _dense_cpu(z):  # one symmetric product (the upper triangle) on distkern's AVX-512 kernel
+        g = torch.ops.distkern.dense_gram(z)
+        gx, gyy = g[:n], g[n:, n:]
+    else:
+        gx = xa @ z.T  # (n, n + m): [x·xᵀ | x·yᵀ]
+        gyy = ya @ ya.T
     eye_n = torch.eye(n, dtype=torch.bool, device=x.device)
     eye_m = torch.eye(m, dtype=torch.bool, device=x.device)
     if dot:
@@ -238,16 +261,23 @@ class _SmallMMD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, kernel, params, estimator):
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.args = (kernel, params, estimator)
+        ctx.dot, ctx.n, ctx.dtypes = kernel == "polynomial", x.shape[0], (x.dtype, y.dtype)
+        ctx.fused = _fused_cpu(x, kernel)
+        if ctx.fused:  # the whole estimator in one C++ pass (csrc/kernel_sum/dense.cpp)
+            out, b, z = torch.ops.distkern.dense_mmd(x, y, KERNELS[kernel], params, _ESTIMATOR_ID[estimator],
+                                                     need_x, need_y)
+            if need_x or need_y:
+                ctx.save_for_backward(x, y, z, b)
+            return out
         out, z, bxx, bxy, byy = _small_mmd(x, y, kernel, params, estimator, need_x, need_y)
         if need_x or need_y:
             ctx.save_for_backward(x, y, z, bxx, bxy, byy)
-        ctx.args = (kernel, params, estimator)
-        ctx.dot, ctx.n, ctx.dtypes = kernel == "polynomial", x.shape[0], (x.dtype, y.dtype)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, y, z, bxx, bxy, byy = ctx.saved_tensors
+        x, y, z, *bs = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
             with torch.enable_grad():
@@ -256,10 +286,16 @@ class _SmallMMD(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(val, wrt, g, create_graph=True))
             return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None, None
         n = ctx.n
+        if ctx.fused:  # B holds x's rows and/or y's: one product for both
+            gz = g * torch.ops.distkern.dense_mmd_grad(bs[0], z, 0 if need_x else n, ctx.dot)
+            gx = gz[:n].to(ctx.dtypes[0]) if need_x else None
+            gy = gz[n if need_x else 0:].to(ctx.dtypes[1]) if need_y else None
+            return gx, gy, None, None, None
+        bxx, bxy, byy = bs
         gx = gy = None
 
         def grad_rows(b, rows):  # (b·z)ᵀ through zᵀ·bᵀ: MKL is faster with the long axis outermost
-            bz = (z.T @ b.T).T
+            bz = torch.ops.distkern.dense_mm(b, z) if _dense_cpu(z) else (z.T @ b.T).T
             if ctx.dot:
                 return bz
             return 2 * (b.sum(1, keepdim=True) * rows - bz)

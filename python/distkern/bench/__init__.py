@@ -287,10 +287,22 @@ def measure_ceilings(device: str | torch.device = "cpu", *, quick: bool = False)
                 best, med = _best_of(lambda: torch.mm(a, b, out=c), device, warm=1 if not cuda else 3, reps=mm_reps)
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = False
+            via = "torch.mm"
+            if not cuda and dt == torch.float32:
+                # torch's BLAS may not use the widest vectors the CPU has (MKL runs AVX2 on AMD's AVX-512
+                # cores); distkern's own product (common/cpu_gemm.h) is then the faster one: the ceiling is
+                # the better of the two
+                import distkern  # noqa: F401  (loads the ops)
+
+                ours_best, ours_med = _best_of(lambda: torch.ops.distkern.dense_mm(a, b), device, warm=1,
+                                               reps=mm_reps)
+                if ours_best < best:
+                    best, med, via = ours_best, ours_med, "distkern.dense_mm (AVX-512)"
             flops = 2 * n**3
             out[key] = {
                 "n": n,
                 "dtype": dtype_name(dt),
+                "via": via,
                 "flops_per_iter": flops,
                 "best_s": best,
                 "median_s": med,
@@ -300,7 +312,8 @@ def measure_ceilings(device: str | torch.device = "cpu", *, quick: bool = False)
             del a, b, c
     out["note"] = (
         "best of the repeats (a ceiling is what the device can do); copy counts read + write; "
-        "matmul_fp32 in true fp32 (TF32 off), matmul_tf32 (CUDA) with TF32 on. The fraction of the ceiling "
+        "matmul_fp32 in true fp32 (TF32 off; on the CPU the better of torch.mm and distkern's AVX-512 product, "
+        "see 'via'), matmul_tf32 (CUDA) with TF32 on. The fraction of the ceiling "
         "uses copy and the case's matmul ceiling (matmul_fp32 unless the case names another)."
     )
     if cuda:

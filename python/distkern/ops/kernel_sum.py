@@ -140,3 +140,35 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("distkern::kernel_matmul", _backward, setup_context=_setup)
+
+
+# mmd2's small-sample path on the CPU (csrc/kernel_sum/dense.cpp): no autograd of their own, mmd2's
+# autograd.Function calls them. Fake implementations for torch.compile / opcheck.
+def _acc_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("distkern::dense_gram")
+def _fake_gram(z):
+    torch._check(z.dim() == 2, lambda: "distkern.dense_gram: z must be 2-D")
+    return z.new_empty((z.shape[0], z.shape[0]))
+
+
+@torch.library.register_fake("distkern::dense_mm")
+def _fake_mm(a, b):
+    torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
+                 lambda: "distkern.dense_mm: a (M, K) and b (K, N) needed")
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@torch.library.register_fake("distkern::dense_mmd")
+def _fake_dense_mmd(x, y, kernel, params, estimator, need_x, need_y):
+    torch._check(x.dim() == 2 and y.dim() == 2, lambda: "distkern.dense_mmd: x must be (n, D) and y (m, D)")
+    n, m, dt = x.shape[0], y.shape[0], _acc_dtype(x)
+    rows = (n if need_x else 0) + (m if need_y else 0)
+    return (x.new_empty((), dtype=dt), x.new_empty((rows, n + m), dtype=dt), x.new_empty((n + m, x.shape[1]), dtype=dt))
+
+
+@torch.library.register_fake("distkern::dense_mmd_grad")
+def _fake_dense_mmd_grad(b, z, row0, dot):
+    return b.new_empty((b.shape[0], z.shape[1]))

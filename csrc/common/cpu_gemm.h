@@ -1,0 +1,43 @@
+// Single-precision products for the CPU paths, with an AVX-512 kernel of our own.
+//
+// Why: torch's CPU builds multiply float32 through MKL, which on AMD processors runs its AVX2 code
+// even where the core has full-width AVX-512 (Zen 4 / Zen 5): on the 2-core EPYC (Zen 5) of our CI a
+// 1024³ torch.mm reaches 106 GFLOP/s on one core where the same core does 237 GFLOP/s in AVX-512.
+// Our ops' CPU tiles are small, plain row-major products, which one register-blocked kernel covers:
+// a 12×32 tile of C in 24 zmm accumulators, A broadcast from memory, B streamed in 32-column panels
+// (read in place when its rows are contiguous, else packed once per panel and K block).
+//
+// Every product falls back to at::mm_out when the CPU lacks AVX-512F, for float64 / other dtypes,
+// for layouts it does not take, or when DISTKERN_CPU_GEMM=0 is set (read once per process).
+// Accumulation is float32 in both paths (sequential over k within a K block, as BLAS does).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace distkern {
+namespace cpu {
+
+// True when the AVX-512 kernel is compiled in, the CPU has AVX-512F and DISTKERN_CPU_GEMM is not 0.
+bool fast_gemm_enabled();
+
+// C (M×N, row stride ldc, unit column stride) = A·B, or C += A·B when accumulate. A is M×K with
+// element (i, k) at a[i·sam + k·sak]; B is K×N with (k, j) at b[k·sbk + j·sbn]. Single-threaded:
+// for use inside a parallel region (the tile loops). Returns false, C untouched, when the AVX-512
+// kernel is not enabled.
+bool sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b,
+           int64_t sbk, int64_t sbn, float* c, int64_t ldc, bool accumulate);
+
+// out = a @ b (out += a @ b with accumulate) for 2-D CPU tensors: float32 through sgemm when it is
+// enabled and out's rows are contiguous, else at::mm_out / addmm_. A drop-in for at::mm_out in the
+// tile loops (single-threaded: call it inside a parallel region or for small products).
+void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false);
+
+// a @ b and z·zᵀ for 2-D CPU tensors, parallel over tiles of the output. gram computes the tiles that
+// touch the upper triangle only and mirrors them (z·zᵀ is symmetric to the last bit).
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
+at::Tensor gram(const at::Tensor& z);
+
+}  // namespace cpu
+}  // namespace distkern

@@ -1,0 +1,201 @@
+// mmd2's small-sample path (python/distkern/mmd.py, up to 512 samples a side) on the CPU:
+//
+//   dense_gram(z)                 z·zᵀ, the upper triangle computed and mirrored
+//   dense_mm(a, b)                a @ b
+//   dense_mmd(x, y, kernel, ...)  the estimator in one pass: z = [x; y] (centred on ȳ for the
+//                                 distance kernels), G = z·zᵀ, then per pair r² (or x·y), φ and the
+//                                 estimator's weight → the value and, for a gradient, the weighted
+//                                 derivatives B (the rows of the samples that need one)
+//   dense_mmd_grad(b, z, row0, dot)   the gradient rows from B: B·z (polynomial) or
+//                                 2(rowsum(B)·z_rows − B·z) (distance kernels)
+//
+// The products run on distkern's AVX-512 kernel (common/cpu_gemm.h) in float32 when the CPU has one,
+// at::mm otherwise; φ and r² are kernel_matmul's own (kernel_math.h: sq_dist, needs_exact_r2, phi),
+// so both paths of mmd2 see the same per-pair arithmetic. No autograd: mmd2 calls these inside its
+// autograd.Function, and differentiates plain torch ops under create_graph. dense_gram and dense_mm
+// are also registered for every other device (as at::mm), so the Python path can call them anywhere.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "common/check.h"
+#include "common/cpu_gemm.h"
+#include "kernel_sum/kernel_math.h"
+#include "kernel_sum/kernel_sum.h"
+
+namespace distkern {
+namespace {
+
+void check2d(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D; got shape ", t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point; got ",
+                   t.scalar_type());
+}
+
+at::Tensor dense_gram_cpu(const at::Tensor& z) {
+  check2d("distkern.dense_gram", "z", z);
+  return cpu::gram(z);
+}
+
+at::Tensor dense_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check2d("distkern.dense_mm", "a", a);
+  check2d("distkern.dense_mm", "b", b);
+  TORCH_CHECK_VALUE(a.size(1) == b.size(0), "distkern.dense_mm: a ", a.sizes(), " and b ", b.sizes(),
+                    " cannot be multiplied");
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "distkern.dense_mm: a and b must have one dtype; got ",
+                   a.scalar_type(), " and ", b.scalar_type());
+  return cpu::mm(a, b);
+}
+
+at::Tensor dense_gram_any(const at::Tensor& z) {
+  check2d("distkern.dense_gram", "z", z);
+  return at::mm(z, z.t());
+}
+
+at::Tensor dense_mm_any(const at::Tensor& a, const at::Tensor& b) {
+  check2d("distkern.dense_mm", "a", a);
+  check2d("distkern.dense_mm", "b", b);
+  return at::mm(a, b);
+}
+
+// The estimator from the pair matrix: value = Σ w_blk·φ over the unmasked pairs, B = w_blk·dφ/dt
+// (twice for the within-sample blocks: each pair counts as (i, j) and (j, i)) for the rows of the
+// samples that need a gradient. estimator: 0 biased, 1 unbiased, 2 ustat.
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, const at::Tensor& y, int64_t kind, at::ArrayRef<double> params,
+                                 int64_t estimator, bool need_x, bool need_y) {
+  const char* op = "distkern.dense_mmd";
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  kernel_sum::Params kp = kernel_sum::make_params(op, kind, params, acc);
+  kernel_sum::Params kd = kp;
+  kd.kind = static_cast<int>(kind) + 5;  // the derivative kind (kernel_math.h)
+  const bool dist = kernel_sum::uses_distance(kp.kind);
+  const int64_t n = x.size(0), m = y.size(0), N = n + m, D = x.size(1);
+  at::Tensor xa = x.to(acc), ya = y.to(acc);
+  if (dist) {  // translation invariant: centre on y's mean for accurate distances
+    const at::Tensor c = ya.mean(0);
+    xa = xa - c;
+    ya = ya - c;
+  }
+  const at::Tensor z = at::cat({xa, ya}).contiguous();
+  const at::Tensor g = acc == at::kFloat ? cpu::gram(z) : at::mm(z, z.t());
+  const acc_t* zp = z.data_ptr<acc_t>();
+  const acc_t* gp = g.data_ptr<acc_t>();
+  std::vector<acc_t> sq(N);  // ‖z_i‖², the Gram diagonal
+  for (int64_t i = 0; i < N; ++i) sq[i] = gp[i * N + i];
+  double wxx, wyy, wxy;
+  if (estimator == 0) {
+    wxx = 1.0 / (double(n) * n), wyy = 1.0 / (double(m) * m), wxy = -2.0 / (double(n) * m);
+  } else {
+    wxx = 1.0 / (double(n) * (n - 1)), wyy = 1.0 / (double(m) * (m - 1));
+    wxy = estimator == 1 ? -2.0 / (double(n) * m) : -2.0 / (double(n) * (n - 1));
+  }
+  const bool mask_self = estimator != 0, mask_pair = estimator == 2;
+  // rows of B: x's (0..n) and/or y's (n..N)
+  const int64_t r0 = need_x ? 0 : n, r1 = need_y ? N : n;
+  const bool need = need_x || need_y;
+  at::Tensor b = need ? at::empty({r1 - r0, N}, z.options()) : at::empty({0, N}, z.options());
+  acc_t* bp = b.data_ptr<acc_t>();
+  // pair (i, j): t, masked?, block weight
+  auto pair_t = [&](int64_t i, int64_t j) -> acc_t {
+    const acc_t dot = gp[i * N + j];
+    if (!dist) return dot;
+    if (i == j) return acc_t(0);  // |z_i − z_i|² is 0, not its rounding
+    acc_t r2 = kernel_sum::sq_dist(sq[i], sq[j], dot);
+    if (kernel_sum::needs_exact_r2(r2, sq[i], sq[j])) {  // near-coincident: from the coordinates
+      r2 = 0;
+      for (int64_t k = 0; k < D; ++k) {
+        const acc_t d = zp[i * D + k] - zp[j * D + k];
+        r2 += d * d;
+      }
+    }
+    return r2;
+  };
+  auto weight = [&](int64_t i, int64_t j) -> double {  // 0 for a masked pair
+    const bool xi = i < n, xj = j < n;
+    if (xi && xj) return mask_self && i == j ? 0.0 : wxx;
+    if (!xi && !xj) return mask_self && i == j ? 0.0 : wyy;
+    const int64_t a = xi ? i : j, c = xi ? j - n : i - n;
+    return mask_pair && a == c ? 0.0 : wxy;
+  };
+  // value over the upper triangle (t and φ are symmetric): each off-diagonal pair counts twice within
+  // a sample; the cross block's pairs are (x_i, y_j) with i < n ≤ j, each once. B over its rows.
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1));
+  const double value = at::parallel_reduce(
+      0, N, grain, 0.0,
+      [&](int64_t i0, int64_t i1, double acc_v) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const bool row_b = need && i >= r0 && i < r1;
+          acc_t* brow = row_b ? bp + (i - r0) * N : nullptr;
+          double s = 0;
+          for (int64_t j = row_b ? 0 : i; j < N; ++j) {
+            const acc_t t = pair_t(i, j);
+            const double w = weight(i, j);
+            if (j >= i) {
+              const double f = static_cast<double>(kernel_sum::phi(kp, t, t));
+              const bool within = (i < n) == (j < n);
+              s += (within && j != i ? 2.0 : 1.0) * w * f;
+            }
+            if (row_b) {
+              const bool within = (i < n) == (j < n);
+              brow[j] = w == 0.0 ? acc_t(0)
+                                 : static_cast<acc_t>((within ? 2.0 : 1.0) * w) * kernel_sum::phi(kd, t, t);
+            }
+          }
+          acc_v += s;
+        }
+        return acc_v;
+      },
+      [](double a, double c) { return a + c; });
+  return std::make_tuple(at::scalar_tensor(value, z.options()), b, z);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_mmd_cpu(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
+                                      at::ArrayRef<double> params, int64_t estimator, bool need_x, bool need_y) {
+  const char* op = "distkern.dense_mmd";
+  check_dim(op, "x", x, 2, "(n, D)");
+  check_float(op, "x", x);
+  check_dim(op, "y", y, 2, "(m, D)");
+  check_float(op, "y", y);
+  TORCH_CHECK_VALUE(y.size(1) == x.size(1), op, ": y must be (m, D) with D = ", x.size(1), "; got shape ",
+                    shape_str(y));
+  TORCH_CHECK_VALUE(estimator >= 0 && estimator <= 2, op, ": estimator must be 0 (biased), 1 (unbiased) or 2 (ustat)");
+  TORCH_CHECK_VALUE(kernel >= 0 && kernel < kernel_sum::kGaussianD, op, ": unknown kernel id ", kernel);
+  const int64_t lo = estimator == 0 ? 1 : 2;
+  TORCH_CHECK_VALUE(x.size(0) >= lo && y.size(0) >= lo, op, ": the estimator needs at least ", lo,
+                    " sample(s) on each side; got ", x.size(0), " and ", y.size(0));
+  TORCH_CHECK_VALUE(estimator != 2 || x.size(0) == y.size(0), op, ": the U-statistic needs n = m");
+  if (x.scalar_type() == at::kDouble) return mmd_impl<double>(x, y.to(at::kDouble), kernel, params, estimator, need_x, need_y);
+  return mmd_impl<float>(x, y, kernel, params, estimator, need_x, need_y);
+}
+
+at::Tensor dense_mmd_grad_cpu(const at::Tensor& b, const at::Tensor& z, int64_t row0, bool dot) {
+  const char* op = "distkern.dense_mmd_grad";
+  check_dim(op, "b", b, 2, "(rows, n + m)");
+  check_dim(op, "z", z, 2, "(n + m, D)");
+  TORCH_CHECK_VALUE(b.size(1) == z.size(0) && row0 >= 0 && row0 + b.size(0) <= z.size(0), op,
+                    ": b ", shape_str(b), " does not match z ", shape_str(z), " at row ", row0);
+  TORCH_CHECK_TYPE(b.scalar_type() == z.scalar_type(), op, ": b and z must have one dtype");
+  at::Tensor bz = cpu::mm(b, z);
+  if (dot) return bz;
+  // 2(rowsum(B)·z_rows − B·z), in place
+  return bz.sub_(b.sum(1, true) * z.narrow(0, row0, b.size(0))).mul_(-2);
+}
+
+}  // namespace
+}  // namespace distkern
+
+TORCH_LIBRARY_IMPL(distkern, CPU, m) {
+  m.impl("dense_gram", &distkern::dense_gram_cpu);
+  m.impl("dense_mm", &distkern::dense_mm_cpu);
+  m.impl("dense_mmd", &distkern::dense_mmd_cpu);
+  m.impl("dense_mmd_grad", &distkern::dense_mmd_grad_cpu);
+}
+
+TORCH_LIBRARY_IMPL(distkern, CompositeExplicitAutograd, m) {
+  m.impl("dense_gram", &distkern::dense_gram_any);
+  m.impl("dense_mm", &distkern::dense_mm_any);
+}
