@@ -131,7 +131,8 @@ def _broken(rule):
             return _Good.fit(self, x)
         B.fit = fit
     elif rule == "reproducible":
-        B.fit = lambda self, x, labels=None: (_Good.fit(self, x), setattr(self, "mu", self.mu + torch.rand(1)), self)[2]
+        # randomness that torch.manual_seed does not reach (the check seeds torch before each fit)
+        B.fit = lambda self, x, labels=None: (_Good.fit(self, x), setattr(self, "mu", self.mu + _unseeded()), self)[2]
     elif rule == "save-load":
         B.load = classmethod(lambda cls, path, device="cpu": (lambda d: (setattr(d, "mu", torch.zeros(8)), d)[1])(cls()))
     elif rule == "refuses-other-file":
@@ -153,6 +154,35 @@ def test_each_rule_catches_a_broken_detector(rule):
     with pytest.raises(CheckFailure) as e:
         check_method(_broken(rule))
     assert e.value.rule == rule, str(e.value)
+
+
+@pytest.mark.parametrize("missing", ["score", "save", "load", "fit"])
+def test_a_detector_missing_a_method_fails_declaration(missing):
+    B = type("NoMethod", (_Good,), {missing: None})
+    with pytest.raises(CheckFailure) as e:
+        check_method(B)
+    assert e.value.rule == "declaration" and missing in str(e.value)
+
+
+def test_save_load_calls_load_with_a_device():
+    """distkern score calls load(path, device=...): a load without device= fails save-load, not later."""
+    class NoDevice(_Good):
+        @classmethod
+        def load(cls, path):
+            return _Good.load.__func__(cls, path)
+
+    with pytest.raises(CheckFailure) as e:
+        check_method(NoDevice)
+    assert e.value.rule == "save-load" and "device" in str(e.value)
+
+
+def test_reproducible_seeds_torch_before_each_fit():
+    """A fit drawing from torch's global generator (a random subsample) is reproducible under the check."""
+    class Subsample(_Good):
+        def fit(self, x, labels=None):
+            return _Good.fit(self, x[torch.randperm(len(x))[: max(2, len(x) // 2)]])
+
+    assert "reproducible" in check_method(Subsample)
 
 
 def test_a_detector_may_refuse_other_dtypes_with_type_error():

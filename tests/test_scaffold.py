@@ -140,3 +140,30 @@ def test_new_plugin_errors(tmp_path, capsys):
     assert "exists already" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--kind must be one of"):
         new_plugin("other", "teleporter", tmp_path)
+
+
+def test_new_plugin_refuses_an_installed_name(tmp_path, monkeypatch):
+    """pip install -e of a scaffold named like an installed plugin would replace it: refused up front."""
+    import importlib.metadata as md
+
+    from distkern.methods import ENTRY_POINT_GROUP
+
+    real_dist, real_eps = md.distribution, md.entry_points
+
+    def distribution(name):
+        if name == "distkern-taken-dist":
+            return object()
+        return real_dist(name)
+
+    def entry_points(**kw):
+        if kw.get("group") == ENTRY_POINT_GROUP:
+            return [md.EntryPoint("taken-ep", "somepkg.method:Taken", ENTRY_POINT_GROUP)]
+        return real_eps(**kw)
+
+    monkeypatch.setattr(md, "distribution", distribution)
+    monkeypatch.setattr(md, "entry_points", entry_points)
+    with pytest.raises(ValueError, match="'distkern-taken-dist' is installed already"):
+        new_plugin("taken-dist", "detector", tmp_path)
+    with pytest.raises(ValueError, match="'taken-ep' is registered already"):
+        new_plugin("taken-ep", "detector", tmp_path)
+    assert not (tmp_path / "taken-dist").exists() and not (tmp_path / "taken-ep").exists()

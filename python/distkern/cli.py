@@ -207,7 +207,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
         _check_output_dir(args.output)
     det = load_model(args.model, device=args.device)
     if not callable(getattr(det, "score", None)):
-        raise ValueError(f"{args.model} holds a {getattr(det, 'kind', None) or type(det).__name__} "
+        kind = getattr(det, "kind", None)
+        if kind == "detector":
+            raise ValueError(f"{args.model} holds the detector {det.name!r}, whose class "
+                             f"{type(det).__name__} has no callable score() (distkern plugins --check tells why)")
+        raise ValueError(f"{args.model} holds a {kind or type(det).__name__} "
                          f"({det.name}); distkern score takes detectors")
     if args.map and not hasattr(det, "anomaly_map"):  # before any work
         raise ValueError(f"--map: method {det.name!r} has no anomaly map (try padim)")

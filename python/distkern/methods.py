@@ -219,7 +219,9 @@ def get(name: str) -> Any:
         claims = _claims(name)
         if not claims:
             names = ", ".join(_names()) or "none"
-            raise UnknownMethodError(f"no distkern method named {name!r}; available: {names}")
+            raise UnknownMethodError(f"no distkern method named {name!r}; available: {names} (a plugin is found "
+                                     f"through the entry-point group [project.entry-points.\"{ENTRY_POINT_GROUP}\"] "
+                                     f"of its installed package; reinstall it after changing its pyproject.toml)")
         if len(claims) > 1:
             raise MethodCollisionError(_collision_message(name, claims))
         c = _load(claims[0])

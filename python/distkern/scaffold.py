@@ -1022,6 +1022,25 @@ def _render(text: str, values: dict[str, str]) -> str:
     return text
 
 
+def _refuse_taken(name: str, dist: str) -> None:
+    """A name that an installed method or distribution holds would be replaced by ``pip install`` of the
+    new package (same distribution) or collide in the registry (same entry point): refuse it."""
+    import importlib.metadata as md
+
+    from .methods import ENTRY_POINT_GROUP
+
+    try:
+        md.distribution(dist)
+        raise ValueError(f"new-plugin: the distribution {dist!r} is installed already: installing the new package "
+                         f"would replace it; choose another NAME")
+    except md.PackageNotFoundError:
+        pass
+    holders = [ep.value for ep in md.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if holders:
+        raise ValueError(f"new-plugin: a method named {name!r} is registered already ({holders[0]}); "
+                         f"choose another NAME")
+
+
 def new_plugin(name: str, kind: str, out_dir: str | os.PathLike = ".", *, with_kernel: bool = False,
                op: str | None = None) -> Path:
     """Write a plugin package ``<out_dir>/<name>/`` for a method ``name`` of ``kind``; returns its path.
@@ -1055,6 +1074,7 @@ def new_plugin(name: str, kind: str, out_dir: str | os.PathLike = ".", *, with_k
     root = Path(out_dir) / name
     if root.exists():
         raise FileExistsError(f"new-plugin: {root} exists already; choose another -o or NAME")
+    _refuse_taken(name, dist)
     values = dict(name=name, kind=kind, module=module, cls=cls, dist=dist, api=API_VERSION, ns=module,
                   rule=_CONTRACT_RULE[kind],
                   build_requires=', "wheel", "torch", "distkern"' if with_kernel else "",

@@ -20,8 +20,9 @@ fit-returns-self           ``fit`` returns the detector
 score-shape                ``score`` → floating ``(N,)`` tensor, finite on finite input, on the input's device
 higher-is-anomalous        anomalous examples outscore normal ones (AUROC > 0.9)
 no-mutation                ``fit`` and ``score`` leave their inputs unchanged
-reproducible               two fits of fresh instances on the same data give the same scores
-save-load                  ``save`` / ``load`` round trip gives the same scores
+reproducible               with ``torch.manual_seed(seed)`` before each, two fits of fresh instances on the same
+                           data give the same scores
+save-load                  ``save`` / ``load(path, device="cpu")`` round trip gives the same scores
 refuses-other-file         ``load`` refuses a model file of another method with ``ValueError``
 clear-input-errors         a 5-D tensor in ``score`` raises ``ValueError`` or ``TypeError``
 other-dtypes               features in float64 score within 1e-3 of the float32 scores, and in bfloat16 give
@@ -282,6 +283,10 @@ def check_method(method, *, example: Any = None, seed: int = 0) -> list[str]:
     ctx.rule("declaration", isinstance(name, str) and bool(name) and kind in KINDS and api == API_VERSION,
              f"needs class attributes name (non-empty str), kind (one of {KINDS}) and distkern_api = {API_VERSION}; "
              f"got name={name!r}, kind={kind!r}, distkern_api={api!r}")
+    if kind == "detector":  # the interface distkern fit / score call, named before any of it is used
+        missing = [m for m in ("fit", "score", "save", "load") if not callable(getattr(cls, m, None))]
+        ctx.rule("declaration", not missing, f"a detector needs callable fit, score, save and load (a classmethod "
+                                             f"load(path, device='cpu')); missing: {', '.join(missing)}")
     check = {"detector": _check_detector, "loss": _check_loss, "sampler": _check_sampler,
              "aligner": _check_aligner}[kind]
     check(ctx, example)
@@ -338,7 +343,7 @@ def _check_detector(ctx: _Ctx, example) -> None:
         rule("score-before-fit", raised, "score() before fit() must raise (say 'fit first')")
 
     before = _clone(ex)
-    det = ctx.make()
+    det = ctx.make(ctx.seed)  # seeded as for det2 below: a fit may draw from torch's generator
     rule("fit-returns-self", _fit(det, ex) is det, "fit() must return the detector (self)")
     s_norm, s_anom = det.score(ex.normal), det.score(ex.anomalous)
     n = len(ex.normal) if not isinstance(ex.normal, (list, tuple)) else len(ex.normal[0])
@@ -353,9 +358,10 @@ def _check_detector(ctx: _Ctx, example) -> None:
     rule("higher-is-anomalous", auc > 0.9, f"anomalous examples must score higher than normal ones; AUROC {auc:.3f}")
     rule("no-mutation", _same(before, ex), "fit() or score() modified its input tensors")
 
-    det2 = _fit(ctx.make(), ex)
+    det2 = _fit(ctx.make(ctx.seed), ex)
     rule("reproducible", torch.allclose(det2.score(ex.normal), s_norm, rtol=1e-5, atol=1e-6),
-         "two fits on the same data give different scores (seed the method's randomness)")
+         f"two fits on the same data with torch.manual_seed({ctx.seed}) before each give different scores (draw "
+         "randomness from torch's generator or from the method's own seed)")
 
     with tempfile.TemporaryDirectory() as tmp:
         from .io import model_method, write_model
@@ -369,10 +375,10 @@ def _check_detector(ctx: _Ctx, example) -> None:
                                   f"safetensors + JSON, no pickle) so that distkern score can read it; {e}", e)
         rule("save-load", saved_as == cls.name, f"save() recorded the method {saved_as!r}, not {cls.name!r} "
                                                 "(pass the class's name to distkern.io.write_model)")
-        try:
-            loaded = cls.load(path)
+        try:  # as distkern score and distkern.io.load_model call it
+            loaded = cls.load(path, device="cpu")
         except Exception as e:  # noqa: BLE001
-            ctx.fail("save-load", f"load() of the file save() wrote raised {_err(e)}", e)
+            ctx.fail("save-load", f"load(path, device='cpu') of the file save() wrote raised {_err(e)}", e)
         rule("save-load", torch.allclose(loaded.score(ex.normal), s_norm, rtol=1e-5, atol=1e-6),
              "load(save()) scores differently from the saved detector")
 
