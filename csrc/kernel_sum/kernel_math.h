@@ -112,7 +112,7 @@ DK_HD acc_t phi(const Params& k, acc_t r2, acc_t dot) {
       for (int i = 0; i < k.ns; ++i) s -= acc_t(k.p[i]) * dk_expf(-r2 * acc_t(k.p[i]));
       return s;
     case kLaplacianD: {
-      if (!(r2 > acc_t(0))) return acc_t(0);  // subgradient 0 at x = y: no NaN
+      if (r2 <= acc_t(0)) return acc_t(0);  // subgradient 0 at x = y: no NaN (a NaN r² stays NaN)
       const acc_t r = dk_sqrt(r2);
       for (int i = 0; i < k.ns; ++i) s -= acc_t(k.p[i]) * dk_expf(-r * acc_t(k.p[i]));
       return s / (r + r);
@@ -127,7 +127,7 @@ DK_HD acc_t phi(const Params& k, acc_t r2, acc_t dot) {
       return acc_t(k.p[2]) * acc_t(k.p[0]) *
              dk_pow_kernel(acc_t(k.p[0]) * dot + acc_t(k.p[1]), acc_t(k.p[2]) - acc_t(1));
     case kDistanceD:
-      return r2 > acc_t(0) ? acc_t(0.5) / dk_sqrt(r2) : acc_t(0);
+      return r2 <= acc_t(0) ? acc_t(0) : acc_t(0.5) / dk_sqrt(r2);  // NaN r² → NaN
   }
   return acc_t(0);
 }

@@ -173,7 +173,11 @@ KInputs prepare_k(const char* op, const at::Tensor& x, const at::Tensor& means,
     in.bias = b.to(in.acc).contiguous();
   }
   if (shared) {
-    in.center = in.means.mean(0);
+    // centre on the mean of the finite means: a NaN / inf mean then poisons its own column only, as
+    // in the per-component path (no host sync: the count stays on the device)
+    const at::Tensor finite = at::isfinite(in.means).all(1, true);
+    in.center = at::where(finite, in.means, at::zeros({}, in.means.options())).sum(0) /
+                finite.sum().clamp_min(1).to(in.acc);
     in.V = at::mm(in.means - in.center, in.factors).contiguous();  // K×R
     in.vv = (in.V * in.V).sum(1).contiguous();
     in.bmat = at::mm(in.factors, in.V.t()).contiguous();  // D×K

@@ -129,7 +129,7 @@ def _phi_and_grad(kernel: str, params: list[float], t: torch.Tensor, need_grad: 
         return base ** d, (d * g * base ** (d - 1) if need_grad else None)
     big = torch.finfo(t.dtype).max  # a tiny σ's coefficient capped as the op caps it: k(x, x) = 1, not inf·0
     if kernel in ("distance", "laplacian"):
-        pos = t > 0
+        pos = ~(t <= 0)  # NaN counts as positive: a NaN pair gives NaN, not k = 1 at r = 0
         r = torch.where(pos, t.clamp_min(1e-30).sqrt(), torch.zeros_like(t))
         if kernel == "distance":
             return r, (torch.where(pos, 0.5 / r.clamp_min(1e-30), torch.zeros_like(t)) if need_grad else None)
@@ -360,7 +360,8 @@ def mmd_test(x: torch.Tensor, y: torch.Tensor, *, permutations: int = 1000, seed
     stats = torch.cat([(W * kernel_matmul(z, z, W, kernel=kernel, bandwidth=bandwidth, **kernel_kwargs)).sum(0)
                        for W in _weight_chunks(n, m, permutations, seed, cols, z.device, acc)])
     observed = float(stats[0])
-    p = (1 + int((stats[1:] >= observed).sum())) / (1 + permutations)
+    # a NaN statistic (non-finite data) ranks below nothing: its p-value is NaN, not the smallest one
+    p = math.nan if math.isnan(observed) else (1 + int((stats[1:] >= observed).sum())) / (1 + permutations)
     return MMDTestResult(observed, p, permutations)
 
 

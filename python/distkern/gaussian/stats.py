@@ -81,6 +81,11 @@ def _dense_moments(x: torch.Tensor, product_dtype: torch.dtype = torch.float64,
         z = (x - mean.to(x.dtype)).to(product_dtype)  # centre at x's precision first: offsets cancel exactly
     else:
         z = x.to(product_dtype) - mean.to(product_dtype)
+        if product_dtype == torch.float32:
+            # the float32-rounded mean is off the true one by up to ½ulp(|mean|), which the scatter would
+            # keep as n·δδᵀ (1.6 % of the covariance at |mean| = 1e6·std): centre once more on z's own
+            # float64 mean, whose rounding is ε·|δ|, negligible
+            z = z - (z.sum(0, dtype=torch.float64) / n).to(product_dtype)
     s = (z * z).sum(-1)  # (B, G)
     if x.shape[1] == 1:  # one Gaussian: a plain GEMM / GEMV, no batched permute
         z0 = z[:, 0]

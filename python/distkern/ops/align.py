@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._fake import same_device
+
 __all__ = ["anomaly_map", "pair_directions", "image_scores", "topk_mean", "prompt_align", "shared_kv_attention"]
 
 
@@ -196,6 +198,7 @@ def _attend_heads(q, patches, H, mask, tile):
 
 @torch.library.register_fake("distkern::shared_kv_attention")
 def _fake_attn(q, x, mask=None, tile=256):
+    same_device("distkern.shared_kv_attention", q=q, x=x, mask=mask)
     torch._check(q.dim() == 3 and x.dim() == 3, lambda: "distkern.shared_kv_attention: q (B, M, D), x (B, P, D)")
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=dt)
@@ -241,6 +244,7 @@ torch.library.register_autograd("distkern::shared_kv_attention", _backward_attn,
 
 @torch.library.register_fake("distkern::anomaly_map")
 def _fake(patches, dirs):
+    same_device("distkern.anomaly_map", patches=patches, dirs=dirs)
     torch._check(patches.dim() == 4, lambda: "distkern.anomaly_map: patches must be (L, B, P, D)")
     dt = torch.float64 if patches.dtype == torch.float64 else torch.float32
     return patches.new_empty((patches.shape[1], patches.shape[2]), dtype=dt)

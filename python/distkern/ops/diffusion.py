@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from ._fake import same_device
+
 __all__ = ["ddim_step", "ddpm_step", "euler_step", "dpmpp_2m_step", "sampler_step", "randn_tensor",
            "PREDICTION_TYPES", "COEFS", "gaussian_denoise", "gaussian_teleport", "LowRankGaussian", "fit_lowrank_gaussian"]
 
@@ -40,8 +42,17 @@ _CLIP_NONE, _CLIP_CLAMP, _CLIP_THRESHOLD = 0, 1, 2
 # Schedule arithmetic runs on Python floats when every value is a float (the common case: no torch op,
 # ~µs per step) and on float64 tensors when a value is a tensor (per-sample timesteps, possibly on
 # the device: tensor ops only, never read back).
+def _no_schedule_grad(v, op, name) -> None:
+    """The steps differentiate with respect to sample, model_output (and the previous x0) only: a schedule
+    tensor that requires grad would have its gradient silently dropped, so it is refused."""
+    if v.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"distkern.{op or 'sampler step'}: {name or 'a schedule value'} requires grad, but the steps "
+                         "are differentiable in sample and model_output only; pass it detached (.detach())")
+
+
 def _as_t(v, device=None) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
+        _no_schedule_grad(v, None, None)
         return v.to(dtype=torch.float64)
     return torch.tensor(float(v), dtype=torch.float64, device=device)
 
@@ -50,6 +61,7 @@ def _val(v, op: str | None = None, name: str = "", lo: float = 0.0, hi: float = 
     """A schedule value as a float64 tensor or a float; a float is checked to be finite in [lo, hi] when ``op``
     names the caller (tensors are not: reading them back would sync the device)."""
     if isinstance(v, torch.Tensor):
+        _no_schedule_grad(v, op, name)
         return v.to(dtype=torch.float64)
     f = float(v)
     if op is not None and not (math.isfinite(f) and lo <= f <= hi):
@@ -253,10 +265,10 @@ def _launch(name, sample, model_output, prev_x0, noise, seed, offset, clip, thre
             seed_i = int(torch.randint(0, 2**62, (1,)).item())  # CPU default generator: no device sync
         else:
             seed_i = int(seed)
-    if seed_i < -1 or (seed is not None and int(seed) < 0):
-        raise ValueError(f"{op}: seed must be ≥ 0; got {seed}")
-    if int(offset) < 0:
-        raise ValueError(f"{op}: offset must be ≥ 0; got {offset}")
+    if seed_i < -1 or (seed is not None and not 0 <= int(seed) < 2**63):
+        raise ValueError(f"{op}: seed must be an int in [0, 2**63); got {seed}")
+    if not 0 <= int(offset) < 2**63:
+        raise ValueError(f"{op}: offset must be an int in [0, 2**63); got {offset}")
     if not needs_noise:
         noise = None
     return _call_op(sample, model_output, prev_x0, noise, host, per_sample, clip_mode, clip_range, ratio, max_value,
@@ -543,6 +555,10 @@ def _sigma_t(v, x: torch.Tensor) -> torch.Tensor:
 
 def _unpack_gaussian(name, gaussian, mean, U, lam):
     if gaussian is not None:
+        if not isinstance(gaussian, (tuple, list)) or len(gaussian) != 3:
+            raise ValueError(f"distkern.{name}: gaussian must be a (mean, U, lam) triple; got "
+                             f"{type(gaussian).__name__}" + (f" of {len(gaussian)}" if isinstance(gaussian, (tuple, list))
+                                                             else ""))
         mean, U, lam = gaussian
     if mean is None or U is None or lam is None:
         raise ValueError(f"distkern.{name}: give the Gaussian as gaussian=(mean, U, lam) or mean=, U=, lam=")
@@ -572,6 +588,8 @@ def gaussian_teleport(x_T: torch.Tensor, sigma_T, sigma_t, gaussian=None, *, mea
     σ_max to σ_skip, then continue with a sampler. Shapes as :func:`gaussian_denoise`.
     """
     mean, U, lam = _unpack_gaussian("gaussian_teleport", gaussian, mean, U, lam)
+    if not isinstance(sigma_T, torch.Tensor) and not float(sigma_T) > 0:
+        raise ValueError(f"distkern.gaussian_teleport: sigma_T must be > 0 (the map divides by it); got {sigma_T}")
     return torch.ops.distkern.gaussian_lowrank(x_T, mean, U, lam, _sigma_t(sigma_T, x_T), _sigma_t(sigma_t, x_T))
 
 
@@ -638,6 +656,8 @@ def sampler_step_reference(sample, model_output, prev_x0, noise, coefs, per_samp
 @torch.library.register_fake("distkern::sampler_step")
 def _fake(sample, model_output, prev_x0, noise, coefs, per_sample, clip_mode=0, clip_range=1.0, ratio=0.995,
           max_value=1.0, seed=-1, offset=0):
+    same_device("distkern.sampler_step", sample=sample, model_output=model_output, prev_x0=prev_x0, noise=noise,
+                per_sample=per_sample)
     torch._check(model_output.shape == sample.shape, lambda: "distkern.sampler_step: model_output must match sample")
     return torch.empty_like(sample, memory_format=torch.contiguous_format), \
         torch.empty_like(sample, memory_format=torch.contiguous_format)
@@ -650,5 +670,7 @@ def _fake(sample, model_output, prev_x0, noise, coefs, per_sample, clip_mode=0, 
 @torch.library.register_fake("distkern::sampler_step_backward")
 def _fake_backward(grad_prev, grad_x0, sample, model_output, noise, coefs, per_sample, clip_mode=0, clip_range=1.0,
                    seed=-1, offset=0):
+    same_device("distkern.sampler_step_backward", grad_prev=grad_prev, grad_x0=grad_x0, sample=sample,
+                model_output=model_output, noise=noise)
     e = torch.empty_like(sample, memory_format=torch.contiguous_format)
     return e, torch.empty_like(e), torch.empty_like(e)

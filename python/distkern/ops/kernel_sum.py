@@ -6,6 +6,8 @@ import math
 import numpy as np
 import torch
 
+from ._fake import same_device
+
 __all__ = ["kernel_matmul", "KERNELS"]
 
 # kernel ids of csrc/kernel_sum/kernel_math.h, and the derivative kind the backward evaluates
@@ -86,6 +88,7 @@ def kernel_matmul(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor | None = Non
 
 @torch.library.register_fake("distkern::kernel_matmul")
 def _fake(x, y, v, kernel, params):
+    same_device("distkern.kernel_matmul", x=x, y=y, v=v)
     torch._check(x.dim() == 2 and y.dim() == 2, lambda: "distkern.kernel_matmul: x must be (N, D) and y (M, D)")
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((x.shape[0], v.shape[1]) if v is not None else (x.shape[0],), dtype=dt)
@@ -156,6 +159,7 @@ def _fake_gram(z):
 
 @torch.library.register_fake("distkern::dense_mm")
 def _fake_mm(a, b):
+    same_device("distkern.dense_mm", a=a, b=b)
     torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
                  lambda: "distkern.dense_mm: a (M, K) and b (K, N) needed")
     return a.new_empty((a.shape[0], b.shape[1]))
@@ -163,6 +167,7 @@ def _fake_mm(a, b):
 
 @torch.library.register_fake("distkern::dense_mmd")
 def _fake_dense_mmd(x, y, kernel, params, estimator, need_x, need_y):
+    same_device("distkern.dense_mmd", x=x, y=y)
     torch._check(x.dim() == 2 and y.dim() == 2, lambda: "distkern.dense_mmd: x must be (n, D) and y (m, D)")
     n, m, dt = x.shape[0], y.shape[0], _acc_dtype(x)
     rows = (n if need_x else 0) + (m if need_y else 0)
@@ -171,4 +176,5 @@ def _fake_dense_mmd(x, y, kernel, params, estimator, need_x, need_y):
 
 @torch.library.register_fake("distkern::dense_mmd_grad")
 def _fake_dense_mmd_grad(b, z, row0, dot):
+    same_device("distkern.dense_mmd_grad", b=b, z=z)
     return b.new_empty((b.shape[0], z.shape[1]))

@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._fake import same_device
+
 __all__ = ["mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood", "nearest_reference",
            "reference_residual", "MinResult", "NearestResult"]
 
@@ -55,6 +57,7 @@ def _mahalanobis_fake(x, mean, factor, lower=True):
 
 @torch.library.register_fake("distkern::mahalanobis_backward")
 def _mahalanobis_backward_fake(grad, x, mean, factor, lower=True):
+    same_device("distkern.mahalanobis_backward", grad=grad, x=x, mean=mean, factor=factor)
     return x.new_empty(x.shape), x.new_empty((x.shape[1],), dtype=_acc_dtype(x))
 
 
@@ -201,7 +204,8 @@ def gmm_log_likelihood(x: torch.Tensor, means: torch.Tensor, factors: torch.Tens
     if log_weights is not None and tuple(log_weights.shape) != (K,):
         raise ValueError(f"distkern.gmm_log_likelihood: log_weights must be (K,) = ({K},); got "
                          f"{tuple(log_weights.shape)}")
-    logdet = torch.log(torch.diagonal(factors.to(acc), dim1=-2, dim2=-1)).sum(-1)  # ½ log det Σ⁻¹
+    # ½ log det Σ⁻¹ = Σ log |L_ii|: a factor with a sign-flipped column is as valid as the Cholesky one
+    logdet = torch.log(torch.diagonal(factors.to(acc), dim1=-2, dim2=-1).abs()).sum(-1)
     if logdet.dim() == 0:
         logdet = logdet.expand(K)
     if log_weights is None:
@@ -212,18 +216,21 @@ def gmm_log_likelihood(x: torch.Tensor, means: torch.Tensor, factors: torch.Tens
 
 @torch.library.register_fake("distkern::mahalanobis_k")
 def _k_fake(x, means, factors, lower=True):
+    same_device("distkern.mahalanobis_k", x=x, means=means, factors=factors)
     torch._check(x.dim() == 2 and means.dim() == 2, lambda: "distkern.mahalanobis_k: x must be (N, D) and means (K, D)")
     return x.new_empty((x.shape[0], means.shape[0]), dtype=_acc_dtype(x))
 
 
 @torch.library.register_fake("distkern::mahalanobis_k_min")
 def _k_min_fake(x, means, factors, lower=True):
+    same_device("distkern.mahalanobis_k_min", x=x, means=means, factors=factors)
     torch._check(x.dim() == 2 and means.dim() == 2, lambda: "distkern.mahalanobis_k_min: x must be (N, D) and means (K, D)")
     return x.new_empty((x.shape[0],), dtype=_acc_dtype(x)), x.new_empty((x.shape[0],), dtype=torch.int64)
 
 
 @torch.library.register_fake("distkern::mahalanobis_k_logsumexp")
 def _k_lse_fake(x, means, factors, bias, lower=True):
+    same_device("distkern.mahalanobis_k_logsumexp", x=x, means=means, factors=factors, bias=bias)
     torch._check(x.dim() == 2 and means.dim() == 2, lambda: "distkern.mahalanobis_k_logsumexp: x must be (N, D) and means (K, D)")
     return x.new_empty((x.shape[0],), dtype=_acc_dtype(x))
 
@@ -348,6 +355,7 @@ def mahalanobis_pos(x: torch.Tensor, means: torch.Tensor, factors: torch.Tensor,
 
 @torch.library.register_fake("distkern::mahalanobis_pos")
 def _pos_fake(x, means, factors, lower=True):
+    same_device("distkern.mahalanobis_pos", x=x, means=means, factors=factors)
     torch._check(x.dim() == 3, lambda: f"distkern.mahalanobis_pos: x must be (B, P, D); got {tuple(x.shape)}")
     return x.new_empty((x.shape[0], x.shape[1]), dtype=_acc_dtype(x))
 
@@ -423,6 +431,7 @@ def reference_residual(x: torch.Tensor, refs: torch.Tensor, *, squared: bool = F
 
 @torch.library.register_fake("distkern::nearest_cosine")
 def _nearest_fake(x, refs):
+    same_device("distkern.nearest_cosine", x=x, refs=refs)
     torch._check(x.dim() == 2 and refs.dim() == 2, lambda: "distkern.nearest_cosine: x must be (N, D) and refs (M, D)")
     return x.new_empty((x.shape[0],), dtype=_acc_dtype(x)), x.new_empty((x.shape[0],), dtype=torch.int64)
 
@@ -436,16 +445,19 @@ def _nearest_backward(ctx, grad_sim, grad_idx):
     x, refs, sim, idx = ctx.saved_tensors
     acc = _acc_dtype(x)
     xa, ra = x.to(acc), refs.to(acc)
-    xn = torch.linalg.vector_norm(xa, dim=1, keepdim=True).clamp_min(1e-12)
+    xr = torch.linalg.vector_norm(xa, dim=1, keepdim=True)
     r = ra[idx]
-    rn = torch.linalg.vector_norm(r, dim=1, keepdim=True).clamp_min(1e-12)
+    rr = torch.linalg.vector_norm(r, dim=1, keepdim=True)
+    xn, rn = xr.clamp_min(1e-12), rr.clamp_min(1e-12)
+    # below the clamp the norm is the constant 1e-12: its derivative term vanishes (as F.normalize's)
+    sx, sr = (xr >= 1e-12).to(acc), (rr >= 1e-12).to(acc)
     g = grad_sim.to(acc)[:, None]
     s = sim.to(acc)[:, None]
     grad_x = grad_refs = None
     if ctx.needs_input_grad[0]:  # ∂cos/∂x = r̂/‖x‖ − cos·x/‖x‖²
-        grad_x = (g * (r / rn / xn - s * xa / (xn * xn))).to(x.dtype)
+        grad_x = (g * (r / rn / xn - sx * s * xa / (xn * xn))).to(x.dtype)
     if ctx.needs_input_grad[1]:  # ∂cos/∂r = x̂/‖r‖ − cos·r/‖r‖², summed over the rows matched to r
-        contrib = g * (xa / xn / rn - s * r / (rn * rn))
+        contrib = g * (xa / xn / rn - sr * s * r / (rn * rn))
         grad_refs = torch.zeros_like(ra).index_add_(0, idx, contrib).to(refs.dtype)
     return grad_x, grad_refs
 
