@@ -6,6 +6,7 @@
 #include <torch/version.h>
 
 #include "align/attention.h"
+#include "common/cpu_gemm.h"
 #include "common/matmul_mode.h"
 
 #ifdef _OPENMP
@@ -131,6 +132,9 @@ PYBIND11_MODULE(_C, m) {
         "How the CUDA tile-product kernels multiply float32 tiles: -1 auto (TF32 when torch allows it "
         "for cuBLAS), 0 FMA, 1 TF32 tensor cores, 2 3xTF32 tensor cores. No effect on the CPU.");
   m.def("matmul_mode", &distkern::matmul_mode_setting);
+  m.def("cpu_fast_gemm", &distkern::cpu::fast_gemm_enabled,
+        "Whether the CPU float32 products run on distkern's AVX-512 kernel (AVX-512F present and "
+        "DISTKERN_CPU_GEMM not 0), else through torch's BLAS");
   m.attr("auto_tensor_cores") = distkern::kAutoTensorCores;
 #ifdef DISTKERN_WITH_CUDA
   m.def("set_cuda_tile_config", &distkern::mahalanobis::set_tile_config,

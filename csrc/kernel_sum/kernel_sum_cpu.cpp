@@ -6,7 +6,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
+#include "common/cpu_gemm.h"
 #include "kernel_sum/kernel_math.h"
 #include "kernel_sum/kernel_sum.h"
 
@@ -29,6 +31,10 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
   const auto opts = in.yc.options();
   const Params kp = in.kp;
   const bool dist = uses_distance(kp.kind);
+  // yᵀ once (D×M, rows contiguous) when the products run on distkern's kernel, which then reads the
+  // y blocks in place instead of packing them per tile
+  const at::Tensor yT =
+      std::is_same<acc_t, float>::value && cpu::fast_gemm_enabled() ? in.yc.t().contiguous() : at::Tensor();
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor xc = at::empty({kRows, D}, opts);
     at::Tensor kb = at::empty({kRows, std::min(kCols, std::max<int64_t>(M, 1))}, opts);
@@ -50,7 +56,11 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
       for (int64_t j0 = 0; j0 < M; j0 += kCols) {
         const int64_t nb = std::min(kCols, M - j0);
         at::Tensor K = at::from_blob(kb.data_ptr<acc_t>(), {m, nb}, opts);
-        at::mm_out(K, xc.narrow(0, 0, m), in.yc.narrow(0, j0, nb).t());
+        if (yT.defined()) {
+          cpu::mm_out(K, xc.narrow(0, 0, m), yT.narrow(1, j0, nb));
+        } else {
+          at::mm_out(K, xc.narrow(0, 0, m), in.yc.narrow(0, j0, nb).t());
+        }
         acc_t* kp_ = K.data_ptr<acc_t>();
         for (int64_t i = 0; i < m; ++i)
           for (int64_t j = 0; j < nb; ++j) {
@@ -68,7 +78,7 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
             kp_[i * nb + j] = phi(kp, r2, dot);
           }
         if (in.v.defined()) {
-          o.addmm_(K, in.v.narrow(0, j0, nb));
+          cpu::mm_out(o, K, in.v.narrow(0, j0, nb), true);
         } else {
           o.add_(K.sum(1, true));
         }

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_gemm.h"
 #include "mahalanobis/mahalanobis.h"
 #include "mahalanobis/mahalanobis_math.h"
 
@@ -54,13 +55,13 @@ void tile_product(const at::Tensor& xc, const at::Tensor& W, at::Tensor& z, int6
   auto a = xc.narrow(0, 0, m);
   auto zm = z.narrow(0, 0, m);
   if (!lower) {
-    at::mm_out(zm, a, W);
+    cpu::mm_out(zm, a, W);
     return;
   }
   for (int64_t j0 = 0; j0 < R; j0 += kBlockCols) {
     const int64_t nb = std::min(kBlockCols, R - j0);
     auto zj = zm.narrow(1, j0, nb);
-    at::mm_out(zj, a.narrow(1, j0, D - j0), W.narrow(0, j0, D - j0).narrow(1, j0, nb));
+    cpu::mm_out(zj, a.narrow(1, j0, D - j0), W.narrow(0, j0, D - j0).narrow(1, j0, nb));
   }
 }
 
@@ -139,12 +140,12 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const Inputs& in, b
       auto zm = z.narrow(0, 0, m);
       auto gm = xc.narrow(0, 0, m);
       if (!lower) {
-        at::mm_out(gm, zm, W.t());
+        cpu::mm_out(gm, zm, W.t());
       } else {
         for (int64_t i0 = 0; i0 < D; i0 += kBlockCols) {
           const int64_t nb = std::min(kBlockCols, D - i0);
           auto gj = gm.narrow(1, i0, nb);
-          at::mm_out(gj, zm.narrow(1, 0, i0 + nb), W.narrow(0, i0, nb).narrow(1, 0, i0 + nb).t());
+          cpu::mm_out(gj, zm.narrow(1, 0, i0 + nb), W.narrow(0, i0, nb).narrow(1, 0, i0 + nb).t());
         }
       }
       const acc_t* src = xc.data_ptr<acc_t>();
@@ -213,7 +214,7 @@ void k_impl(const at::Tensor& x, const KInputs& in, bool lower, KRed red, at::Te
       if (in.shared) {
         center_tile(xp, sx0, sx1, r0, m, D, in.center.data_ptr<acc_t>(), xc.data_ptr<acc_t>(), guard.data());
         tile_product(xc, in.factors, z, m, lower);
-        at::mm_out(dist, z.narrow(0, 0, m), in.V.t());
+        cpu::mm_out(dist, z.narrow(0, 0, m), in.V.t());
         const acc_t* zp = z.data_ptr<acc_t>();
         const acc_t* vv = in.vv.data_ptr<acc_t>();
         for (int64_t i = 0; i < m; ++i) {

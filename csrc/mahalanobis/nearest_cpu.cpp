@@ -6,7 +6,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
+#include "common/cpu_gemm.h"
 #include "mahalanobis/mahalanobis_math.h"
 #include "mahalanobis/nearest.h"
 
@@ -27,6 +29,9 @@ void nearest_impl(const at::Tensor& x, const Inputs& in, at::Tensor& out, at::Te
   acc_t* op = out.data_ptr<acc_t>();
   int64_t* ip = idx.data_ptr<int64_t>();
   const auto opts = in.rhat.options();
+  // r̂ᵀ once (D×M) when the products run on distkern's kernel: it reads the blocks in place
+  const at::Tensor rT =
+      std::is_same<acc_t, float>::value && cpu::fast_gemm_enabled() ? in.rhat.t().contiguous() : at::Tensor();
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor xt = at::empty({TM, D}, opts);
     at::Tensor dots = at::empty({TM, std::min(kRefBlock, M)}, opts);
@@ -49,7 +54,11 @@ void nearest_impl(const at::Tensor& x, const Inputs& in, at::Tensor& out, at::Te
       for (int64_t j0 = 0; j0 < M; j0 += kRefBlock) {
         const int64_t nb = std::min(kRefBlock, M - j0);
         auto dm = at::from_blob(dots.data_ptr<acc_t>(), {m, nb}, opts);
-        at::mm_out(dm, xt.narrow(0, 0, m), in.rhat.narrow(0, j0, nb).t());
+        if (rT.defined()) {
+          cpu::mm_out(dm, xt.narrow(0, 0, m), rT.narrow(1, j0, nb));
+        } else {
+          at::mm_out(dm, xt.narrow(0, 0, m), in.rhat.narrow(0, j0, nb).t());
+        }
         // ATen's vectorised max over the block (NaN propagates), then one merge per row.
         // views of the row count of this tile: max_out writes them in place (a tail tile never resizes a buffer)
         at::Tensor bval = bval_buf.narrow(0, 0, m), bidx = bidx_buf.narrow(0, 0, m);

@@ -52,7 +52,9 @@ def _info() -> dict[str, Any]:
     import distkern
 
     devices: list[dict[str, Any]] = [{"type": "cpu", "name": _cpu_name(),
-                                      "threads": torch.get_num_threads()}]
+                                      "threads": torch.get_num_threads(),
+                                      "float32 products": "distkern AVX-512" if distkern._C.cpu_fast_gemm()
+                                      else "torch BLAS"}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
