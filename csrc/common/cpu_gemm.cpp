@@ -30,6 +30,7 @@ constexpr int kMR = 12;     // rows of the register tile (broadcasts)
 constexpr int kNR = 32;     // columns of the register tile (two 16-float vectors)
 constexpr int64_t kKC = 256;  // K block: a packed A block (12 × 256 floats) stays in L1
 constexpr int64_t kNC = 512;  // column block: a B block (256 × 512 floats) stays in L2
+constexpr int64_t kPrefetchRows = 24;  // software prefetch distance along B's rows
 
 #if DK_HAVE_AVX512_GEMM
 #pragma GCC push_options
@@ -49,6 +50,10 @@ void micro(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c, 
     c1[r] = _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < kc; ++k) {
+    // B read in place may stream from memory with a row stride (PaDiM's factors, used once each):
+    // fetch its rows ~24 iterations (~300 cycles) ahead
+    _mm_prefetch(reinterpret_cast<const char*>(bp + (k + kPrefetchRows) * ldb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(bp + (k + kPrefetchRows) * ldb + 16), _MM_HINT_T0);
     const __m512 b0 = _mm512_maskz_loadu_ps(m0, bp + k * ldb);
     const __m512 b1 = _mm512_maskz_loadu_ps(m1, bp + k * ldb + 16);
     const float* a = ap + k * kMR;
@@ -180,6 +185,41 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, i
   }
 }
 
+// C = A·B with B lower-triangular (B[k, j] = 0 for k < j, rows contiguous): each 32-column panel
+// starting at column jr runs over k ≥ jr only. A is packed once, all of it (12-row blocks, k-major),
+// and the panels are the outer loop, so that each panel of B — streamed from memory when B is one of
+// PaDiM's P factors — is read once and reused from L1/L2 by every row block (the triangular
+// products of mahalanobis*: tens of rows, K = D).
+void tril_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b,
+                 int64_t sbk, float* c, int64_t ldc) {
+  thread_local std::vector<float> abuf;
+  const int64_t nblk = (M + kMR - 1) / kMR, kk = std::max<int64_t>(K, 1);
+  abuf.resize(static_cast<size_t>(nblk * kMR * kk));
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const int64_t i0 = blk * kMR;
+    const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
+    float* ap = abuf.data() + blk * kMR * kk;
+    for (int r = 0; r < mr; ++r) {
+      const float* src = a + (i0 + r) * sam;
+      for (int64_t k = 0; k < K; ++k) ap[k * kMR + r] = src[k * sak];
+    }
+  }
+  for (int64_t jr = 0; jr < N; jr += kNR) {
+    const int nr = static_cast<int>(std::min<int64_t>(kNR, N - jr));
+    const int64_t k0 = std::min(jr, K);
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const int64_t i0 = blk * kMR;
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
+      float* ct = c + i0 * ldc + jr;
+      if (k0 >= K) {  // the panel lies wholly above B's diagonal
+        for (int r = 0; r < mr; ++r) std::memset(ct + r * ldc, 0, sizeof(float) * nr);
+        continue;
+      }
+      kMicro[mr](abuf.data() + blk * kMR * kk + k0 * kMR, b + k0 * sbk + jr, sbk, K - k0, ct, ldc, nr, false);
+    }
+  }
+}
+
 bool cpu_has_avx512f() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f");
@@ -244,6 +284,20 @@ void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accu
   } else {
     at::mm_out(out, a, b);
   }
+}
+
+bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+#if DK_HAVE_AVX512_GEMM
+  if (!(fast_gemm_enabled() && usable(a) && usable(b) && usable(out) && out.stride(1) == 1 && b.stride(1) == 1 &&
+        out.size(0) == a.size(0) && out.size(1) == b.size(1) && a.size(1) == b.size(0)))
+    return false;
+  tril_driver(a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), a.stride(1), b.data_ptr<float>(),
+              b.stride(0), out.data_ptr<float>(), out.stride(0));
+  return true;
+#else
+  (void)out, (void)a, (void)b;
+  return false;
+#endif
 }
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {

@@ -58,6 +58,7 @@ void tile_product(const at::Tensor& xc, const at::Tensor& W, at::Tensor& z, int6
     cpu::mm_out(zm, a, W);
     return;
   }
+  if (cpu::mm_tril_out(zm, a, W)) return;  // AVX-512: A packed once, zero blocks skipped per 32 columns
   for (int64_t j0 = 0; j0 < R; j0 += kBlockCols) {
     const int64_t nb = std::min(kBlockCols, R - j0);
     auto zj = zm.narrow(1, j0, nb);
