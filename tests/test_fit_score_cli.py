@@ -138,3 +138,15 @@ def test_unreadable_files_are_named(tmp_path, capsys):
     assert main(["score", str(tmp_path / "m.safetensors"), str(tmp_path / "nan.npy"), "-o", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "4 not finite" in out and (tmp_path / "s.npy").exists() and "s.npy" in out
+
+
+def test_fit_and_score_name_what_is_wrong(tmp_path, rng, capsys):
+    np.save(tmp_path / "train.npy", torch.randn(200, 4, generator=rng).numpy())
+    train = str(tmp_path / "train.npy")
+    assert main(["fit", "gaussian-ad", train, "-o", str(tmp_path / "m.safetensors"), "--set", "bogus=1"]) == 1
+    err = capsys.readouterr().err
+    assert "takes no option 'bogus'" in err and "estimator" in err  # the valid keys are listed
+    assert main(["fit", "gaussian-ad", train, "-o", str(tmp_path / "m.npy")]) == 1
+    assert "name the file *.safetensors" in capsys.readouterr().err
+    assert main(["score", str(tmp_path / "nope.safetensors"), train]) == 1
+    assert "no such model file" in capsys.readouterr().err

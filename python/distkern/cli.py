@@ -186,10 +186,27 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.method} is a {kind or 'method of no kind'}; distkern fit / score take detectors "
                          "(distkern plugins lists the kinds)")
     _check_output_dir(args.output)  # before fitting, not after
+    if not str(args.output).endswith(".safetensors"):
+        raise ValueError(f"-o {args.output}: the model is written as safetensors; name the file *.safetensors")
     features, labels = load_features(args.features)
     if args.labels:
         labels = load_labels(args.labels)
-    det = cls(**parse_options(args.set or []))
+    options = parse_options(args.set or [])
+    try:
+        det = cls(**options)
+    except TypeError as e:  # an unknown --set key: name the ones the method takes
+        import inspect
+
+        try:
+            params = [n for n, p in inspect.signature(cls).parameters.items()
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        except (TypeError, ValueError):
+            params = []
+        unknown = [k for k in options if params and k not in params]
+        if not unknown:
+            raise
+        raise ValueError(f"--set {unknown[0]}=...: {args.method} takes no option {unknown[0]!r}; its options: "
+                         f"{', '.join(params) or 'none'}") from e
     det.fit(features, labels) if labels is not None else det.fit(features)
     det.save(args.output)
     print(f"fitted {args.method} on {args.features} -> {args.output}: {det!r}")
@@ -385,6 +402,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distkern: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `distkern bench --list | head`: the reader has gone, as for any Unix tool
+        try:  # stdout's buffer would fail again at exit: point it at /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
     except Exception as e:  # noqa: BLE001
         if _debug(args):
             raise

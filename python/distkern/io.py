@@ -18,6 +18,17 @@ import torch
 __all__ = ["load_features", "load_labels", "load_model", "model_method", "parse_options", "read_model", "write_model"]
 
 
+def _safetensors(sub: str = ""):
+    """The safetensors module (``safetensors.torch`` for ``sub="torch"``): distkern's model files are
+    safetensors, an optional dependency (``pip install safetensors`` or ``distkern[io]``)."""
+    import importlib
+
+    try:
+        return importlib.import_module("safetensors" + ("." + sub if sub else ""))
+    except ImportError:
+        raise ImportError("distkern: saving and loading models (and safetensors feature files) needs the "
+                          "safetensors package: pip install safetensors (or pip install 'distkern[io]')") from None
+
 def _from_mapping(d: dict, path: str) -> tuple[Any, torch.Tensor | None]:
     labels = d.get("labels")
     if "features" in d:
@@ -42,9 +53,7 @@ def _read(p: str, ext: str) -> Any:
         if ext in (".pt", ".pth"):
             return torch.load(p, map_location="cpu", weights_only=True)
         if ext == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(p)
+            return _safetensors("torch").load_file(p)
     except (OSError, ValueError, RuntimeError, EOFError) as e:
         raise ValueError(f"{p}: not a readable {ext} file of tensors ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
@@ -95,9 +104,11 @@ def load_labels(path: str | os.PathLike) -> torch.Tensor:
 
 def model_method(path: str | os.PathLike) -> str:
     """The method name recorded in a saved model (safetensors metadata ``distkern_method``)."""
-    from safetensors import safe_open
+    safe_open = _safetensors().safe_open
 
     p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"no such model file: {p!r}")
     try:
         with safe_open(p, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -140,7 +151,7 @@ def write_model(path: str | os.PathLike, method: str, tensors: dict[str, torch.T
     """Save a fitted method as one ``.safetensors`` file: its tensors, and JSON metadata naming the
     method (``distkern_method``), the plugin's ``format_version``, the constructor ``config`` and
     the ``fitted`` plain values. Loading it executes no code (no pickle)."""
-    from safetensors.torch import save_file
+    save_file = _safetensors("torch").save_file
 
     from ._version import __version__
 
@@ -162,7 +173,7 @@ def read_model(path: str | os.PathLike, method: str, *, format_version: int = 1,
     Raises ``FileNotFoundError``; ``ValueError`` for a file that is not safetensors, holds another
     method's model (or no distkern model), has a format version newer than ``format_version``
     (the message says to upgrade ``package``), or damaged metadata."""
-    from safetensors import safe_open
+    safe_open = _safetensors().safe_open
 
     p = os.fspath(path)
     if not os.path.exists(p):
