@@ -89,7 +89,10 @@ def _dense_moments(x: torch.Tensor, product_dtype: torch.dtype = torch.float64,
     s = (z * z).sum(-1)  # (B, G)
     if x.shape[1] == 1:  # one Gaussian: a plain GEMM / GEMV, no batched permute
         z0 = z[:, 0]
-        scatter = (z0.T @ z0).to(torch.float64)[None]
+        if z0.dtype == torch.float32 and z0.device.type == "cpu":  # distkern's AVX-512 product where there is one
+            scatter = torch.ops.distkern.dense_mm(z0.T, z0).to(torch.float64)[None]
+        else:
+            scatter = (z0.T @ z0).to(torch.float64)[None]
         cubic = (s[:, 0] @ z0).to(torch.float64)[None]
     else:
         scatter = torch.einsum("bgi,bgj->gij", z, z).to(torch.float64)
