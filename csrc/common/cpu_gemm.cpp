@@ -5,6 +5,8 @@
 // zero-padded to 32 columns); for each 12-row block of A, A is packed k-major (12 × 256 floats, 12
 // KiB, in L1) and the 12×32 micro-kernel runs over the column panels. Per k the micro-kernel does 2
 // vector loads of B, 12 broadcasts of A and 24 FMAs: 0.23 bytes of L1 traffic per FLOP.
+// Two variants: a lower-triangular B (tril_driver: A packed once, B's panels outermost, each from its
+// diagonal) and z·zᵀ (gram_tile: dot products along the rows of z, upper-triangle tiles only).
 #include "common/cpu_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -125,11 +127,9 @@ void gram_tile(const float* z, int64_t ldz, int64_t i0, int ri, int64_t j0, int 
 
 #pragma GCC pop_options
 
-// The driver (plain C++; only the micro-kernel needs AVX-512). Rows [0, M) of C; with upper_from ≥ 0,
-// the register tiles lying wholly below the diagonal of the full matrix (global row = upper_from + i)
-// are skipped (gram).
+// The driver (plain C++; only the micro-kernel needs AVX-512): rows [0, M) of C.
 void gemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b,
-                 int64_t sbk, int64_t sbn, float* c, int64_t ldc, bool accumulate, int64_t upper_from) {
+                 int64_t sbk, int64_t sbn, float* c, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
@@ -164,8 +164,6 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, i
       }
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
-        const int64_t grow = upper_from + i0;  // global row of this block's first row (gram)
-        if (upper_from >= 0 && jc + nc - 1 < grow) continue;
         float* ap = abuf.data();  // ap[k·kMR + r] = A[i0 + r, k0 + k]
         for (int r = 0; r < mr; ++r) {
           const float* src = a + (i0 + r) * sam + k0 * sak;
@@ -176,7 +174,6 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, i
           }
         }
         for (int64_t jr = 0; jr < nc; jr += kNR) {
-          if (upper_from >= 0 && jc + jr + kNR - 1 < grow) continue;  // wholly below the diagonal
           const int nr = static_cast<int>(std::min<int64_t>(kNR, nc - jr));
           kMicro[mr](ap, bp + jr, ldb, kc, c + i0 * ldc + jc + jr, ldc, nr, acc);
         }
@@ -263,7 +260,7 @@ bool sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t
            int64_t sbn, float* c, int64_t ldc, bool accumulate) {
 #if DK_HAVE_AVX512_GEMM
   if (!fast_gemm_enabled()) return false;
-  gemm_driver(M, N, K, a, sam, sak, b, sbk, sbn, c, ldc, accumulate, -1);
+  gemm_driver(M, N, K, a, sam, sak, b, sbk, sbn, c, ldc, accumulate);
   return true;
 #else
   (void)M, (void)N, (void)K, (void)a, (void)sam, (void)sak, (void)b, (void)sbk, (void)sbn, (void)c, (void)ldc,
