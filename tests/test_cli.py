@@ -63,6 +63,13 @@ def test_plugins_table(capsys, plugins):
     assert "broken" in out and "ok" in out and "second line" not in out
 
 
+def test_plugins_names_select_and_unknown_names_are_refused(capsys, plugins):
+    assert main(["plugins", "--json", f"{plugins}-local"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == [f"{plugins}-local"]
+    assert main(["plugins", "no-such-method-xyz"]) == 1
+    assert "no distkern method named 'no-such-method-xyz'" in capsys.readouterr().err
+
+
 def test_plugins_rich_table_on_a_terminal(capsys, monkeypatch, plugins):
     pytest.importorskip("rich")
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)

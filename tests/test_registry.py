@@ -129,6 +129,27 @@ def test_duplicate_register_collides_unless_replace(reg):
     assert methods.get("dup") is B
 
 
+def test_redefining_the_same_class_replaces_it(reg):
+    """A re-run notebook cell defines the class again (a new object, the same module and qualname)."""
+    def define():
+        class Cell:
+            kind = "loss"
+            distkern_api = API_VERSION
+        return Cell
+
+    first, second = define(), define()
+    methods.register(first, name="cell")
+    methods.register(second, name="cell")  # no collision with itself
+    assert methods.get("cell") is second
+
+    class Other:
+        kind = "loss"
+        distkern_api = API_VERSION
+
+    with pytest.raises(MethodCollisionError, match=r"registered in-process already by .*Cell; pass replace=True"):
+        methods.register(Other, name="cell")
+
+
 def test_incompatible_api_refused(reg):
     class Future:
         kind = "detector"

@@ -151,6 +151,12 @@ def _check_rows(rows: list[dict[str, Any]]) -> int:
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
     rows = _plugin_rows()
+    if args.names:
+        known = {r["name"] for r in rows}
+        unknown = [n for n in args.names if n not in known]
+        if unknown:
+            raise ValueError(f"no distkern method named {unknown[0]!r}; installed: {', '.join(sorted(known))}")
+        rows = [r for r in rows if r["name"] in args.names]
     failed = _check_rows(rows) if args.check else 0
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -242,6 +248,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.device != "cpu":
         features = [f.to(args.device) for f in features] if isinstance(features, list) else features.to(args.device)
     scores = det.score(features).detach().float().cpu()
+    n = len(features[0]) if isinstance(features, list) else len(features)
+    if tuple(scores.shape) != (n,):  # the contract: one score per sample (distkern plugins --check tests it)
+        raise ValueError(f"{det.name}: score() returned shape {tuple(scores.shape)} for {n} samples; a detector "
+                         f"returns ({n},)")
     finite = scores[torch.isfinite(scores)]
     q = torch.quantile(finite, torch.tensor([0.0, 0.5, 1.0])) if finite.numel() else None
     n_bad = scores.numel() - finite.numel()
@@ -335,6 +345,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="run distkern.testing.check_method on every installed method, of every kind "
                         "(exit 1 if one fails, or if a method cannot load: broken, incompatible, collision)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these methods (default: all)")
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("fit", parents=[common], help="fit a method to features and save it",

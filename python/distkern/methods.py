@@ -263,7 +263,15 @@ def register(cls: Any = None, *, name: str | None = None, kind: str | None = Non
                    kind=the_kind, shadows=replace)
     with _lock:
         taken = _claims(key)
-        if taken and not replace:
+        old = _inprocess.get(key)
+        if old is not None and old.target == target and taken == [old]:
+            # the same class defined again (a re-run notebook cell, a reloaded module): it replaces itself
+            claim.shadows = old.shadows or replace
+        elif taken and not replace:
+            if all(c.package == IN_PROCESS for c in taken):
+                raise MethodCollisionError(
+                    f"method name {key!r} is registered in-process already by {taken[0].target}; pass "
+                    f"replace=True to register {target} in its place, or distkern.methods.unregister({key!r})")
             raise MethodCollisionError(_collision_message(key, taken + [claim])
                                        + " Pass replace=True to override in-process.")
         _inprocess[key] = claim
