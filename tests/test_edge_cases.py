@@ -120,3 +120,19 @@ def test_seed_out_of_range_is_named():
     m, x = torch.randn(2, 3), torch.randn(2, 3)
     with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
         distkern.ddpm_step(m, x, 0.5, 0.7, seed=2**63)
+
+
+def test_more_arguments_named_in_errors():
+    from distkern.ops.align import anomaly_map as amap, prompt_align
+
+    with pytest.raises(ValueError, match="x is on cpu but y is on meta"):
+        distkern.mmd2(torch.randn(5, 3), torch.randn(5, 3, device="meta"))
+    with pytest.raises(TypeError, match="text must be a floating-point tensor"):
+        amap(torch.randn(1, 2, 5, 8), torch.ones(3, 2, 8, dtype=torch.int32))
+    text, patches = torch.randn(6, 8), torch.randn(2, 5, 8)
+    w = torch.randn(8, 8)
+    with pytest.raises(ValueError, match=r"b_q must be a \(8,\) vector"):
+        prompt_align(text, patches, w, w, w, 2, b_q=torch.zeros(4))
+    with pytest.raises(TypeError, match="U must be float32"):
+        distkern.gaussian_denoise(torch.randn(2, 4), 0.5, (torch.zeros(4), torch.eye(4, dtype=torch.int64)[:, :2],
+                                                          torch.ones(2)))

@@ -35,7 +35,12 @@ at::Tensor gaussian_lowrank(const at::Tensor& x, const at::Tensor& mean, const a
   const c10::SymInt r = U.sym_size(1);
   TORCH_CHECK_VALUE(lam.dim() == 1 && lam.sym_size(0) == r, op, ": lam must be (r,) = (", r, ",); got ",
                     shape_str(lam));
-  for (const auto* t : {&mean, &U, &lam}) check_float(op, "mean/U/lam", *t);
+  check_float(op, "mean", mean);
+  check_float(op, "U", U);
+  check_float(op, "lam", lam);
+  TORCH_CHECK_TYPE(!sigma.is_complex(), op, ": sigma must be real; got ", sigma.scalar_type());
+  TORCH_CHECK_TYPE(!(sigma_to.has_value() && sigma_to->defined() && sigma_to->is_complex()), op,
+                   ": sigma_to must be real");
   check_same_device(op, "mean", mean, "x", x);
   check_same_device(op, "U", U, "x", x);
   check_same_device(op, "lam", lam, "x", x);

@@ -25,6 +25,9 @@ def _check_samples(op: str, x, y, names=("x", "y"), min_rows: int = 1) -> None:
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"{op}: {names[0]} and {names[1]} must be (n, D) and (m, D) with one D; got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"{op}: {names[0]} is on {x.device} but {names[1]} is on {y.device}; the samples must be "
+                         "on one device")
     if x.shape[0] < min_rows or y.shape[0] < min_rows:
         raise ValueError(f"{op}: needs at least {min_rows} sample{'s' if min_rows > 1 else ''} on each side; got "
                          f"{x.shape[0]} and {y.shape[0]}")

@@ -26,6 +26,8 @@ def pair_directions(text: torch.Tensor, temperature=1.0 / 0.07) -> torch.Tensor:
     if text.dim() < 3 or text.shape[-2] != 2:
         raise ValueError("distkern.anomaly_map: text must be (..., K, 2, D) prompt pairs (normal, abnormal); got shape "
                          f"{tuple(text.shape)}")
+    if not text.is_floating_point():
+        raise TypeError(f"distkern.anomaly_map: text must be a floating-point tensor; got {text.dtype}")
     t = torch.nn.functional.normalize(text.float() if text.dtype in (torch.float16, torch.bfloat16) else text, dim=-1)
     return temperature * (t[..., 1, :] - t[..., 0, :])
 
@@ -151,6 +153,9 @@ def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w
                              f"the text); got {tuple(w_v.shape)}")
         if not isinstance(heads, int) or heads < 1 or E % heads or Dt % heads:
             raise ValueError(f"distkern.prompt_align: heads must divide E = {E} and Dt = {Dt}; got {heads!r}")
+    for nm, bias, width in (("b_q", b_q, E), ("b_k", b_k, E), ("b_v", b_v, Dt)):
+        if bias is not None and tuple(bias.shape) != (width,):
+            raise ValueError(f"distkern.prompt_align: {nm} must be a ({width},) vector; got {tuple(bias.shape)}")
     H, e = heads, E // heads
     sc = float(scale) if scale is not None else e ** -0.5
     q = text @ w_q
