@@ -50,11 +50,15 @@ DK_HD double dk_expf(double a) { return exp(a); }
 DK_HD float dk_pow(float a, float b) { return powf(a, b); }
 DK_HD double dk_pow(double a, double b) { return pow(a, b); }
 
-// a^e by repeated squaring for the integer exponents 0..16 of the polynomial kernel (KID's d = 3 and
-// its derivative's 2): a few multiplications instead of a pow call, exact to 1-2 ulp like pow; other
-// exponents through pow.
+// a^e for the polynomial kernel. On the CPU, the integer exponents 0..16 (KID's d = 3 and its
+// derivative's 2) by repeated squaring: a few multiplications instead of a libm pow call (the small
+// mmd2 path evaluates it per pair), exact to 1-2 ulp like pow. On the GPU powf is a few
+// instructions already, and the loop would cost the 4×4 tile kernel registers (it spilled): pow.
 template <typename acc_t>
 DK_HD acc_t dk_pow_kernel(acc_t a, acc_t e) {
+#if defined(__CUDA_ARCH__)
+  return dk_pow(a, e);
+#else
   if (e >= acc_t(0) && e <= acc_t(16) && e == acc_t(static_cast<int>(e))) {
     int n = static_cast<int>(e);
     acc_t r = acc_t(1), b = a;
@@ -66,6 +70,7 @@ DK_HD acc_t dk_pow_kernel(acc_t a, acc_t e) {
     return r;
   }
   return dk_pow(a, e);
+#endif
 }
 
 // r² from the centred norms and dot product, clamped at 0. A non-finite row (x or y) makes it NaN: the
