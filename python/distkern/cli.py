@@ -215,7 +215,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                          f"{', '.join(params) or 'none'}") from e
     det.fit(features, labels) if labels is not None else det.fit(features)
     det.save(args.output)
-    print(f"fitted {args.method} on {args.features} -> {args.output}: {det!r}")
+    shown = repr(det)
+    if shown.startswith("<") and " object at 0x" in shown:  # no __repr__ of its own: the address says nothing
+        shown = type(det).__name__
+    print(f"fitted {args.method} on {args.features} -> {args.output}: {shown}")
     return 0
 
 
