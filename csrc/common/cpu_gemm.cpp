@@ -127,6 +127,19 @@ void gram_tile(const float* z, int64_t ldz, int64_t i0, int ri, int64_t j0, int 
 
 #pragma GCC pop_options
 
+// ap[k·kMR + r] = a[r·sam + k·sak] for r < mr, k < kc: a block of A, k-major, as the micro-kernel
+// broadcasts it.
+void pack_a(const float* a, int64_t sam, int64_t sak, int mr, int64_t kc, float* ap) {
+  for (int r = 0; r < mr; ++r) {
+    const float* src = a + r * sam;
+    if (sak == 1) {
+      for (int64_t k = 0; k < kc; ++k) ap[k * kMR + r] = src[k];
+    } else {
+      for (int64_t k = 0; k < kc; ++k) ap[k * kMR + r] = src[k * sak];
+    }
+  }
+}
+
 // The driver (plain C++; only the micro-kernel needs AVX-512): rows [0, M) of C.
 void gemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b,
                  int64_t sbk, int64_t sbn, float* c, int64_t ldc, bool accumulate) {
@@ -164,15 +177,8 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, i
       }
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
-        float* ap = abuf.data();  // ap[k·kMR + r] = A[i0 + r, k0 + k]
-        for (int r = 0; r < mr; ++r) {
-          const float* src = a + (i0 + r) * sam + k0 * sak;
-          if (sak == 1) {
-            for (int64_t k = 0; k < kc; ++k) ap[k * kMR + r] = src[k];
-          } else {
-            for (int64_t k = 0; k < kc; ++k) ap[k * kMR + r] = src[k * sak];
-          }
-        }
+        float* ap = abuf.data();
+        pack_a(a + i0 * sam + k0 * sak, sam, sak, mr, kc, ap);
         for (int64_t jr = 0; jr < nc; jr += kNR) {
           const int nr = static_cast<int>(std::min<int64_t>(kNR, nc - jr));
           kMicro[mr](ap, bp + jr, ldb, kc, c + i0 * ldc + jc + jr, ldc, nr, acc);
@@ -195,11 +201,7 @@ void tril_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, i
   for (int64_t blk = 0; blk < nblk; ++blk) {
     const int64_t i0 = blk * kMR;
     const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
-    float* ap = abuf.data() + blk * kMR * kk;
-    for (int r = 0; r < mr; ++r) {
-      const float* src = a + (i0 + r) * sam;
-      for (int64_t k = 0; k < K; ++k) ap[k * kMR + r] = src[k * sak];
-    }
+    pack_a(a + i0 * sam, sam, sak, mr, K, abuf.data() + blk * kMR * kk);
   }
   for (int64_t jr = 0; jr < N; jr += kNR) {
     const int nr = static_cast<int>(std::min<int64_t>(kNR, N - jr));
@@ -332,7 +334,8 @@ at::Tensor gram(const at::Tensor& zin) {
 #if DK_HAVE_AVX512_GEMM
   const at::Tensor z = zin.stride(1) == 1 ? zin : zin.contiguous();
   const int64_t n = z.size(0), K = z.size(1), ldz = z.stride(0);
-  at::Tensor out = at::zeros({n, n}, z.options());
+  if (K == 0) return at::zeros({n, n}, z.options());
+  at::Tensor out = at::empty({n, n}, z.options());  // every entry is written: upper tiles, then the mirror
   const float* zp = z.data_ptr<float>();
   float* gp = out.data_ptr<float>();
   constexpr int64_t kT = 4, kKB = 1024;  // 4×4 tiles; K blocks of 1024 (a tile's 8 rows: 32 KiB, in L1)

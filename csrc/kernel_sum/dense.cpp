@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, con
     ya = ya - c;
   }
   const at::Tensor z = at::cat({xa, ya}).contiguous();
-  const at::Tensor g = acc == at::kFloat ? cpu::gram(z) : at::mm(z, z.t());
+  const at::Tensor g = cpu::gram(z);
   const acc_t* zp = z.data_ptr<acc_t>();
   const acc_t* gp = g.data_ptr<acc_t>();
   std::vector<acc_t> sq(N);  // ‖z_i‖², the Gram diagonal

@@ -56,11 +56,7 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
       for (int64_t j0 = 0; j0 < M; j0 += kCols) {
         const int64_t nb = std::min(kCols, M - j0);
         at::Tensor K = at::from_blob(kb.data_ptr<acc_t>(), {m, nb}, opts);
-        if (yT.defined()) {
-          cpu::mm_out(K, xc.narrow(0, 0, m), yT.narrow(1, j0, nb));
-        } else {
-          at::mm_out(K, xc.narrow(0, 0, m), in.yc.narrow(0, j0, nb).t());
-        }
+        cpu::mm_out(K, xc.narrow(0, 0, m), yT.defined() ? yT.narrow(1, j0, nb) : in.yc.narrow(0, j0, nb).t());
         acc_t* kp_ = K.data_ptr<acc_t>();
         for (int64_t i = 0; i < m; ++i)
           for (int64_t j = 0; j < nb; ++j) {

@@ -54,11 +54,7 @@ void nearest_impl(const at::Tensor& x, const Inputs& in, at::Tensor& out, at::Te
       for (int64_t j0 = 0; j0 < M; j0 += kRefBlock) {
         const int64_t nb = std::min(kRefBlock, M - j0);
         auto dm = at::from_blob(dots.data_ptr<acc_t>(), {m, nb}, opts);
-        if (rT.defined()) {
-          cpu::mm_out(dm, xt.narrow(0, 0, m), rT.narrow(1, j0, nb));
-        } else {
-          at::mm_out(dm, xt.narrow(0, 0, m), in.rhat.narrow(0, j0, nb).t());
-        }
+        cpu::mm_out(dm, xt.narrow(0, 0, m), rT.defined() ? rT.narrow(1, j0, nb) : in.rhat.narrow(0, j0, nb).t());
         // ATen's vectorised max over the block (NaN propagates), then one merge per row.
         // views of the row count of this tile: max_out writes them in place (a tail tile never resizes a buffer)
         at::Tensor bval = bval_buf.narrow(0, 0, m), bidx = bidx_buf.narrow(0, 0, m);
