@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of the ops' outputs: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def same_device(op: str, **tensors: torch.Tensor | None) -> None:
     """Raise ``ValueError`` naming the arguments when the given tensors (``None`` skipped) are on
     different devices, as the compiled ops' own checks do."""

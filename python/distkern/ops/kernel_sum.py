@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from ._fake import same_device
+from ._fake import acc_dtype, same_device
 
 __all__ = ["kernel_matmul", "KERNELS"]
 
@@ -90,8 +90,7 @@ def kernel_matmul(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor | None = Non
 def _fake(x, y, v, kernel, params):
     same_device("distkern.kernel_matmul", x=x, y=y, v=v)
     torch._check(x.dim() == 2 and y.dim() == 2, lambda: "distkern.kernel_matmul: x must be (N, D) and y (M, D)")
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty((x.shape[0], v.shape[1]) if v is not None else (x.shape[0],), dtype=dt)
+    return x.new_empty((x.shape[0], v.shape[1]) if v is not None else (x.shape[0],), dtype=acc_dtype(x))
 
 
 def _setup(ctx, inputs, output):
@@ -147,10 +146,6 @@ torch.library.register_autograd("distkern::kernel_matmul", _backward, setup_cont
 
 # mmd2's small-sample path on the CPU (csrc/kernel_sum/dense.cpp): no autograd of their own, mmd2's
 # autograd.Function calls them. Fake implementations for torch.compile / opcheck.
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("distkern::dense_gram")
 def _fake_gram(z):
     torch._check(z.dim() == 2, lambda: "distkern.dense_gram: z must be 2-D")
@@ -169,7 +164,7 @@ def _fake_mm(a, b):
 def _fake_dense_mmd(x, y, kernel, params, estimator, need_x, need_y):
     same_device("distkern.dense_mmd", x=x, y=y)
     torch._check(x.dim() == 2 and y.dim() == 2, lambda: "distkern.dense_mmd: x must be (n, D) and y (m, D)")
-    n, m, dt = x.shape[0], y.shape[0], _acc_dtype(x)
+    n, m, dt = x.shape[0], y.shape[0], acc_dtype(x)
     rows = (n if need_x else 0) + (m if need_y else 0)
     return (x.new_empty((), dtype=dt), x.new_empty((rows, n + m), dtype=dt), x.new_empty((n + m, x.shape[1]), dtype=dt))
 

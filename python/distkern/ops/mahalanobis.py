@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._fake import same_device
+from ._fake import acc_dtype as _acc_dtype, same_device
 
 __all__ = ["mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood", "nearest_reference",
            "reference_residual", "MinResult", "NearestResult"]
@@ -39,10 +39,6 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, *, lo
     temporaries (fitting the factor by gradient descent is rare).
     """
     return torch.ops.distkern.mahalanobis(x, mean, factor, lower)
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("distkern::mahalanobis")
