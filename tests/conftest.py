@@ -53,3 +53,26 @@ def gloo_run(tmp_path):
         return logs
 
     return run
+
+
+@pytest.fixture
+def with_and_without_avx512(tmp_path):
+    """Run a snippet twice in fresh interpreters, with distkern's AVX-512 CPU code on and with
+    DISTKERN_CPU_GEMM=0 (torch's BLAS and the scalar φ), and return what each saved.
+
+    ``with_and_without_avx512(code)``: ``code`` saves its result with ``torch.save(obj, sys.argv[1])``.
+    On a CPU without AVX-512F both runs take the fallback and agree trivially."""
+    import os
+    import subprocess
+    import sys
+
+    def run(code: str) -> list:
+        outs = []
+        for flag in ("1", "0"):
+            path = tmp_path / f"result_{flag}.pt"
+            subprocess.run([sys.executable, "-c", code, str(path)], check=True,
+                           env=dict(os.environ, DISTKERN_CPU_GEMM=flag), timeout=120)
+            outs.append(torch.load(path))
+        return outs
+
+    return run

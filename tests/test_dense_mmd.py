@@ -2,9 +2,6 @@
 estimator (dense_mmd, dense_mmd_grad) against float64 references, the fallback without the AVX-512
 kernel, and that mmd2 takes the fused path where it should."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -51,7 +48,7 @@ def test_dense_products_float64_and_errors(rng):
         ops.dense_gram(torch.zeros(3))
 
 
-def test_avx512_kernel_off_gives_the_same_products():
+def test_avx512_kernel_off_gives_the_same_products(with_and_without_avx512):
     """DISTKERN_CPU_GEMM=0 takes at::mm (MKL): the two paths agree to float32 rounding."""
     code = (
         "import torch, distkern, sys\n"
@@ -59,14 +56,7 @@ def test_avx512_kernel_off_gives_the_same_products():
         "z = torch.randn(70, 333, generator=g); b = torch.randn(40, 70, generator=g)\n"
         "torch.save((torch.ops.distkern.dense_gram(z), torch.ops.distkern.dense_mm(b, z)), sys.argv[1])\n"
     )
-    outs = []
-    for flag in ("1", "0"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dk_gemm_{os.getpid()}_{flag}.pt")
-        env = dict(os.environ, DISTKERN_CPU_GEMM=flag)
-        subprocess.run([sys.executable, "-c", code, path], check=True, env=env, timeout=120)
-        outs.append(torch.load(path))
-        os.remove(path)
-    for a, b in zip(*outs):
+    for a, b in zip(*with_and_without_avx512(code)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
 
 

@@ -587,3 +587,83 @@ def test_mixed_dtypes_take_one_working_dtype():
     y = torch.randn(513, 4, generator=g, dtype=torch.float64).float().double()  # exact in float32
     for n in (512, 513):  # the tiled path (513) used to compute the y terms in float32
         assert float(distkern.mmd2(x[:n], y[:n], bandwidth=1.0)) == float(distkern.mmd2(x[:n], y[:n].float(), bandwidth=1.0))
+
+
+# The CPU evaluates φ 16 pairs at a time with an exp of its own (csrc/kernel_sum/phi_cpu.cpp) where the CPU
+# has AVX-512F, and kernel_math.h's scalar phi elsewhere (and with DISTKERN_CPU_GEMM=0): both are held to
+# the float64 formula here, on every kind the op evaluates, the backward's derivative kinds included.
+_ALL_KINDS = [("gaussian", 0, [0.7, 2.0]), ("laplacian", 1, [1.3]), ("imq", 2, [1.0, 3.0]),
+              ("polynomial", 3, None), ("distance", 4, []), ("gaussian'", 5, [0.7, 2.0]), ("laplacian'", 6, [1.3]),
+              ("imq'", 7, [1.0, 3.0]), ("polynomial'", 8, None), ("distance'", 9, [])]
+
+
+def _phi64(kind, params, x, y):
+    """φ of kernel_math.h in float64, distances from the coordinates."""
+    x, y = x.double(), y.double()
+    r2 = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    r = r2.sqrt()
+    bw = params or []
+    if kind in (3, 8):
+        g, c, d = params
+        base = g * (x @ y.T) + c
+        return base ** d if kind == 3 else d * g * base ** (d - 1)
+    out = torch.zeros_like(r2)
+    for s in bw:
+        if kind == 0: out += torch.exp(-r2 / (2 * s * s))
+        if kind == 1: out += torch.exp(-r / s)
+        if kind == 2: out += (1 + r2 / (s * s)).rsqrt()
+        if kind == 5: out -= torch.exp(-r2 / (2 * s * s)) / (2 * s * s)
+        if kind == 6: out -= torch.exp(-r / s) / s
+        if kind == 7: out -= 0.5 / (s * s) * (1 + r2 / (s * s)) ** -1.5
+    if kind == 4: out = r
+    if kind == 6: out = torch.where(r2 > 0, out / (2 * r).clamp_min(1e-300), torch.zeros_like(r2))
+    if kind == 9: out = torch.where(r2 > 0, 0.5 / r.clamp_min(1e-300), torch.zeros_like(r2))
+    return out
+
+
+@pytest.mark.parametrize("name,kind,params", _ALL_KINDS, ids=[k[0] for k in _ALL_KINDS])
+@pytest.mark.parametrize("degree", [3.0, 2.5])  # integer degrees on AVX-512 lanes, others through pow
+def test_every_kind_in_float32_matches_float64(name, kind, params, degree, rng):
+    if params is None:
+        params = [1 / 6, 1.0 if degree == 3.0 else 6.0, degree]  # a positive base for a fractional power
+    elif degree != 3.0:
+        pytest.skip("the degree is the polynomial kernels' parameter")
+    # ragged sizes (neither a multiple of 16 lanes nor of the tiles), duplicates (the pairs whose r² the
+    # norm form does not resolve and the coordinates give), a near-copy of a row
+    x = torch.randn(37, 6, generator=rng)
+    y = torch.cat([torch.randn(531, 6, generator=rng) * 0.8, x[:5], x[5:6] + 0.01])
+    v = torch.randn(y.shape[0], 3, generator=rng, dtype=torch.float64)
+    out = torch.ops.distkern.kernel_matmul(x, y, v.float(), kind, params)
+    ref = _phi64(kind, params, x, y) @ v
+    # r² from the norm form is good to ~2¹⁰·ε relative just above the refinement threshold; the square-root
+    # kinds (1/r in the derivatives) show it, and how much depends on the product's summation order
+    assert rel(out, ref) < (1e-4 if kind in (1, 4, 6, 9) else 2e-6), name
+    assert torch.isfinite(out).all()
+
+
+def test_exp_over_the_whole_float32_range():
+    """The Gaussian kernel at one point is exp(−r²): from 1 down through the subnormals to 0, within
+    1.5 ulp of exp of the same float32 r² wherever the result is normal."""
+    t = torch.linspace(0, 110, 400_001, dtype=torch.float64)
+    x = t.sqrt().float()[:, None]
+    out = kernel_matmul(x, torch.zeros(1, 1), kernel="gaussian", bandwidth=0.5 ** 0.5).double()
+    ref = torch.exp(-(x[:, 0] * x[:, 0]).double())
+    normal = ref > torch.finfo(torch.float32).tiny
+    assert ((out - ref).abs() / ref)[normal].max() < 1.5 * 2.0 ** -23
+    assert (out - ref)[~normal].abs().max() <= 2 * 2.0 ** -149  # gradual underflow, then 0
+    assert out[-1] == 0 and out[0] == 1
+
+
+def test_scalar_and_avx512_paths_agree(with_and_without_avx512):
+    """With DISTKERN_CPU_GEMM=0 the products go through torch's BLAS and φ through the scalar phi."""
+    code = (
+        "import torch, sys\n"
+        "import distkern\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "x = torch.randn(150, 20, generator=g); y = torch.randn(700, 20, generator=g); v = torch.randn(700, 2, generator=g)\n"
+        "ps = {0: [0.8, 3.0], 1: [2.0], 2: [1.5], 3: [0.05, 1.0, 3.0], 4: [], 5: [0.8], 6: [2.0], 7: [1.5],\n"
+        "      8: [0.05, 1.0, 3.0], 9: []}\n"
+        "torch.save([torch.ops.distkern.kernel_matmul(x, y, v, k, p) for k, p in ps.items()], sys.argv[1])\n"
+    )
+    for kind, (a, b) in enumerate(zip(*with_and_without_avx512(code))):
+        assert torch.allclose(a, b, rtol=2e-5, atol=1e-5 * float(b.abs().max())), kind

@@ -11,6 +11,7 @@
 #include "common/cpu_gemm.h"
 #include "kernel_sum/kernel_math.h"
 #include "kernel_sum/kernel_sum.h"
+#include "kernel_sum/phi_cpu.h"
 
 namespace distkern {
 namespace kernel_sum {
@@ -31,6 +32,7 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
   const auto opts = in.yc.options();
   const Params kp = in.kp;
   const bool dist = uses_distance(kp.kind);
+  const bool vec = std::is_same<acc_t, float>::value && phi_avx512_takes(kp);  // φ on AVX-512 lanes
   // yᵀ once (D×M, rows contiguous) when the products run on distkern's kernel, which then reads the
   // y blocks in place instead of packing them per tile
   const at::Tensor yT =
@@ -39,6 +41,7 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
     at::Tensor xc = at::empty({kRows, D}, opts);
     at::Tensor kb = at::empty({kRows, std::min(kCols, std::max<int64_t>(M, 1))}, opts);
     std::vector<acc_t> xx(kRows);
+    std::vector<int64_t> refine;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * kRows, m = std::min(kRows, N - r0);
       acc_t* xcp = xc.data_ptr<acc_t>();
@@ -58,18 +61,30 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
         at::Tensor K = at::from_blob(kb.data_ptr<acc_t>(), {m, nb}, opts);
         cpu::mm_out(K, xc.narrow(0, 0, m), yT.defined() ? yT.narrow(1, j0, nb) : in.yc.narrow(0, j0, nb).t());
         acc_t* kp_ = K.data_ptr<acc_t>();
-        for (int64_t i = 0; i < m; ++i)
+        // r² of pair (i, j) from the coordinates, for the pairs the norm form does not resolve
+        auto exact_r2 = [&](int64_t i, int64_t j) {
+          const acc_t* a = xcp + i * D;
+          const acc_t* b = ycp + (j0 + j) * D;
+          acc_t r2 = 0;
+          for (int64_t k = 0; k < D; ++k) r2 += (a[k] - b[k]) * (a[k] - b[k]);
+          return r2;
+        };
+        if constexpr (std::is_same<acc_t, float>::value) {
+          if (vec) {  // 16 pairs per instruction; the few unresolved pairs again from the coordinates
+            for (int64_t i = 0; i < m; ++i) {
+              refine.clear();
+              phi_row_avx512(kp, kp_ + i * nb, nb, xx[i], yyp + j0, refine);
+              for (const int64_t j : refine) kp_[i * nb + j] = phi(kp, exact_r2(i, j), acc_t(0));
+            }
+          }
+        }
+        for (int64_t i = 0; i < m && !vec; ++i)
           for (int64_t j = 0; j < nb; ++j) {
             const acc_t dot = kp_[i * nb + j];
             acc_t r2 = 0;
             if (dist) {
               r2 = sq_dist(xx[i], yyp[j0 + j], dot);
-              if (needs_exact_r2(r2, xx[i], yyp[j0 + j])) {
-                const acc_t* a = xcp + i * D;
-                const acc_t* b = ycp + (j0 + j) * D;
-                r2 = 0;
-                for (int64_t k = 0; k < D; ++k) r2 += (a[k] - b[k]) * (a[k] - b[k]);
-              }
+              if (needs_exact_r2(r2, xx[i], yyp[j0 + j])) r2 = exact_r2(i, j);
             }
             kp_[i * nb + j] = phi(kp, r2, dot);
           }

@@ -1,0 +1,187 @@
+// AVX-512 φ for the CPU kernel-sum tiles (see phi_cpu.h for why and the contract). Each kind below is
+// kernel_math.h's phi written on 16 lanes, in the same order of operations where it matters: r² and its
+// clamp, the NaN rules, the zero subgradients at r = 0.
+#include "kernel_sum/phi_cpu.h"
+
+#include <cmath>
+
+#include "common/cpu_gemm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define DK_HAVE_AVX512_PHI 1
+#include <immintrin.h>
+#else
+#define DK_HAVE_AVX512_PHI 0
+#endif
+
+namespace distkern {
+namespace kernel_sum {
+namespace {
+
+// An integer exponent 0..16 (the range kernel_math.h's dk_pow_kernel squares), else -1.
+int small_integer(double e) {
+  return e >= 0 && e <= 16 && e == std::floor(e) ? static_cast<int>(e) : -1;
+}
+
+}  // namespace
+
+bool phi_avx512_takes(const Params& kp) {
+#if DK_HAVE_AVX512_PHI
+  if (!cpu::fast_gemm_enabled()) return false;  // true only where the CPU has AVX-512F
+  if (kp.kind == kPolynomial) return small_integer(kp.p[2]) >= 0;
+  if (kp.kind == kPolynomialD) return small_integer(kp.p[2] - 1) >= 0;
+  return kp.kind >= 0 && kp.kind < kNumKinds;
+#else
+  (void)kp;
+  return false;
+#endif
+}
+
+#if DK_HAVE_AVX512_PHI
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// GCC 12's avx512fintrin.h builds max/min/sqrt/scalef/roundscale on _mm512_undefined_ps and then
+// warns that it "may be used uninitialized" once inlined here (a known false positive)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace {
+
+// exp(x) for float32 lanes: x = n·ln2 + r with |r| ≤ ln2/2 (ln2 split in two, Cody–Waite), e^r = 1 + r +
+// r²·P(r) with Cephes' expf coefficients, then ·2ⁿ by scalef, which underflows gradually to 0 and
+// overflows to inf. x is first clamped to [-104, 89] (e^-104 rounds to 0, e^89 to inf), keeping NaN:
+// max/min return their second operand when either is NaN.
+inline __m512 vexp(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(e, n);
+}
+
+// a^e for an integer e ≥ 0 by repeated squaring, as dk_pow_kernel does on the CPU.
+inline __m512 vipow(__m512 a, int e) {
+  __m512 r = _mm512_set1_ps(1.0f), b = a;
+  while (e > 0) {
+    if (e & 1) r = _mm512_mul_ps(r, b);
+    b = _mm512_mul_ps(b, b);
+    e >>= 1;
+  }
+  return r;
+}
+
+// φ of one kind on 16 lanes of r² (distance kinds) or x·y (polynomial kinds).
+template <int Kind>
+inline __m512 vphi(const Params& kp, __m512 r2, __m512 dot) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  __m512 s = zero;
+  if constexpr (Kind == kGaussian || Kind == kGaussianD) {
+    for (int i = 0; i < kp.ns; ++i) {
+      const __m512 p = _mm512_set1_ps(static_cast<float>(kp.p[i]));
+      const __m512 e = vexp(_mm512_mul_ps(_mm512_sub_ps(zero, r2), p));
+      s = Kind == kGaussian ? _mm512_add_ps(s, e) : _mm512_fnmadd_ps(p, e, s);
+    }
+    return s;
+  } else if constexpr (Kind == kLaplacian || Kind == kLaplacianD) {
+    const __m512 r = _mm512_sqrt_ps(r2);
+    for (int i = 0; i < kp.ns; ++i) {
+      const __m512 p = _mm512_set1_ps(static_cast<float>(kp.p[i]));
+      const __m512 e = vexp(_mm512_mul_ps(_mm512_sub_ps(zero, r), p));
+      s = Kind == kLaplacian ? _mm512_add_ps(s, e) : _mm512_fnmadd_ps(p, e, s);
+    }
+    if constexpr (Kind == kLaplacian) {
+      return s;
+    } else {
+      // subgradient 0 at r = 0; a NaN r² is "not ≤ 0" and stays NaN
+      const __mmask16 pos = _mm512_cmp_ps_mask(r2, zero, _CMP_NLE_UQ);
+      return _mm512_maskz_div_ps(pos, s, _mm512_add_ps(r, r));
+    }
+  } else if constexpr (Kind == kIMQ || Kind == kIMQD) {
+    for (int i = 0; i < kp.ns; ++i) {
+      const __m512 p = _mm512_set1_ps(static_cast<float>(kp.p[i]));
+      const __m512 b = _mm512_add_ps(one, _mm512_mul_ps(r2, p));
+      if constexpr (Kind == kIMQ) {
+        s = _mm512_add_ps(s, _mm512_div_ps(one, _mm512_sqrt_ps(b)));
+      } else {
+        const __m512 h = _mm512_mul_ps(_mm512_set1_ps(0.5f), p);
+        s = _mm512_sub_ps(s, _mm512_div_ps(h, _mm512_mul_ps(b, _mm512_sqrt_ps(b))));
+      }
+    }
+    return s;
+  } else if constexpr (Kind == kPolynomial || Kind == kPolynomialD) {
+    const __m512 base = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(static_cast<float>(kp.p[0])), dot),
+                                      _mm512_set1_ps(static_cast<float>(kp.p[1])));
+    if constexpr (Kind == kPolynomial) {
+      return vipow(base, small_integer(kp.p[2]));
+    } else {
+      const __m512 c = _mm512_set1_ps(static_cast<float>(kp.p[2]) * static_cast<float>(kp.p[0]));
+      return _mm512_mul_ps(c, vipow(base, small_integer(kp.p[2] - 1)));
+    }
+  } else if constexpr (Kind == kDistance) {
+    return _mm512_sqrt_ps(r2);
+  } else {  // kDistanceD: 1/(2r), 0 at r = 0, NaN for a NaN r²
+    const __mmask16 pos = _mm512_cmp_ps_mask(r2, zero, _CMP_NLE_UQ);
+    return _mm512_maskz_div_ps(pos, _mm512_set1_ps(0.5f), _mm512_sqrt_ps(r2));
+  }
+}
+
+template <int Kind>
+void row(const Params& kp, float* k, int64_t n, float xx, const float* yy, std::vector<int64_t>& refine) {
+  constexpr bool dist = Kind != kPolynomial && Kind != kPolynomialD;
+  const __m512 vxx = _mm512_set1_ps(xx), zero = _mm512_setzero_ps();
+  const __m512 xg = _mm512_set1_ps(xx - xx);
+  const __m512 frac = _mm512_set1_ps(1.0f / 1024);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 dot = _mm512_maskz_loadu_ps(m, k + j);
+    __m512 r2 = zero;
+    if constexpr (dist) {
+      // sq_dist: xx + yy − 2·dot + ((xx − xx) + (yy − yy)), clamped at 0 keeping NaN
+      const __m512 vyy = _mm512_maskz_loadu_ps(m, yy + j);
+      r2 = _mm512_sub_ps(_mm512_add_ps(vxx, vyy), _mm512_add_ps(dot, dot));
+      r2 = _mm512_add_ps(r2, _mm512_add_ps(xg, _mm512_sub_ps(vyy, vyy)));
+      r2 = _mm512_max_ps(zero, r2);
+      // needs_exact_r2: r² < (xx + yy) / 1024
+      __mmask16 near = _mm512_mask_cmp_ps_mask(m, r2, _mm512_mul_ps(frac, _mm512_add_ps(vxx, vyy)), _CMP_LT_OQ);
+      while (near) {
+        refine.push_back(j + __builtin_ctz(near));
+        near &= static_cast<__mmask16>(near - 1);
+      }
+    }
+    _mm512_mask_storeu_ps(k + j, m, vphi<Kind>(kp, r2, dot));
+  }
+}
+
+}  // namespace
+
+void phi_row_avx512(const Params& kp, float* k, int64_t n, float xx, const float* yy, std::vector<int64_t>& refine) {
+  switch (kp.kind) {
+    case kGaussian: return row<kGaussian>(kp, k, n, xx, yy, refine);
+    case kLaplacian: return row<kLaplacian>(kp, k, n, xx, yy, refine);
+    case kIMQ: return row<kIMQ>(kp, k, n, xx, yy, refine);
+    case kPolynomial: return row<kPolynomial>(kp, k, n, xx, yy, refine);
+    case kDistance: return row<kDistance>(kp, k, n, xx, yy, refine);
+    case kGaussianD: return row<kGaussianD>(kp, k, n, xx, yy, refine);
+    case kLaplacianD: return row<kLaplacianD>(kp, k, n, xx, yy, refine);
+    case kIMQD: return row<kIMQD>(kp, k, n, xx, yy, refine);
+    case kPolynomialD: return row<kPolynomialD>(kp, k, n, xx, yy, refine);
+    case kDistanceD: return row<kDistanceD>(kp, k, n, xx, yy, refine);
+  }
+}
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#else
+void phi_row_avx512(const Params&, float*, int64_t, float, const float*, std::vector<int64_t>&) {}
+#endif  // DK_HAVE_AVX512_PHI
+
+}  // namespace kernel_sum
+}  // namespace distkern
