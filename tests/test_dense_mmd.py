@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import distkern  # noqa: F401  (loads the ops)
-from distkern.mmd import _ESTIMATOR_ID, _fused_cpu, mmd2
+from distkern.mmd import _ESTIMATOR_ID, _FUSED_KERNELS, _fused_cpu, _vector_phi, mmd2
 from distkern.ops.kernel_sum import KERNELS, kernel_params
 
 from test_kernel_sum import KERNELS as KERNEL_CASES, dense_kernel
@@ -134,19 +134,23 @@ def test_opcheck(rng):
     torch.library.opcheck(ops.dense_mmd_grad.default, (b, zz, 0, False))
 
 
-@pytest.mark.parametrize("kernel", ["polynomial", "distance"])
-def test_mmd2_takes_the_fused_path(kernel, rng):
+@pytest.mark.parametrize("kernel,kw", KERNEL_CASES)
+def test_mmd2_takes_the_fused_path(kernel, kw, rng):
+    """The polynomial and distance kernels always; the exponential ones where φ runs on AVX-512 lanes."""
     x = torch.randn(64, 300, generator=rng).requires_grad_()
     y = torch.randn(64, 300, generator=rng)
+    kw = {k: [b * 25 for b in v] if isinstance(v, list) else v * 25 for k, v in kw.items()}  # σ ~ the distances
     with torch.no_grad():
-        assert _fused_cpu(x, kernel)
+        fused = _fused_cpu(x, kernel)
+        assert fused == (kernel in _FUSED_KERNELS or _vector_phi())
+        assert not _fused_cpu(x.double(), kernel) or kernel in _FUSED_KERNELS
     with torch.autograd.profiler.profile() as prof:
-        loss = mmd2(x, y, kernel=kernel, estimator="unbiased")
+        loss = mmd2(x, y, kernel=kernel, estimator="unbiased", **kw)
         loss.backward()
     names = {e.name for e in prof.function_events}
-    assert "distkern::dense_mmd" in names and "distkern::dense_mmd_grad" in names
+    assert ("distkern::dense_mmd" in names and "distkern::dense_mmd_grad" in names) == fused
     xr = x.detach().double().requires_grad_()
-    ref = reference_mmd(xr, y.double(), kernel, {}, "unbiased")
+    ref = reference_mmd(xr, y.double(), kernel, kw, "unbiased")
     (gref,) = torch.autograd.grad(ref, xr)
     assert abs(float(loss) - float(ref)) <= 2e-5 * max(1.0, abs(float(ref)))
     assert (x.grad.double() - gref).abs().max() <= 5e-4 * float(gref.abs().max())

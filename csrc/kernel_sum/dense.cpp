@@ -10,21 +10,24 @@
 //                                 2(rowsum(B)·z_rows − B·z) (distance kernels)
 //
 // The products run on distkern's AVX-512 kernel (common/cpu_gemm.h) in float32 when the CPU has one,
-// at::mm otherwise; φ and r² are kernel_matmul's own (kernel_math.h: sq_dist, needs_exact_r2, phi),
-// so both paths of mmd2 see the same per-pair arithmetic. No autograd: mmd2 calls these inside its
+// at::mm otherwise; φ and r² are kernel_matmul's own (kernel_math.h: sq_dist, needs_exact_r2, phi, and
+// its AVX-512 form phi_cpu.h), so both paths of mmd2 see the same per-pair arithmetic. No autograd: mmd2 calls these inside its
 // autograd.Function, and differentiates plain torch ops under create_graph. dense_gram and dense_mm
 // are also registered for every other device (as at::mm), so the Python path can call them anywhere.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/check.h"
 #include "common/cpu_gemm.h"
 #include "kernel_sum/kernel_math.h"
 #include "kernel_sum/kernel_sum.h"
+#include "kernel_sum/phi_cpu.h"
 
 namespace distkern {
 namespace {
@@ -114,38 +117,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, con
     }
     return r2;
   };
-  auto weight = [&](int64_t i, int64_t j) -> double {  // 0 for a masked pair
-    const bool xi = i < n, xj = j < n;
-    if (xi && xj) return mask_self && i == j ? 0.0 : wxx;
-    if (!xi && !xj) return mask_self && i == j ? 0.0 : wyy;
-    const int64_t a = xi ? i : j, c = xi ? j - n : i - n;
-    return mask_pair && a == c ? 0.0 : wxy;
+  // φ and dφ/dt of row i: f over j ∈ [i, N) (the value uses the upper triangle), df over [0, N) for a
+  // row of B. On AVX-512 lanes (kernel_sum/phi_cpu.h) from the Gram row, the unresolved pairs and the
+  // diagonal then from the coordinates as pair_t takes them; else pair by pair.
+  const bool vec = std::is_same<acc_t, float>::value && kernel_sum::phi_avx512_takes(kp) &&
+                   (!need || kernel_sum::phi_avx512_takes(kd));
+  auto phi_row = [&](const kernel_sum::Params& k, int64_t i, int64_t j0, acc_t* out, std::vector<int64_t>& refine) {
+    if constexpr (std::is_same<acc_t, float>::value) {
+      if (vec) {
+        std::copy(gp + i * N + j0, gp + i * N + N, out + j0);
+        refine.clear();
+        kernel_sum::phi_row_avx512(k, out + j0, N - j0, sq[i], sq.data() + j0, refine);
+        for (const int64_t j : refine) out[j0 + j] = kernel_sum::phi(k, pair_t(i, j0 + j), acc_t(0));
+        if (dist && j0 <= i) out[i] = kernel_sum::phi(k, acc_t(0), acc_t(0));
+        return;
+      }
+    }
+    for (int64_t j = j0; j < N; ++j) {
+      const acc_t t = pair_t(i, j);
+      out[j] = kernel_sum::phi(k, t, t);
+    }
+  };
+  // Σ f[j0, j1) in double, four partial sums (one chain would be latency-bound)
+  auto dsum = [](const acc_t* p, int64_t j0, int64_t j1) {
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) {
+      s0 += p[j];
+      s1 += p[j + 1];
+      s2 += p[j + 2];
+      s3 += p[j + 3];
+    }
+    for (; j < j1; ++j) s0 += p[j];
+    return (s0 + s1) + (s2 + s3);
+  };
+  auto scaled = [](acc_t* out, const acc_t* df, int64_t j0, int64_t j1, double c) {
+    const acc_t cc = static_cast<acc_t>(c);
+    for (int64_t j = j0; j < j1; ++j) out[j] = cc * df[j];
   };
   // value over the upper triangle (t and φ are symmetric): each off-diagonal pair counts twice within
   // a sample; the cross block's pairs are (x_i, y_j) with i < n ≤ j, each once. B over its rows.
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1));
+  // Rows are taken in the order 0, N−1, 1, N−2, ...: a row's work falls with i (the triangle) and x's rows
+  // carry B, so contiguous chunks of that order balance the threads where chunks of rows would not.
+  const int64_t grain = std::max<int64_t>(2, 4096 / std::max<int64_t>(N, 1));
   const double value = at::parallel_reduce(
       0, N, grain, 0.0,
-      [&](int64_t i0, int64_t i1, double acc_v) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const bool row_b = need && i >= r0 && i < r1;
-          acc_t* brow = row_b ? bp + (i - r0) * N : nullptr;
-          double s = 0;
-          for (int64_t j = row_b ? 0 : i; j < N; ++j) {
-            const acc_t t = pair_t(i, j);
-            const double w = weight(i, j);
-            if (j >= i) {
-              const double f = static_cast<double>(kernel_sum::phi(kp, t, t));
-              const bool within = (i < n) == (j < n);
-              s += (within && j != i ? 2.0 : 1.0) * w * f;
-            }
-            if (row_b) {
-              const bool within = (i < n) == (j < n);
-              brow[j] = w == 0.0 ? acc_t(0)
-                                 : static_cast<acc_t>((within ? 2.0 : 1.0) * w) * kernel_sum::phi(kd, t, t);
-            }
-          }
+      [&](int64_t k0, int64_t k1, double acc_v) {
+        std::vector<acc_t> f(N), df(N);
+        std::vector<int64_t> refine;
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t i = (k & 1) ? N - 1 - (k >> 1) : (k >> 1);
+          const bool xi = i < n, row_b = need && i >= r0 && i < r1;
+          // the pairs (i, j ≥ i): within the sample each off-diagonal pair counts twice and the diagonal
+          // once (not at all for the unbiased and U-statistics); an x row also holds its cross pairs
+          // (x_i, y_j), each once, less (x_i, y_i) for the U-statistic
+          phi_row(kp, i, i, f.data(), refine);
+          const acc_t* fp = f.data();
+          double s = (xi ? wxx : wyy) * (2.0 * dsum(fp, i + 1, xi ? n : N) + (mask_self ? 0.0 : double(fp[i])));
+          if (xi) s += wxy * (mask_pair ? dsum(fp, n, n + i) + dsum(fp, n + i + 1, N) : dsum(fp, n, N));
           acc_v += s;
+          if (row_b) {  // B = the block's weight · dφ/dt, 0 at the masked pairs
+            phi_row(kd, i, 0, df.data(), refine);
+            acc_t* brow = bp + (i - r0) * N;
+            scaled(brow, df.data(), 0, n, xi ? 2.0 * wxx : wxy);
+            scaled(brow, df.data(), n, N, xi ? wxy : 2.0 * wyy);
+            if (mask_self) brow[i] = acc_t(0);
+            if (mask_pair) brow[xi ? n + i : i - n] = acc_t(0);
+          }
         }
         return acc_v;
       },

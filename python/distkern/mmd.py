@@ -2,6 +2,7 @@
 all on top of :func:`distkern.kernel_matmul` (no N×M matrix anywhere)."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import NamedTuple
@@ -176,16 +177,24 @@ def _exact_near(t, a, b, sa, sb):
 
 
 _ESTIMATOR_ID = {"biased": 0, "unbiased": 1, "ustat": 2}
-# Kernels whose small-sample estimator runs as one C++ pass on the CPU (dense_mmd): those whose φ is
-# a few multiplications. The exponential kernels keep the torch composition below, whose exp is
-# vectorised (the C++ pass evaluates φ pair by pair).
+# Kernels whose small-sample estimator runs as one C++ pass on the CPU (dense_mmd) everywhere: those
+# whose φ is a few multiplications. The others (exp, 1/√) take it where that pass evaluates φ on
+# AVX-512 lanes (float32 work on a CPU with AVX-512F, DISTKERN_CPU_GEMM not 0); elsewhere it would
+# evaluate them pair by pair through libm, and the torch composition below, whose exp is vectorised, wins.
 _FUSED_KERNELS = ("polynomial", "distance")
+
+
+@functools.lru_cache(maxsize=None)
+def _vector_phi() -> bool:
+    from . import _C
+    return bool(_C.cpu_fast_gemm())
 
 
 def _fused_cpu(x, kernel):
     """Whether mmd2's small path runs as distkern.dense_mmd: CPU, eager, float32/float64 work."""
-    return (kernel in _FUSED_KERNELS and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch.is_grad_enabled())
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return False
+    return kernel in _FUSED_KERNELS or (x.dtype != torch.float64 and _vector_phi())
 
 
 def _dense_cpu(z):
