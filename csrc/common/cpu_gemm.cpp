@@ -37,11 +37,33 @@ constexpr int64_t kPrefetchRows = 24;  // software prefetch distance along B's r
 #if DK_HAVE_AVX512_GEMM
 #pragma GCC push_options
 #pragma GCC target("avx512f")
+// GCC 12's avx512fintrin.h builds _mm512_reduce_add_ps on _mm512_undefined_pd and then warns that it
+// "may be used uninitialized" once inlined (a known false positive)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // C[0:MR, 0:nr] (=|+=) Σ_k ap[k·kMR + r] · bp[k·ldb + j] for k < kc. bp rows are read with masks, so a
 // direct (unpacked) B may end anywhere.
-template <int MR>
-void micro(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c, int64_t ldc, int nr, bool acc) {
+// The cursor of a PrefetchRows stream: the next line to fetch, row by row.
+struct StreamCursor {
+  const PrefetchRows* s = nullptr;
+  int64_t row = 0, off = 0;  // row of the stream, byte offset within it
+  bool done() const { return s == nullptr || row >= s->rows; }
+};
+
+// With Pf, two lines of the cursor's stream are prefetched into L2 per k (the scalar ports are idle here).
+template <int MR, bool Pf = false>
+void micro(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c, int64_t ldc, int nr, bool acc,
+           StreamCursor* pf = nullptr) {
+  const char* pbase = nullptr;
+  const char* pp = nullptr;
+  int64_t prow = 0, poff = 0, plen = 0, prows = 0, pld = 0;
+  if constexpr (Pf) {
+    pbase = static_cast<const char*>(pf->s->base);
+    prow = pf->row, poff = pf->off, prows = pf->s->rows, pld = pf->s->ld_bytes;
+    plen = pf->s->row_bytes;
+    pp = pbase + prow * pld + poff;
+  }
   const __mmask16 m0 = nr >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nr) - 1u);
   const __mmask16 m1 =
       nr >= 32 ? static_cast<__mmask16>(0xFFFF) : (nr > 16 ? static_cast<__mmask16>((1u << (nr - 16)) - 1u) : 0);
@@ -56,6 +78,20 @@ void micro(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c, 
     // fetch its rows ~24 iterations (~300 cycles) ahead
     _mm_prefetch(reinterpret_cast<const char*>(bp + (k + kPrefetchRows) * ldb), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(bp + (k + kPrefetchRows) * ldb + 16), _MM_HINT_T0);
+    if constexpr (Pf) {
+      for (int l = 0; l < 2; ++l) {
+        if (prow < prows) {
+          _mm_prefetch(pp, _MM_HINT_T1);
+          poff += 64;
+          pp += 64;
+          if (poff >= plen) {  // on to the next row's first line
+            ++prow;
+            poff = 0;
+            pp = pbase + prow * pld;
+          }
+        }
+      }
+    }
     const __m512 b0 = _mm512_maskz_loadu_ps(m0, bp + k * ldb);
     const __m512 b1 = _mm512_maskz_loadu_ps(m1, bp + k * ldb + 16);
     const float* a = ap + k * kMR;
@@ -76,11 +112,19 @@ void micro(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c, 
     _mm512_mask_storeu_ps(cr, m0, c0[r]);
     _mm512_mask_storeu_ps(cr + 16, m1, c1[r]);
   }
+  if constexpr (Pf) {
+    pf->row = prow;
+    pf->off = poff;
+  }
 }
 
-using MicroFn = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t, int, bool);
+using MicroFn = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t, int, bool, StreamCursor*);
 constexpr MicroFn kMicro[kMR + 1] = {nullptr,    &micro<1>, &micro<2>, &micro<3>,  &micro<4>,  &micro<5>, &micro<6>,
                                      &micro<7>,  &micro<8>, &micro<9>, &micro<10>, &micro<11>, &micro<12>};
+constexpr MicroFn kMicroPf[kMR + 1] = {
+    nullptr,           &micro<1, true>,  &micro<2, true>,  &micro<3, true>, &micro<4, true>,
+    &micro<5, true>,   &micro<6, true>,  &micro<7, true>,  &micro<8, true>, &micro<9, true>,
+    &micro<10, true>,  &micro<11, true>, &micro<12, true>};
 
 // Gram tiles in dot-product form: G[i0 + r, j0 + c] (=|+=) Σ_k z[i0 + r, k] · z[j0 + c, k] over
 // k ∈ [k0, k0 + kc), r < ri, c < cj (≤ 4 each; missing rows read row 0 of the tile and are not
@@ -125,6 +169,7 @@ void gram_tile(const float* z, int64_t ldz, int64_t i0, int ri, int64_t j0, int 
     }
 }
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 // ap[k·kMR + r] = a[r·sam + k·sak] for r < mr, k < kc: a block of A, k-major, as the micro-kernel
@@ -181,7 +226,7 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, i
         pack_a(a + i0 * sam + k0 * sak, sam, sak, mr, kc, ap);
         for (int64_t jr = 0; jr < nc; jr += kNR) {
           const int nr = static_cast<int>(std::min<int64_t>(kNR, nc - jr));
-          kMicro[mr](ap, bp + jr, ldb, kc, c + i0 * ldc + jc + jr, ldc, nr, acc);
+          kMicro[mr](ap, bp + jr, ldb, kc, c + i0 * ldc + jc + jr, ldc, nr, acc, nullptr);
         }
       }
     }
@@ -194,7 +239,9 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, i
 // PaDiM's P factors — is read once and reused from L1/L2 by every row block (the triangular
 // products of mahalanobis*: tens of rows, K = D).
 void tril_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b,
-                 int64_t sbk, float* c, int64_t ldc) {
+                 int64_t sbk, float* c, int64_t ldc, const PrefetchRows* next) {
+  StreamCursor cur;
+  cur.s = next != nullptr && next->base != nullptr && next->rows > 0 ? next : nullptr;
   thread_local std::vector<float> abuf;
   const int64_t nblk = (M + kMR - 1) / kMR, kk = std::max<int64_t>(K, 1);
   abuf.resize(static_cast<size_t>(nblk * kMR * kk));
@@ -214,7 +261,8 @@ void tril_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, i
         for (int r = 0; r < mr; ++r) std::memset(ct + r * ldc, 0, sizeof(float) * nr);
         continue;
       }
-      kMicro[mr](abuf.data() + blk * kMR * kk + k0 * kMR, b + k0 * sbk + jr, sbk, K - k0, ct, ldc, nr, false);
+      (cur.done() ? kMicro : kMicroPf)[mr](abuf.data() + blk * kMR * kk + k0 * kMR, b + k0 * sbk + jr, sbk, K - k0,
+                                           ct, ldc, nr, false, &cur);
     }
   }
 }
@@ -285,16 +333,16 @@ void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accu
   }
 }
 
-bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const PrefetchRows* next) {
 #if DK_HAVE_AVX512_GEMM
   if (!(fast_gemm_enabled() && usable(a) && usable(b) && usable(out) && out.stride(1) == 1 && b.stride(1) == 1 &&
         out.size(0) == a.size(0) && out.size(1) == b.size(1) && a.size(1) == b.size(0)))
     return false;
   tril_driver(a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), a.stride(1), b.data_ptr<float>(),
-              b.stride(0), out.data_ptr<float>(), out.stride(0));
+              b.stride(0), out.data_ptr<float>(), out.stride(0), next);
   return true;
 #else
-  (void)out, (void)a, (void)b;
+  (void)out, (void)a, (void)b, (void)next;
   return false;
 #endif
 }

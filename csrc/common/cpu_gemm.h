@@ -34,11 +34,20 @@ bool sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t
 // tile loops (single-threaded: call it inside a parallel region or for small products).
 void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false);
 
+// Memory a caller reads next, to be fetched into L2 while a product runs: rows [0, rows) of `base`,
+// ld_bytes apart, row_bytes each. For the next of PaDiM's factors, which would otherwise come from memory
+// one strided 32-column panel at a time, latency-bound (~14 GB/s of the machine's ~50).
+struct PrefetchRows {
+  const void* base;
+  int64_t rows, ld_bytes, row_bytes;
+};
+
 // out = a @ b for a lower-triangular b (b[k, j] = 0 for k < j, not read there): float32 through the
-// AVX-512 kernel, skipping the zero blocks at 32-column granularity. Returns false (out untouched)
+// AVX-512 kernel, skipping the zero blocks at 32-column granularity. With `next`, two lines of it are
+// prefetched per step of the micro-kernel until it is all requested. Returns false (out untouched)
 // where that kernel is not enabled or the layout does not suit it (b's rows must be contiguous).
 // Single-threaded, like mm_out.
-bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const PrefetchRows* next = nullptr);
 
 // a @ b and z·zᵀ for 2-D CPU tensors, parallel over tiles of the output. gram computes the tiles that
 // touch the upper triangle only and mirrors them (z·zᵀ is symmetric to the last bit).

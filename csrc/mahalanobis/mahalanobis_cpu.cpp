@@ -49,8 +49,10 @@ void center_tile(const scalar_t* x, int64_t sx0, int64_t sx1, int64_t r0, int64_
   }
 }
 
-// z (m×R, contiguous) = xc (m×D) · W (D×R), using only the lower triangle when lower.
-void tile_product(const at::Tensor& xc, const at::Tensor& W, at::Tensor& z, int64_t m, bool lower) {
+// z (m×R, contiguous) = xc (m×D) · W (D×R), using only the lower triangle when lower; `next` (lower
+// only): memory to prefetch along the product (cpu_gemm.h).
+void tile_product(const at::Tensor& xc, const at::Tensor& W, at::Tensor& z, int64_t m, bool lower,
+                  const cpu::PrefetchRows* next = nullptr) {
   const int64_t D = W.size(0), R = W.size(1);
   auto a = xc.narrow(0, 0, m);
   auto zm = z.narrow(0, 0, m);
@@ -58,7 +60,7 @@ void tile_product(const at::Tensor& xc, const at::Tensor& W, at::Tensor& z, int6
     cpu::mm_out(zm, a, W);
     return;
   }
-  if (cpu::mm_tril_out(zm, a, W)) return;  // AVX-512: A packed once, zero blocks skipped per 32 columns
+  if (cpu::mm_tril_out(zm, a, W, next)) return;  // AVX-512: A packed once, zero blocks skipped per 32 columns
   for (int64_t j0 = 0; j0 < R; j0 += kBlockCols) {
     const int64_t nb = std::min(kBlockCols, R - j0);
     auto zj = zm.narrow(1, j0, nb);
@@ -346,7 +348,13 @@ void pos_impl(const at::Tensor& x, const at::Tensor& factors, const PosInputs& i
         for (int64_t k = 0; k < D; ++k) xcp[b * D + k] = center(static_cast<acc_t>(row[k * sd]), mu[p * D + k], g);
         guard[b] = g;
       }
-      tile_product(xc, wp_t, z, B, lower);
+      // the next factor of this thread's positions, all of it, fetched along this product: read in place,
+      // panel by panel, it would come from memory one strided line pair at a time, and its check after
+      // (the strict upper triangle) then reads from cache too
+      const cpu::PrefetchRows next{in_place && p + 1 < p1 ? static_cast<const void*>(src + D * R) : nullptr, D,
+                                   static_cast<int64_t>(R * sizeof(factor_t)),
+                                   static_cast<int64_t>(R * sizeof(factor_t))};
+      tile_product(xc, wp_t, z, B, lower, &next);
       const acc_t* zp = z.data_ptr<acc_t>();
       for (int64_t b = 0; b < B; ++b) {
         acc_t s = 0;
