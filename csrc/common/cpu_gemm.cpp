@@ -17,11 +17,10 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define DK_HAVE_AVX512_GEMM 1
+#include "common/macros.h"
+
+#if DK_AVX512_CODE
 #include <immintrin.h>
-#else
-#define DK_HAVE_AVX512_GEMM 0
 #endif
 
 namespace distkern {
@@ -34,7 +33,7 @@ constexpr int64_t kKC = 256;  // K block: a packed A block (12 × 256 floats) st
 constexpr int64_t kNC = 512;  // column block: a B block (256 × 512 floats) stays in L2
 constexpr int64_t kPrefetchRows = 24;  // software prefetch distance along B's rows
 
-#if DK_HAVE_AVX512_GEMM
+#if DK_AVX512_CODE
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 // GCC 12's avx512fintrin.h builds _mm512_reduce_add_ps on _mm512_undefined_pd and then warns that it
@@ -271,10 +270,10 @@ bool cpu_has_avx512f() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f");
 }
-#endif  // DK_HAVE_AVX512_GEMM
+#endif  // DK_AVX512_CODE
 
 bool compute_enabled() {
-#if DK_HAVE_AVX512_GEMM
+#if DK_AVX512_CODE
   const char* env = std::getenv("DISTKERN_CPU_GEMM");
   if (env != nullptr && env[0] == '0' && env[1] == '\0') return false;
   return cpu_has_avx512f();
@@ -308,7 +307,7 @@ bool fast_gemm_enabled() {
 
 bool sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b, int64_t sbk,
            int64_t sbn, float* c, int64_t ldc, bool accumulate) {
-#if DK_HAVE_AVX512_GEMM
+#if DK_AVX512_CODE
   if (!fast_gemm_enabled()) return false;
   gemm_driver(M, N, K, a, sam, sak, b, sbk, sbn, c, ldc, accumulate);
   return true;
@@ -334,7 +333,7 @@ void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accu
 }
 
 bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const PrefetchRows* next) {
-#if DK_HAVE_AVX512_GEMM
+#if DK_AVX512_CODE
   if (!(fast_gemm_enabled() && usable(a) && usable(b) && usable(out) && out.stride(1) == 1 && b.stride(1) == 1 &&
         out.size(0) == a.size(0) && out.size(1) == b.size(1) && a.size(1) == b.size(0)))
     return false;
@@ -379,7 +378,7 @@ at::Tensor gram(const at::Tensor& zin) {
     const at::Tensor g = at::mm(zin, zin.t());
     return at::triu(g) + at::triu(g, 1).t();
   }
-#if DK_HAVE_AVX512_GEMM
+#if DK_AVX512_CODE
   const at::Tensor z = zin.stride(1) == 1 ? zin : zin.contiguous();
   const int64_t n = z.size(0), K = z.size(1), ldz = z.stride(0);
   if (K == 0) return at::zeros({n, n}, z.options());

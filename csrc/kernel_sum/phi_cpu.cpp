@@ -5,14 +5,9 @@
 
 #include <cmath>
 
+#include "common/avx512_math.h"
 #include "common/cpu_gemm.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define DK_HAVE_AVX512_PHI 1
-#include <immintrin.h>
-#else
-#define DK_HAVE_AVX512_PHI 0
-#endif
+#include "common/macros.h"
 
 namespace distkern {
 namespace kernel_sum {
@@ -26,7 +21,7 @@ int small_integer(double e) {
 }  // namespace
 
 bool phi_avx512_takes(const Params& kp) {
-#if DK_HAVE_AVX512_PHI
+#if DK_AVX512_CODE
   if (!cpu::fast_gemm_enabled()) return false;  // true only where the CPU has AVX-512F
   if (kp.kind == kPolynomial) return small_integer(kp.p[2]) >= 0;
   if (kp.kind == kPolynomialD) return small_integer(kp.p[2] - 1) >= 0;
@@ -37,7 +32,7 @@ bool phi_avx512_takes(const Params& kp) {
 #endif
 }
 
-#if DK_HAVE_AVX512_PHI
+#if DK_AVX512_CODE
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 // GCC 12's avx512fintrin.h builds max/min/sqrt/scalef/roundscale on _mm512_undefined_ps and then
@@ -46,26 +41,6 @@ bool phi_avx512_takes(const Params& kp) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace {
-
-// exp(x) for float32 lanes: x = n·ln2 + r with |r| ≤ ln2/2 (ln2 split in two, Cody–Waite), e^r = 1 + r +
-// r²·P(r) with Cephes' expf coefficients, then ·2ⁿ by scalef, which underflows gradually to 0 and
-// overflows to inf. x is first clamped to [-104, 89] (e^-104 rounds to 0, e^89 to inf), keeping NaN:
-// max/min return their second operand when either is NaN.
-inline __m512 vexp(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(e, n);
-}
 
 // a^e for an integer e ≥ 0 by repeated squaring, as dk_pow_kernel does on the CPU.
 inline __m512 vipow(__m512 a, int e) {
@@ -86,7 +61,7 @@ inline __m512 vphi(const Params& kp, __m512 r2, __m512 dot) {
   if constexpr (Kind == kGaussian || Kind == kGaussianD) {
     for (int i = 0; i < kp.ns; ++i) {
       const __m512 p = _mm512_set1_ps(static_cast<float>(kp.p[i]));
-      const __m512 e = vexp(_mm512_mul_ps(_mm512_sub_ps(zero, r2), p));
+      const __m512 e = avx512::vexp(_mm512_mul_ps(_mm512_sub_ps(zero, r2), p));
       s = Kind == kGaussian ? _mm512_add_ps(s, e) : _mm512_fnmadd_ps(p, e, s);
     }
     return s;
@@ -94,7 +69,7 @@ inline __m512 vphi(const Params& kp, __m512 r2, __m512 dot) {
     const __m512 r = _mm512_sqrt_ps(r2);
     for (int i = 0; i < kp.ns; ++i) {
       const __m512 p = _mm512_set1_ps(static_cast<float>(kp.p[i]));
-      const __m512 e = vexp(_mm512_mul_ps(_mm512_sub_ps(zero, r), p));
+      const __m512 e = avx512::vexp(_mm512_mul_ps(_mm512_sub_ps(zero, r), p));
       s = Kind == kLaplacian ? _mm512_add_ps(s, e) : _mm512_fnmadd_ps(p, e, s);
     }
     if constexpr (Kind == kLaplacian) {
@@ -181,7 +156,7 @@ void phi_row_avx512(const Params& kp, float* k, int64_t n, float xx, const float
 #pragma GCC pop_options
 #else
 void phi_row_avx512(const Params&, float*, int64_t, float, const float*, std::vector<int64_t>&) {}
-#endif  // DK_HAVE_AVX512_PHI
+#endif  // DK_AVX512_CODE
 
 }  // namespace kernel_sum
 }  // namespace distkern
