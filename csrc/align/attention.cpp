@@ -8,8 +8,9 @@
 // the token space: O(H·T·P·D) instead of the O(P·D·E) of projecting every token. This op computes
 // it: out (B, M, D) = softmax(q xᵀ, over P) x and the row log-sum-exp (B, M) for the flash-style
 // backward, streaming x in tiles of `tile` tokens with the running max / sum of the online softmax,
-// so no (B, M, P) matrix exists. One device-generic composite of batched GEMMs (BLAS / cuBLAS) and
-// elementwise updates, registered for every device (CompositeExplicitAutograd). On CUDA a fused
+// so no (B, M, P) matrix exists. One device-generic composite of batched GEMMs (cuBLAS; on the CPU
+// distkern's AVX-512 product in float32) and elementwise updates, registered for every device
+// (CompositeExplicitAutograd). On CUDA a fused
 // kernel (attention_kernel.cu) replaces it when DISTKERN_FUSED_ATTENTION=1 or
 // distkern._C.set_fused_attention(True) — opt-in until it has run on a GPU. Accumulation in
 // float32 (float64 for float64).
@@ -21,8 +22,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "common/check.h"
+#include "common/cpu_gemm.h"
 
 namespace distkern {
 namespace align {
@@ -68,6 +71,22 @@ at::Tensor check_attention(const at::Tensor& q, const at::Tensor& x, const c10::
   return keep;
 }
 
+namespace {
+
+// a @ b for (B, n, k) · (B, k, m): per batch on distkern's AVX-512 product for float32 CPU tensors (torch's
+// bmm goes through MKL, AVX2 on AMD processors: common/cpu_gemm.h), else at::bmm.
+at::Tensor batched_mm(const at::Tensor& a, const at::Tensor& b) {
+  if (!(a.device().is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+        cpu::fast_gemm_enabled()))
+    return at::bmm(a, b);
+  std::vector<at::Tensor> outs;
+  outs.reserve(a.size(0));
+  for (int64_t i = 0; i < a.size(0); ++i) outs.push_back(cpu::mm(a[i], b[i]));
+  return at::stack(outs);
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> shared_kv_attention_composite(const at::Tensor& q, const at::Tensor& x,
                                                                  const c10::optional<at::Tensor>& mask,
                                                                  int64_t tile) {
@@ -82,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> shared_kv_attention_composite(const at::Tenso
   for (int64_t p0 = 0; p0 < P; p0 += tile) {
     const int64_t n = std::min(tile, P - p0);
     const at::Tensor xt = x.narrow(1, p0, n).to(acc);
-    at::Tensor s = at::bmm(qa, xt.transpose(1, 2));  // (B, M, n)
+    at::Tensor s = batched_mm(qa, xt.transpose(1, 2));  // (B, M, n)
     if (keep.defined()) s.masked_fill_(keep.narrow(1, p0, n).logical_not().unsqueeze(1), ninf);
     const at::Tensor new_max = at::maximum(run_max, std::get<0>(s.max(-1)));
     // rows with nothing to attend to yet keep max −inf: use 0 there so that exp() gives 0, not NaN
@@ -90,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> shared_kv_attention_composite(const at::Tenso
     const at::Tensor alpha = at::exp(run_max - safe_max);
     s.sub_(safe_max.unsqueeze(-1)).exp_();
     run_sum = run_sum * alpha + s.sum(-1);
-    out.mul_(alpha.unsqueeze(-1)).baddbmm_(s, xt);
+    out.mul_(alpha.unsqueeze(-1)).add_(batched_mm(s, xt));
     run_max = new_max;
   }
   // A row whose tokens are all masked out attends to nothing: output 0 (as torch's

@@ -2,13 +2,13 @@
 all on top of :func:`distkern.kernel_matmul` (no N×M matrix anywhere)."""
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from typing import NamedTuple
 
 import torch
 
+from .ops._cpu import fast_cpu_products
 from .ops.kernel_sum import KERNELS, kernel_matmul, kernel_params
 
 __all__ = ["mmd2", "median_bandwidth", "MMDLoss", "mmd_test", "MMDTestResult", "permutation_weights", "kid"]
@@ -184,17 +184,11 @@ _ESTIMATOR_ID = {"biased": 0, "unbiased": 1, "ustat": 2}
 _FUSED_KERNELS = ("polynomial", "distance")
 
 
-@functools.lru_cache(maxsize=None)
-def _vector_phi() -> bool:
-    from . import _C
-    return bool(_C.cpu_fast_gemm())
-
-
 def _fused_cpu(x, kernel):
     """Whether mmd2's small path runs as distkern.dense_mmd: CPU, eager, float32/float64 work."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_grad_enabled():
         return False
-    return kernel in _FUSED_KERNELS or (x.dtype != torch.float64 and _vector_phi())
+    return kernel in _FUSED_KERNELS or (x.dtype != torch.float64 and fast_cpu_products())
 
 
 def _dense_cpu(z):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._cpu import bmm
 from ._fake import same_device
 
 __all__ = ["anomaly_map", "pair_directions", "image_scores", "topk_mean", "prompt_align", "shared_kv_attention"]
@@ -228,19 +229,22 @@ def _backward_attn(ctx, grad_out, grad_lse):
     gq = torch.zeros_like(qa) if need_q else None
     gx = torch.empty(x.shape, dtype=acc, device=x.device) if need_x else None
     P = x.shape[1]
+    qgo = torch.cat([qa, go], 1)  # (B, 2M, D): the two products with each tile's tokens as one
+    M = qa.shape[1]
     for p0 in range(0, P, ctx.tile):
         xt = x[:, p0:p0 + ctx.tile].to(acc)
-        s = qa @ xt.transpose(1, 2)
+        sg = bmm(qgo, xt.transpose(1, 2))
+        s, gs = sg[:, :M], sg[:, M:]
         if mask is not None:
             s = s.masked_fill(~mask[:, None, p0:p0 + ctx.tile], float("-inf"))
         pt = torch.exp(s - lse[..., None])
-        ds = pt * (go @ xt.transpose(1, 2) - delta)
+        ds = pt * (gs - delta)
         if grad_lse is not None:
             ds = ds + pt * grad_lse[..., None].to(acc)
         if need_q:
-            gq += ds @ xt
-        if need_x:
-            gx[:, p0:p0 + ctx.tile] = ds.transpose(1, 2) @ qa + pt.transpose(1, 2) @ go
+            gq += bmm(ds, xt)
+        if need_x:  # dsᵀ·q + ptᵀ·go as one product over the stacked rows
+            gx[:, p0:p0 + ctx.tile] = bmm(torch.cat([ds, pt], 1).transpose(1, 2), qgo)
     return (gq.to(q.dtype) if need_q else None), (gx.to(x.dtype) if need_x else None), None, None
 
 

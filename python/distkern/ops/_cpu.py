@@ -1,0 +1,32 @@
+"""The CPU products of the Python-side compositions: distkern's AVX-512 kernel where it runs.
+
+torch multiplies float32 on the CPU through MKL, which on AMD processors runs its AVX2 code even where
+the core has AVX-512 (csrc/common/cpu_gemm.h); ``distkern.dense_mm`` is the same product on
+distkern's own kernel. No autograd: for use in backward passes (outside grad mode) and inside
+``autograd.Function``s.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def fast_cpu_products() -> bool:
+    """Whether distkern's AVX-512 CPU code runs in this process (AVX-512F, DISTKERN_CPU_GEMM not 0)."""
+    from .. import _C
+    return bool(_C.cpu_fast_gemm())
+
+
+def _takes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.device.type == "cpu" and a.dtype == torch.float32 and b.dtype == torch.float32
+            and not torch.is_grad_enabled() and fast_cpu_products())
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``(B, n, k)`` and ``(B, k, m)``: per batch on distkern's kernel where it runs (float32
+    CPU tensors, outside grad mode), else torch's ``@``."""
+    if not _takes(a, b):
+        return a @ b
+    return torch.stack([torch.ops.distkern.dense_mm(a[i], b[i]) for i in range(a.shape[0])])
