@@ -1,10 +1,12 @@
-"""Every Python block of the guides in docs/ runs, in order, in one namespace per guide."""
+"""Every Python block of the guides in docs/ runs, in order, in one namespace per guide; so does the
+README's "Use" block."""
 import re
 from pathlib import Path
 
 import pytest
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 
 
 @pytest.mark.parametrize("name,min_blocks", [("plugins.md", 4), ("diffusion.md", 4), ("alignment.md", 3), ("cuda.md", 2)])
@@ -19,3 +21,13 @@ def test_guide_blocks_run(name, min_blocks, tmp_path, monkeypatch):
             exec(compile(code, f"{doc.name}[block {i}]", "exec"), ns)
         except Exception as e:  # pragma: no cover - the message names the block
             raise AssertionError(f"docs/{doc.name} block {i} failed: {type(e).__name__}: {e}\n{code}") from e
+
+
+def test_readme_use_block_runs(tmp_path, monkeypatch):
+    """The README's first code block is what a user copies first: it runs as it stands (toy data)."""
+    text = (ROOT / "README.md").read_text()
+    use = text[text.index("## Use"):]
+    code = re.search(r"```python\n(.*?)```", use, flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md[Use]", "exec"), {"__name__": "readme_use"})
+    assert (tmp_path / "model.safetensors").exists()
