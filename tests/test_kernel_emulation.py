@@ -391,6 +391,26 @@ def test_kernel_matmul(lib, mode, kernel, kw, C, coincident):
         assert torch.equal(diag, torch.ones(N) if kernel == "laplacian" else torch.zeros(N))
 
 
+@pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
+@pytest.mark.parametrize("kernel,kw", [("laplacian", {"bandwidth": 2.0}), ("distance", {})])
+def test_kernel_matmul_near_pairs(lib, mode, kernel, kw):
+    """Pairs just beyond float32's refinement radius (r² ≈ 2⁻⁸·(‖x‖² + ‖y‖²), not refined there): TF32
+    products put ~2⁻¹¹ of the norms into x·y, which the square root turns into percents of r; the TF32 mode
+    refines out to 2⁻⁴ of the norms, so every entry of K(x, y) stays close to float64 in every mode."""
+    g = torch.Generator().manual_seed(4)
+    N, D = 64, 256
+    x = torch.randn(N, D, generator=g) * 2 + 3
+    y = x + torch.randn(N, D, generator=g) * 0.18  # r² ≈ 8.3 against ‖x − ȳ‖² + ‖y − ȳ‖² ≈ 2050
+    kind, center, yc, yy, ns, pa = _ksum_prepare(kernel, kw, y)
+    K, eye = torch.zeros(N, N), torch.eye(N)  # v = I: K itself
+    _call(lib.emu_kernel_matmul, INT(0), INT(mode), _p(x), I64(D), I64(1), _p(center), _p(yc), _p(yy), _p(eye),
+          _p(K), I64(N), I64(N), I64(D), I64(N), INT(kind), INT(ns), pa)
+    r = torch.cdist(x.double(), y.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    ref = torch.exp(-r / kw["bandwidth"]) if kernel == "laplacian" else r
+    near = torch.eye(N, dtype=torch.bool)
+    assert float(((K.double() - ref).abs() / ref.abs().clamp_min(1e-12))[near].max()) < 2e-3
+
+
 @pytest.mark.parametrize("mode", [FMA, TF32X3])
 @pytest.mark.parametrize("kernel,kw", [("gaussian", {"bandwidth": [1.0, 3.0]}), ("laplacian", {"bandwidth": 2.0}),
                                        ("polynomial", {}), ("distance", {})])

@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, con
     if (!dist) return dot;
     if (i == j) return acc_t(0);  // |z_i − z_i|² is 0, not its rounding
     acc_t r2 = kernel_sum::sq_dist(sq[i], sq[j], dot);
-    if (kernel_sum::needs_exact_r2(r2, sq[i], sq[j])) {  // near-coincident: from the coordinates
+    if (kernel_sum::needs_exact_r2(r2, sq[i], sq[j], kp.exact_frac)) {  // near-coincident: from the coordinates
       r2 = 0;
       for (int64_t k = 0; k < D; ++k) {
         const acc_t d = zp[i * D + k] - zp[j * D + k];

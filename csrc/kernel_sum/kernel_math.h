@@ -34,11 +34,14 @@ constexpr int kMaxParams = 16;
 
 // Kernel and its coefficients, precomputed on the host in double and passed by value.
 // For the bandwidth kernels p[s] holds the per-bandwidth coefficient: 1/(2σ²) (Gaussian),
-// 1/σ (Laplacian), 1/σ² (IMQ); ns is the number of bandwidths.
+// 1/σ (Laplacian), 1/σ² (IMQ); ns is the number of bandwidths. exact_frac: the radius, relative to
+// ‖x‖² + ‖y‖², below which r² is taken from the coordinates (needs_exact_r2): 2⁻¹⁰ for float32
+// products; the CUDA launcher widens it to 2⁻⁴ for TF32 products, whose x·y carries ~2⁻¹¹ of the norms.
 struct Params {
   int kind;
   int ns;
   double p[kMaxParams];
+  float exact_frac = 1.0f / 1024;
 };
 
 DK_HD bool uses_distance(int kind) { return kind != kPolynomial && kind != kPolynomialD; }
@@ -84,13 +87,14 @@ DK_HD acc_t sq_dist(acc_t xx, acc_t yy, acc_t dot) {
 
 // The norm form cancels: its r² carries rounding noise of order ε·(‖x‖² + ‖y‖²), which the square root
 // of the Laplacian and distance kernels makes visible for near-coincident pairs (k(x, x) = 0.9986 for
-// the Laplacian at D = 256 in float32). Pairs with r² below 2⁻¹⁰·(‖x‖² + ‖y‖²) — within ~3 % of
-// their (centred) norms: duplicates, the diagonal of K(x, x), dense low-dimensional data — take r²
-// from the coordinates instead (exactly 0 at x = y); elsewhere the norm form's relative error in r²
-// stays below ~2¹⁰·ε. Rare in high dimension, and cheap in low dimension, where they are common.
+// the Laplacian at D = 256 in float32). Pairs with r² below frac·(‖x‖² + ‖y‖²) (Params::exact_frac:
+// 2⁻¹⁰, within ~3 % of their centred norms, for float32 products) — duplicates, the diagonal of
+// K(x, x), dense low-dimensional data — take r² from the coordinates instead (exactly 0 at x = y);
+// elsewhere the norm form's relative error in r² stays below ~ε/frac. Rare in high dimension, and cheap
+// in low dimension, where they are common.
 template <typename acc_t>
-DK_HD bool needs_exact_r2(acc_t r2, acc_t xx, acc_t yy) {
-  return r2 < acc_t(1.0 / 1024) * (xx + yy);
+DK_HD bool needs_exact_r2(acc_t r2, acc_t xx, acc_t yy, float frac) {
+  return r2 < acc_t(frac) * (xx + yy);
 }
 
 // φ for one pair: r2 for the distance kinds, dot for the polynomial ones.

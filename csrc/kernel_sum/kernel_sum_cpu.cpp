@@ -84,7 +84,7 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
             acc_t r2 = 0;
             if (dist) {
               r2 = sq_dist(xx[i], yyp[j0 + j], dot);
-              if (needs_exact_r2(r2, xx[i], yyp[j0 + j])) r2 = exact_r2(i, j);
+              if (needs_exact_r2(r2, xx[i], yyp[j0 + j], kp.exact_frac)) r2 = exact_r2(i, j);
             }
             kp_[i * nb + j] = phi(kp, r2, dot);
           }

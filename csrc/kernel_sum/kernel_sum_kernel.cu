@@ -54,7 +54,7 @@ __device__ __forceinline__ float pair_phi(const Params& kp, float dot, float xx,
   float r2 = 0.f;
   if (uses_distance(kp.kind)) {
     r2 = sq_dist(xx, yy, dot);
-    if (needs_exact_r2(r2, xx, yy)) {
+    if (needs_exact_r2(r2, xx, yy, kp.exact_frac)) {
       float sq = 0.f;
       r2 = 0.f;
       for (int64_t q = 0; q < D; ++q) {
@@ -255,9 +255,14 @@ cudaError_t typed(const void* x, int64_t sx0, int64_t sx1, const float* center, 
 cudaError_t launch_kernel_matmul(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                                  const float* center, const float* yc, const float* yy,
                                  const float* v, float* out, int64_t N, int64_t M, int64_t D,
-                                 int64_t C, const Params& kp, cuda::MatMode mode, const PanelGemm* gemm,
+                                 int64_t C, const Params& kp_in, cuda::MatMode mode, const PanelGemm* gemm,
                                  cudaStream_t stream) {
   if (N <= 0 || M <= 0) return cudaSuccess;
+  // TF32 products carry ~2⁻¹¹ of the norms in x·y, which the square root of the Laplacian and distance
+  // kernels turns into percents of r just beyond float32's refinement radius (2⁻¹⁰ of the norms): refine
+  // out to 2⁻⁴ there, which keeps r within ~0.2 % (3xTF32 and FMA products are float32-accurate)
+  Params kp = kp_in;
+  if (mode == cuda::MatMode::Tf32 && kp.exact_frac < 1.0f / 16) kp.exact_frac = 1.0f / 16;
   if (gemm != nullptr) {
     const PanelPlan& pl = gemm->plan;
     if (gemm->workspace == nullptr || gemm->fn == nullptr || pl.rows <= 0 || pl.cols <= 0 || pl.ld < pl.cols)

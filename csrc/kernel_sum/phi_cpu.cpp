@@ -113,7 +113,7 @@ void row(const Params& kp, float* k, int64_t n, float xx, const float* yy, std::
   constexpr bool dist = Kind != kPolynomial && Kind != kPolynomialD;
   const __m512 vxx = _mm512_set1_ps(xx), zero = _mm512_setzero_ps();
   const __m512 xg = _mm512_set1_ps(xx - xx);
-  const __m512 frac = _mm512_set1_ps(1.0f / 1024);
+  const __m512 frac = _mm512_set1_ps(kp.exact_frac);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1u);
     const __m512 dot = _mm512_maskz_loadu_ps(m, k + j);
@@ -124,7 +124,7 @@ void row(const Params& kp, float* k, int64_t n, float xx, const float* yy, std::
       r2 = _mm512_sub_ps(_mm512_add_ps(vxx, vyy), _mm512_add_ps(dot, dot));
       r2 = _mm512_add_ps(r2, _mm512_add_ps(xg, _mm512_sub_ps(vyy, vyy)));
       r2 = _mm512_max_ps(zero, r2);
-      // needs_exact_r2: r² < (xx + yy) / 1024
+      // needs_exact_r2: r² < exact_frac · (xx + yy)
       __mmask16 near = _mm512_mask_cmp_ps_mask(m, r2, _mm512_mul_ps(frac, _mm512_add_ps(vxx, vyy)), _CMP_LT_OQ);
       while (near) {
         refine.push_back(j + __builtin_ctz(near));
