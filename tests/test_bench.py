@@ -169,3 +169,19 @@ def test_gpu_check_script_fails_fast_without_a_gpu(tmp_path):
     assert r.returncode == 1
     assert "nvidia-smi not found" in (tmp_path / "env.txt").read_text()
     assert not (tmp_path / "venv").exists()
+
+
+def test_issue_shapes_script_finds_its_cases():
+    """benchmarks/issue_shapes_cpu.py runs named cases of the full suite on the CPU: a renamed case fails
+    here, not in a long run."""
+    import importlib.util
+    from pathlib import Path
+
+    from distkern.bench import cases as bench_cases
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "issue_shapes_cpu.py"
+    spec = importlib.util.spec_from_file_location("issue_shapes_cpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    names = {c.name for c in bench_cases.all_cases()}
+    assert set(mod.NAMES) <= names, set(mod.NAMES) - names

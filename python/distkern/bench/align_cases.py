@@ -192,7 +192,9 @@ def _forward_backward(fn):
             args = [i[k].detach().requires_grad_() for k in _RCA_ARGS]
             out = fn(i, *args)
             grads = torch.autograd.grad(out, args, i["grad_out"])
-        return torch.cat([g.reshape(-1) for g in grads])
+        # each gradient in units of its own RMS: the harness' error is element-wise, floored at 1e-3 of the
+        # median magnitude, and the weights' gradients (sums over B·T·P) dwarf the tokens' by orders
+        return torch.cat([(g / (g.norm() / g.numel() ** 0.5).clamp_min(1e-30)).reshape(-1) for g in grads])
 
     return run
 
@@ -229,9 +231,9 @@ def _rca_case(B: int, dtype: torch.dtype, devices, *, backward=False, T=_T, P=_P
         devices=tuple(devices),
         quick=quick,
         note=(note + "; " if note else "") + f"eager FLOPs ~{eager_flops / 1e9:.3g} G (projects the P tokens)",
-        # gradients: sums with cancellation; against float64, ours and eager are both ~5e-7 of each gradient's
-        # max, but the element-wise relative error of the near-zero entries reaches ~5e-3 (for eager too)
-        tol=2e-2 if backward else None,
+        # gradients: sums with cancellation; against float64 every part of ours, eager and SDPA is within
+        # ~6e-7 of its norm, but the element-wise error of near-zero entries reaches ~3e-3 (eager's own, B=8)
+        tol=1e-2 if backward else None,
     )
 
 
