@@ -406,6 +406,19 @@ def test_attention_mask_no_influence(rng):
         assert max_err(out[b], ro[0]) < 1e-12 and max_err(lse[b], rl[0]) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_attention_empty_batch(dtype, rng):
+    """B = 0 images (and P = 0 tokens) give empty results and gradients, on every product path."""
+    q = torch.zeros(0, 4, 8, dtype=dtype, requires_grad=True)
+    x = torch.zeros(0, 5, 8, dtype=dtype, requires_grad=True)
+    out, lse = shared_kv_attention(q, x)
+    assert out.shape == (0, 4, 8) and lse.shape == (0, 4)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and x.grad.shape == x.shape
+    text, w_q = randn((4, 8), rng).to(dtype), randn((8, 8), rng).to(dtype)
+    assert prompt_align(text, torch.zeros(0, 5, 8, dtype=dtype), w_q, None, None, 2).shape == (0, 4, 8)
+
+
 def test_attention_fully_masked_row(rng):
     """A row whose tokens are all masked out (a fully padded image) attends to nothing: output 0 as torch's
     scaled_dot_product_attention, lse −inf, zero gradients — it used to be NaN, and through prompt_align's

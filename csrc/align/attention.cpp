@@ -77,8 +77,8 @@ namespace {
 // bmm goes through MKL, AVX2 on AMD processors: common/cpu_gemm.h), else at::bmm.
 at::Tensor batched_mm(const at::Tensor& a, const at::Tensor& b) {
   if (!(a.device().is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-        cpu::fast_gemm_enabled()))
-    return at::bmm(a, b);
+        cpu::fast_gemm_enabled() && a.size(0) > 0))
+    return at::bmm(a, b);  // also B = 0, which at::stack would refuse
   std::vector<at::Tensor> outs;
   outs.reserve(a.size(0));
   for (int64_t i = 0; i < a.size(0); ++i) outs.push_back(cpu::mm(a[i], b[i]));

@@ -11,6 +11,7 @@
 
 namespace distkern {
 namespace kernel_sum {
+#if DK_AVX512_CODE
 namespace {
 
 // An integer exponent 0..16 (the range kernel_math.h's dk_pow_kernel squares), else -1.
@@ -19,6 +20,7 @@ int small_integer(double e) {
 }
 
 }  // namespace
+#endif
 
 bool phi_avx512_takes(const Params& kp) {
 #if DK_AVX512_CODE

@@ -27,6 +27,6 @@ def _takes(a: torch.Tensor, b: torch.Tensor) -> bool:
 def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for ``(B, n, k)`` and ``(B, k, m)``: per batch on distkern's kernel where it runs (float32
     CPU tensors, outside grad mode), else torch's ``@``."""
-    if not _takes(a, b):
+    if not _takes(a, b) or a.shape[0] == 0:  # B = 0: torch.stack refuses an empty list
         return a @ b
     return torch.stack([torch.ops.distkern.dense_mm(a[i], b[i]) for i in range(a.shape[0])])
