@@ -237,3 +237,23 @@ def test_cuda_matches_cpu_large(rng):
     cpu = distkern.mahalanobis(x, mean.float(), L)
     gpu = distkern.mahalanobis(x.cuda(), mean.float().cuda(), L.cuda())
     assert rel_err(gpu.cpu(), cpu.double()) < 1e-5
+
+
+@pytest.mark.parametrize("D", [1, 7, 8, 13, 67])
+@pytest.mark.parametrize("strided", [False, True])
+def test_non_finite_guard_in_every_lane(D, strided, rng):
+    """The CPU centring sums its NaN guard in eight chains (common/cpu_reduce.h): a non-finite value in
+    any lane of a block of 8, in the tail, or in a strided row still makes the row NaN, and only it."""
+    L = torch.linalg.cholesky(torch.eye(D, dtype=torch.float64) * 2).float()
+    mu = torch.randn(D, generator=rng)
+    x = torch.randn(D, 40, generator=rng).T if strided else torch.randn(40, D, generator=rng)
+    bad = {1: (0, float("nan")), 5: (D - 1, float("inf")), 9: (D // 2, float("-inf"))}
+    for r, (c, v) in bad.items():
+        x[r, c] = v
+    out = distkern.mahalanobis(x, mu, L)
+    ref = (((x.double() - mu.double()) @ L.double()) ** 2).sum(1)
+    rows = list(bad)
+    assert torch.isnan(out[rows]).all()
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[rows] = False
+    assert torch.allclose(out[keep].double(), ref[keep], rtol=1e-5)

@@ -16,6 +16,7 @@
 #include "align/anomaly_map_math.h"
 #include "common/avx512_math.h"
 #include "common/cpu_gemm.h"
+#include "common/cpu_reduce.h"
 
 namespace distkern {
 namespace align {
@@ -23,23 +24,11 @@ namespace {
 
 constexpr int64_t kRows = 64;
 
-// Σ v², eight partial sums so that the loop vectorises without reassociation flags; an AVX2 clone.
-template <typename acc_t>
-DK_CPU_MULTIVERSION acc_t sumsq(const acc_t* __restrict__ v, int64_t n) {
-  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) s[j] += v[k + j] * v[k + j];
-  acc_t t = 0;
-  for (; k < n; ++k) t += v[k] * v[k];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + t;
-}
-
 // dst = src converted to the accumulation type (fp16 / bf16 tokens), returning Σ dst².
 template <typename scalar_t, typename acc_t>
 DK_CPU_MULTIVERSION acc_t convert_sumsq(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<acc_t>(src[k]);
-  return sumsq(dst, n);
+  return cpu::sum_squares(dst, n);
 }
 
 // acc[i] += Σ_k σ(z[i·K + k] · inv[i]) for the m rows of a tile: kernel_math's sigmoid, or 16 lanes at a
@@ -107,7 +96,7 @@ void forward(const MapInputs& in, at::Tensor& out) {
         const scalar_t* src = xp + ((l * B + b) * P + r0) * D;
         at::Tensor tile;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {  // float32 / float64 tokens: read in place
-          for (int64_t i = 0; i < m; ++i) inv[i] = inv_norm(sumsq(src + i * D, D));
+          for (int64_t i = 0; i < m; ++i) inv[i] = inv_norm(cpu::sum_squares(src + i * D, D));
           tile = at::from_blob(const_cast<acc_t*>(reinterpret_cast<const acc_t*>(src)), {m, D}, opts);
         } else {
           acc_t* x = xt.data_ptr<acc_t>();

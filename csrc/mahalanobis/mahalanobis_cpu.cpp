@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/cpu_gemm.h"
+#include "common/cpu_reduce.h"
 #include "mahalanobis/mahalanobis.h"
 #include "mahalanobis/mahalanobis_math.h"
 
@@ -36,17 +37,7 @@ int64_t tile_rows(int64_t N, int64_t D, int64_t elem) {
 template <typename scalar_t, typename acc_t>
 void center_tile(const scalar_t* x, int64_t sx0, int64_t sx1, int64_t r0, int64_t m, int64_t D,
                  const acc_t* mu, acc_t* xc, acc_t* guard) {
-  for (int64_t i = 0; i < m; ++i) {
-    const scalar_t* row = x + (r0 + i) * sx0;
-    acc_t* dst = xc + i * D;
-    acc_t g = 0;
-    if (sx1 == 1) {
-      for (int64_t k = 0; k < D; ++k) dst[k] = center(static_cast<acc_t>(row[k]), mu[k], g);
-    } else {
-      for (int64_t k = 0; k < D; ++k) dst[k] = center(static_cast<acc_t>(row[k * sx1]), mu[k], g);
-    }
-    guard[i] = g;
-  }
+  for (int64_t i = 0; i < m; ++i) guard[i] = cpu::center_row(x + (r0 + i) * sx0, sx1, mu, xc + i * D, D);
 }
 
 // z (m×R, contiguous) = xc (m×D) · W (D×R), using only the lower triangle when lower; `next` (lower
@@ -90,10 +81,7 @@ void forward_impl(const at::Tensor& x, const Inputs& in, bool lower, at::Tensor&
       tile_product(xc, in.factor, z, m, lower);
       const acc_t* zp = z.data_ptr<acc_t>();
       for (int64_t i = 0; i < m; ++i) {
-        acc_t s = 0;
-        const acc_t* zr = zp + i * R;
-        for (int64_t j = 0; j < R; ++j) s += zr[j] * zr[j];
-        op[r0 + i] = finish(s, guard[i]);
+        op[r0 + i] = finish(cpu::sum_squares(zp + i * R, R), guard[i]);
       }
     }
   });
@@ -221,9 +209,7 @@ void k_impl(const at::Tensor& x, const KInputs& in, bool lower, KRed red, at::Te
         const acc_t* zp = z.data_ptr<acc_t>();
         const acc_t* vv = in.vv.data_ptr<acc_t>();
         for (int64_t i = 0; i < m; ++i) {
-          acc_t s = 0;
-          for (int64_t j = 0; j < R; ++j) s += zp[i * R + j] * zp[i * R + j];
-          const acc_t zz = finish(s, guard[i]);
+          const acc_t zz = finish(cpu::sum_squares(zp + i * R, R), guard[i]);
           for (int64_t k = 0; k < K; ++k) dp[i * K + k] = combine_shared(zz, dp[i * K + k], vv[k]);
         }
       } else {
@@ -232,9 +218,7 @@ void k_impl(const at::Tensor& x, const KInputs& in, bool lower, KRed red, at::Te
           tile_product(xc, in.factors[k], z, m, lower);
           const acc_t* zp = z.data_ptr<acc_t>();
           for (int64_t i = 0; i < m; ++i) {
-            acc_t s = 0;
-            for (int64_t j = 0; j < R; ++j) s += zp[i * R + j] * zp[i * R + j];
-            dp[i * K + k] = finish(s, guard[i]);
+            dp[i * K + k] = finish(cpu::sum_squares(zp + i * R, R), guard[i]);
           }
         }
       }
@@ -343,10 +327,7 @@ void pos_impl(const at::Tensor& x, const at::Tensor& factors, const PosInputs& i
       }
       acc_t* xcp = xc.data_ptr<acc_t>();
       for (int64_t b = 0; b < B; ++b) {
-        const scalar_t* row = xp + b * sb + p * sp;
-        acc_t g = 0;
-        for (int64_t k = 0; k < D; ++k) xcp[b * D + k] = center(static_cast<acc_t>(row[k * sd]), mu[p * D + k], g);
-        guard[b] = g;
+        guard[b] = cpu::center_row(xp + b * sb + p * sp, sd, mu + p * D, xcp + b * D, D);
       }
       // the next factor of this thread's positions, all of it, fetched along this product: read in place,
       // panel by panel, it would come from memory one strided line pair at a time, and its check after
@@ -357,9 +338,7 @@ void pos_impl(const at::Tensor& x, const at::Tensor& factors, const PosInputs& i
       tile_product(xc, wp_t, z, B, lower, &next);
       const acc_t* zp = z.data_ptr<acc_t>();
       for (int64_t b = 0; b < B; ++b) {
-        acc_t s = 0;
-        for (int64_t j = 0; j < R; ++j) s += zp[b * R + j] * zp[b * R + j];
-        op[b * P + p] = finish(s, guard[b]);
+        op[b * P + p] = finish(cpu::sum_squares(zp + b * R, R), guard[b]);
       }
     }
   });
