@@ -1,4 +1,5 @@
-// Row reductions of the CPU tile loops, written with eight independent partial sums.
+// Row reductions of the CPU tile loops (mahalanobis*, kernel_matmul, mmd2's dense pass, the anomaly
+// map), written with eight independent partial sums.
 //
 // Without reassociation flags a single running sum is one dependent add per element (~4 cycles on
 // the cores we measure), which the compiler may not vectorise: for mahalanobis at N = 200000, D = 256
@@ -22,6 +23,30 @@ DK_CPU_MULTIVERSION acc_t sum_squares(const acc_t* __restrict__ v, int64_t n) {
     for (int j = 0; j < 8; ++j) s[j] += v[k + j] * v[k + j];
   acc_t t = 0;
   for (; k < n; ++k) t += v[k] * v[k];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + t;
+}
+
+// Σ (a[k] − b[k])² for k < n: a squared distance from the coordinates (exactly 0 for a = b).
+template <typename acc_t>
+DK_CPU_MULTIVERSION acc_t sq_distance(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n) {
+  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) s[j] += (a[k + j] - b[k + j]) * (a[k + j] - b[k + j]);
+  acc_t t = 0;
+  for (; k < n; ++k) t += (a[k] - b[k]) * (a[k] - b[k]);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + t;
+}
+
+// Σ v[k] for k < n, accumulated in double.
+template <typename acc_t>
+DK_CPU_MULTIVERSION double sum_double(const acc_t* __restrict__ v, int64_t n) {
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) s[j] += static_cast<double>(v[k + j]);
+  double t = 0;
+  for (; k < n; ++k) t += static_cast<double>(v[k]);
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + t;
 }
 

@@ -25,6 +25,7 @@
 
 #include "common/check.h"
 #include "common/cpu_gemm.h"
+#include "common/cpu_reduce.h"
 #include "kernel_sum/kernel_math.h"
 #include "kernel_sum/kernel_sum.h"
 #include "kernel_sum/phi_cpu.h"
@@ -108,13 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, con
     if (!dist) return dot;
     if (i == j) return acc_t(0);  // |z_i − z_i|² is 0, not its rounding
     acc_t r2 = kernel_sum::sq_dist(sq[i], sq[j], dot);
-    if (kernel_sum::needs_exact_r2(r2, sq[i], sq[j], kp.exact_frac)) {  // near-coincident: from the coordinates
-      r2 = 0;
-      for (int64_t k = 0; k < D; ++k) {
-        const acc_t d = zp[i * D + k] - zp[j * D + k];
-        r2 += d * d;
-      }
-    }
+    if (kernel_sum::needs_exact_r2(r2, sq[i], sq[j], kp.exact_frac))  // near-coincident: from the coordinates
+      r2 = cpu::sq_distance(zp + i * D, zp + j * D, D);
     return r2;
   };
   // φ and dφ/dt of row i: f over j ∈ [i, N) (the value uses the upper triangle), df over [0, N) for a
@@ -138,19 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, con
       out[j] = kernel_sum::phi(k, t, t);
     }
   };
-  // Σ f[j0, j1) in double, four partial sums (one chain would be latency-bound)
-  auto dsum = [](const acc_t* p, int64_t j0, int64_t j1) {
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) {
-      s0 += p[j];
-      s1 += p[j + 1];
-      s2 += p[j + 2];
-      s3 += p[j + 3];
-    }
-    for (; j < j1; ++j) s0 += p[j];
-    return (s0 + s1) + (s2 + s3);
-  };
+  auto dsum = [](const acc_t* p, int64_t j0, int64_t j1) { return cpu::sum_double(p + j0, j1 - j0); };
   auto scaled = [](acc_t* out, const acc_t* df, int64_t j0, int64_t j1, double c) {
     const acc_t cc = static_cast<acc_t>(c);
     for (int64_t j = j0; j < j1; ++j) out[j] = cc * df[j];

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "common/cpu_gemm.h"
+#include "common/cpu_reduce.h"
 #include "kernel_sum/kernel_math.h"
 #include "kernel_sum/kernel_sum.h"
 #include "kernel_sum/phi_cpu.h"
@@ -45,14 +46,9 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * kRows, m = std::min(kRows, N - r0);
       acc_t* xcp = xc.data_ptr<acc_t>();
-      for (int64_t i = 0; i < m; ++i) {
-        acc_t s = 0;
-        for (int64_t k = 0; k < D; ++k) {
-          const acc_t v = static_cast<acc_t>(xp[(r0 + i) * sx0 + k * sx1]) - cp[k];
-          xcp[i * D + k] = v;
-          s += v * v;
-        }
-        xx[i] = s;
+      for (int64_t i = 0; i < m; ++i) {  // centred rows and their norms (a non-finite row: xx is NaN)
+        cpu::center_row(xp + (r0 + i) * sx0, sx1, cp, xcp + i * D, D);
+        xx[i] = cpu::sum_squares(xcp + i * D, D);
       }
       at::Tensor o = out.narrow(0, r0, m);
       o.zero_();
@@ -62,32 +58,27 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
         cpu::mm_out(K, xc.narrow(0, 0, m), yT.defined() ? yT.narrow(1, j0, nb) : in.yc.narrow(0, j0, nb).t());
         acc_t* kp_ = K.data_ptr<acc_t>();
         // r² of pair (i, j) from the coordinates, for the pairs the norm form does not resolve
-        auto exact_r2 = [&](int64_t i, int64_t j) {
-          const acc_t* a = xcp + i * D;
-          const acc_t* b = ycp + (j0 + j) * D;
-          acc_t r2 = 0;
-          for (int64_t k = 0; k < D; ++k) r2 += (a[k] - b[k]) * (a[k] - b[k]);
-          return r2;
-        };
-        if constexpr (std::is_same<acc_t, float>::value) {
-          if (vec) {  // 16 pairs per instruction; the few unresolved pairs again from the coordinates
+        auto exact_r2 = [&](int64_t i, int64_t j) { return cpu::sq_distance(xcp + i * D, ycp + (j0 + j) * D, D); };
+        if (vec) {  // 16 pairs per instruction; the few unresolved pairs again from the coordinates
+          if constexpr (std::is_same<acc_t, float>::value) {
             for (int64_t i = 0; i < m; ++i) {
               refine.clear();
               phi_row_avx512(kp, kp_ + i * nb, nb, xx[i], yyp + j0, refine);
               for (const int64_t j : refine) kp_[i * nb + j] = phi(kp, exact_r2(i, j), acc_t(0));
             }
           }
-        }
-        for (int64_t i = 0; i < m && !vec; ++i)
-          for (int64_t j = 0; j < nb; ++j) {
-            const acc_t dot = kp_[i * nb + j];
-            acc_t r2 = 0;
-            if (dist) {
-              r2 = sq_dist(xx[i], yyp[j0 + j], dot);
-              if (needs_exact_r2(r2, xx[i], yyp[j0 + j], kp.exact_frac)) r2 = exact_r2(i, j);
+        } else {
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < nb; ++j) {
+              const acc_t dot = kp_[i * nb + j];
+              acc_t r2 = 0;
+              if (dist) {
+                r2 = sq_dist(xx[i], yyp[j0 + j], dot);
+                if (needs_exact_r2(r2, xx[i], yyp[j0 + j], kp.exact_frac)) r2 = exact_r2(i, j);
+              }
+              kp_[i * nb + j] = phi(kp, r2, dot);
             }
-            kp_[i * nb + j] = phi(kp, r2, dot);
-          }
+        }
         if (in.v.defined()) {
           cpu::mm_out(o, K, in.v.narrow(0, j0, nb), true);
         } else {
