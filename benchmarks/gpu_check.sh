@@ -246,7 +246,13 @@ EOF
 
 step_test() {
     cd "$REPO"
-    "$VENV/bin/python" -m pytest -m cuda -q -ra -p no:cacheprovider --durations=15
+    # With pytest-xdist, 4 workers share the GPU, and a test that crashes its process (a segfault in a
+    # kernel launch, say) costs one replaced worker instead of every test after it; with
+    # pytest-timeout, a hung test is stopped after 120 s instead of eating the step.
+    local extra=()
+    "$VENV/bin/python" -c 'import xdist' 2>/dev/null && extra+=(-n "${DK_TEST_WORKERS:-4}" --max-worker-restart 50)
+    "$VENV/bin/python" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout 120)
+    "$VENV/bin/python" -m pytest -m cuda -q -ra -p no:cacheprovider --durations=15 "${extra[@]}"
 }
 
 step_sanitizer() {
