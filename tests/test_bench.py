@@ -79,6 +79,19 @@ def test_cases_regex_selects_cases(capsys, tmp_path):
     assert res["cases"] and all(c["name"].startswith("mahalanobis/") for c in res["cases"])
 
 
+def test_first_runs_the_matching_cases_first(capsys):
+    assert bench.main(["--list", "--device", "cuda"]) == 0
+    plain = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")]
+    rx = r"^kernel_matmul/.* fp32$|_step/16x16x256x256 fp32$"
+    assert bench.main(["--list", "--device", "cuda", "--first", rx]) == 0
+    ordered = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")]
+    heads = [n for n in plain if n.startswith("kernel_matmul/")][:1] + ["ddim_step/16x16x256x256"]
+    assert sorted(ordered) == sorted(plain) and ordered != plain
+    assert ordered[0] == heads[0] and ordered.index("ddim_step/16x16x256x256") < ordered.index("mahalanobis/N=1000000")
+    assert bench.main(["--list", "--first", "("]) == 2
+    assert "--first" in capsys.readouterr().err
+
+
 def test_peers_on_cuda_only_where_declared():
     from distkern.bench.cases import Case
 

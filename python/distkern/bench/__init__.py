@@ -605,6 +605,7 @@ def run(
     time_budget: float | None = None,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     match: str | None = None,
+    first: str | None = None,
 ) -> dict[str, Any]:
     """Measure the ceilings and run the selected cases; return the results (the JSON document).
 
@@ -612,13 +613,14 @@ def run(
     in ``skipped_for_time`` and ``complete`` is False. ``checkpoint(doc)`` is called after each case
     with the document so far (``distkern bench --json`` writes it, so a run cut short by an outer
     timeout still leaves its finished cases on disk). ``match``: a regular expression searched in the case
-    names (``op/label``); only the cases it finds run."""
+    names (``op/label``); only the cases it finds run. ``first``: a regular expression; the cases it finds
+    run before the others (each group in suite order), so a time budget cuts the rest."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     t0 = time.perf_counter()
     load_start = _loadavg()
-    selected = cases_for(dev.type, quick=quick, ops=ops, match=match)
+    selected = _first(cases_for(dev.type, quick=quick, ops=ops, match=match), first)
     _say(progress, f"distkern bench: {len(selected)} case(s) on {dev}; measuring ceilings ...")
     with torch.no_grad(), _strict_fp32():
         ceilings = measure_ceilings(dev, quick=quick)
@@ -862,6 +864,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"only these ops (known: {', '.join(known_ops())})")
     p.add_argument("--cases", metavar="REGEX",
                    help="only the cases whose name (op/label, as --list prints it) matches this regular expression")
+    p.add_argument("--first", metavar="REGEX",
+                   help="run the cases whose name matches this regular expression before the others (with "
+                        "--time-budget: the ones that must not be cut)")
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats: a smoke run (about 30 s on 2 cores; used by the tests)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
@@ -887,6 +892,14 @@ def _list(cases: list[Case], device: str, quick: bool) -> None:
         print(line)
 
 
+def _first(cases: list, first: str | None) -> list:
+    """The cases whose name ``first`` finds, then the rest (a stable partition)."""
+    if not first:
+        return list(cases)
+    rx = re.compile(first)
+    return [c for c in cases if rx.search(c.name)] + [c for c in cases if not rx.search(c.name)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``distkern bench`` (``argv``: the arguments after ``bench``); returns the exit code:
     0 ok, 1 a case failed (wrong result or error) or the device is unavailable, 2 bad arguments."""
@@ -906,13 +919,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distkern bench: error: unknown op(s): {', '.join(unknown)}; known ops: {', '.join(known)}",
                   file=sys.stderr)
             return 2
-    if args.cases:
-        try:
-            re.compile(args.cases)
-        except re.error as e:
-            print(f"distkern bench: error: --cases {args.cases!r} is not a regular expression: {e}", file=sys.stderr)
-            return 2
-    cases = cases_for(args.device, quick=args.quick, ops=args.ops, match=args.cases)
+    for flag, rx in (("--cases", args.cases), ("--first", args.first)):
+        if rx:
+            try:
+                re.compile(rx)
+            except re.error as e:
+                print(f"distkern bench: error: {flag} {rx!r} is not a regular expression: {e}", file=sys.stderr)
+                return 2
+    cases = _first(cases_for(args.device, quick=args.quick, ops=args.ops, match=args.cases), args.first)
     if args.list:
         _list(cases, args.device, args.quick)
         return 0
@@ -941,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     checkpoint = (lambda doc: write_json(doc, args.json)) if args.json else None
     res = run(args.device, args.ops, quick=args.quick, repeats=args.repeats, progress=not args.quiet,
-              time_budget=args.time_budget, checkpoint=checkpoint, match=args.cases)
+              time_budget=args.time_budget, checkpoint=checkpoint, match=args.cases, first=args.first)
     print_results(res)
     if args.json:
         write_json(res, args.json)
