@@ -364,7 +364,8 @@ def _ksum_prepare(kernel, kw, y):
 
 @pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
 @pytest.mark.parametrize("kernel,kw,C", [("gaussian", {"bandwidth": [1.0, 3.0]}, 1), ("laplacian", {"bandwidth": 2.0}, 3),
-                                         ("polynomial", {}, 2), ("distance", {}, 1)])
+                                         ("polynomial", {}, 2), ("distance", {}, 1), ("gaussian", {"bandwidth": 2.0}, 4),
+                                         ("gaussian", {"bandwidth": 2.0}, 7)])
 @pytest.mark.parametrize("coincident", [False, True])
 def test_kernel_matmul(lib, mode, kernel, kw, C, coincident):
     g = torch.Generator().manual_seed(9 + C)

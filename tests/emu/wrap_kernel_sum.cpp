@@ -1,6 +1,8 @@
 // C entry points of the emulated kernel_matmul kernels (tests/test_kernel_emulation.py, ctypes): the
 // fused schedule, and the panel schedule with a plain CPU loop as the GEMM after each panel.
 #include "kernel_sum/kernel_sum_kernel.cu"  // rewritten by cu2cpp.py
+#include "kernel_sum/kernel_sum_f16_kernel.cu"
+#include "kernel_sum/kernel_sum_bf16_kernel.cu"
 
 namespace {
 

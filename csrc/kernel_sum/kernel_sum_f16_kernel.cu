@@ -1,0 +1,13 @@
+// kernel_matmul's CUDA schedules for float16 inputs (kernel_sum_tiles.cuh), in a file of their own so
+// that they compile beside the float32 ones.
+#include "kernel_sum/kernel_sum_tiles.cuh"
+
+namespace distkern {
+namespace kernel_sum {
+
+cudaError_t kernel_matmul_f16(DISTKERN_KSUM_TYPED_ARGS) {
+  return typed<__half>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, gemm, stream);
+}
+
+}  // namespace kernel_sum
+}  // namespace distkern
