@@ -247,12 +247,18 @@ void fill_fragment(fragment<accumulator, M, N, K, T>& f, float v) {
 template <int M, int N, int K, typename T, typename LA, typename LB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
               const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  // The hardware's TF32 MMA: exact products, the k-sum and c added, the result truncated to float32
+  // (round toward zero). Modelled as the exact sum (double: 8 products of 11-bit mantissas and c) cut
+  // toward zero — kinder than the hardware, which also truncates while aligning the addends, but it
+  // has the bias that builds up when a long K loop accumulates inside the tensor cores.
   float out[M * N];
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {
-      float s = c.x[m * N + n];
-      for (int k = 0; k < K; ++k) s = std::fma(a.x[m * K + k], b.x[k * N + n], s);
-      out[m * N + n] = s;
+      double s = c.x[m * N + n];
+      for (int k = 0; k < K; ++k) s += double(a.x[m * K + k]) * double(b.x[k * N + n]);
+      float r = static_cast<float>(s);
+      if (std::isfinite(r) && std::fabs(double(r)) > std::fabs(s)) r = std::nextafter(r, 0.f);
+      out[m * N + n] = r;
     }
   std::memcpy(d.x, out, sizeof(out));
 }
