@@ -187,11 +187,14 @@ def test_sampler_step_backward(lib, dtype):
 @pytest.mark.parametrize("L,B,P,D,K,per_image", [(1, 1, 1, 1, 1, False), (2, 3, 37, 70, 5, True),
                                                  (4, 2, 33, 65, 3, False), (2, 1, 40, 33, 32, False),
                                                  (1, 2, 20, 40, 70, True), (2, 2, 300, 50, 30, False),
-                                                 (1, 1, 130, 17, 33, True)])
+                                                 (1, 1, 130, 17, 33, True), (3, 2, 45, 33, 40, False)])
 @pytest.mark.parametrize("mode", [FMA, TF32, TF32X3])
-def test_anomaly_map(lib, dtype, L, B, P, D, K, per_image, mode):
+@pytest.mark.parametrize("split", [False, True], ids=["layers-in-block", "block-per-layer"])
+def test_anomaly_map(lib, dtype, L, B, P, D, K, per_image, mode, split):
     if dtype == torch.float64 and mode != FMA:
         pytest.skip("float64 runs on FMAs in every mode")
+    if split and (mode != FMA or L == 1):
+        pytest.skip("the workspace splits the FMA kernel's layers only")
     g = torch.Generator().manual_seed(L + B + P + D)
     patches = torch.randn(L, B, P, D, generator=g).to(dtype)
     text = torch.randn(*((L, B) if per_image else (L,)), K, 2, D, generator=g)
@@ -200,8 +203,10 @@ def test_anomaly_map(lib, dtype, L, B, P, D, K, per_image, mode):
     d4 = dirs if per_image else dirs[:, None]
     ref = torch.ops.distkern.anomaly_map(patches, dirs)
     out = torch.empty(B, P, dtype=ref.dtype)
+    ws = torch.full((L, B, P), float("nan"), dtype=ref.dtype) if split else None
     _call(lib.emu_anomaly_map, INT(DT[dtype]), INT(mode), _p(patches.contiguous()), _p(d4.contiguous()), _p(out),
-          I64(L), I64(B), I64(P), I64(D), I64(K), I64(d4.shape[0]), I64(d4.shape[1]))
+          I64(L), I64(B), I64(P), I64(D), I64(K), I64(d4.shape[0]), I64(d4.shape[1]),
+          _p(ws) if split else ctypes.c_void_p(None))
     tol = 1e-12 if dtype == torch.float64 else 2e-6 if mode != TF32 else 5e-3
     assert torch.allclose(out, ref, rtol=tol, atol=tol), (out - ref).abs().max()
 

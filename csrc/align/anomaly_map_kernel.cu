@@ -33,7 +33,7 @@ template <typename T, typename acc_t, int kPairs, int kChunk = (sizeof(acc_t) ==
 __global__ void __launch_bounds__(kThreads) anomaly_map_kernel(const T* __restrict__ patches,
                                                                const acc_t* __restrict__ dirs, acc_t* __restrict__ out,
                                                                int64_t L, int64_t B, int64_t P, int64_t D, int64_t K,
-                                                               int64_t Ld, int64_t Bd) {
+                                                               int64_t Ld, int64_t Bd, acc_t* __restrict__ part) {
   constexpr int TP = kPairs / kGroups;   // pairs per thread: 4 or 8
   constexpr int TR = 32 / TP;            // rows per thread: 8 or 4
   constexpr int kRows = 32 * TR;         // rows per block: 256 or 128
@@ -48,7 +48,10 @@ __global__ void __launch_bounds__(kThreads) anomaly_map_kernel(const T* __restri
   acc_t total[TR];
 #pragma unroll
   for (int i = 0; i < TR; ++i) total[i] = 0;
-  for (int64_t l = 0; l < L; ++l) {
+  // With `part`, block z handles layer z alone and writes its sum over pairs to part[z][b][p] (the
+  // layers' blocks run side by side; layer_mean_kernel adds them in order); else all L layers here.
+  const int64_t l_first = part ? int64_t(blockIdx.z) : 0, l_end = part ? l_first + 1 : L;
+  for (int64_t l = l_first; l < l_end; ++l) {
     const T* xb = patches + ((l * B + b) * P) * D;
     const acc_t* db = dirs + ((Ld == 1 ? 0 : l) * Bd + (Bd == 1 ? 0 : b)) * K * D;
     acc_t rinv[TR];
@@ -121,7 +124,23 @@ __global__ void __launch_bounds__(kThreads) anomaly_map_kernel(const T* __restri
 #pragma unroll
     for (int off = kGroups / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
     const int64_t pr = r0 + rg * TR + i;
-    if (kg == 0 && pr < P) out[b * P + pr] = v / static_cast<acc_t>(L * K);
+    if (kg == 0 && pr < P) {
+      if (part)
+        part[(l_first * B + b) * P + pr] = v;
+      else
+        out[b * P + pr] = v / static_cast<acc_t>(L * K);
+    }
+  }
+}
+
+// out[i] = (part[0][i] + … + part[L−1][i]) / (L·K), i over the B·P tokens: the layers in a fixed order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) layer_mean_kernel(const acc_t* __restrict__ part, acc_t* __restrict__ out,
+                                                              int64_t L, int64_t n, int64_t K) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    acc_t s = 0;
+    for (int64_t l = 0; l < L; ++l) s += part[l * n + i];
+    out[i] = s / static_cast<acc_t>(L * K);
   }
 }
 
@@ -207,7 +226,7 @@ cudaError_t launch_tiles(const void* patches, const void* dirs, void* out, int64
 
 template <typename T, typename acc_t>
 cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, int64_t B, int64_t P, int64_t D,
-                   int64_t K, int64_t Ld, int64_t Bd, cuda::MatMode mode, cudaStream_t stream) {
+                   int64_t K, int64_t Ld, int64_t Bd, cuda::MatMode mode, void* workspace, cudaStream_t stream) {
   if (B > 65535) return cudaErrorInvalidConfiguration;
   if constexpr (std::is_same<acc_t, float>::value) {
     if (mode != cuda::MatMode::Fma) return launch_tiles<T>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
@@ -215,12 +234,23 @@ cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, 
   const T* x = static_cast<const T*>(patches);
   const acc_t* d = static_cast<const acc_t*>(dirs);
   acc_t* o = static_cast<acc_t*>(out);
+  // One block per (rows, image) is 6·B blocks at P = 1369: 48 at B = 8 for 132 SMs. With a workspace the
+  // L layers get blocks of their own (grid z) and a second kernel adds them.
+  acc_t* part = (workspace != nullptr && L > 1 && L <= 65535) ? static_cast<acc_t*>(workspace) : nullptr;
+  const unsigned gz = part ? static_cast<unsigned>(L) : 1u;
   if (K <= 32) {  // 256 rows per block
-    const dim3 grid(static_cast<unsigned>((P + 255) / 256), static_cast<unsigned>(B));
-    anomaly_map_kernel<T, acc_t, 32><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd);
+    const dim3 grid(static_cast<unsigned>((P + 255) / 256), static_cast<unsigned>(B), gz);
+    anomaly_map_kernel<T, acc_t, 32><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd, part);
   } else {  // 128 rows per block
-    const dim3 grid(static_cast<unsigned>((P + 127) / 128), static_cast<unsigned>(B));
-    anomaly_map_kernel<T, acc_t, 64><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd);
+    const dim3 grid(static_cast<unsigned>((P + 127) / 128), static_cast<unsigned>(B), gz);
+    anomaly_map_kernel<T, acc_t, 64><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd, part);
+  }
+  if (part) {
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    const int64_t n = B * P, blocks = (n + kThreads - 1) / kThreads;
+    layer_mean_kernel<acc_t><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(part, o, L,
+                                                                                                            n, K);
   }
   return cudaGetLastError();
 }
@@ -229,13 +259,15 @@ cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, 
 
 cudaError_t launch_anomaly_map(DType xtype, const void* patches, const void* dirs, void* out, int64_t L, int64_t B,
                                int64_t P, int64_t D, int64_t K, int64_t Ld, int64_t Bd, cuda::MatMode mode,
-                               cudaStream_t stream) {
+                               void* workspace, cudaStream_t stream) {
   if (B == 0 || P == 0) return cudaSuccess;
   switch (xtype) {
-    case DType::F32: return launch<float, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
-    case DType::F16: return launch<__half, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
-    case DType::BF16: return launch<__nv_bfloat16, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
-    case DType::F64: return launch<double, double>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
+    case DType::F32: return launch<float, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, workspace, stream);
+    case DType::F16: return launch<__half, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, workspace, stream);
+    case DType::BF16:
+      return launch<__nv_bfloat16, float>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, workspace, stream);
+    case DType::F64:
+      return launch<double, double>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

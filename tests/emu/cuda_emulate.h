@@ -70,7 +70,7 @@ inline unsigned char* g_dyn = nullptr;
 
 inline void* dyn_smem() { return g_dyn; }
 
-// kernel() over `grid` blocks of `block` threads (1-D blocks, a multiple of 32), one block at a
+// kernel() over `grid` blocks (x, y, z) of `block` threads (1-D blocks, a multiple of 32), one block at a
 // time; `smem` bytes of dynamic shared memory per block. The block's threads are std::threads made
 // once per launch: each runs the blocks in order, and all of them meet at a barrier between two
 // blocks (a block's shared memory and barriers are the next block's).
@@ -78,7 +78,6 @@ template <typename F>
 void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
   const unsigned nt = block.x;
   if (block.y != 1 || block.z != 1 || nt == 0 || nt % 32 != 0 || nt > 1024) fail("block must be (32k, 1, 1)");
-  if (grid.z != 1) fail("grid.z must be 1");
   std::vector<unsigned char> dyn(smem + 128);
   g_dyn = dyn.data() + (128 - reinterpret_cast<uintptr_t>(dyn.data()) % 128) % 128;
   g_xch.assign(nt, 0);
@@ -97,13 +96,14 @@ void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nul
       threadIdx.y = threadIdx.z = 0;
       blockDim = block;
       gridDim = grid;
-      for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          blockIdx = dim3(bx, by, 0);
-          blockIdx.z = 0;
-          kernel();
-          between.arrive_and_wait();  // every thread done with this block before any starts the next
-        }
+      for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+          for (unsigned bx = 0; bx < grid.x; ++bx) {
+            blockIdx = dim3(bx, by, bz);
+            blockIdx.z = bz;
+            kernel();
+            between.arrive_and_wait();  // every thread done with this block before any starts the next
+          }
     });
   for (auto& t : ts) t.join();
 }
