@@ -893,3 +893,19 @@ def test_prompt_align_identity_errors():
         prompt_align(t, x, torch.randn(8, 4), None, None, 2)
     with pytest.raises(ValueError, match="heads must divide"):
         prompt_align(t, x, torch.randn(8, 8), None, None, 3)
+
+
+def test_attention_tile_per_device():
+    """256 tokens a step on the CPU; on a GPU (any non-CPU device: meta here) as many as keep a step's
+    (B, M, tile) scores under 2^24 elements, between 256 and P; a given tile wins."""
+    from distkern.ops.align import attention_tile
+
+    def qx(B, M, P, device):
+        return torch.empty(B, M, 768, device=device), torch.empty(B, P, 768, device=device)
+
+    assert attention_tile(*qx(32, 240, 1369, "cpu")) == 256
+    assert attention_tile(*qx(32, 240, 1369, "meta")) == 1369  # Bayes-PFL's B = 32: one step
+    assert attention_tile(*qx(64, 240, 4096, "meta")) == (1 << 24) // (64 * 240)
+    assert attention_tile(*qx(4096, 240, 4096, "meta")) == 256
+    assert attention_tile(*qx(1, 1, 100, "meta")) == 100
+    assert attention_tile(*qx(32, 240, 1369, "meta"), tile=7) == 7

@@ -16,7 +16,8 @@ import torch
 from ._cpu import bmm
 from ._fake import same_device
 
-__all__ = ["anomaly_map", "pair_directions", "image_scores", "topk_mean", "prompt_align", "shared_kv_attention"]
+__all__ = ["anomaly_map", "pair_directions", "image_scores", "topk_mean", "prompt_align", "shared_kv_attention",
+           "attention_tile"]
 
 
 def pair_directions(text: torch.Tensor, temperature=1.0 / 0.07) -> torch.Tensor:
@@ -87,20 +88,43 @@ def image_scores(amap: torch.Tensor, text_score: torch.Tensor | None = None, *, 
     return weight * _minmax(text_score.to(s.dtype).reshape(-1)) + (1 - weight) * s
 
 
-def shared_kv_attention(q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None, *, tile: int = 256):
+# Tokens per step of the tiled attention. On the CPU, 256 (a step's scores stay in cache). On a GPU each step
+# is ~15 launches (two GEMMs and the online softmax's elementwise updates; twice that in the backward): the
+# first H200 run timed prompt_align's forward at 0.40x eager at Bayes-PFL's shapes with 256, launch-bound.
+# There a step takes as many tokens as keep its (B, M, tile) scores under _GPU_STEP_SCORES elements (64 MiB
+# in float32; the backward holds ~4 such): all P = 1369 up to B = 32 at H·T = 240 queries.
+_CPU_TILE = 256
+_GPU_STEP_SCORES = 1 << 24
+
+
+def attention_tile(q: torch.Tensor, x: torch.Tensor, tile: int | None = None) -> int:
+    """The tokens per step :func:`shared_kv_attention` streams for ``q (B, M, D)``, ``x (B, P, D)``: ``tile``
+    if given, else 256 on the CPU and, on a GPU, the largest count whose scores fit 2²⁴ elements a step
+    (at least 256, at most P)."""
+    if tile is not None:
+        return int(tile)
+    if x.device.type == "cpu":
+        return _CPU_TILE
+    B, M, P = q.shape[0], q.shape[1], x.shape[1]
+    return int(max(1, min(P, max(_CPU_TILE, _GPU_STEP_SCORES // max(1, B * M)))))
+
+
+def shared_kv_attention(q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None, *,
+                        tile: int | None = None):
     """``softmax(q xᵀ) x`` over the P tokens of ``x (B, P, D)`` for queries ``q (B, M, D)`` (keys = values = x),
     streamed in tiles with an online softmax. ``mask (B, P)`` bool: True for tokens to attend to; a row with
     no token to attend to gets output 0 and log-sum-exp −inf (as ``scaled_dot_product_attention``), and zero
     gradients.
     Returns ``(out (B, M, D) in q's dtype, log-sum-exp (B, M) float32/float64)``; differentiable in q and x
-    by a flash-style backward (the (B, M, P) probabilities are recomputed tile by tile, never stored)."""
-    return torch.ops.distkern.shared_kv_attention(q, x, mask, tile)
+    by a flash-style backward (the (B, M, P) probabilities are recomputed tile by tile, never stored).
+    ``tile``: tokens per step; None picks it (:func:`attention_tile`: 256 on the CPU, up to all P on a GPU)."""
+    return torch.ops.distkern.shared_kv_attention(q, x, mask, attention_tile(q, x, tile))
 
 
 def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor | None,
                  w_v: torch.Tensor | None, heads: int, *, b_q: torch.Tensor | None = None, b_k: torch.Tensor | None = None,
                  b_v: torch.Tensor | None = None, scale: float | None = None, mask: torch.Tensor | None = None,
-                 tile: int = 256) -> torch.Tensor:
+                 tile: int | None = None) -> torch.Tensor:
     r"""Residual cross-modal attention (Bayes-PFL's RCA): text queries attend over patch tokens, the attended
     values are added back to the text, and the sum is L2-normalised.
 
@@ -117,6 +141,7 @@ def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w
         patches: ``(B, P, D)`` patch tokens (already projected to the joint space, as Bayes-PFL's per-layer
             linear does). mask: optional ``(B, P)`` bool, False for padded tokens; an image with every token
             masked attends to nothing (its attention term is 0, as in ``scaled_dot_product_attention``).
+        tile: tokens per step of the attention (None: :func:`attention_tile` picks it for the device).
         w_q: ``(Dt, E)``, w_k: ``(D, E)``, w_v: ``(D, Dt)`` — ``(in, out)`` matrices, i.e. ``linear.weight.T``.
             ``w_k = w_v = None``: keys = values = the tokens themselves, split into heads along D (Bayes-PFL's
             RCA, whose tokens are already projected); then ``E = D = Dt``.
