@@ -853,6 +853,44 @@ def _mode_cases(base: list[Case]) -> list[Case]:
     return [_mode_variant(by_name[name], m) for name, modes in _MODE_VARIANTS.items() for m in modes]
 
 
+# The Mahalanobis family's FMA kernel with 8×8 thread tiles (128×128 blocks; DISTKERN_CUDA_TILES=128): on the
+# H100 it was +10 % at D = 1024 and −11 % at D = 256 before the kernel read its fragments as 128-bit loads;
+# with them, 8×8 issues 64 FMAs per 4 shared loads where 4×4 issues 16 per 2 (the H200 ran 4×4 at 37 % of
+# the FP32 rate). These cases measure it again.
+_TILE_VARIANTS = (
+    "mahalanobis/N=1000000 D=256 fp32",
+    "mahalanobis/N=1000000 D=512 fp32",
+    "mahalanobis_k/gmm full N=100000 D=256 K=32 fp32",
+    "mahalanobis_pos/B=32 P=3136 D=550 x fp32 factors fp32",
+)
+
+
+def _under_tiles(fn: Impl, config: int) -> Impl:
+    def run(i: Inputs):
+        from .. import _C
+
+        old = _C.cuda_tile_config()
+        _C.set_cuda_tile_config(config)
+        try:
+            return fn(i)
+        finally:
+            _C.set_cuda_tile_config(old)
+
+    return run
+
+
+def _tile_cases(base: list[Case]) -> list[Case]:
+    by_name = {c.name: c for c in base}
+    missing = sorted(set(_TILE_VARIANTS) - set(by_name))
+    if missing:
+        raise LookupError(f"bench: no case named {missing} to make 8x8-tile variants of")
+    return [dataclasses.replace(by_name[n], label=f"{by_name[n].label} tiles128", ours=_under_tiles(by_name[n].ours, 2),
+                                devices=("cuda",), quick=False, acceptance=None,
+                                note="ours with 8x8 thread tiles (DISTKERN_CUDA_TILES=128)"
+                                + (f"; {by_name[n].note}" if by_name[n].note else ""))
+            for n in _TILE_VARIANTS]
+
+
 def _diffusion_cases() -> list[Case]:
     from .diffusion_cases import diffusion_cases
 
@@ -876,7 +914,7 @@ def all_cases() -> list[Case]:
     for family in _FAMILIES:
         out += family()
     # the tensor-core variants after them: cases that have run on a GPU before come first in a time-limited run
-    out += _mode_cases(out)
+    out += _mode_cases(out) + _tile_cases(out)
     from .hooks import plugin_cases
 
     return out + plugin_cases()
