@@ -1309,13 +1309,15 @@ class TestCuda:
         leaves = [randn(shape, rng, torch.float32, 1.5) for _ in range(3)]
         w0, w1 = randn(shape, rng, torch.float32), randn(shape, rng, torch.float32)
         grads = []
-        for dev in ("cpu", "cuda"):
-            ts = [t.to(dev).requires_grad_() for t in leaves]
+        # float64 on the CPU, then float32 on the GPU, each from fresh leaves (t.to(dev) of a tensor that
+        # already requires grad is not a leaf, and its .grad stays None)
+        for dev, dt in (("cpu", F64), ("cuda", torch.float32)):
+            ts = [t.detach().to(device=dev, dtype=dt).requires_grad_() for t in leaves]
             prev, x0 = call(*ts[:2], ts[2], None, coefs, None, clip, 77, 2)
-            ((prev * w0.to(dev)).sum() + (x0 * w1.to(dev)).sum()).backward()
+            ((prev * w0.to(dev, dt)).sum() + (x0 * w1.to(dev, dt)).sum()).backward()
             grads.append([t.grad.cpu() for t in ts])
-        for a, b in zip(*grads):
-            assert rel_err(b, a) < 1e-5
+        for ref, got in zip(*grads):
+            assert rel_err(got, ref) < 1e-5
 
     def test_cuda_graph_ddim(self, rng):
         shape = (2, 4, 16, 16)

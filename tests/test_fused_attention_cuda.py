@@ -83,7 +83,10 @@ def test_fused_fully_masked_row_and_fallbacks(fused):
     mask = torch.ones(2, 20, dtype=torch.bool, device="cuda")
     mask[1] = False
     out, lse = shared_kv_attention(q, x, mask)
-    assert torch.isnan(out[1]).all() and torch.isinf(lse[1]).all() and torch.isfinite(out[0]).all()
+    # a row with nothing to attend to: output 0 and log-sum-exp −inf (as scaled_dot_product_attention, the
+    # composite and the CPU give; this line asserted NaN once, and failed on the H200)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and bool((lse[1] == float("-inf")).all())
+    assert torch.isfinite(out[0]).all() and torch.isfinite(lse[0]).all()
     # float64 and D > 1024 take the composite path: still correct (queries scaled by D^-1/2, as attention
     # scales them: unscaled at D = 1100 the scores' std is 33 and float32 rounding alone moves the output
     # by ~2e-4)

@@ -105,7 +105,9 @@ def test_cuda_shape_errors_raise_cleanly_in_a_subprocess():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", _ERROR_PATH_PROBE], capture_output=True, text=True, timeout=300)
+    # -X faulthandler: a crash prints the child's Python stack; 45 s, inside the GPU check's per-test limit
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _ERROR_PATH_PROBE], capture_output=True,
+                       text=True, timeout=45)
     assert r.returncode == 0, f"the probe died (exit {r.returncode}): {r.stdout}\n{r.stderr[-2000:]}"
     lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
     assert all(v.startswith("ValueError") for v in lines.values()), lines
