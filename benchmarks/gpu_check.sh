@@ -254,7 +254,11 @@ step_test() {
     local extra=()
     "$VENV/bin/python" -c 'import xdist' 2>/dev/null && extra+=(-n "${DK_TEST_WORKERS:-8}" --max-worker-restart 50)
     "$VENV/bin/python" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout 60)
-    "$VENV/bin/python" -m pytest -m cuda -v -rfE --tb=short -p no:cacheprovider -p no:benchmark --durations=15 "${extra[@]}" |
+    # tests/ and the plugins' own tests (the example plugin's CUDA op is tested there)
+    local paths=(tests)
+    for p in plugins/*/tests; do [ -d "$p" ] && paths+=("$p"); done
+    "$VENV/bin/python" -m pytest -m cuda -v -rfE --tb=short -p no:cacheprovider -p no:benchmark --durations=15 "${extra[@]}" \
+        "${paths[@]}" |
         { grep --line-buffered -v -E '(PASSED|SKIPPED|XFAIL)( |$)|^[^ ]+::[^ ]+ ?$' || true; }
 }
 

@@ -63,6 +63,7 @@ def test_bad_inputs_name_the_argument():
         torch.ops.distkern_example_kernel.standardized_sqdist(x, mean[:2].float(), inv_std.float())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu():
     x, mean, inv_std = _inputs(n=1000, d=77)
