@@ -282,6 +282,7 @@ cudaError_t typed(const void* x, int64_t sx0, int64_t sx1, const float* center, 
   XCLoad<T> a{static_cast<const T*>(x), sx0, sx1, center};
   YTLoad b{yc, D};
   const typename KV<T>::Args e{out, v, yy, kp, N, M, C, a, yc, D};
+  static_assert(KV<T>::template Epi<4, 4>::BN == 64, "a problem is 64 output columns: the launch below is <4, 4>");
   const int64_t chunks = (C + 63) / 64;          // output columns per problem: 64
   const int64_t ppb = (chunks + 65534) / 65535;  // problems per block: gridDim.y stays ≤ 65535 for any C
   return cuda::launch_tile_gemm_rows_mode<float, 4, 4, KV<T>::template Epi>(mode, N, D, M, cuda::Tri::None, chunks,

@@ -92,7 +92,7 @@ def image_scores(amap: torch.Tensor, text_score: torch.Tensor | None = None, *, 
 # is ~15 launches (two GEMMs and the online softmax's elementwise updates; twice that in the backward): the
 # first H200 run timed prompt_align's forward at 0.40x eager at Bayes-PFL's shapes with 256, launch-bound.
 # There a step takes as many tokens as keep its (B, M, tile) scores under _GPU_STEP_SCORES elements (64 MiB
-# in float32; the backward holds ~4 such): all P = 1369 up to B = 32 at H·T = 240 queries.
+# in float32; the backward holds ~8 such at once, ~0.5 GiB): all P = 1369 up to B = 32 at H·T = 240 queries.
 _CPU_TILE = 256
 _GPU_STEP_SCORES = 1 << 24
 
