@@ -184,6 +184,32 @@ def test_gpu_check_script_fails_fast_without_a_gpu(tmp_path):
     assert not (tmp_path / "venv").exists()
 
 
+def test_profile_kernels_script_fails_fast_and_knows_its_cases(tmp_path):
+    """benchmarks/profile_kernels.sh parses and stops at once, naming what is missing; every case it knows is a
+    case of benchmarks/profile_driver.py."""
+    import importlib.util
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    script, driver = bench_dir / "profile_kernels.sh", bench_dir / "profile_driver.py"
+    bash = shutil.which("bash")
+    if bash is None or not script.exists():
+        pytest.skip("no bash or no benchmarks/profile_kernels.sh in this checkout")
+    assert subprocess.run([bash, "-n", str(script)]).returncode == 0
+    r = subprocess.run([bash, str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "DK_VENV": str(tmp_path / "no-venv")})
+    assert r.returncode == 1 and "no venv at" in r.stderr
+    known = set(re.findall(r"\[(\w+)\]=", script.read_text()))
+    spec = importlib.util.spec_from_file_location("profile_driver", driver)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert known and known == set(mod.CASES)
+    assert mod.main(["no-such-case"]) == 2
+
+
 def test_issue_shapes_script_finds_its_cases():
     """benchmarks/issue_shapes_cpu.py runs named cases of the full suite on the CPU: a renamed case fails
     here, not in a long run."""
