@@ -203,6 +203,10 @@ def test_anomaly_map(lib, dtype, L, B, P, D, K, per_image, mode, split):
     d4 = dirs if per_image else dirs[:, None]
     ref = torch.ops.distkern.anomaly_map(patches, dirs)
     out = torch.empty(B, P, dtype=ref.dtype)
+    # the size the CUDA op allocates: L·B·P where the FMA kernel runs over several layers (float64: any mode)
+    lib.emu_anomaly_map_workspace.restype = ctypes.c_int64
+    want = lib.emu_anomaly_map_workspace(INT(DT[dtype]), INT(mode), I64(L), I64(B), I64(P))
+    assert want == (L * B * P if L > 1 and (mode == FMA or dtype == torch.float64) else 0)
     ws = torch.full((L, B, P), float("nan"), dtype=ref.dtype) if split else None
     _call(lib.emu_anomaly_map, INT(DT[dtype]), INT(mode), _p(patches.contiguous()), _p(d4.contiguous()), _p(out),
           I64(L), I64(B), I64(P), I64(D), I64(K), I64(d4.shape[0]), I64(d4.shape[1]),

@@ -23,11 +23,11 @@ at::Tensor anomaly_map_cuda(const at::Tensor& patches, const at::Tensor& dirs) {
   if (in.D == 0) return out.fill_(0.5);
   const cuda::MatMode mode = matmul_mode_for(in.patches);
   // the FMA kernel's per-layer sums (L·B·P values, 0.7 MiB at Bayes-PFL's B = 32): L times the blocks
+  const DType xtype = to_dtype(in.patches.scalar_type());
+  const int64_t ws = anomaly_map_workspace(xtype, mode, in.L, in.B, in.P);
   at::Tensor part;
-  // (float64 runs the FMA kernel in every mode)
-  if (in.L > 1 && (mode == cuda::MatMode::Fma || in.patches.scalar_type() == at::kDouble))
-    part = at::empty({in.L, in.B, in.P}, out.options());
-  C10_CUDA_CHECK(launch_anomaly_map(to_dtype(in.patches.scalar_type()), in.patches.data_ptr(), in.dirs.data_ptr(),
+  if (ws > 0) part = at::empty({ws}, out.options());
+  C10_CUDA_CHECK(launch_anomaly_map(xtype, in.patches.data_ptr(), in.dirs.data_ptr(),
                                     out.data_ptr(), in.L, in.B, in.P, in.D, in.K, in.Ld, in.Bd, mode,
                                     part.defined() ? part.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream()));
   return out;

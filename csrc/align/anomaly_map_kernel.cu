@@ -236,6 +236,7 @@ cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, 
   acc_t* o = static_cast<acc_t*>(out);
   // One block per (rows, image) is 6·B blocks at P = 1369: 48 at B = 8 for 132 SMs. With a workspace the
   // L layers get blocks of their own (grid z) and a second kernel adds them.
+  // (anomaly_map_workspace sizes it for this path: 2..65535 layers)
   acc_t* part = (workspace != nullptr && L > 1 && L <= 65535) ? static_cast<acc_t*>(workspace) : nullptr;
   const unsigned gz = part ? static_cast<unsigned>(L) : 1u;
   if (K <= 32) {  // 256 rows per block
@@ -256,6 +257,11 @@ cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, 
 }
 
 }  // namespace
+
+int64_t anomaly_map_workspace(DType xtype, cuda::MatMode mode, int64_t L, int64_t B, int64_t P) {
+  const bool fma = xtype == DType::F64 || mode == cuda::MatMode::Fma;  // launch(): the tile path otherwise
+  return (fma && L > 1 && L <= 65535) ? L * B * P : 0;
+}
 
 cudaError_t launch_anomaly_map(DType xtype, const void* patches, const void* dirs, void* out, int64_t L, int64_t B,
                                int64_t P, int64_t D, int64_t K, int64_t Ld, int64_t Bd, cuda::MatMode mode,

@@ -7,3 +7,8 @@ extern "C" int emu_anomaly_map(int dtype, int mode, const void* patches, const v
   return distkern::align::launch_anomaly_map(static_cast<distkern::DType>(dtype), patches, dirs, out, L, B, P, D, K,
                                              Ld, Bd, static_cast<distkern::cuda::MatMode>(mode), workspace, nullptr);
 }
+
+extern "C" int64_t emu_anomaly_map_workspace(int dtype, int mode, int64_t L, int64_t B, int64_t P) {
+  return distkern::align::anomaly_map_workspace(static_cast<distkern::DType>(dtype),
+                                                static_cast<distkern::cuda::MatMode>(mode), L, B, P);
+}
