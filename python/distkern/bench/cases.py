@@ -844,13 +844,19 @@ _MODE_VARIANTS = {
 }
 
 
+def _named(base: list[Case], names, what: str) -> dict[str, Case]:
+    """The cases of ``base`` named in ``names``; a name that is not there (a renamed case) is an error."""
+    by_name = {c.name: c for c in base}
+    missing = sorted(set(names) - set(by_name))
+    if missing:
+        raise LookupError(f"bench: no case named {missing} to make {what} variants of")
+    return {n: by_name[n] for n in names}
+
+
 def _mode_cases(base: list[Case]) -> list[Case]:
     """The matmul-mode variants of the cases named in _MODE_VARIANTS, taken from ``base``."""
-    by_name = {c.name: c for c in base}
-    missing = sorted(set(_MODE_VARIANTS) - set(by_name))
-    if missing:
-        raise LookupError(f"bench: no case named {missing} to make matmul-mode variants of")
-    return [_mode_variant(by_name[name], m) for name, modes in _MODE_VARIANTS.items() for m in modes]
+    cases = _named(base, _MODE_VARIANTS, "matmul-mode")
+    return [_mode_variant(cases[name], m) for name, modes in _MODE_VARIANTS.items() for m in modes]
 
 
 # The Mahalanobis family's FMA kernel with 8×8 thread tiles (128×128 blocks; DISTKERN_CUDA_TILES=128): on the
@@ -881,15 +887,12 @@ def _under_tiles(fn: Impl, config: int) -> Impl:
 
 
 def _tile_cases(base: list[Case]) -> list[Case]:
-    by_name = {c.name: c for c in base}
-    missing = sorted(set(_TILE_VARIANTS) - set(by_name))
-    if missing:
-        raise LookupError(f"bench: no case named {missing} to make 8x8-tile variants of")
-    return [dataclasses.replace(by_name[n], label=f"{by_name[n].label} tiles128", ours=_under_tiles(by_name[n].ours, 2),
-                                devices=("cuda",), quick=False, acceptance=None,
+    """The 8×8-tile variants of the cases named in _TILE_VARIANTS, taken from ``base``."""
+    return [dataclasses.replace(c, label=f"{c.label} tiles128", ours=_under_tiles(c.ours, 2), devices=("cuda",),
+                                quick=False, acceptance=None,
                                 note="ours with 8x8 thread tiles (DISTKERN_CUDA_TILES=128)"
-                                + (f"; {by_name[n].note}" if by_name[n].note else ""))
-            for n in _TILE_VARIANTS]
+                                + (f"; {c.note}" if c.note else ""))
+            for c in _named(base, _TILE_VARIANTS, "8x8-tile").values()]
 
 
 def _diffusion_cases() -> list[Case]:
