@@ -29,10 +29,14 @@ constexpr int kTileThreads = 256;
 
 // Blocks an SM for a 256-thread kernel that may take up to 128 registers a thread: 2 on sm_90; 1 on
 // sm_80, where ptxas spills the heavier epilogues under 128 (seen with -Xptxas -v).
+// kBlocks80: blocks an SM for float32 4×4 FMA tiles, 3 (80 registers) on sm_90, 2 on sm_80 (see
+// fma_min_blocks).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr int kBlocks128 = 1;
+constexpr int kBlocks80 = 2;
 #else
 constexpr int kBlocks128 = 2;
+constexpr int kBlocks80 = 3;
 #endif
 
 // Thread-tile shapes: each of the 16×16 threads holds TR rows × TC columns of C, so a block
@@ -95,9 +99,10 @@ __device__ __forceinline__ void lds_vec(const T* p, T (&out)[N]) {
 
 // Blocks per SM the FMA kernel is compiled for (__launch_bounds__). Unbounded, the compiler hoists
 // the 128-bit fragment reads of several k steps and takes 80-100 registers a thread for float32 4×4
-// tiles, 160-210 for 8×8. Default: float32 4×4 tiles at most 80 registers (3 blocks, 24 warps an
-// SM), float64 128 (2 blocks), 8×8 unbounded (their 64 accumulators and the heavier epilogues spill
-// under 128). An epilogue whose state needs more declares `enum { kMinBlocks = n };`.
+// tiles, 160-240 for 8×8. Default: float32 4×4 tiles at most 80 registers on sm_90 (3 blocks, 24
+// warps an SM; on sm_80, whose ptxas spills the prefetch registers of some loaders under 80, 128:
+// 2 blocks), float64 128 (kBlocks128), 8×8 unbounded (their 64 accumulators and the heavier
+// epilogues spill under 128). An epilogue whose state needs more declares `enum { kMinBlocks = n };`.
 template <typename E, typename = void>
 struct epi_min_blocks : std::integral_constant<int, 0> {};
 template <typename E>
@@ -106,7 +111,7 @@ struct epi_min_blocks<E, std::void_t<decltype(E::kMinBlocks)>> : std::integral_c
 template <typename acc_t, int TR, int TC, typename Epi>
 constexpr int fma_min_blocks() {
   return epi_min_blocks<Epi>::value > 0 ? epi_min_blocks<Epi>::value
-                                        : (sizeof(acc_t) > 4 ? 2 : (TR * TC > 16 ? 1 : 3));
+                                        : (sizeof(acc_t) > 4 ? kBlocks128 : (TR * TC > 16 ? 1 : kBlocks80));
 }
 
 // ALoad:  __device__ acc_t operator()(int64_t p, int64_t row, int64_t k, acc_t& guard) const
@@ -147,8 +152,8 @@ tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, i
   constexpr int BM = 16 * TR, BN = 16 * TC;
   constexpr bool kKMajorB = b_k_contiguous<BLoad>::value;
   static_assert(kTileK == 16 && kTileThreads == 256, "the loader mappings assume 16 k and 256 threads");
-  __shared__ __align__(16) acc_t As[kTileK][BM + 4];
-  __shared__ __align__(16) acc_t Bs[kTileK][BN + 4];
+  __shared__ __align__(16) acc_t As[2][kTileK][BM + 4];  // double-buffered operand tiles
+  __shared__ __align__(16) acc_t Bs[2][kTileK][BN + 4];
   __shared__ acc_t guard_rows[BM];
   __shared__ acc_t guard_half[2][BM];
   __shared__ acc_t scratch[16][BN];
@@ -173,6 +178,51 @@ tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, i
     acc_t guard[TR];
 #pragma unroll
     for (int q = 0; q < TR; ++q) guard[q] = 0;
+    // Software pipeline: within a column block, each k tile's global loads are issued into registers
+    // (ra, rb) before the FMAs of the tile before it and stored into the other shared buffer after
+    // them, so their latency hides behind the math (at 1–3 blocks an SM no other block covers it), and
+    // one barrier a tile suffices: buffer b is rewritten only after the barrier that ends every
+    // thread's reads of it. (Prefetching a column block's first tile across the previous block's
+    // epilogue keeps ra, rb live through it: ptxas spills most epilogues then, under 80 and 128.)
+    acc_t ra[TR], rb[TC];
+    auto load = [&](int64_t j0, int64_t k0, int64_t kend, bool first) {
+      const int64_t k = k0 + km_k;
+#pragma unroll
+      for (int q = 0; q < TR; ++q) {
+        const int64_t row = row0 + km_r + 16 * q;
+        acc_t v = 0;
+        if (row < M && k < kend) {
+          acc_t g = 0;
+          v = A(p, row, k, g);
+          if (first) guard[q] += g;
+        }
+        ra[q] = v;
+      }
+      if constexpr (kKMajorB) {
+#pragma unroll
+        for (int q = 0; q < TC; ++q) {
+          const int64_t j = j0 + km_r + 16 * q;
+          rb[q] = (k < kend && j < Ncols) ? B(p, k, j) : acc_t(0);
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < TC; ++q) {
+          const int64_t kq = k0 + jm_k + kJRows * q, j = j0 + jm_j;
+          rb[q] = (kq < kend && j < Ncols) ? B(p, kq, j) : acc_t(0);
+        }
+      }
+    };
+    auto store = [&](int b) {
+#pragma unroll
+      for (int q = 0; q < TR; ++q) As[b][km_k][km_r + 16 * q] = ra[q];
+      if constexpr (kKMajorB) {
+#pragma unroll
+        for (int q = 0; q < TC; ++q) Bs[b][km_k][km_r + 16 * q] = rb[q];
+      } else {
+#pragma unroll
+        for (int q = 0; q < TC; ++q) Bs[b][jm_k + kJRows * q][jm_j] = rb[q];
+      }
+    };
     for (int64_t j0 = 0; j0 < Ncols; j0 += BN) {
       acc_t c[TR][TC];
 #pragma unroll
@@ -183,48 +233,28 @@ tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, i
       int64_t kbeg, kend;
       k_range(tri, K, j0, BN, kbeg, kend);
       const bool first = (j0 == 0);
-
+      int buf = 0;
+      if (kbeg < kend) {
+        load(j0, kbeg, kend, first);
+        store(0);
+      }
+      __syncthreads();
       for (int64_t k0 = kbeg; k0 < kend; k0 += kTileK) {
-        const int64_t k = k0 + km_k;
-#pragma unroll
-        for (int q = 0; q < TR; ++q) {
-          const int r = km_r + 16 * q;
-          const int64_t row = row0 + r;
-          acc_t v = 0;
-          if (row < M && k < kend) {
-            acc_t g = 0;
-            v = A(p, row, k, g);
-            if (first) guard[q] += g;
-          }
-          As[km_k][r] = v;
-        }
-        if constexpr (kKMajorB) {
-#pragma unroll
-          for (int q = 0; q < TC; ++q) {
-            const int jj = km_r + 16 * q;
-            const int64_t j = j0 + jj;
-            Bs[km_k][jj] = (k < kend && j < Ncols) ? B(p, k, j) : acc_t(0);
-          }
-        } else {
-#pragma unroll
-          for (int q = 0; q < TC; ++q) {
-            const int kk = jm_k + kJRows * q;
-            const int64_t kq = k0 + kk, j = j0 + jm_j;
-            Bs[kk][jm_j] = (kq < kend && j < Ncols) ? B(p, kq, j) : acc_t(0);
-          }
-        }
-        __syncthreads();
+        const bool more = k0 + kTileK < kend;
+        if (more) load(j0, k0 + kTileK, kend, first);
 #pragma unroll
         for (int kk = 0; kk < kTileK; ++kk) {
           acc_t a[TR], b[TC];
-          lds_vec<TR>(&As[kk][ty * TR], a);
-          lds_vec<TC>(&Bs[kk][tx * TC], b);
+          lds_vec<TR>(&As[buf][kk][ty * TR], a);
+          lds_vec<TC>(&Bs[buf][kk][tx * TC], b);
 #pragma unroll
           for (int i = 0; i < TR; ++i)
 #pragma unroll
             for (int j = 0; j < TC; ++j) c[i][j] += a[i] * b[j];
         }
+        if (more) store(buf ^ 1);
         __syncthreads();
+        buf ^= 1;
       }
       if (first) {
         // A row's guards: 8 adjacent lanes (xor 1, 2, 4) in each of two warps.

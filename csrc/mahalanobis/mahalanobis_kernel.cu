@@ -113,6 +113,9 @@ struct SumSq {
   template <int TR, int TC>
   struct Epi {
     enum { kTcMinBlocks = RED == KReduce::LogSumExp ? 1 : cuda::kBlocks128 };  // logsumexp spills under 128
+    // The min / logsumexp state and the FMA kernel's prefetch registers spill under 80 (3 blocks an SM)
+    // at float32 4×4: 128 registers, 2 blocks; float64 under 128 on sm_80: kBlocks128 (0: the default).
+    enum { kMinBlocks = (RED == KReduce::None || TR * TC > 16) ? 0 : (sizeof(acc_t) > 4 ? cuda::kBlocks128 : 2) };
     Args a;
     struct State {
       acc_t s[TR];
@@ -179,6 +182,7 @@ struct Shared {
   };
   template <int TR, int TC>
   struct Epi {
+    enum { kMinBlocks = (RED == KReduce::None || TR * TC > 16) ? 0 : (sizeof(acc_t) > 4 ? cuda::kBlocks128 : 2) };  // as SumSq's
     Args a;
     struct State {
       MinAcc<acc_t> mn[TR];
