@@ -224,3 +224,25 @@ def test_issue_shapes_script_finds_its_cases():
     spec.loader.exec_module(mod)
     names = {c.name for c in bench_cases.all_cases()}
     assert set(mod.NAMES) <= names, set(mod.NAMES) - names
+
+
+def test_variant_cases_exist_and_restore_the_switches():
+    """The matmul-mode, 8x8-tile and fused-attention variants are built from cases that exist, and each
+    variant's switch is on inside the call and back to what it was after it."""
+    from distkern import _C
+    from distkern.bench import cases
+
+    names = {c.name for c in cases.all_cases()}
+    assert {f"{n} fused" for n in cases._FUSED_VARIANTS} <= names
+    assert {f"{n} tiles128" for n in cases._TILE_VARIANTS} <= names
+    assert {f"{n} {m}" for n, ms in cases._MODE_VARIANTS.items() for m in ms} <= names
+    before = _C.fused_attention()
+    seen = []
+    cases._under_fused(lambda i: seen.append(_C.fused_attention()))({})
+    assert seen == [True] and _C.fused_attention() == before
+    if hasattr(_C, "cuda_tile_config"):  # CUDA builds
+        before = _C.cuda_tile_config()
+        cases._under_tiles(lambda i: seen.append(_C.cuda_tile_config()), 2)({})
+        assert seen[-1] == 2 and _C.cuda_tile_config() == before
+    with pytest.raises(LookupError, match="fused-attention"):
+        cases._named([], ("prompt_align/none",), "fused-attention")

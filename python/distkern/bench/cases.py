@@ -872,18 +872,23 @@ _TILE_VARIANTS = (
 )
 
 
-def _under_tiles(fn: Impl, config: int) -> Impl:
+def _under_switch(fn: Impl, getter: str, setter: str, value) -> Impl:
+    """``fn`` with the extension's switch ``_C.<setter>(value)`` on during the call and restored after it."""
     def run(i: Inputs):
         from .. import _C
 
-        old = _C.cuda_tile_config()
-        _C.set_cuda_tile_config(config)
+        old = getattr(_C, getter)()
+        getattr(_C, setter)(value)
         try:
             return fn(i)
         finally:
-            _C.set_cuda_tile_config(old)
+            getattr(_C, setter)(old)
 
     return run
+
+
+def _under_tiles(fn: Impl, config: int) -> Impl:
+    return _under_switch(fn, "cuda_tile_config", "set_cuda_tile_config", config)
 
 
 def _tile_cases(base: list[Case]) -> list[Case]:
@@ -893,6 +898,29 @@ def _tile_cases(base: list[Case]) -> list[Case]:
                                 note="ours with 8x8 thread tiles (DISTKERN_CUDA_TILES=128)"
                                 + (f"; {c.note}" if c.note else ""))
             for c in _named(base, _TILE_VARIANTS, "8x8-tile").values()]
+
+
+# prompt_align with the fused attention kernel (attention_kernel.cu, opt-in: DISTKERN_FUSED_ATTENTION=1) instead
+# of the composite tile loop the default CUDA path runs: the H200 timed the composite at 0.40× / 0.47× eager
+# (forward / forward + backward, B = 8); these cases measure the fused kernel beside it.
+_FUSED_VARIANTS = (
+    "prompt_align/fwd B=8 T=60 P=1369 D=768 H=4 fp32",
+    "prompt_align/fwd+bwd B=8 T=60 P=1369 D=768 H=4 fp32",
+    "prompt_align/fwd+bwd B=32 T=60 P=1369 D=768 H=4 fp32",
+)
+
+
+def _under_fused(fn: Impl) -> Impl:
+    return _under_switch(fn, "fused_attention", "set_fused_attention", True)
+
+
+def _fused_cases(base: list[Case]) -> list[Case]:
+    """The fused-attention variants of the cases named in _FUSED_VARIANTS, taken from ``base``."""
+    return [dataclasses.replace(c, label=f"{c.label} fused", ours=_under_fused(c.ours), devices=("cuda",),
+                                quick=False, acceptance=None,
+                                note="ours with the fused attention kernel (DISTKERN_FUSED_ATTENTION=1)"
+                                + (f"; {c.note}" if c.note else ""))
+            for c in _named(base, _FUSED_VARIANTS, "fused-attention").values()]
 
 
 def _diffusion_cases() -> list[Case]:
@@ -918,7 +946,7 @@ def all_cases() -> list[Case]:
     for family in _FAMILIES:
         out += family()
     # the tensor-core variants after them: cases that have run on a GPU before come first in a time-limited run
-    out += _mode_cases(out) + _tile_cases(out)
+    out += _mode_cases(out) + _tile_cases(out) + _fused_cases(out)
     from .hooks import plugin_cases
 
     return out + plugin_cases()
