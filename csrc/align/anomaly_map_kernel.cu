@@ -1,6 +1,7 @@
 // CUDA kernel of the anomaly map (pure CUDA: no torch headers).
 //
-// FMA path: a register-tiled kernel (below); tensor-core modes: the shared tile skeleton. The map is
+// float32 accumulation: the shared tile skeleton (common/tile_gemm.cuh), on FMAs (8×2 thread tiles for up to
+// 32 pairs) or tensor cores; float64: a register-tiled kernel (below). The map is
 // the mean over layers and prompt pairs of σ(x·d/‖x‖) per patch token, written once per token.
 // Bytes: L·B·P·D·elem read + B·P·4 written; FLOPs: 2·L·B·P·D·K (half the two-cosine form).
 #include <cuda_runtime.h>
@@ -172,10 +173,15 @@ struct MapDirs {  // B(p, k = feature, j = pair) = dirs[l or 0, b or 0, j, k]
   }
 };
 
+// With `part` (one problem a block row: ppb = 1), block row y = b·L + l writes image b's layer-l sum over
+// pairs to part[l][b][p], and layer_mean_kernel averages the layers; without, block row y is image b with
+// its L layers in one block (ppb = L) and writes the mean to out.
 struct MapSum {
   struct Args {
     float* out;
     int64_t P, K, L;
+    float* part;
+    int64_t B;
   };
   template <int TR, int TC>
   struct Epi {
@@ -203,12 +209,16 @@ struct MapSum {
     __device__ void end_problem(State&, int64_t, int64_t, const float*) const {}
     __device__ void finish(State& st, int64_t row_base) const {
       const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-      const int64_t b = blockIdx.y;  // ppb = L: block row y holds the layers of image y
+      const int64_t y = blockIdx.y;
 #pragma unroll
       for (int i = 0; i < TR; ++i) {
         const float v = cuda::row_lanes_sum(st.t[i]);
         const int64_t row = row_base + ty * TR + i;
-        if (tx == 0 && row < a.P) a.out[b * a.P + row] = v / static_cast<float>(a.L * a.K);
+        if (tx != 0 || row >= a.P) continue;
+        if (a.part)
+          a.part[((y % a.L) * a.B + y / a.L) * a.P + row] = v;
+        else
+          a.out[y * a.P + row] = v / static_cast<float>(a.L * a.K);
       }
     }
   };
@@ -219,41 +229,68 @@ cudaError_t launch_tiles(const void* patches, const void* dirs, void* out, int64
                          int64_t K, int64_t Ld, int64_t Bd, cuda::MatMode mode, cudaStream_t stream) {
   const MapRows<T> a{static_cast<const T*>(patches), L, B, P, D};
   const MapDirs d{static_cast<const float*>(dirs), L, K, D, Ld, Bd};
-  const MapSum::Args e{static_cast<float*>(out), P, K, L};
+  const MapSum::Args e{static_cast<float*>(out), P, K, L, nullptr, B};
   return cuda::launch_tile_gemm_rows_mode<float, 4, 4, MapSum::template Epi>(mode, P, D, K, cuda::Tri::None, B * L, L,
                                                                               a, d, e, stream);
+}
+
+// float32 accumulation on FMAs: the tile skeleton's FMA kernel (its k loop pipelined: the next tile's loads in
+// flight during the current tile's FMAs), with 8×2 thread tiles — 128 tokens × 32 pairs a block, so
+// Bayes-PFL's K = 30 fills one column block (4×4 tiles would spend half their FMAs on 34 empty columns);
+// 4×4 above 32 pairs. With a workspace each (image, layer) gets blocks of its own and layer_mean_kernel
+// averages the layers (at B = 8: 11 × 32 blocks, not 11 × 8).
+template <typename T>
+cudaError_t launch_fma_tiles(const void* patches, const void* dirs, void* out, int64_t L, int64_t B, int64_t P,
+                             int64_t D, int64_t K, int64_t Ld, int64_t Bd, float* part, cudaStream_t stream) {
+  const MapRows<T> a{static_cast<const T*>(patches), L, B, P, D};
+  const MapDirs d{static_cast<const float*>(dirs), L, K, D, Ld, Bd};
+  const MapSum::Args e{static_cast<float*>(out), P, K, L, part, B};
+  const int64_t ppb = part ? 1 : L;
+  if (K <= 32)
+    return cuda::launch_tile_gemm_rows<float, 8, 2, MapSum::template Epi>(P, D, K, cuda::Tri::None, B * L, ppb, a, d, e,
+                                                                           stream);
+  return cuda::launch_tile_gemm_rows<float, 4, 4, MapSum::template Epi>(P, D, K, cuda::Tri::None, B * L, ppb, a, d, e,
+                                                                         stream);
 }
 
 template <typename T, typename acc_t>
 cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, int64_t B, int64_t P, int64_t D,
                    int64_t K, int64_t Ld, int64_t Bd, cuda::MatMode mode, void* workspace, cudaStream_t stream) {
   if (B > 65535) return cudaErrorInvalidConfiguration;
-  if constexpr (std::is_same<acc_t, float>::value) {
-    if (mode != cuda::MatMode::Fma) return launch_tiles<T>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
-  }
-  const T* x = static_cast<const T*>(patches);
-  const acc_t* d = static_cast<const acc_t*>(dirs);
   acc_t* o = static_cast<acc_t*>(out);
   // One block per (rows, image) is 6·B blocks at P = 1369: 48 at B = 8 for 132 SMs. With a workspace the
-  // L layers get blocks of their own (grid z) and a second kernel adds them.
-  // (anomaly_map_workspace sizes it for this path: 2..65535 layers)
+  // L layers get blocks of their own and a second kernel adds them.
+  // (anomaly_map_workspace sizes it for the FMA paths: 2..65535 layers)
   acc_t* part = (workspace != nullptr && L > 1 && L <= 65535) ? static_cast<acc_t*>(workspace) : nullptr;
-  const unsigned gz = part ? static_cast<unsigned>(L) : 1u;
-  if (K <= 32) {  // 256 rows per block
-    const dim3 grid(static_cast<unsigned>((P + 255) / 256), static_cast<unsigned>(B), gz);
-    anomaly_map_kernel<T, acc_t, 32><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd, part);
-  } else {  // 128 rows per block
-    const dim3 grid(static_cast<unsigned>((P + 127) / 128), static_cast<unsigned>(B), gz);
-    anomaly_map_kernel<T, acc_t, 64><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd, part);
-  }
-  if (part) {
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (mode != cuda::MatMode::Fma) return launch_tiles<T>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
+    if (part && B * L > 65535) part = nullptr;  // block rows of the per-layer grid
+    cudaError_t err = launch_fma_tiles<T>(patches, dirs, out, L, B, P, D, K, Ld, Bd, part, stream);
+    if (err != cudaSuccess || !part) return err;
     const int64_t n = B * P, blocks = (n + kThreads - 1) / kThreads;
     layer_mean_kernel<acc_t><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(part, o, L,
                                                                                                             n, K);
+    return cudaGetLastError();
+  } else {  // float64: the register-tiled kernel
+    const T* x = static_cast<const T*>(patches);
+    const acc_t* d = static_cast<const acc_t*>(dirs);
+    const unsigned gz = part ? static_cast<unsigned>(L) : 1u;
+    if (K <= 32) {  // 256 rows per block
+      const dim3 grid(static_cast<unsigned>((P + 255) / 256), static_cast<unsigned>(B), gz);
+      anomaly_map_kernel<T, acc_t, 32><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd, part);
+    } else {  // 128 rows per block
+      const dim3 grid(static_cast<unsigned>((P + 127) / 128), static_cast<unsigned>(B), gz);
+      anomaly_map_kernel<T, acc_t, 64><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd, part);
+    }
+    if (part) {
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      const int64_t n = B * P, blocks = (n + kThreads - 1) / kThreads;
+      layer_mean_kernel<acc_t><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(part, o, L,
+                                                                                                              n, K);
+    }
+    return cudaGetLastError();
   }
-  return cudaGetLastError();
 }
 
 }  // namespace
