@@ -32,7 +32,7 @@ fi
 declare -A KERNEL=(
     [maha_fma]='tile_gemm_rows_kernel'
     [maha_tf32]='tile_gemm_rows_tc_kernel'
-    [step]='step_forward_kernel'
+    [step]='step_(plain|forward)_kernel'  # the bench's deterministic step runs the plain one
     [anomaly_map]='anomaly_map_kernel'
     [kernel_matmul]='tile_gemm_rows_kernel'
 )

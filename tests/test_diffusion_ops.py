@@ -1254,6 +1254,22 @@ class TestCuda:
             assert_close_to(out[0], ref[0], mag, dtype, f"prev, {noise_mode}", exp)
             assert_close_to(out[1], ref[1], mag0, dtype, f"x0, {noise_mode}", ex0)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, F64], ids=str)
+    @pytest.mark.parametrize("shape", [(1, 7), (3, 2, 5, 7), (2, 4, 65, 65)], ids=str)
+    def test_lean_deterministic_kernel_equals_the_general_one(self, dtype, shape, rng):
+        """Batch-wide coefficients, no noise, no clipping run step_plain_kernel; the same coefficients as a
+        per-sample table run step_forward_kernel. Same arithmetic, same zeros: bit-identical outputs (also for an
+        input one element past a vector boundary, the plain kernel's element-wise path)."""
+        x, m, px = (randn(shape, rng, dtype).cuda() for _ in range(3))
+        coefs = torch.randn(8, generator=rng, dtype=F64).tolist()
+        table = torch.tensor(coefs, dtype=F64, device="cuda").expand(shape[0], 8).contiguous()
+        xm = torch.cat([torch.zeros(1, dtype=dtype, device="cuda"), x.reshape(-1)])[1:].view(shape)
+        for xs in (x, xm):
+            for prev in (px, None):
+                lean = call(xs, m, prev, None, coefs)
+                general = call(xs, m, prev, None, (), table)
+                assert torch.equal(lean[0], general[0]) and torch.equal(lean[1], general[1])
+
     def test_threshold_select_over_blocks_is_exact_and_repeatable(self, rng):
         """A 3M-element sample (a 1024² RGB image) selects over ~180 blocks meeting in a global histogram:
         its quantile is exact, so 20 repeats under real inter-block contention give bit-identical steps, and

@@ -19,11 +19,16 @@ def test_cuda_sanitizer_case_sampler_step():
             x, m, p = (torch.randn(shape, generator=g).to(dt).cuda() for _ in range(3))
             table = torch.randn(shape[0], 8, generator=g, dtype=torch.float64).cuda()
             for mode in (0, 1, 2):
-                for noise, seed in ((None, 3), (torch.randn(shape, generator=g).to(dt).cuda(), -1)):
+                # (None, -1): no noise — with mode 0 and batch-wide coefficients, the lean deterministic kernel
+                for noise, seed in ((None, 3), (torch.randn(shape, generator=g).to(dt).cuda(), -1), (None, -1)):
                     out, x0 = op(x, m, p, noise, coefs, None, mode, 0.7, 0.9, 1.5, seed, 2)
                     out2, _ = op(x, m, None, noise, [], table, mode, 0.7, 0.5, 1.0, seed, 0)
                     torch.cuda.synchronize()
                     assert torch.isfinite(out).all() and torch.isfinite(x0).all() and torch.isfinite(out2).all()
+            xm = torch.cat([torch.zeros(1, dtype=dt, device="cuda"), x.reshape(-1)])[1:].view(shape)  # misaligned
+            out, x0 = op(xm, m, p, None, coefs, None, 0, 1.0, 0.995, 1.0, -1, 0)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all() and torch.isfinite(x0).all()
             gx, gm, gp = torch.ops.distkern.sampler_step_backward(x, m, x, m, None, coefs, None, 1, 0.7, 3, 0)
             torch.cuda.synchronize()
             assert torch.isfinite(gx).all()
