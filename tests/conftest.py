@@ -14,11 +14,29 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def rng():
-    """A fresh, unseeded generator per test: inputs differ from run to run (the op must be right on any input)."""
+def rng(request):
+    """A fresh, unseeded generator per test: inputs differ from run to run (the op must be right on any input).
+    Its seed is printed with a failure, and ``DISTKERN_TEST_SEED=<seed>`` replays it."""
+    import os
+
     g = torch.Generator()
-    g.seed()
+    seed = os.environ.get("DISTKERN_TEST_SEED")
+    if seed is not None:
+        g.manual_seed(int(seed))
+    else:
+        g.seed()
+    request.node.user_properties.append(("rng_seed", g.initial_seed()))
     return g
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "rng_seed":
+                report.sections.append(("rng", f"rng seed {value}: rerun with DISTKERN_TEST_SEED={value}"))
 
 
 @pytest.fixture
