@@ -145,6 +145,14 @@ __global__ void __launch_bounds__(kThreads) layer_mean_kernel(const acc_t* __res
   }
 }
 
+template <typename acc_t>
+cudaError_t launch_layer_mean(const acc_t* part, acc_t* out, int64_t L, int64_t n, int64_t K, cudaStream_t stream) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  layer_mean_kernel<acc_t><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(part, out, L,
+                                                                                                          n, K);
+  return cudaGetLastError();
+}
+
 // ---- the same map as a tile product on tensor cores (matmul modes tf32 / 3xtf32) -----------------
 // Rows: the P tokens of an image; the product's K axis: D; columns: the prompt pairs; problems:
 // (image b, layer l) with the L layers of one image in one block row (ppb = L), so the sum over
@@ -265,12 +273,8 @@ cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, 
   if constexpr (std::is_same<acc_t, float>::value) {
     if (mode != cuda::MatMode::Fma) return launch_tiles<T>(patches, dirs, out, L, B, P, D, K, Ld, Bd, mode, stream);
     if (part && B * L > 65535) part = nullptr;  // block rows of the per-layer grid
-    cudaError_t err = launch_fma_tiles<T>(patches, dirs, out, L, B, P, D, K, Ld, Bd, part, stream);
-    if (err != cudaSuccess || !part) return err;
-    const int64_t n = B * P, blocks = (n + kThreads - 1) / kThreads;
-    layer_mean_kernel<acc_t><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(part, o, L,
-                                                                                                            n, K);
-    return cudaGetLastError();
+    const cudaError_t err = launch_fma_tiles<T>(patches, dirs, out, L, B, P, D, K, Ld, Bd, part, stream);
+    return (err != cudaSuccess || !part) ? err : launch_layer_mean(part, o, L, B * P, K, stream);
   } else {  // float64: the register-tiled kernel
     const T* x = static_cast<const T*>(patches);
     const acc_t* d = static_cast<const acc_t*>(dirs);
@@ -282,14 +286,8 @@ cudaError_t launch(const void* patches, const void* dirs, void* out, int64_t L, 
       const dim3 grid(static_cast<unsigned>((P + 127) / 128), static_cast<unsigned>(B), gz);
       anomaly_map_kernel<T, acc_t, 64><<<grid, kThreads, 0, stream>>>(x, d, o, L, B, P, D, K, Ld, Bd, part);
     }
-    if (part) {
-      const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-      const int64_t n = B * P, blocks = (n + kThreads - 1) / kThreads;
-      layer_mean_kernel<acc_t><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, stream>>>(part, o, L,
-                                                                                                              n, K);
-    }
-    return cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
+    return (err != cudaSuccess || !part) ? err : launch_layer_mean(part, o, L, B * P, K, stream);
   }
 }
 

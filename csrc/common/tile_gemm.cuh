@@ -178,51 +178,6 @@ tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, i
     acc_t guard[TR];
 #pragma unroll
     for (int q = 0; q < TR; ++q) guard[q] = 0;
-    // Software pipeline: within a column block, each k tile's global loads are issued into registers
-    // (ra, rb) before the FMAs of the tile before it and stored into the other shared buffer after
-    // them, so their latency hides behind the math (at 1–3 blocks an SM no other block covers it), and
-    // one barrier a tile suffices: buffer b is rewritten only after the barrier that ends every
-    // thread's reads of it. (Prefetching a column block's first tile across the previous block's
-    // epilogue keeps ra, rb live through it: ptxas spills most epilogues then, under 80 and 128.)
-    acc_t ra[TR], rb[TC];
-    auto load = [&](int64_t j0, int64_t k0, int64_t kend, bool first) {
-      const int64_t k = k0 + km_k;
-#pragma unroll
-      for (int q = 0; q < TR; ++q) {
-        const int64_t row = row0 + km_r + 16 * q;
-        acc_t v = 0;
-        if (row < M && k < kend) {
-          acc_t g = 0;
-          v = A(p, row, k, g);
-          if (first) guard[q] += g;
-        }
-        ra[q] = v;
-      }
-      if constexpr (kKMajorB) {
-#pragma unroll
-        for (int q = 0; q < TC; ++q) {
-          const int64_t j = j0 + km_r + 16 * q;
-          rb[q] = (k < kend && j < Ncols) ? B(p, k, j) : acc_t(0);
-        }
-      } else {
-#pragma unroll
-        for (int q = 0; q < TC; ++q) {
-          const int64_t kq = k0 + jm_k + kJRows * q, j = j0 + jm_j;
-          rb[q] = (kq < kend && j < Ncols) ? B(p, kq, j) : acc_t(0);
-        }
-      }
-    };
-    auto store = [&](int b) {
-#pragma unroll
-      for (int q = 0; q < TR; ++q) As[b][km_k][km_r + 16 * q] = ra[q];
-      if constexpr (kKMajorB) {
-#pragma unroll
-        for (int q = 0; q < TC; ++q) Bs[b][km_k][km_r + 16 * q] = rb[q];
-      } else {
-#pragma unroll
-        for (int q = 0; q < TC; ++q) Bs[b][jm_k + kJRows * q][jm_j] = rb[q];
-      }
-    };
     for (int64_t j0 = 0; j0 < Ncols; j0 += BN) {
       acc_t c[TR][TC];
 #pragma unroll
@@ -233,15 +188,60 @@ tile_gemm_rows_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, i
       int64_t kbeg, kend;
       k_range(tri, K, j0, BN, kbeg, kend);
       const bool first = (j0 == 0);
+      // Software pipeline: within a column block, each k tile's global loads are issued into registers
+      // (ra, rb) before the FMAs of the tile before it and stored into the other shared buffer after
+      // them, so their latency hides behind the math (at 1–3 blocks an SM no other block covers it), and
+      // one barrier a tile suffices: buffer b is rewritten only after the barrier that ends every
+      // thread's reads of it. (Prefetching a column block's first tile across the previous block's
+      // epilogue keeps ra, rb live through it: ptxas spills most epilogues then, under 80 and 128.)
+      acc_t ra[TR], rb[TC];
+      auto load = [&](int64_t k0) {
+        const int64_t k = k0 + km_k;
+#pragma unroll
+        for (int q = 0; q < TR; ++q) {
+          const int64_t row = row0 + km_r + 16 * q;
+          acc_t v = 0;
+          if (row < M && k < kend) {
+            acc_t g = 0;
+            v = A(p, row, k, g);
+            if (first) guard[q] += g;
+          }
+          ra[q] = v;
+        }
+        if constexpr (kKMajorB) {
+#pragma unroll
+          for (int q = 0; q < TC; ++q) {
+            const int64_t j = j0 + km_r + 16 * q;
+            rb[q] = (k < kend && j < Ncols) ? B(p, k, j) : acc_t(0);
+          }
+        } else {
+#pragma unroll
+          for (int q = 0; q < TC; ++q) {
+            const int64_t kq = k0 + jm_k + kJRows * q, j = j0 + jm_j;
+            rb[q] = (kq < kend && j < Ncols) ? B(p, kq, j) : acc_t(0);
+          }
+        }
+      };
+      auto store = [&](int b) {
+#pragma unroll
+        for (int q = 0; q < TR; ++q) As[b][km_k][km_r + 16 * q] = ra[q];
+        if constexpr (kKMajorB) {
+#pragma unroll
+          for (int q = 0; q < TC; ++q) Bs[b][km_k][km_r + 16 * q] = rb[q];
+        } else {
+#pragma unroll
+          for (int q = 0; q < TC; ++q) Bs[b][jm_k + kJRows * q][jm_j] = rb[q];
+        }
+      };
       int buf = 0;
       if (kbeg < kend) {
-        load(j0, kbeg, kend, first);
+        load(kbeg);
         store(0);
       }
       __syncthreads();
       for (int64_t k0 = kbeg; k0 < kend; k0 += kTileK) {
         const bool more = k0 + kTileK < kend;
-        if (more) load(j0, k0 + kTileK, kend, first);
+        if (more) load(k0 + kTileK);
 #pragma unroll
         for (int kk = 0; kk < kTileK; ++kk) {
           acc_t a[TR], b[TC];

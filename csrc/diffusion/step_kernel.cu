@@ -211,20 +211,31 @@ __global__ void __launch_bounds__(kThreads) step_forward_kernel(Ptrs<T> p, Scala
 // Box-Muller code, per-sample cursor, clip path or per-element bounds in its loop (whole 16-byte groups
 // when every pointer is aligned; the tail, or unaligned tensors, element by element): fewer registers,
 // more warps an SM to keep loads in flight.
+// Groups a thread of step_plain_kernel keeps in flight (float64: one — two made sm_90's ptxas spill 24 bytes at
+// 80 registers).
+template <typename T>
+constexpr int plain_groups() {
+  return sizeof(T) == 8 ? 1 : kForwardGroups;
+}
+
+// One element of the deterministic step (no noise: n = 0; px the previous x0, 0 when absent).
+template <typename T, typename acc_t>
+__device__ __forceinline__ void plain_math(const Coefs<acc_t>& c, T xt, T mt, acc_t px, T& x0, T& out) {
+  const acc_t x = to_acc<acc_t>(xt), m = to_acc<acc_t>(mt);
+  const acc_t z = x0_of(c, x, m, acc_t(0));
+  x0 = from_acc<T>(z);
+  out = from_acc<T>(prev_of(c, z, x, m, px, acc_t(0)));
+}
+
 template <typename T, typename acc_t>
 __device__ __forceinline__ void plain_element(const Ptrs<T>& p, const Coefs<acc_t>& c, int64_t e) {
-  const acc_t x = to_acc<acc_t>(p.x[e]), m = to_acc<acc_t>(p.m[e]);
-  const acc_t px = p.px0 ? to_acc<acc_t>(p.px0[e]) : acc_t(0);
-  const acc_t z = x0_of(c, x, m, acc_t(0));
-  p.x0[e] = from_acc<T>(z);
-  p.out[e] = from_acc<T>(prev_of(c, z, x, m, px, acc_t(0)));
+  plain_math(c, p.x[e], p.m[e], p.px0 ? to_acc<acc_t>(p.px0[e]) : acc_t(0), p.x0[e], p.out[e]);
 }
 
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads) step_plain_kernel(Ptrs<T> p, int64_t numel, Coefs<acc_t> c,
                                                               bool vec_aligned) {
-  // (float64: one group a thread — two in flight made sm_90's ptxas spill 24 bytes at 80 registers)
-  constexpr int V = vec_width<T>(), U = sizeof(T) == 8 ? 1 : kForwardGroups;
+  constexpr int V = vec_width<T>(), U = plain_groups<T>();
   using P = Pack<T, V>;
   const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -258,12 +269,7 @@ __global__ void __launch_bounds__(kThreads) step_plain_kernel(Ptrs<T> p, int64_t
       }
       P out, x0;
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const acc_t x = to_acc<acc_t>(xs[u].v[j]), m = to_acc<acc_t>(ms[u].v[j]);
-        const acc_t z = x0_of(c, x, m, acc_t(0));
-        x0.v[j] = from_acc<T>(z);
-        out.v[j] = from_acc<T>(prev_of(c, z, x, m, px[j], acc_t(0)));
-      }
+      for (int j = 0; j < V; ++j) plain_math(c, xs[u].v[j], ms[u].v[j], px[j], x0.v[j], out.v[j]);
       reinterpret_cast<P*>(p.out)[grp] = out;
       reinterpret_cast<P*>(p.x0)[grp] = x0;
     }
@@ -643,12 +649,12 @@ cudaError_t forward(const StepArgs& a, cudaStream_t stream) {
   }
   const bool vec = aligned<T>(a.x) && aligned<T>(a.m) && aligned<T>(a.px0) && aligned<T>(a.noise) &&
                    aligned<T>(a.out) && aligned<T>(a.x0);
-  const unsigned grid = static_cast<unsigned>(grid_for<T>(a.numel, kForwardGroups));
   if (a.per_sample == nullptr && a.noise == nullptr && a.seed < 0 && a.clip_mode == kClipNone) {
-    const unsigned plain_grid = static_cast<unsigned>(grid_for<T>(a.numel, sizeof(T) == 8 ? 1 : kForwardGroups));
-    step_plain_kernel<T, acc_t><<<plain_grid, kThreads, 0, stream>>>(p, a.numel, uniform, vec);
+    step_plain_kernel<T, acc_t><<<static_cast<unsigned>(grid_for<T>(a.numel, plain_groups<T>())), kThreads, 0, stream>>>(
+        p, a.numel, uniform, vec);
   } else {
-    step_forward_kernel<T, acc_t><<<grid, kThreads, 0, stream>>>(p, s, uniform, scale, vec);
+    step_forward_kernel<T, acc_t><<<static_cast<unsigned>(grid_for<T>(a.numel, kForwardGroups)), kThreads, 0, stream>>>(
+        p, s, uniform, scale, vec);
   }
   return cudaGetLastError();
 }

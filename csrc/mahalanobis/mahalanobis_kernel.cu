@@ -97,6 +97,14 @@ struct FactorCvtLoad {
 // Each is Name<acc_t, ...>::Epi<TR, TC>, holding its arguments in `a`, so one launcher can run it
 // with either thread-tile shape.
 
+// Blocks an SM for the FMA kernel with a min / logsumexp epilogue: their state and the kernel's prefetch
+// registers spill under 80 (3 blocks) at float32 4×4, so 128 registers (2 blocks); float64 kBlocks128 (it
+// spills under 128 on sm_80). 0: the kernel's default (no reduction over K, or 8×8 tiles).
+template <typename acc_t, KReduce RED, int TR, int TC>
+constexpr int reduce_min_blocks() {
+  return (RED == KReduce::None || TR * TC > 16) ? 0 : (sizeof(acc_t) > 4 ? cuda::kBlocks128 : 2);
+}
+
 // Per-row sums of squares over a problem's columns, reduced over the 16 column threads at the
 // end of each problem; what happens to the finished distance is the reduction's business:
 //   KReduce::None       out[row·ldo + p] = d²        (single Gaussian: ldo = 1, P = 1)
@@ -113,9 +121,7 @@ struct SumSq {
   template <int TR, int TC>
   struct Epi {
     enum { kTcMinBlocks = RED == KReduce::LogSumExp ? 1 : cuda::kBlocks128 };  // logsumexp spills under 128
-    // The min / logsumexp state and the FMA kernel's prefetch registers spill under 80 (3 blocks an SM)
-    // at float32 4×4: 128 registers, 2 blocks; float64 under 128 on sm_80: kBlocks128 (0: the default).
-    enum { kMinBlocks = (RED == KReduce::None || TR * TC > 16) ? 0 : (sizeof(acc_t) > 4 ? cuda::kBlocks128 : 2) };
+    enum { kMinBlocks = reduce_min_blocks<acc_t, RED, TR, TC>() };
     Args a;
     struct State {
       acc_t s[TR];
@@ -182,7 +188,7 @@ struct Shared {
   };
   template <int TR, int TC>
   struct Epi {
-    enum { kMinBlocks = (RED == KReduce::None || TR * TC > 16) ? 0 : (sizeof(acc_t) > 4 ? cuda::kBlocks128 : 2) };  // as SumSq's
+    enum { kMinBlocks = reduce_min_blocks<acc_t, RED, TR, TC>() };
     Args a;
     struct State {
       MinAcc<acc_t> mn[TR];

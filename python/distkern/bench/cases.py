@@ -891,13 +891,18 @@ def _under_tiles(fn: Impl, config: int) -> Impl:
     return _under_switch(fn, "cuda_tile_config", "set_cuda_tile_config", config)
 
 
+def _switch_cases(base: list[Case], names, what: str, suffix: str, wrap: Callable[[Impl], Impl],
+                  note: str) -> list[Case]:
+    """CUDA-only variants ``"<label> <suffix>"`` of the cases of ``base`` named in ``names``, ours run under ``wrap``."""
+    return [dataclasses.replace(c, label=f"{c.label} {suffix}", ours=wrap(c.ours), devices=("cuda",), quick=False,
+                                acceptance=None, note=note + (f"; {c.note}" if c.note else ""))
+            for c in _named(base, names, what).values()]
+
+
 def _tile_cases(base: list[Case]) -> list[Case]:
     """The 8×8-tile variants of the cases named in _TILE_VARIANTS, taken from ``base``."""
-    return [dataclasses.replace(c, label=f"{c.label} tiles128", ours=_under_tiles(c.ours, 2), devices=("cuda",),
-                                quick=False, acceptance=None,
-                                note="ours with 8x8 thread tiles (DISTKERN_CUDA_TILES=128)"
-                                + (f"; {c.note}" if c.note else ""))
-            for c in _named(base, _TILE_VARIANTS, "8x8-tile").values()]
+    return _switch_cases(base, _TILE_VARIANTS, "8x8-tile", "tiles128", lambda f: _under_tiles(f, 2),
+                         "ours with 8x8 thread tiles (DISTKERN_CUDA_TILES=128)")
 
 
 # prompt_align with the fused attention kernel (attention_kernel.cu, opt-in: DISTKERN_FUSED_ATTENTION=1) instead
@@ -916,11 +921,8 @@ def _under_fused(fn: Impl) -> Impl:
 
 def _fused_cases(base: list[Case]) -> list[Case]:
     """The fused-attention variants of the cases named in _FUSED_VARIANTS, taken from ``base``."""
-    return [dataclasses.replace(c, label=f"{c.label} fused", ours=_under_fused(c.ours), devices=("cuda",),
-                                quick=False, acceptance=None,
-                                note="ours with the fused attention kernel (DISTKERN_FUSED_ATTENTION=1)"
-                                + (f"; {c.note}" if c.note else ""))
-            for c in _named(base, _FUSED_VARIANTS, "fused-attention").values()]
+    return _switch_cases(base, _FUSED_VARIANTS, "fused-attention", "fused", _under_fused,
+                         "ours with the fused attention kernel (DISTKERN_FUSED_ATTENTION=1)")
 
 
 def _diffusion_cases() -> list[Case]:
