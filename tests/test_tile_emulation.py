@@ -2,7 +2,7 @@
 stand-in (tests/emu/cuda_emulate.h, the header rewritten by tests/emu/cu2cpp.py): both kernels — FMA with 4×4 / 8×8 thread tiles, tensor cores
 with TF32 / 3xTF32 — against float64 products, with B read along either axis, triangular factors,
 several problems per block and the per-row guards. It checks the index arithmetic, the shared-memory
-layouts, the WMMA pointer alignment and the accumulator hand-off to the epilogues on a machine
+layouts, the mma.sync fragment layout (as the PTX ISA documents it) and the accumulator hand-off to the epilogues on a machine
 without a GPU; it says nothing about the hardware (the cuda-marked tests do that)."""
 import subprocess
 

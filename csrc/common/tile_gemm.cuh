@@ -308,73 +308,101 @@ cudaError_t launch_tile_gemm_rows(int64_t M, int64_t K, int64_t Ncols, Tri tri, 
 // ---- tensor-core variant ----------------------------------------------------------------------
 //
 // The same contract (ALoad, BLoad, Epi<4, 4>, problems, guards) with the products on tensor cores
-// (WMMA m16n16k8, TF32 inputs, float32 accumulation): float32 only, 64×64 output blocks, K in
-// steps of 32. The 8 warps each own a 16×32 strip of the block (two accumulator fragments); after
-// a column block's K loop the accumulators go through shared memory (aliasing the operand tiles)
-// so that each thread hands the epilogue the same c[4][4] (rows 4·ty + i, columns 4·tx + j) as the
-// FMA kernel — every epilogue runs unchanged on either kernel.
+// (mma.sync m16n8k8, TF32 inputs, float32 accumulation): float32 only, 64×64 output blocks, K in
+// tiles of 16. The 8 warps each own a 32×16 strip of the block (2 × 2 mma tiles, 16 accumulators a
+// thread); after a column block's K loop the accumulators go through shared memory (aliasing the
+// operand tiles) so that each thread hands the epilogue the same c[4][4] (rows 4·ty + i, columns
+// 4·tx + j) as the FMA kernel — every epilogue runs unchanged on either kernel.
 //
-// Loads are coalesced along the contiguous axis of each operand: A tiles row by row (k fastest);
-// B tiles along k when BLoad declares `enum { kKContiguous = 1 };` (B[k][j] stored
-// as rows j: a transposed factor, y or a reference set), else along j. The next K tile's loads are
-// issued into registers before the current tile's mma, so global latency overlaps the math.
+// Shared memory holds both operands k-contiguous, As[r][k] and Bs[j][k] (row stride 24 floats),
+// double-buffered with one barrier a tile, as the FMA kernel: the next tile's global loads are issued
+// into registers before the current tile's mma and stored after them. Fragments are read straight
+// from shared memory, one 64-bit load a fragment row: the k order inside a tile is free as long as A
+// and B agree, so lane (g, t) = (lane / 4, lane % 4) takes k = 2t + 8s and 2t + 8s + 1 as its two k
+// slots (t and t + 4 in the PTX layout) of k-step s — contiguous, and with stride 24 a half warp's
+// rows g < 4 fall on banks 24g + 2t + {0, 1} mod 32, all distinct. Per tile and warp: 12 LDS.64 for
+// 8 mma (24 for 3xTF32).
+//
+// Global loads, coalesced along the contiguous axis of each operand: along k (A; B when BLoad
+// declares `enum { kKContiguous = 1 };`) lane l takes k = l % 16 of the rows km_r + 16q, q < 4, with
+// the two half warps on rows 2 apart — a warp reads two 16-k runs per instruction and stores them to
+// 32 distinct banks; along j (B stored [k][j]) lane l takes column 32·(warp / 4) + l and
+// k = 4·(warp % 4) + q — a warp reads 32 consecutive columns per instruction and stores each thread's
+// 4 k as one float4.
 //
 // Split (Tf32x3): each operand a = big + small with big = tf32(a), small = tf32(a − big), and the
 // product accumulated as small·big + big·small + big·big (float32-level accuracy, 3 mma), each
 // k-step's partial added to the running sum outside the tensor cores (they truncate).
 
-constexpr int kTcK = 32;         // K per shared-memory tile
-constexpr int kTcPad = 4;        // floats of row padding (conflict-free fragment loads, 32-byte aligned rows)
-constexpr int kTcLd = kTcK + kTcPad;
+constexpr int kTcK = 16;         // K per shared-memory tile
+constexpr int kTcLd = 24;        // row stride of As / Bs (floats): ≡ 24 mod 32, rows 16-byte aligned
+constexpr int kTcLdc = 64 + 8;   // row stride of Cs: ≡ 8 mod 32, conflict-free float2 stores
 
-template <bool kKMajorB>
 struct TcSmem {
-  static constexpr int kA = 64 * kTcLd;                           // A[r][k]
-  static constexpr int kB = kKMajorB ? 64 * kTcLd : kTcK * (64 + kTcPad);  // B[j][k] or B[k][j]
-  static constexpr int kC = 64 * (64 + kTcPad);                   // C[r][j] (after the K loop)
-  static constexpr int kFloats = (kA + kB) > kC ? (kA + kB) : kC;
+  static constexpr int kTile = 64 * kTcLd;    // one operand tile, [64][kTcLd]
+  static constexpr int kOps = 2 * 2 * kTile;  // A and B, double-buffered
+  static constexpr int kC = 64 * kTcLdc;      // C[r][j] (after the K loop)
+  static constexpr int kFloats = kOps > kC ? kOps : kC;
 };
 
-// Blocks per SM the tensor-core kernel is compiled for: kBlocks128 (16 warps an SM on sm_90 to hide
-// the MMA and load latencies) unless the epilogue declares `enum { kTcMinBlocks = 1 };` (its state
-// would spill under 128). (Unbounded, the kernel took 150–172 registers: one block an SM.)
+// d += a·b on the tensor cores for one m16n8k8 tile (TF32 operands as float bit patterns, already
+// rounded by cvt.rna; float32 accumulation). Lane (g, t) = (lane / 4, lane % 4) holds
+//   a[0] = A[g][t], a[1] = A[g + 8][t], a[2] = A[g][t + 4], a[3] = A[g + 8][t + 4],
+//   b[0] = B[t][g], b[1] = B[t + 4][g],
+//   d[0] = D[g][2t], d[1] = D[g][2t + 1], d[2] = D[g + 8][2t], d[3] = D[g + 8][2t + 1]
+// (PTX ISA, "Matrix fragments for mma.m16n8k8" with .tf32). In the CPU emulation of tests/emu the
+// same layout and the hardware's arithmetic are modelled by emu::mma_tf32_16x8x8 (cuda_emulate.h).
+__device__ __forceinline__ void mma_tf32_16x8x8(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
+        "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
+#endif
+#elif defined(DISTKERN_CUDA_EMULATION)
+  ::emu::mma_tf32_16x8x8(d, a, b);
+#endif
+}
+
+// Blocks per SM the tensor-core kernel is compiled for: kBlocks128 (at most 128 registers on sm_90;
+// unbounded, TF32 took 89–120 with the Mahalanobis epilogues, 3xTF32 114–152) unless the epilogue
+// declares `enum { kTcMinBlocks = n };` (its state would spill under 128), and for 3xTF32
+// `enum { kTcSplitMinBlocks = n };` where the split operands make the difference.
 template <typename E, typename = void>
 struct epi_tc_min_blocks : std::integral_constant<int, kBlocks128> {};
 template <typename E>
 struct epi_tc_min_blocks<E, std::void_t<decltype(E::kTcMinBlocks)>> : std::integral_constant<int, int(E::kTcMinBlocks)> {};
+template <typename E, typename = void>
+struct epi_tc_split_min_blocks : epi_tc_min_blocks<E> {};
+template <typename E>
+struct epi_tc_split_min_blocks<E, std::void_t<decltype(E::kTcSplitMinBlocks)>>
+    : std::integral_constant<int, int(E::kTcSplitMinBlocks)> {};
 
 template <int TR, int TC, typename ALoad, typename BLoad, typename Epi, bool kSplit>
-__global__ void __launch_bounds__(kTileThreads, (epi_tc_min_blocks<Epi>::value))
+__global__ void __launch_bounds__(kTileThreads, (kSplit ? epi_tc_split_min_blocks<Epi>::value : epi_tc_min_blocks<Epi>::value))
 tile_gemm_rows_tc_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P, int64_t ppb,
                          ALoad A, BLoad B, Epi epi) {
   static_assert(TR == 4 && TC == 4, "the tensor-core kernel runs 64×64 blocks (Epi<4, 4>)");
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  namespace wmma = nvcuda::wmma;
-  constexpr int BM = 64, BN = 64, BK = kTcK, LD = kTcLd, LDC = 64 + kTcPad;
+  constexpr int BM = 64, BN = 64, BK = kTcK, LD = kTcLd, LDC = kTcLdc;
   constexpr bool kKMajorB = b_k_contiguous<BLoad>::value;
-  constexpr int LDB = kKMajorB ? kTcLd : 64 + kTcPad;
-  using Smem = TcSmem<kKMajorB>;
-  __shared__ __align__(128) float tiles[Smem::kFloats];
+  static_assert(BM * BK == kTileThreads * 4 && BN * BK == kTileThreads * 4, "loader mapping: 4 values a thread");
+  __shared__ __align__(128) float tiles[TcSmem::kFloats];
   __shared__ float guard_rows[BM];
   __shared__ float scratch[16][BN];
-  float* As = tiles;             // As[r * LD + k]
-  float* Bs = tiles + Smem::kA;  // kKMajorB: Bs[j * LDB + k]; else Bs[k * LDB + j]
-  float* Cs = tiles;             // Cs[r * LDC + j], after the K loop
+  float* const Cs = tiles;  // Cs[r * LDC + j], after the K loop
 
-  const int tid = threadIdx.x, warp = tid / 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int tx = tid % 16, ty = tid / 16;
+  const int g = lane / 4, t = lane % 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
-  // Warp tile: rows 16·(warp / 2), columns 32·(warp % 2) + {0, 16}.
-  const int wr = 16 * (warp / 2), wc = 32 * (warp % 2);
-  // Loader mapping: each thread 8 consecutive elements along the contiguous axis of one row —
-  // A: row tid / 4, k 8·(tid % 4) + q; B along k: column tid / 4, k 8·(tid % 4) + q; B along j:
-  // k tid / 8, j 8·(tid % 8) + q — so a warp reads 8 (or 4) rows of 128 (256) contiguous bytes.
-  constexpr int kLoads = 8;
-  static_assert(BM * BK == kTileThreads * kLoads && BK * BN == kTileThreads * kLoads, "loader mapping");
-  const int a_r = tid / 4, a_k = 8 * (tid % 4);
-  const int b_r = kKMajorB ? tid / 4 : tid / 8;        // j (k-major) or k
-  const int b_c = kKMajorB ? 8 * (tid % 4) : 8 * (tid % 8);  // k (k-major) or j
-  const int64_t a_row = row0 + a_r;
+  const int wr = 32 * (warp / 4), wc = 16 * (warp % 4);  // this warp's 32×16 strip
+  // k-major loaders: value q of a tile at k km_k of row (column) km_r + 16q.
+  const int km_k = lane % 16, km_r = warp % 2 + 2 * (lane / 16) + 4 * (warp / 2);
+  // j-major B loader: column jm_j, k jm_k + q.
+  const int jm_j = 32 * (warp / 4) + lane, jm_k = 4 * (warp % 4);
 
   typename Epi::State st;
   epi.init(st);
@@ -382,99 +410,150 @@ tile_gemm_rows_tc_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P
   int64_t p_begin, p_end;
   block_problems(P, ppb, p_begin, p_end);
   for (int64_t p = p_begin; p < p_end; ++p) {
-    float guard = 0.f;
+    float guard[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) guard[q] = 0.f;
     for (int64_t j0 = 0; j0 < Ncols; j0 += BN) {
-      wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2];
-      wmma::fill_fragment(acc[0], 0.f);
-      wmma::fill_fragment(acc[1], 0.f);
+      float acc[2][2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.f;
 
       int64_t kbeg, kend;
       k_range(tri, K, j0, BN, kbeg, kend);
       const bool first = (j0 == 0);
 
-      float ra[kLoads], rb[kLoads];
-      auto fetch = [&](int64_t k0) {
+      float ra[4], rb[4];
+      auto load = [&](int64_t k0) {
+        const int64_t k = k0 + km_k;
 #pragma unroll
-        for (int q = 0; q < kLoads; ++q) {
-          const int64_t k = k0 + a_k + q;
+        for (int q = 0; q < 4; ++q) {
+          const int64_t row = row0 + km_r + 16 * q;
           float v = 0.f;
-          if (a_row < M && k < kend) {
-            float g = 0.f;
-            v = A(p, a_row, k, g);
-            if (first) guard += g;
+          if (row < M && k < kend) {
+            float gd = 0.f;
+            v = A(p, row, k, gd);
+            if (first) guard[q] += gd;
           }
           ra[q] = v;
         }
+        if constexpr (kKMajorB) {
 #pragma unroll
-        for (int q = 0; q < kLoads; ++q) {
-          const int64_t k = k0 + (kKMajorB ? b_c + q : b_r), j = j0 + (kKMajorB ? b_r : b_c + q);
-          rb[q] = (k < kend && j < Ncols) ? B(p, k, j) : 0.f;
+          for (int q = 0; q < 4; ++q) {
+            const int64_t j = j0 + km_r + 16 * q;
+            rb[q] = (k < kend && j < Ncols) ? B(p, k, j) : 0.f;
+          }
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int64_t kq = k0 + jm_k + q, j = j0 + jm_j;
+            rb[q] = (kq < kend && j < Ncols) ? B(p, kq, j) : 0.f;
+          }
+        }
+      };
+      auto store = [&](int buf) {
+        float* As = tiles + buf * 2 * TcSmem::kTile;
+        float* Bs = As + TcSmem::kTile;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) As[(km_r + 16 * q) * LD + km_k] = ra[q];
+        if constexpr (kKMajorB) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) Bs[(km_r + 16 * q) * LD + km_k] = rb[q];
+        } else {
+          *reinterpret_cast<float4*>(Bs + jm_j * LD + jm_k) = make_float4(rb[0], rb[1], rb[2], rb[3]);
+        }
+      };
+      // One 16-wide k tile of mma from buffer buf, k-step by k-step: lane (g, t)'s two k slots of step
+      // s are k = 2t + 8s and 2t + 8s + 1, one float2 a fragment row.
+      auto compute = [&](int buf) {
+        const float* As = tiles + buf * 2 * TcSmem::kTile;
+        const float* Bs = As + TcSmem::kTile;
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          float b_big[2][2], b_small[2][2];
+#pragma unroll
+          for (int ni = 0; ni < 2; ++ni) {
+            const float2 bb = *reinterpret_cast<const float2*>(Bs + (wc + 8 * ni + g) * LD + 2 * t + 8 * s);
+            const float v[2] = {bb.x, bb.y};
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              b_big[ni][e] = nvcuda::wmma::__float_to_tf32(v[e]);
+              if (kSplit) b_small[ni][e] = nvcuda::wmma::__float_to_tf32(v[e] - b_big[ni][e]);
+            }
+          }
+          // one 16-row tile of A at a time (its split halves are the 3xTF32 kernel's largest state)
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            const float2 lo = *reinterpret_cast<const float2*>(As + (wr + 16 * mi + g) * LD + 2 * t + 8 * s);
+            const float2 hi = *reinterpret_cast<const float2*>(As + (wr + 16 * mi + 8 + g) * LD + 2 * t + 8 * s);
+            // slots: a[0] = (g, k0), a[1] = (g + 8, k0), a[2] = (g, k1), a[3] = (g + 8, k1)
+            const float v[4] = {lo.x, hi.x, lo.y, hi.y};
+            float a_big[4], a_small[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              a_big[e] = nvcuda::wmma::__float_to_tf32(v[e]);
+              if (kSplit) a_small[e] = nvcuda::wmma::__float_to_tf32(v[e] - a_big[e]);
+            }
+#pragma unroll
+            for (int ni = 0; ni < 2; ++ni) {
+              if (kSplit) {
+                // The tensor cores add with truncation (round toward zero): accumulated over the whole
+                // K loop inside them, that bias made 3xTF32 ~75x less accurate than FP32 FMAs on an
+                // H200 (6.1e-6 vs 8.2e-8 at D = 256). So each k-step's three products go to a fresh
+                // partial, added to the running sum by FP32 adds (round to nearest): the truncation
+                // stays within one step's partial sum (Ootomo & Yokota, 2022).
+                float part[4] = {0.f, 0.f, 0.f, 0.f};
+                mma_tf32_16x8x8(part, a_small, b_big[ni]);
+                mma_tf32_16x8x8(part, a_big, b_small[ni]);
+                mma_tf32_16x8x8(part, a_big, b_big[ni]);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[mi][ni][q] += part[q];
+              } else {
+                mma_tf32_16x8x8(acc[mi][ni], a_big, b_big[ni]);
+              }
+            }
+          }
         }
       };
 
-      if (kbeg < kend) fetch(kbeg);
+      // Software pipeline (as the FMA kernel): tile k+1's global loads in registers during tile k's
+      // mma, stored into the other buffer after them; one barrier a tile. The barrier before the
+      // first store ends every thread's reads of Cs (which aliases the tiles) from the previous
+      // column block's epilogue.
+      int buf = 0;
+      if (kbeg < kend) load(kbeg);
+      __syncthreads();
+      if (kbeg < kend) store(0);
+      __syncthreads();
       for (int64_t k0 = kbeg; k0 < kend; k0 += BK) {
-        __syncthreads();  // the previous tile's fragments (or the previous epilogue's Cs) are read
-        {
-          float4* as = reinterpret_cast<float4*>(As + a_r * LD + a_k);
-          as[0] = make_float4(ra[0], ra[1], ra[2], ra[3]);
-          as[1] = make_float4(ra[4], ra[5], ra[6], ra[7]);
-          float4* bs = reinterpret_cast<float4*>(Bs + b_r * LDB + b_c);
-          bs[0] = make_float4(rb[0], rb[1], rb[2], rb[3]);
-          bs[1] = make_float4(rb[4], rb[5], rb[6], rb[7]);
-        }
+        const bool more = k0 + BK < kend;
+        if (more) load(k0 + BK);
+        compute(buf);
+        if (more) store(buf ^ 1);
         __syncthreads();
-        if (k0 + BK < kend) fetch(k0 + BK);  // in flight during the mma below
-#pragma unroll 1  // unrolled, the fragment loads of all k-steps are hoisted and spill (3xTF32)
-        for (int ks = 0; ks < BK; ks += 8) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_big, a_small;
-          wmma::load_matrix_sync(a_big, As + wr * LD + ks, LD);
-#pragma unroll
-          for (int t = 0; t < a_big.num_elements; ++t) {
-            const float v = a_big.x[t];
-            a_big.x[t] = wmma::__float_to_tf32(v);
-            if (kSplit) a_small.x[t] = wmma::__float_to_tf32(v - a_big.x[t]);
-          }
-#pragma unroll
-          for (int f = 0; f < 2; ++f) {
-            using BLayout = typename std::conditional<kKMajorB, wmma::col_major, wmma::row_major>::type;
-            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, BLayout> b_big, b_small;
-            const float* bp = kKMajorB ? Bs + (wc + 16 * f) * LDB + ks : Bs + ks * LDB + wc + 16 * f;
-            wmma::load_matrix_sync(b_big, bp, LDB);
-#pragma unroll
-            for (int t = 0; t < b_big.num_elements; ++t) {
-              const float v = b_big.x[t];
-              b_big.x[t] = wmma::__float_to_tf32(v);
-              if (kSplit) b_small.x[t] = wmma::__float_to_tf32(v - b_big.x[t]);
-            }
-            if (kSplit) {
-              // The tensor cores add with truncation (round toward zero): accumulated over the whole
-              // K loop inside them, that bias made 3xTF32 ~75x less accurate than FP32 FMAs on an
-              // H200 (6.1e-6 vs 8.2e-8 at D = 256). So each k-step's three products go to a fresh
-              // fragment, which is added to the running sum by FP32 adds (round to nearest): the
-              // truncation stays within one step's partial sum (Ootomo & Yokota, 2022).
-              wmma::fragment<wmma::accumulator, 16, 16, 8, float> part;
-              wmma::fill_fragment(part, 0.f);
-              wmma::mma_sync(part, a_small, b_big, part);
-              wmma::mma_sync(part, a_big, b_small, part);
-              wmma::mma_sync(part, a_big, b_big, part);
-#pragma unroll
-              for (int t = 0; t < part.num_elements; ++t) acc[f].x[t] += part.x[t];
-            } else {
-              wmma::mma_sync(acc[f], a_big, b_big, acc[f]);
-            }
-          }
-        }
+        buf ^= 1;
       }
-      __syncthreads();  // every warp is done with As / Bs: Cs aliases them
-      wmma::store_matrix_sync(Cs + wr * LDC + wc, acc[0], LDC, wmma::mem_row_major);
-      wmma::store_matrix_sync(Cs + wr * LDC + wc + 16, acc[1], LDC, wmma::mem_row_major);
+      // (every warp is past its last reads of the tiles: the loop ended on a barrier)
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            *reinterpret_cast<float2*>(Cs + (wr + 16 * mi + 8 * h + g) * LDC + wc + 8 * ni + 2 * t) =
+                make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
       if (first) {
-        // The 4 loader threads of a row are adjacent lanes: combine their guards.
-        float g = guard;
-        g += __shfl_xor_sync(0xffffffffu, g, 1);
-        g += __shfl_xor_sync(0xffffffffu, g, 2);
-        if ((tid % 4) == 0) guard_rows[a_r] = g;
+        // Row km_r + 16q's guards are spread over the 16 lanes of one half warp (its k).
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float gs = guard[q];
+#pragma unroll
+          for (int o = 8; o > 0; o /= 2) gs += __shfl_xor_sync(0xffffffffu, gs, o);
+          if (km_k == 0) guard_rows[km_r + 16 * q] = gs;
+        }
       }
       __syncthreads();
       float c[4][4];

@@ -86,8 +86,10 @@ struct KV {
   };
   template <int TR, int TC>
   struct Epi {
-    // Up to 128 registers (the FMA kernel's default 80 spills this epilogue's per-bandwidth state).
+    // Up to 128 registers (the FMA kernel's default 80 spills this epilogue's per-bandwidth state);
+    // the tensor-core kernel's 3xTF32 split operands spill it under 128.
     enum { kMinBlocks = cuda::kBlocks128 };
+    enum { kTcSplitMinBlocks = 1 };
     Args a;
     static constexpr int BM = 16 * TR, BN = 16 * TC;
     struct State {

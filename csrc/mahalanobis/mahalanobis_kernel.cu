@@ -120,7 +120,9 @@ struct SumSq {
   };
   template <int TR, int TC>
   struct Epi {
-    enum { kTcMinBlocks = RED == KReduce::LogSumExp ? 1 : cuda::kBlocks128 };  // logsumexp spills under 128
+    // under 128 registers the tensor-core kernel spills logsumexp, and min with 3xTF32's split operands
+    enum { kTcMinBlocks = RED == KReduce::LogSumExp ? 1 : cuda::kBlocks128 };
+    enum { kTcSplitMinBlocks = RED == KReduce::None ? cuda::kBlocks128 : 1 };
     enum { kMinBlocks = reduce_min_blocks<acc_t, RED, TR, TC>() };
     Args a;
     struct State {

@@ -1,16 +1,17 @@
 // A CPU stand-in for the CUDA features distkern's kernels use, so that their index arithmetic
 // (loader mappings, shared-memory layouts, fragment addresses and alignment, reductions, tails,
 // grid-stride loops) can be tested on a machine without a GPU. One block runs at a time as
-// blockDim.x std::threads; __shared__ variables are statics;
-// __syncthreads and the warp shuffles are barriers. WMMA fragments hold the whole tile in every
-// lane (the hardware spreads it over the warp; the mock only keeps the documented semantics of
-// load / mma / store, and checks the pointer alignment and leading dimensions the API requires).
+// blockDim.x std::threads; __shared__ variables are statics; __syncthreads and the warp shuffles are
+// barriers, and so is a warp's mma.sync (emu::mma_tf32_16x8x8: the PTX fragment layout, and the
+// tensor cores' arithmetic as far as the kernels' accuracy depends on it).
 // The .cu sources are compiled as C++ after tests/emu/cu2cpp.py rewrites their launches
 // (`k<<<grid, block, smem, stream>>>(args)` → `emu::launch([&] { k(args); }, grid, block, smem)`)
 // and dynamic shared memory; tests/emu/stub/ stands in for <cuda_runtime.h> and <mma.h>.
 // Used by tests/test_tile_emulation.py and tests/test_kernel_emulation.py only; the CUDA build
 // never sees this file.
 #pragma once
+
+#define DISTKERN_CUDA_EMULATION 1
 
 #include <atomic>
 #include <barrier>
@@ -66,6 +67,7 @@ namespace emu {
 inline std::barrier<>* g_block = nullptr;
 inline std::vector<std::barrier<>*> g_warp;
 inline std::vector<int64_t> g_xch;
+inline std::vector<float> g_frag;  // 6 floats a thread: the operands of an emulated mma.sync
 inline unsigned char* g_dyn = nullptr;
 
 inline void* dyn_smem() { return g_dyn; }
@@ -81,6 +83,7 @@ void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nul
   std::vector<unsigned char> dyn(smem + 128);
   g_dyn = dyn.data() + (128 - reinterpret_cast<uintptr_t>(dyn.data()) % 128) % 128;
   g_xch.assign(nt, 0);
+  g_frag.assign(6 * nt, 0.f);
   std::barrier<> blk(nt), between(nt);
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   g_warp.clear();
@@ -121,6 +124,44 @@ T exchange(T v, int src_lane) {
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 for the calling warp (all 32 lanes call it):
+// D = A·B + D on a 16×8×8 tile, lane (g, t) = (lane / 4, lane % 4) holding
+//   a = {A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4]}, b = {B[t][g], B[t + 4][g]},
+//   d = {D[g][2t], D[g][2t + 1], D[g + 8][2t], D[g + 8][2t + 1]}
+// (PTX ISA, "Matrix fragments for mma.m16n8k8", .tf32). The operands cut to TF32 (the hardware reads
+// only their top 19 bits), exact products, their sum and the accumulator rounded toward zero —
+// kinder than the hardware, which also truncates while aligning the addends, but with the bias that
+// builds up when a long K loop accumulates inside the tensor cores.
+inline void mma_tf32_16x8x8(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  const int tid = threadIdx.x, w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  float* mine = g_frag.data() + 6 * tid;
+  for (int e = 0; e < 4; ++e) mine[e] = a[e];
+  mine[4] = b[0];
+  mine[5] = b[1];
+  g_warp[w]->arrive_and_wait();
+  auto tf32 = [](float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    u &= 0xffffe000u;
+    std::memcpy(&v, &u, 4);
+    return double(v);
+  };
+  const float* warp = g_frag.data() + 6 * 32 * w;
+  auto A = [&](int r, int k) { return tf32(warp[6 * (4 * (r % 8) + k % 4) + (r / 8) + 2 * (k / 4)]); };
+  auto B = [&](int k, int n) { return tf32(warp[6 * (4 * n + k % 4) + 4 + k / 4]); };
+  float out[4];
+  for (int q = 0; q < 4; ++q) {
+    const int r = g + 8 * (q / 2), n = 2 * t + q % 2;
+    double s = d[q];
+    for (int k = 0; k < 8; ++k) s += A(r, k) * B(k, n);
+    float v = static_cast<float>(s);
+    if (std::isfinite(v) && std::fabs(double(v)) > std::fabs(s)) v = std::nextafter(v, 0.f);
+    out[q] = v;
+  }
+  g_warp[w]->arrive_and_wait();  // every lane has read the warp's operands
+  for (int q = 0; q < 4; ++q) d[q] = out[q];
 }
 
 }  // namespace emu
@@ -197,79 +238,6 @@ inline double __longlong_as_double(long long u) { double v; std::memcpy(&v, &u, 
 
 namespace nvcuda {
 namespace wmma {
-
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-enum layout_t { mem_row_major, mem_col_major };
-namespace precision {
-struct tf32 {};
-}  // namespace precision
-
-template <typename Use, int M, int N, int K>
-struct dims;
-template <int M, int N, int K>
-struct dims<matrix_a, M, N, K> { static constexpr int R = M, C = K; };
-template <int M, int N, int K>
-struct dims<matrix_b, M, N, K> { static constexpr int R = K, C = N; };
-template <int M, int N, int K>
-struct dims<accumulator, M, N, K> { static constexpr int R = M, C = N; };
-
-// The whole R×C tile, row-major, in every lane.
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static constexpr int R = dims<Use, M, N, K>::R, C = dims<Use, M, N, K>::C;
-  static constexpr int num_elements = R * C;
-  float x[R * C];
-};
-
-inline void check_ptr(const void* p, unsigned ldm) {
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu::fail("wmma pointer not 256-bit aligned");
-  if (ldm % 4 != 0) emu::fail("wmma ldm (float) not a multiple of 4");
-}
-
-template <typename Use, int M, int N, int K, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const float* p, unsigned ldm) {
-  check_ptr(p, ldm);
-  using F = fragment<Use, M, N, K, T, Layout>;
-  for (int r = 0; r < F::R; ++r)
-    for (int c = 0; c < F::C; ++c)
-      f.x[r * F::C + c] = std::is_same<Layout, row_major>::value ? p[r * ldm + c] : p[c * ldm + r];
-}
-
-template <int M, int N, int K, typename T>
-void fill_fragment(fragment<accumulator, M, N, K, T>& f, float v) {
-  for (auto& e : f.x) e = v;
-}
-
-template <int M, int N, int K, typename T, typename LA, typename LB>
-void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-              const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
-  // The hardware's TF32 MMA: exact products, the k-sum and c added, the result truncated to float32
-  // (round toward zero). Modelled as the exact sum (double: 8 products of 11-bit mantissas and c) cut
-  // toward zero — kinder than the hardware, which also truncates while aligning the addends, but it
-  // has the bias that builds up when a long K loop accumulates inside the tensor cores.
-  float out[M * N];
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) {
-      double s = c.x[m * N + n];
-      for (int k = 0; k < K; ++k) s += double(a.x[m * K + k]) * double(b.x[k * N + n]);
-      float r = static_cast<float>(s);
-      if (std::isfinite(r) && std::fabs(double(r)) > std::fabs(s)) r = std::nextafter(r, 0.f);
-      out[m * N + n] = r;
-    }
-  std::memcpy(d.x, out, sizeof(out));
-}
-
-template <int M, int N, int K, typename T>
-void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
-  check_ptr(p, ldm);
-  if (threadIdx.x % 32 != 0) return;  // one writer per warp (the lanes hold the same tile)
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) (layout == mem_row_major ? p[m * ldm + n] : p[n * ldm + m]) = f.x[m * N + n];
-}
 
 // cvt.rna.tf32.f32: round to the nearest 10-bit mantissa, ties away from zero.
 inline float __float_to_tf32(float v) {

@@ -174,8 +174,9 @@ int main(int argc, char** argv) {
     for (bool kmajor : {false, true})
       for (const Shape& s : shapes) ok &= check(kern, kmajor, s.M, s.K, s.N, Tri::None, s.P, s.ppb, rng);
   for (Kern kern : {Kern::Fma4, Kern::Fma8, Kern::Fma24, Kern::Tf32x3, Kern::Tf32})
-    for (Tri tri : {Tri::Lower, Tri::Upper})
-      for (int64_t D : {70, 129}) ok &= check(kern, false, 90, D, D, tri, 2, 2, rng);
+    for (bool kmajor : {false, true})
+      for (Tri tri : {Tri::Lower, Tri::Upper})
+        for (int64_t D : {70, 129}) ok &= check(kern, kmajor, 90, D, D, tri, 2, 2, rng);
   // a long K loop of positive products: float32 accuracy must not depend on where the sum is kept
   for (Kern kern : {Kern::Fma4, Kern::Tf32x3}) ok &= check(kern, true, 64, 2048, 64, Tri::None, 1, 1, rng, true);
   std::printf(ok ? "ALL OK\n" : "SOME FAILED\n");
