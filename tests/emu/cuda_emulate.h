@@ -67,7 +67,8 @@ namespace emu {
 inline std::barrier<>* g_block = nullptr;
 inline std::vector<std::barrier<>*> g_warp;
 inline std::vector<int64_t> g_xch;
-inline std::vector<float> g_frag;  // 6 floats a thread: the operands of an emulated mma.sync
+inline std::vector<float> g_frag;  // 2 × 6 floats a thread: the operands of an emulated mma.sync
+inline thread_local unsigned g_frag_phase = 0;
 inline unsigned char* g_dyn = nullptr;
 
 inline void* dyn_smem() { return g_dyn; }
@@ -83,7 +84,7 @@ void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nul
   std::vector<unsigned char> dyn(smem + 128);
   g_dyn = dyn.data() + (128 - reinterpret_cast<uintptr_t>(dyn.data()) % 128) % 128;
   g_xch.assign(nt, 0);
-  g_frag.assign(6 * nt, 0.f);
+  g_frag.assign(2 * 6 * nt, 0.f);
   std::barrier<> blk(nt), between(nt);
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   g_warp.clear();
@@ -135,8 +136,11 @@ T exchange(T v, int src_lane) {
 // kinder than the hardware, which also truncates while aligning the addends, but with the bias that
 // builds up when a long K loop accumulates inside the tensor cores.
 inline void mma_tf32_16x8x8(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  // One warp barrier a call: consecutive calls alternate between two copies of the operands, so a lane
+  // rewrites a copy only after every lane has passed the barrier of the call that follows its reads.
   const int tid = threadIdx.x, w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  float* mine = g_frag.data() + 6 * tid;
+  float* const base = g_frag.data() + (g_frag_phase ^= 1u) * 6 * blockDim.x;
+  float* mine = base + 6 * tid;
   for (int e = 0; e < 4; ++e) mine[e] = a[e];
   mine[4] = b[0];
   mine[5] = b[1];
@@ -148,20 +152,17 @@ inline void mma_tf32_16x8x8(float (&d)[4], const float (&a)[4], const float (&b)
     std::memcpy(&v, &u, 4);
     return double(v);
   };
-  const float* warp = g_frag.data() + 6 * 32 * w;
+  const float* warp = base + 6 * 32 * w;
   auto A = [&](int r, int k) { return tf32(warp[6 * (4 * (r % 8) + k % 4) + (r / 8) + 2 * (k / 4)]); };
   auto B = [&](int k, int n) { return tf32(warp[6 * (4 * n + k % 4) + 4 + k / 4]); };
-  float out[4];
   for (int q = 0; q < 4; ++q) {
     const int r = g + 8 * (q / 2), n = 2 * t + q % 2;
     double s = d[q];
     for (int k = 0; k < 8; ++k) s += A(r, k) * B(k, n);
     float v = static_cast<float>(s);
     if (std::isfinite(v) && std::fabs(double(v)) > std::fabs(s)) v = std::nextafter(v, 0.f);
-    out[q] = v;
+    d[q] = v;
   }
-  g_warp[w]->arrive_and_wait();  // every lane has read the warp's operands
-  for (int q = 0; q < 4; ++q) d[q] = out[q];
 }
 
 }  // namespace emu
