@@ -454,16 +454,20 @@ tile_gemm_rows_tc_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P
           }
         }
       };
+      // TF32 rounds each operand once, here, rather than in every warp that reads it (an A value feeds
+      // 4 warps, a B value 2); 3xTF32 keeps the float32 value for its split.
+      auto operand = [](float v) { return kSplit ? v : nvcuda::wmma::__float_to_tf32(v); };
       auto store = [&](int buf) {
         float* As = tiles + buf * 2 * TcSmem::kTile;
         float* Bs = As + TcSmem::kTile;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) As[(km_r + 16 * q) * LD + km_k] = ra[q];
+        for (int q = 0; q < 4; ++q) As[(km_r + 16 * q) * LD + km_k] = operand(ra[q]);
         if constexpr (kKMajorB) {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) Bs[(km_r + 16 * q) * LD + km_k] = rb[q];
+          for (int q = 0; q < 4; ++q) Bs[(km_r + 16 * q) * LD + km_k] = operand(rb[q]);
         } else {
-          *reinterpret_cast<float4*>(Bs + jm_j * LD + jm_k) = make_float4(rb[0], rb[1], rb[2], rb[3]);
+          *reinterpret_cast<float4*>(Bs + jm_j * LD + jm_k) =
+              make_float4(operand(rb[0]), operand(rb[1]), operand(rb[2]), operand(rb[3]));
         }
       };
       // One 16-wide k tile of mma from buffer buf, k-step by k-step: lane (g, t)'s two k slots of step
@@ -480,7 +484,7 @@ tile_gemm_rows_tc_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P
             const float v[2] = {bb.x, bb.y};
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              b_big[ni][e] = nvcuda::wmma::__float_to_tf32(v[e]);
+              b_big[ni][e] = kSplit ? nvcuda::wmma::__float_to_tf32(v[e]) : v[e];  // TF32: rounded in store
               if (kSplit) b_small[ni][e] = nvcuda::wmma::__float_to_tf32(v[e] - b_big[ni][e]);
             }
           }
@@ -494,7 +498,7 @@ tile_gemm_rows_tc_kernel(int64_t M, int64_t K, int64_t Ncols, Tri tri, int64_t P
             float a_big[4], a_small[4];
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              a_big[e] = nvcuda::wmma::__float_to_tf32(v[e]);
+              a_big[e] = kSplit ? nvcuda::wmma::__float_to_tf32(v[e]) : v[e];  // TF32: rounded in store
               if (kSplit) a_small[e] = nvcuda::wmma::__float_to_tf32(v[e] - a_big[e]);
             }
 #pragma unroll
