@@ -1,9 +1,10 @@
 // A CPU stand-in for the CUDA features distkern's kernels use, so that their index arithmetic
 // (loader mappings, shared-memory layouts, fragment addresses and alignment, reductions, tails,
-// grid-stride loops) can be tested on a machine without a GPU. One block runs at a time as
-// blockDim.x std::threads; __shared__ variables are statics; __syncthreads and the warp shuffles are
-// barriers, and so is a warp's mma.sync (emu::mma_tf32_16x8x8: the PTX fragment layout, and the
-// tensor cores' arithmetic as far as the kernels' accuracy depends on it).
+// grid-stride loops) can be tested on a machine without a GPU. One block runs at a time on
+// blockDim.x std::threads (kept from launch to launch); __shared__ variables are statics;
+// __syncthreads and the warp shuffles are barriers, and so is a warp's mma.sync
+// (emu::mma_tf32_16x8x8: the PTX fragment layout, and the tensor cores' arithmetic as far as the
+// kernels' accuracy depends on it).
 // The .cu sources are compiled as C++ after tests/emu/cu2cpp.py rewrites their launches
 // (`k<<<grid, block, smem, stream>>>(args)` → `emu::launch([&] { k(args); }, grid, block, smem)`)
 // and dynamic shared memory; tests/emu/stub/ stands in for <cuda_runtime.h> and <mma.h>.
@@ -15,6 +16,7 @@
 
 #include <atomic>
 #include <barrier>
+#include <condition_variable>
 #include <cassert>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +25,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -73,10 +76,62 @@ inline unsigned char* g_dyn = nullptr;
 
 inline void* dyn_smem() { return g_dyn; }
 
+// The threads that play a block's threads: made once, on first use, and kept for every later launch
+// (a launch reuses threads 0..blockDim.x-1). Making blockDim.x std::threads per launch cost more than
+// most emulated kernels, and far more under AddressSanitizer. Never destroyed: its threads wait on
+// the condition variable until the process ends.
+class Workers {
+ public:
+  // job(t) on threads t = 0..nt-1, returning when all of them have returned.
+  void run(unsigned nt, const std::function<void(unsigned)>& job) {
+    std::unique_lock<std::mutex> lk(m_);
+    while (threads_.size() < nt) {
+      const unsigned id = static_cast<unsigned>(threads_.size());
+      threads_.emplace_back([this, id] { loop(id); });
+      threads_.back().detach();
+    }
+    job_ = &job;
+    active_ = nt;
+    remaining_ = nt;
+    ++generation_;
+    start_.notify_all();
+    done_.wait(lk, [&] { return remaining_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void loop(unsigned id) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      start_.wait(lk, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (id >= active_) continue;  // a launch with fewer threads than were ever made
+      const std::function<void(unsigned)>* job = job_;
+      lk.unlock();
+      (*job)(id);
+      lk.lock();
+      if (--remaining_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex m_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  unsigned active_ = 0, remaining_ = 0;
+  uint64_t generation_ = 0;
+};
+
+inline Workers& workers() {
+  static Workers* w = new Workers;  // leaked on purpose (see above)
+  return *w;
+}
+
 // kernel() over `grid` blocks (x, y, z) of `block` threads (1-D blocks, a multiple of 32), one block at a
-// time; `smem` bytes of dynamic shared memory per block. The block's threads are std::threads made
-// once per launch: each runs the blocks in order, and all of them meet at a barrier between two
-// blocks (a block's shared memory and barriers are the next block's).
+// time; `smem` bytes of dynamic shared memory per block. Threads 0..block.x-1 of the pool above each run
+// the blocks in order, and all of them meet at a barrier between two blocks (a block's shared memory and
+// barriers are the next block's). The next launch starts when every thread has finished this one.
 template <typename F>
 void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
   const unsigned nt = block.x;
@@ -93,23 +148,22 @@ void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nul
     g_warp.push_back(warps.back().get());
   }
   g_block = &blk;
-  std::vector<std::thread> ts;
-  for (unsigned t = 0; t < nt; ++t)
-    ts.emplace_back([&, t] {
-      threadIdx = dim3(t, 0, 0);
-      threadIdx.y = threadIdx.z = 0;
-      blockDim = block;
-      gridDim = grid;
-      for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-          for (unsigned bx = 0; bx < grid.x; ++bx) {
-            blockIdx = dim3(bx, by, bz);
-            blockIdx.z = bz;
-            kernel();
-            between.arrive_and_wait();  // every thread done with this block before any starts the next
-          }
-    });
-  for (auto& t : ts) t.join();
+  const std::function<void(unsigned)> job = [&](unsigned t) {
+    threadIdx = dim3(t, 0, 0);
+    threadIdx.y = threadIdx.z = 0;
+    blockDim = block;
+    gridDim = grid;
+    g_frag_phase = 0;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          blockIdx = dim3(bx, by, bz);
+          blockIdx.z = bz;
+          kernel();
+          between.arrive_and_wait();  // every thread done with this block before any starts the next
+        }
+  };
+  workers().run(nt, job);
 }
 
 template <typename T>
