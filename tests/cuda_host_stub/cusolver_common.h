@@ -1,0 +1,3 @@
+// See cusparse.h in this folder.
+#pragma once
+#include "cusolverDn.h"
