@@ -15,6 +15,7 @@
 #ifdef DISTKERN_WITH_CUDA
 #include <cuda_runtime_api.h>
 
+#include "kernel_sum/kernel_sum.h"
 #include "mahalanobis/mahalanobis_launch.h"
 #endif
 
@@ -141,5 +142,9 @@ PYBIND11_MODULE(_C, m) {
         "Thread tiles of the CUDA tile-product kernels: 0 auto, 1 always 4x4 (64x64 blocks), "
         "2 always 8x8 (128x128 blocks, float32). For tests and benchmarks.");
   m.def("cuda_tile_config", &distkern::mahalanobis::tile_config);
+  m.def("set_kernel_sum_schedule", &distkern::kernel_sum::set_schedule,
+        "kernel_matmul's CUDA schedule: 0 auto (the x·y products by cuBLAS in bounded panels from D >= 256), "
+        "1 distkern's tile kernels at every D, 2 cuBLAS panels at every D. For tests and benchmarks.");
+  m.def("kernel_sum_schedule", &distkern::kernel_sum::schedule);
 #endif
 }

@@ -386,8 +386,9 @@ def _ksum_prepare(kernel, kw, y):
     center = y.mean(0) if kernel != "polynomial" else torch.zeros(y.shape[1])
     yc = (y - center).contiguous()
     yy = (yc * yc).sum(1).contiguous()
-    bw = kernel in ("gaussian", "laplacian")
-    p = [1 / (2 * s * s) if kernel == "gaussian" else 1 / s for s in params] if bw else list(params)
+    bw = kernel in ("gaussian", "laplacian", "imq")
+    coef = {"gaussian": lambda s: 1 / (2 * s * s), "laplacian": lambda s: 1 / s, "imq": lambda s: 1 / (s * s)}
+    p = [coef[kernel](s) for s in params] if bw else list(params)
     return kind, center, yc, yy, len(p) if bw else 0, (ctypes.c_double * 16)(*(p + [0.0] * (16 - len(p))))
 
 
@@ -473,6 +474,45 @@ def test_kernel_matmul_panels(lib, mode, kernel, kw, plan, dtype):
     ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
     assert _rel(out, ref) < 1e-5
     if kernel in ("laplacian", "distance"):  # K itself (v = I): exact at the coincident pairs, as fused
+        K = run(torch.eye(M), M)
+        diag = K[:N // 2, :N // 2].diagonal()
+        assert torch.equal(diag, torch.ones(N // 2) if kernel == "laplacian" else torch.zeros(N // 2))
+
+
+@pytest.mark.parametrize("kernel,kw", [("gaussian", {"bandwidth": [1.0, 3.0]}), ("laplacian", {"bandwidth": 2.0}),
+                                       ("imq", {"bandwidth": 1.5}), ("polynomial", {}), ("distance", {})])
+@pytest.mark.parametrize("plan,dtype,C", [((70, 300, 300), torch.float32, 1), ((64, 1100, 1101), torch.bfloat16, 3),
+                                          ((150, 1100, 1100), torch.float16, 70)])
+def test_kernel_matmul_gram_panels(lib, kernel, kw, plan, dtype, C):
+    """The Gram panel schedule (large D on CUDA): the caller's GEMM writes x·y over each panel (here a CPU
+    loop), phi_panel_kernel turns it into K in place and the GEMM by v follows; the row norms are filled
+    once a row panel. Covers several row and column panels, a panel wider than one block's 1024 columns
+    with a tail group of 4 (1100 = 1024 + 76), rows whose leading dimension is not a multiple of 4 (1101:
+    no 16-byte accesses), strided 16-bit x, and the near-coincident pairs taken from the coordinates."""
+    g = torch.Generator().manual_seed(len(kernel) + plan[0] + C)
+    N, M, D = 150, 1100, 40
+    x = (torch.randn(D, N, generator=g) * 3 + 5).to(dtype).T  # strided rows
+    y = torch.cat([x[:N // 2].float(), torch.randn(M - N // 2, D, generator=g) + 5])  # half of x lies in y
+    kind, center, yc, yy, ns, pa = _ksum_prepare(kernel, kw, y)
+    xf = x.float().contiguous()
+    rows, cols, ld = plan
+
+    def run(vv, cc):
+        ws, xx = torch.full((rows * ld,), float("nan")), torch.full((rows,), float("nan"))
+        out = torch.full((N, cc), float("nan"))
+        calls, gram_calls, norm_calls = I64(0), I64(0), I64(0)
+        _call(lib.emu_kernel_matmul_gram, INT(DT[dtype]), INT(FMA), _p(x), I64(x.stride(0)), I64(x.stride(1)),
+              _p(xf), _p(center), _p(yc), _p(yy), _p(vv), _p(out), I64(N), I64(M), I64(D), I64(cc), INT(kind),
+              INT(ns), pa, I64(rows), I64(cols), I64(ld), _p(ws), _p(xx), ctypes.byref(calls),
+              ctypes.byref(gram_calls), ctypes.byref(norm_calls))
+        panels = -(-N // rows) * -(-M // cols)
+        assert (calls.value, gram_calls.value, norm_calls.value) == (panels, panels, -(-N // rows))
+        return out
+
+    v = torch.randn(M, C, generator=g)
+    ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
+    assert _rel(run(v, C), ref) < 1e-5
+    if kernel in ("laplacian", "distance"):  # K itself (v = I): exact at the coincident pairs
         K = run(torch.eye(M), M)
         diag = K[:N // 2, :N // 2].diagonal()
         assert torch.equal(diag, torch.ones(N // 2) if kernel == "laplacian" else torch.zeros(N // 2))

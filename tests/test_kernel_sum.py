@@ -180,6 +180,38 @@ def test_cuda_backward_matches_cpu(kernel, kw, D):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("schedule", [1, 2])  # tiles / Gram panels (cuBLAS x·y, then φ in place) at every D
+@pytest.mark.parametrize("kernel,kw", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,M,D,C", [(1, 1, 300, 1), (2100, 9000, 260, 3), (70, 130, 9, 70)])
+def test_cuda_schedules_match_dense(schedule, kernel, kw, dtype, N, M, D, C, rng):
+    """Both CUDA schedules of kernel_matmul against float64, whatever D the automatic one would pick for:
+    several row and column panels (2100 > 2048 rows, 9000 > 8192 columns), v = None, near pairs."""
+    x = torch.randn(N, D, generator=rng)
+    y = torch.randn(M, D, generator=rng) + 0.1
+    y[: min(N, M) // 2] = x[: min(N, M) // 2]  # coincident pairs: r² from the coordinates
+    v = torch.randn(M, C, generator=rng, dtype=torch.float64)
+    x, y, v = x.to(dtype).cuda(), y.to(dtype).cuda(), v.cuda()
+    xd = x.double().requires_grad_()  # the reference in float64 on the GPU, its gradient 0 at x = y as ours
+    Kv = dense_kernel(xd, y, kernel, kw, exact=True) @ v
+    Kv.square().sum().backward()
+    old = distkern._C.kernel_sum_schedule()
+    distkern._C.set_kernel_sum_schedule(schedule)
+    try:
+        out = kernel_matmul(x, y, v.float(), kernel=kernel, **kw)
+        rows = kernel_matmul(x, y, kernel=kernel, **kw)
+        xs = x.float().requires_grad_()
+        kernel_matmul(xs, y, v.float(), kernel=kernel, **kw).square().sum().backward()
+    finally:
+        distkern._C.set_kernel_sum_schedule(old)
+    with torch.no_grad():
+        assert rel(out, Kv) < 2e-5 and rel(rows, dense_kernel(x, y, kernel, kw, exact=True).sum(1)) < 2e-5
+    assert rel(xs.grad, xd.grad) < 1e-4
+    with pytest.raises(ValueError, match="set_kernel_sum_schedule"):
+        distkern._C.set_kernel_sum_schedule(3)
+
+
+@pytest.mark.cuda
 def test_cuda_sanitizer_case_kernel_sum():
     g = torch.Generator().manual_seed(4)
     for N, M, D, C in [(1, 1, 1, 1), (67, 130, 33, 70), (130, 65, 5, 1)]:

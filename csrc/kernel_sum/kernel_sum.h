@@ -25,5 +25,10 @@ Params make_params(const char* op, int64_t kind, at::ArrayRef<double> params, at
 Inputs prepare(const char* op, const at::Tensor& x, const at::Tensor& y,
                const c10::optional<at::Tensor>& v, int64_t kind, at::ArrayRef<double> params);
 
+// The CUDA schedule (kernel_sum_cuda.cpp; Schedule in kernel_sum_launch.h): 0 automatic, 1 tiles
+// (fused / tile panels) at every D, 2 Gram panels at every D. Process-wide; for benchmarks and tests.
+void set_schedule(int64_t schedule);
+int64_t schedule();
+
 }  // namespace kernel_sum
 }  // namespace distkern

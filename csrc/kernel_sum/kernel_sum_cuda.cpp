@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 
 #include "common/check.h"
@@ -22,7 +23,10 @@ namespace {
 struct PanelGemmCtx {
   at::Tensor out, v, workspace;
   cuda::MatMode mode;
+  at::Tensor x, center, yc, xx;  // Gram panels only
 };
+
+std::atomic<int> g_schedule{static_cast<int>(Schedule::Auto)};
 
 int panel_gemm(void* ctx, const float*, int64_t ld, int64_t r0, int64_t rows, int64_t j0, int64_t cols,
                bool accumulate) {
@@ -40,6 +44,19 @@ int panel_gemm(void* ctx, const float*, int64_t ld, int64_t r0, int64_t rows, in
   return 0;
 }
 
+// Gram panel (see kernel_panel_plan): G = (x[r0:] − center)·yc[j0:]ᵀ by cuBLAS into the workspace, in
+// TF32 only when distkern's mode for the op is TF32 (as panel_gemm), and the rows' centred norms.
+int panel_gram(void* ctx, float*, int64_t ld, float* xx, int64_t r0, int64_t rows, int64_t j0, int64_t cols) {
+  auto* c = static_cast<PanelGemmCtx*>(ctx);
+  std::optional<at::NoTF32Guard> fp32;
+  if (c->mode != cuda::MatMode::Tf32) fp32.emplace();
+  const at::Tensor xc = c->x.narrow(0, r0, rows).to(at::kFloat) - c->center;  // never in place: x may be float32
+  at::Tensor G = c->workspace.as_strided({rows, cols}, {ld, 1});
+  at::mm_out(G, xc, c->yc.narrow(0, j0, cols).t());
+  if (xx != nullptr) c->xx.narrow(0, 0, rows).copy_(xc.square().sum(1));
+  return 0;
+}
+
 at::Tensor kernel_matmul_cuda(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& v,
                               int64_t kind, at::ArrayRef<double> params) {
   const c10::cuda::CUDAGuard guard(cuda_device_of("distkern.kernel_matmul", "x", x));
@@ -49,14 +66,28 @@ at::Tensor kernel_matmul_cuda(const at::Tensor& x, const at::Tensor& y, const c1
   at::Tensor out = at::zeros({in.N, in.C}, x.options().dtype(at::kFloat));
   if (in.N > 0 && in.M > 0) {
     // Many columns of v (permutation tests, the backward's C·D columns): K in bounded panels, each
-    // followed by a cuBLAS GEMM, instead of re-forming every x·y tile once per 64 columns.
-    const PanelPlan plan = kernel_panel_plan(in.N, in.M, in.C);
+    // followed by a cuBLAS GEMM, instead of re-forming every x·y tile once per 64 columns. Large D: the
+    // x·y products of each panel by cuBLAS too (Gram panels).
+    const bool gram = use_gram(in.D, static_cast<Schedule>(g_schedule.load(std::memory_order_relaxed)));
+    const PanelPlan plan = kernel_panel_plan(in.N, in.M, in.C, gram);
     const cuda::MatMode mode = matmul_mode_for(x);
     PanelGemmCtx ctx;
     PanelGemm gemm{&panel_gemm, &ctx, nullptr, plan};
-    if (plan.rows > 0 && in.v.defined()) {
-      ctx = {out, in.v, at::empty({plan.rows * plan.ld}, x.options().dtype(at::kFloat)), mode};
+    if (plan.rows > 0) {
+      const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+      ctx.out = out;
+      ctx.v = in.v.defined() ? in.v : at::ones({in.M, 1}, f32);  // v = None: row sums, as a GEMV
+      ctx.workspace = at::empty({plan.rows * plan.ld}, f32);
+      ctx.mode = mode;
       gemm.workspace = ctx.workspace.data_ptr<float>();
+      if (plan.gram) {
+        ctx.x = x;
+        ctx.center = in.center;
+        ctx.yc = in.yc;
+        ctx.xx = at::empty({plan.rows}, f32);
+        gemm.gram = &panel_gram;
+        gemm.xx = ctx.xx.data_ptr<float>();
+      }
     }
     C10_CUDA_CHECK(launch_kernel_matmul(to_dtype(x.scalar_type()), x.data_ptr(), x.stride(0), x.stride(1),
                                         in.center.data_ptr<float>(), in.yc.data_ptr<float>(),
@@ -68,6 +99,14 @@ at::Tensor kernel_matmul_cuda(const at::Tensor& x, const at::Tensor& y, const c1
 }
 
 }  // namespace
+
+void set_schedule(int64_t schedule) {
+  TORCH_CHECK_VALUE(schedule >= 0 && schedule <= 2, "set_kernel_sum_schedule: 0 (auto), 1 (tiles) or 2 (Gram "
+                    "panels); got ", schedule);
+  g_schedule.store(static_cast<int>(schedule));
+}
+
+int64_t schedule() { return g_schedule.load(); }
 
 TORCH_LIBRARY_IMPL(distkern, CUDA, m) { m.impl("kernel_matmul", &kernel_matmul_cuda); }
 

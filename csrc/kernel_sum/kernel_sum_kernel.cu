@@ -20,6 +20,7 @@ cudaError_t launch_kernel_matmul(DType xtype, const void* x, int64_t sx0, int64_
     const PanelPlan& pl = gemm->plan;
     if (gemm->workspace == nullptr || gemm->fn == nullptr || pl.rows <= 0 || pl.cols <= 0 || pl.ld < pl.cols)
       return cudaErrorInvalidValue;
+    if (pl.gram && (gemm->gram == nullptr || gemm->xx == nullptr || pl.rows > 65535)) return cudaErrorInvalidValue;
   }
   switch (xtype) {
     case DType::F32: return typed<float>(x, sx0, sx1, center, yc, yy, v, out, N, M, D, C, kp, mode, gemm, stream);

@@ -16,6 +16,9 @@
 // most 2048 × 8192 floats, 64 MiB) by the same tile skeleton with a storing epilogue, and the
 // caller's GEMM adds panel · v[cols] to the panel's output rows: per pair, one x·y product, one φ,
 // 8 bytes of panel traffic and the 2C flops of the GEMM, which a BLAS runs near its peak.
+//
+// Gram panels (large D, any C; see kernel_sum_launch.h): the caller's GEMM writes x·y for the panel,
+// phi_panel_kernel applies φ in place, and the GEMM by v follows as above.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -252,6 +255,34 @@ struct KPanel {
   };
 };
 
+// Gram panel: K = φ(G) in place, where the caller's GEMM wrote G = (x − center)·ycᵀ over the panel and
+// xx the rows' centred squared norms. Block (x, y) = 256 threads over 1024 columns of row y, 4 consecutive
+// columns a thread (one 16-byte load and store where the row allows); near-coincident pairs take r² from
+// the coordinates as in the tile schedules (pair_phi). Memory-bound: 8 bytes a pair, and φ.
+constexpr int kPhiThreads = 256;
+template <typename T>
+__global__ void __launch_bounds__(kPhiThreads) phi_panel_kernel(float* __restrict__ K, int64_t ld,
+                                                                const float* __restrict__ xx,
+                                                                const float* __restrict__ yy, Params kp,
+                                                                int64_t cols, XCLoad<T> x, const float* yc,
+                                                                int64_t D) {
+  const int64_t r = blockIdx.y;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * kPhiThreads + threadIdx.x) * 4;
+  if (c0 >= cols) return;
+  float* row = K + r * ld;
+  const float xr = xx[r];
+  if (c0 + 4 <= cols && ld % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+    float4 g = *reinterpret_cast<const float4*>(row + c0);
+    g.x = pair_phi(kp, g.x, xr, yy[c0], x, r, yc + c0 * D, D);
+    g.y = pair_phi(kp, g.y, xr, yy[c0 + 1], x, r, yc + (c0 + 1) * D, D);
+    g.z = pair_phi(kp, g.z, xr, yy[c0 + 2], x, r, yc + (c0 + 2) * D, D);
+    g.w = pair_phi(kp, g.w, xr, yy[c0 + 3], x, r, yc + (c0 + 3) * D, D);
+    *reinterpret_cast<float4*>(row + c0) = g;
+    return;
+  }
+  for (int64_t c = c0; c < c0 + 4 && c < cols; ++c) row[c] = pair_phi(kp, row[c], xr, yy[c], x, r, yc + c * D, D);
+}
+
 template <typename T>
 cudaError_t typed_panels(const void* x, int64_t sx0, int64_t sx1, const float* center, const float* yc,
                          const float* yy, int64_t N, int64_t M, int64_t D, const Params& kp, cuda::MatMode mode,
@@ -264,12 +295,23 @@ cudaError_t typed_panels(const void* x, int64_t sx0, int64_t sx1, const float* c
     for (int64_t j0 = 0; j0 < M; j0 += plan.cols) {
       const int64_t cols = M - j0 < plan.cols ? M - j0 : plan.cols;
       const float* ycp = yc + j0 * D;
-      const PanelYT b{ycp, D, kPanelSlab, cols};
-      const typename KPanel<T>::Args e{gemm.workspace, plan.ld, yy + j0, kp, rows, cols, kPanelSlab, a, ycp, D};
-      const int64_t slabs = (cols + kPanelSlab - 1) / kPanelSlab;
-      cudaError_t err = cuda::launch_tile_gemm_rows_mode<float, 4, 4, KPanel<T>::template Epi>(
-          mode, rows, D, kPanelSlab, cuda::Tri::None, slabs, 1, a, b, e, stream);
-      if (err != cudaSuccess) return err;
+      if (plan.gram) {
+        if (gemm.gram(gemm.ctx, gemm.workspace, plan.ld, j0 == 0 ? gemm.xx : nullptr, r0, rows, j0, cols) != 0)
+          return cudaErrorUnknown;
+        const dim3 grid(static_cast<unsigned>((cols + 4 * kPhiThreads - 1) / (4 * kPhiThreads)),
+                        static_cast<unsigned>(rows));
+        phi_panel_kernel<T><<<grid, kPhiThreads, 0, stream>>>(gemm.workspace, plan.ld, gemm.xx, yy + j0, kp, cols,
+                                                               a, ycp, D);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+      } else {
+        const PanelYT b{ycp, D, kPanelSlab, cols};
+        const typename KPanel<T>::Args e{gemm.workspace, plan.ld, yy + j0, kp, rows, cols, kPanelSlab, a, ycp, D};
+        const int64_t slabs = (cols + kPanelSlab - 1) / kPanelSlab;
+        const cudaError_t err = cuda::launch_tile_gemm_rows_mode<float, 4, 4, KPanel<T>::template Epi>(
+            mode, rows, D, kPanelSlab, cuda::Tri::None, slabs, 1, a, b, e, stream);
+        if (err != cudaSuccess) return err;
+      }
       if (gemm.fn(gemm.ctx, gemm.workspace, plan.ld, r0, rows, j0, cols, j0 > 0) != 0) return cudaErrorUnknown;
     }
   }

@@ -925,6 +925,33 @@ def _fused_cases(base: list[Case]) -> list[Case]:
                          "ours with the fused attention kernel (DISTKERN_FUSED_ATTENTION=1)")
 
 
+# kernel_matmul's CUDA schedules (distkern._C.set_kernel_sum_schedule): from D = 256 on the automatic one
+# lets cuBLAS form the x·y products in bounded panels (Gram panels; TF32 tensor cores in the tf32 mode), below
+# it distkern's tile kernels fuse the products with φ and the sum. Neither side of that switch has run on a
+# GPU yet: each case here forces the schedule the automatic one does not take at its D.
+_SCHEDULE_VARIANTS = {
+    "kernel_matmul/gaussian x3 N=M=65536 D=64 fp32": ("gram", 2),
+    "kernel_matmul/gaussian x3 N=M=65536 D=512 fp32": ("tiles", 1),
+    "kernel_matmul/gaussian x3 N=M=65536 D=512 fp32 tf32": ("tiles", 1),
+    "kernel_matmul/gaussian x3 N=M=65536 D=2048 fp32": ("tiles", 1),
+}
+
+
+def _under_schedule(fn: Impl, schedule: int) -> Impl:
+    return _under_switch(fn, "kernel_sum_schedule", "set_kernel_sum_schedule", schedule)
+
+
+def _schedule_cases(base: list[Case]) -> list[Case]:
+    """The forced-schedule variants of the kernel_matmul cases named in _SCHEDULE_VARIANTS."""
+    cases = _named(base, _SCHEDULE_VARIANTS, "kernel-sum schedule")
+    out = []
+    for name, (suffix, schedule) in _SCHEDULE_VARIANTS.items():
+        out += _switch_cases([cases[name]], [name], "kernel-sum schedule", suffix,
+                             lambda f, s=schedule: _under_schedule(f, s),
+                             f"ours with distkern._C.set_kernel_sum_schedule({schedule}) ({suffix} at every D)")
+    return out
+
+
 def _diffusion_cases() -> list[Case]:
     from .diffusion_cases import diffusion_cases
 
@@ -948,7 +975,8 @@ def all_cases() -> list[Case]:
     for family in _FAMILIES:
         out += family()
     # the tensor-core variants after them: cases that have run on a GPU before come first in a time-limited run
-    out += _mode_cases(out) + _tile_cases(out) + _fused_cases(out)
+    modes = _mode_cases(out)
+    out += modes + _tile_cases(out) + _fused_cases(out) + _schedule_cases(out + modes)
     from .hooks import plugin_cases
 
     return out + plugin_cases()

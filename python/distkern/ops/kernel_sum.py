@@ -61,7 +61,9 @@ def kernel_matmul(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor | None = Non
     Memory is O(N + M) beyond the inputs and output: the CPU forms K one cache-sized tile at a time;
     CUDA keeps it in shared memory for up to 64 columns of ``v``, and for more (permutation tests,
     the backward's ``C·D`` columns) writes it in bounded panels (at most 2048 × 8192 floats) that
-    cuBLAS multiplies by ``v``, rather than re-forming each tile once per 64 columns.
+    cuBLAS multiplies by ``v``, rather than re-forming each tile once per 64 columns. From ``D = 256``
+    on, CUDA lets cuBLAS form each panel's ``x·y`` products too (TF32 only under
+    ``distkern.cuda_matmul("tf32")``), and a φ kernel turns them into K in place.
 
     Kernels (``r = ‖x − y‖``; several bandwidths are summed in one pass, as multi-kernel MMD does):
     ``"gaussian"`` ``Σ_σ exp(−r²/(2σ²))``, ``"laplacian"`` ``Σ_σ exp(−r/σ)``, ``"imq"``
