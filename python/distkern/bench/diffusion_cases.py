@@ -7,7 +7,8 @@ diffusers' own ``Scheduler.step`` when diffusers is installed, and the eager for
 Count model (the floor of a step): read the sample and the model output (and the previous x0 for
 DPM-Solver++ 2M), write ``prev_sample`` and ``pred_original_sample``: 4 (5) × numel × element size
 bytes, ~10 FLOPs per element. At 8×4×128×128 fp32 that is 8 MiB (10 MiB) — a memory-bound step
-whose floor on the 2-core CPU is ~1 ms at its ~8 GB/s copy bandwidth, and ~3 µs on an H100.
+whose floor on the 2-core CPU is 0.11–0.2 ms at the 42–78 GB/s copy rates measured there (less when the
+inputs sit in cache, as they do at this size; benchmarks/README.md, "Sampler step"), and ~3 µs on an H100.
 """
 from __future__ import annotations
 
