@@ -7,6 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "emu"
+# Set by test_emulation_sanitized.py for its rerun of the emulation under ASan / UBSan.
+SANITIZE = os.environ.get("DK_EMU_SANITIZE") == "1"
 
 
 def cuda_include() -> Path | None:
@@ -39,9 +41,9 @@ def compile_flags(tmp: Path) -> list[str]:
     # the example plugin's kernel too (the template plugin authors start from)
     plugin = ROOT / "plugins" / "example_kernel" / "csrc"
     cu2cpp.transform_tree(plugin, tmp / "cu_plugin")
-    sanitize = os.environ.get("DK_EMU_SANITIZE") == "1"
-    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if sanitize else []
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if SANITIZE else []
     # -O0 under the sanitizers: g++ took 135 s for the Mahalanobis wrapper with ASan + UBSan at -O1 (34 s at
     # -O0, 26 s plain at -O1), and every access stays in the code to be checked
-    return ["-std=c++20", "-O0" if sanitize else "-O1", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", *san, f"-I{EMU / 'stub'}",
-            f"-I{tmp / 'cu'}", f"-I{tmp / 'cu_plugin'}", f"-I{ROOT / 'csrc'}", f"-I{plugin}", f"-I{cuda_include()}"]
+    return ["-std=c++20", "-O0" if SANITIZE else "-O1", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+            *san, f"-I{EMU / 'stub'}", f"-I{tmp / 'cu'}", f"-I{tmp / 'cu_plugin'}", f"-I{ROOT / 'csrc'}",
+            f"-I{plugin}", f"-I{cuda_include()}"]

@@ -6,7 +6,6 @@ math headers) or float64. Each block runs as blockDim.x std::threads with barrie
 layouts, reductions and the in-kernel Philox draws are checked without a GPU. It says nothing about
 the hardware (timing, memory model, real tensor cores): the cuda-marked tests do that."""
 import ctypes
-import os
 import subprocess
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 import distkern
 from distkern.ops import align
-from emu_support import EMU, compile_flags, missing
+from emu_support import EMU, SANITIZE, compile_flags, missing
 
 WRAPPERS = ["step", "anomaly_map", "attention", "mahalanobis", "nearest", "kernel_sum", "example_kernel"]
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -22,7 +21,6 @@ FMA, TF32, TF32X3 = 0, 1, 2
 # Under ASan / UBSan (test_emulation_sanitized.py) 3xTF32 is left out: it makes the same memory accesses
 # as TF32 (only the register arithmetic differs, checked in the plain run), and each emulated mma.sync is
 # a warp barrier, which the sanitizers make slow.
-SANITIZE = os.environ.get("DK_EMU_SANITIZE") == "1"
 MODES = [FMA, TF32] if SANITIZE else [FMA, TF32, TF32X3]
 
 

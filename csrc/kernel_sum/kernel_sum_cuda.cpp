@@ -24,6 +24,7 @@ struct PanelGemmCtx {
   at::Tensor out, v, workspace;
   cuda::MatMode mode;
   at::Tensor x, center, yc, xx;  // Gram panels only
+  at::Tensor xc;                  // the current row panel's x − center, float32
 };
 
 std::atomic<int> g_schedule{static_cast<int>(Schedule::Auto)};
@@ -45,15 +46,18 @@ int panel_gemm(void* ctx, const float*, int64_t ld, int64_t r0, int64_t rows, in
 }
 
 // Gram panel (see kernel_panel_plan): G = (x[r0:] − center)·yc[j0:]ᵀ by cuBLAS into the workspace, in
-// TF32 only when distkern's mode for the op is TF32 (as panel_gemm), and the rows' centred norms.
+// TF32 only when distkern's mode for the op is TF32 (as panel_gemm). A row panel's first column panel
+// (xx given) centres its rows, kept for the panels after it, and writes their squared norms.
 int panel_gram(void* ctx, float*, int64_t ld, float* xx, int64_t r0, int64_t rows, int64_t j0, int64_t cols) {
   auto* c = static_cast<PanelGemmCtx*>(ctx);
   std::optional<at::NoTF32Guard> fp32;
   if (c->mode != cuda::MatMode::Tf32) fp32.emplace();
-  const at::Tensor xc = c->x.narrow(0, r0, rows).to(at::kFloat) - c->center;  // never in place: x may be float32
+  if (xx != nullptr) {
+    c->xc = c->x.narrow(0, r0, rows).to(at::kFloat) - c->center;  // never in place: x may be float32
+    c->xx.narrow(0, 0, rows).copy_(c->xc.square().sum(1));
+  }
   at::Tensor G = c->workspace.as_strided({rows, cols}, {ld, 1});
-  at::mm_out(G, xc, c->yc.narrow(0, j0, cols).t());
-  if (xx != nullptr) c->xx.narrow(0, 0, rows).copy_(xc.square().sum(1));
+  at::mm_out(G, c->xc, c->yc.narrow(0, j0, cols).t());
   return 0;
 }
 
