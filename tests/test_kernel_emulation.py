@@ -374,6 +374,40 @@ def test_nearest(lib, mode):
     assert float((sim.max(1).values - sim.gather(1, idx[:, None])[:, 0]).max()) < (1e-5 if mode != TF32 else 5e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, M, D, max_rows, max_cols", [(37, 29, 20, 8, 6), (300, 700, 33, 2048, 8192)])
+def test_nearest_gram_panels(lib, dtype, N, M, D, max_rows, max_cols):
+    """The Gram schedule: a CPU GEMM per bounded panel, the argmax kernel under test folding the panels into
+    a running (max, index) per row. Duplicated references (inside a panel and across column panels) must
+    give the lowest index, and a non-finite row NaN."""
+    g = torch.Generator().manual_seed(N + M)
+    refs = torch.randn(M, D, generator=g, dtype=torch.float64)
+    refs[20] = refs[5]   # ties across column panels (max_cols = 6: panels 0 and 3)
+    refs[22] = refs[21]  # ties inside one panel
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    x[0], x[1], x[2] = 2 * refs[5], 0.5 * refs[21], -refs[7]
+    x[3, 2] = float("nan")
+    x, refs = x.to(dtype).contiguous(), refs.to(dtype)
+    rhat = torch.nn.functional.normalize(refs, dim=1, eps=1e-12).contiguous()
+    inv = (1 / x.norm(dim=1).clamp_min(1e-12)).contiguous()
+    out, idx = torch.empty(N, dtype=dtype), torch.empty(N, dtype=torch.int64)
+    calls, guards, plan = I64(), I64(), (I64 * 3)()
+    _call(lib.emu_nearest_gram, INT(DT[dtype]), _p(x), _p(rhat), _p(inv), _p(out), _p(idx), I64(N), I64(D), I64(M),
+          I64(max_rows), I64(max_cols), ctypes.byref(calls), ctypes.byref(guards), plan)
+    rows, cols, ld = plan[0], plan[1], plan[2]
+    rp, cp = -(-N // rows), -(-M // cols)
+    assert (calls.value, guards.value) == (rp * cp, rp) and ld % 4 == 0 and cols <= max_cols and rows <= max_rows
+    assert cols * cp - M < cp and rows * rp - N < rp  # even panels: no panel more than one column / row shorter
+    sim = torch.nn.functional.normalize(x.double(), dim=1) @ rhat.double().T
+    ok = torch.ones(N, dtype=torch.bool)
+    ok[3] = False
+    assert out[3].isnan() and torch.isfinite(out[ok]).all()
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert float((out[ok].double() - sim[ok].max(1).values).abs().max()) < tol
+    assert float((sim[ok].max(1).values - sim[ok].gather(1, idx[ok, None])[:, 0]).max()) < tol
+    assert idx[:3].tolist() == [5, 21, int(sim[2].argmax())]
+
+
 def _ksum_prepare(kernel, kw, y):
     """The op's preparation (kernel_sum.cpp): y centred on its mean (distance kernels; the polynomial
     kernel's dot products are not translation-invariant), its squared norms, φ's constants. Returns

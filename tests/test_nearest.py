@@ -71,6 +71,40 @@ def test_nonfinite_empty_errors(device, rng):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("schedule", [1, 2])  # the fused tile kernel, Gram panels (cuBLAS + argmax kernel)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("N,M,D", [(1, 1, 3), (2100, 9000, 130), (70, 12544, 9)])
+def test_cuda_schedules_match_dense(schedule, dtype, N, M, D, rng):
+    """Both CUDA schedules of nearest_cosine against float64, whatever D the automatic one would pick for:
+    several row and column panels (2100 > 2048 rows; 9000 and 12544 > 8192 columns), ties across panels
+    (the lowest index wins), a non-finite row."""
+    refs = torch.randn(M, D, generator=rng)
+    x = torch.randn(N, D, generator=rng)
+    if M > 8200:
+        refs[8200] = refs[3]  # the same reference in the first and the second column panel
+        x[0] = 3 * refs[3]
+    if N > 5:
+        x[5, 1] = float("inf")
+    x, refs = x.to(dtype).cuda(), refs.cuda()
+    old = distkern._C.nearest_schedule()
+    distkern._C.set_nearest_schedule(schedule)
+    try:
+        sim, idx = distkern.nearest_reference(x, refs)
+    finally:
+        distkern._C.set_nearest_schedule(old)
+    full = F.normalize(x.double(), dim=1, eps=1e-12) @ F.normalize(refs.double(), dim=1, eps=1e-12).T
+    ok = torch.isfinite(x).all(1)
+    assert not sim[~ok].isfinite().any()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((sim[ok].double() - full[ok].max(1).values).abs().max()) < tol
+    assert float((full[ok].max(1).values - full[ok].gather(1, idx[ok, None])[:, 0]).max()) < tol
+    if M > 8200:
+        assert int(idx[0]) == 3
+    with pytest.raises(ValueError, match="set_nearest_schedule"):
+        distkern._C.set_nearest_schedule(3)
+
+
+@pytest.mark.cuda
 def test_cuda_sanitizer_case_nearest():
     g = torch.Generator().manual_seed(3)
     for N, M, D in [(1, 1, 1), (67, 130, 33), (130, 70, 65)]:

@@ -1,10 +1,14 @@
 // CUDA schedule of nearest_cosine (pure CUDA). The tile-product kernel multiplies 64-row tiles of
 // x by column blocks of the normalised references (Bᵀ read straight from rhat) and keeps a running
 // argmax per row in registers, so the N×M similarity matrix never exists (ResAD's own code builds
-// it and runs out of memory, REFERENCES.md). Ties keep the lowest index; a non-finite row gives NaN.
+// it and runs out of memory, REFERENCES.md). At large D the Gram schedule takes the products from the
+// caller's GEMM in bounded panels instead, and argmax_panel_kernel folds each panel into a running
+// (max, index) per row (nearest_launch.h). Ties keep the lowest index; a non-finite row gives NaN.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "common/cuda_types.cuh"
 #include "common/tile_gemm.cuh"
@@ -91,6 +95,87 @@ struct ArgMax {
   };
 };
 
+// Gram panel → running argmax. One warp a row: lane l reads the 16-byte groups l, l + 32, ... of the row
+// (coalesced; element by element where the row is not 16-byte aligned or the group is cut by `cols`), each
+// lane's values in increasing column order, so a strict update keeps a lane's lowest index among ties and
+// MinAcc::merge the lowest across lanes and panels. The running state lives in out / idx (the min of
+// −dot, as the tile kernel's epilogue); the row panel's last column panel writes the similarity.
+// Memory-bound: G is read once, 4 (8) bytes a pair.
+constexpr int kArgmaxWarps = 8;
+template <typename acc_t>
+__global__ void __launch_bounds__(kArgmaxWarps * 32)
+    argmax_panel_kernel(const acc_t* __restrict__ G, int64_t ld, int64_t rows, int64_t cols, int64_t j0,
+                        const acc_t* __restrict__ guard, acc_t* __restrict__ out, int64_t* __restrict__ idx,
+                        const acc_t* __restrict__ inv_norm, bool first, bool last) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kArgmaxWarps + threadIdx.x / 32;
+  if (r >= rows) return;  // whole warps: r is the same across a warp
+  const int lane = threadIdx.x % 32;
+  const acc_t* row = G + r * ld;
+  const acc_t g = guard[r];
+  constexpr int V = 16 / sizeof(acc_t);
+  const bool vec = ld % V == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0;
+  MinAcc<acc_t> mn;
+  mn.init();
+  const int64_t groups = (cols + V - 1) / V;
+#pragma unroll 4
+  for (int64_t q = lane; q < groups; q += 32) {
+    const int64_t c = q * V;
+    acc_t v[V];
+    if (vec && c + V <= cols) {
+      if constexpr (V == 4) {
+        const float4 t = *reinterpret_cast<const float4*>(row + c);
+        v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+      } else {
+        const double2 t = *reinterpret_cast<const double2*>(row + c);
+        v[0] = t.x; v[1] = t.y;
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) mn.update(-v[j] + g, j0 + c + j);
+    } else {
+      for (int j = 0; j < V && c + j < cols; ++j) mn.update(-row[c + j] + g, j0 + c + j);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) {
+    MinAcc<acc_t> o;
+    o.v = __shfl_xor_sync(0xffffffffu, mn.v, off);
+    o.idx = __shfl_xor_sync(0xffffffffu, static_cast<long long>(mn.idx), off);
+    mn.merge(o);
+  }
+  if (lane != 0) return;
+  if (!first) {  // the earlier panels hold the lower indices: merge into them, ties keep theirs
+    MinAcc<acc_t> prev;
+    prev.v = out[r];
+    prev.idx = idx[r];
+    prev.merge(mn);
+    mn = prev;
+  }
+  out[r] = last ? -mn.v * inv_norm[r] : mn.v;
+  idx[r] = mn.idx;
+}
+
+template <typename acc_t>
+cudaError_t nearest_gram(const GramPanels& gp, const acc_t* inv_norm, acc_t* out, int64_t* idx, int64_t N,
+                         int64_t M, cudaStream_t stream) {
+  const GramPlan plan = gp.plan;
+  acc_t* ws = static_cast<acc_t*>(gp.workspace);
+  const acc_t* guard = static_cast<const acc_t*>(gp.guard);
+  for (int64_t r0 = 0; r0 < N; r0 += plan.rows) {
+    const int64_t rows = N - r0 < plan.rows ? N - r0 : plan.rows;
+    for (int64_t j0 = 0; j0 < M; j0 += plan.cols) {
+      const int64_t cols = M - j0 < plan.cols ? M - j0 : plan.cols;
+      if (gp.gram(gp.ctx, ws, plan.ld, j0 == 0 ? gp.guard : nullptr, r0, rows, j0, cols) != 0)
+        return cudaErrorUnknown;
+      const unsigned blocks = static_cast<unsigned>((rows + kArgmaxWarps - 1) / kArgmaxWarps);
+      argmax_panel_kernel<acc_t><<<blocks, kArgmaxWarps * 32, 0, stream>>>(
+          ws, plan.ld, rows, cols, j0, guard, out + r0, idx + r0, inv_norm + r0, j0 == 0, j0 + cols >= M);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+  }
+  return cudaSuccess;
+}
+
 template <typename T, typename acc_t>
 cudaError_t nearest_typed(const void* x, int64_t sx0, int64_t sx1, const void* rhat,
                           const void* inv_norm, void* out, int64_t* idx, int64_t N, int64_t D,
@@ -107,8 +192,20 @@ cudaError_t nearest_typed(const void* x, int64_t sx0, int64_t sx1, const void* r
 
 cudaError_t launch_nearest(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                            const void* rhat, const void* inv_norm, void* out, int64_t* idx,
-                           int64_t N, int64_t D, int64_t M, cuda::MatMode mode, cudaStream_t stream) {
+                           int64_t N, int64_t D, int64_t M, cuda::MatMode mode, const GramPanels* gram,
+                           cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
+  if (gram != nullptr) {
+    const GramPlan& pl = gram->plan;
+    if (gram->gram == nullptr || gram->workspace == nullptr || gram->guard == nullptr || pl.rows <= 0 ||
+        pl.cols <= 0 || pl.ld < pl.cols || M <= 0)
+      return cudaErrorInvalidValue;
+    if (xtype == DType::F64)
+      return nearest_gram<double>(*gram, static_cast<const double*>(inv_norm), static_cast<double*>(out), idx, N,
+                                  M, stream);
+    return nearest_gram<float>(*gram, static_cast<const float*>(inv_norm), static_cast<float*>(out), idx, N, M,
+                               stream);
+  }
   switch (xtype) {
     case DType::F32: return nearest_typed<float, float>(x, sx0, sx1, rhat, inv_norm, out, idx, N, D, M, mode, stream);
     case DType::F16: return nearest_typed<__half, float>(x, sx0, sx1, rhat, inv_norm, out, idx, N, D, M, mode, stream);

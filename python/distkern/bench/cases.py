@@ -925,28 +925,31 @@ def _fused_cases(base: list[Case]) -> list[Case]:
                          "ours with the fused attention kernel (DISTKERN_FUSED_ATTENTION=1)")
 
 
-# kernel_matmul's CUDA schedules (distkern._C.set_kernel_sum_schedule): from D = 256 on the automatic one
-# lets cuBLAS form the x·y products in bounded panels (Gram panels; TF32 tensor cores in the tf32 mode), below
-# it distkern's tile kernels fuse the products with φ and the sum. Neither side of that switch has run on a
-# GPU yet: each case here forces the schedule the automatic one does not take at its D.
-_SCHEDULE_VARIANTS = {  # suffix: (schedule, the cases it is forced on)
-    "gram": (2, ("kernel_matmul/gaussian x3 N=M=65536 D=64 fp32",)),
-    "tiles": (1, ("kernel_matmul/gaussian x3 N=M=65536 D=512 fp32",
-                  "kernel_matmul/gaussian x3 N=M=65536 D=512 fp32 tf32",
-                  "kernel_matmul/gaussian x3 N=M=65536 D=2048 fp32")),
+# The CUDA schedules of kernel_matmul (distkern._C.set_kernel_sum_schedule) and nearest_cosine
+# (set_nearest_schedule): from D = 256 (kernel_matmul) / 128 (nearest_cosine) on the automatic one lets cuBLAS
+# form the products in bounded panels (Gram panels; TF32 tensor cores in the tf32 mode), below it distkern's
+# tile kernels fuse the products with what follows them. Neither side of either switch has run on a GPU yet:
+# each case here forces the schedule the automatic one does not take at its D.
+_SCHEDULE_VARIANTS = {  # (op's switch, suffix): (schedule, the cases it is forced on)
+    ("kernel_sum_schedule", "gram"): (2, ("kernel_matmul/gaussian x3 N=M=65536 D=64 fp32",)),
+    ("kernel_sum_schedule", "tiles"): (1, ("kernel_matmul/gaussian x3 N=M=65536 D=512 fp32",
+                                           "kernel_matmul/gaussian x3 N=M=65536 D=512 fp32 tf32",
+                                           "kernel_matmul/gaussian x3 N=M=65536 D=2048 fp32")),
+    ("nearest_schedule", "tiles"): (1, ("nearest_cosine/N=100352 M=12544 D=512 fp32",
+                                        "nearest_cosine/N=100352 M=12544 D=512 bf16")),
 }
 
 
-def _under_schedule(fn: Impl, schedule: int) -> Impl:
-    return _under_switch(fn, "kernel_sum_schedule", "set_kernel_sum_schedule", schedule)
+def _under_schedule(fn: Impl, switch: str, schedule: int) -> Impl:
+    return _under_switch(fn, switch, f"set_{switch}", schedule)
 
 
 def _schedule_cases(base: list[Case]) -> list[Case]:
-    """The forced-schedule variants of the kernel_matmul cases named in _SCHEDULE_VARIANTS."""
-    return [c for suffix, (schedule, names) in _SCHEDULE_VARIANTS.items()
-            for c in _switch_cases(base, names, "kernel-sum schedule", suffix,
-                                   lambda f, s=schedule: _under_schedule(f, s),
-                                   f"ours with distkern._C.set_kernel_sum_schedule({schedule}) ({suffix} at every D)")]
+    """The forced-schedule variants of the cases named in _SCHEDULE_VARIANTS."""
+    return [c for (switch, suffix), (schedule, names) in _SCHEDULE_VARIANTS.items()
+            for c in _switch_cases(base, names, switch.replace("_", " "), suffix,
+                                   lambda f, w=switch, s=schedule: _under_schedule(f, w, s),
+                                   f"ours with distkern._C.set_{switch}({schedule}) ({suffix} at every D)")]
 
 
 def _diffusion_cases() -> list[Case]:
