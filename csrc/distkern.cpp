@@ -16,6 +16,7 @@
 #include <cuda_runtime_api.h>
 
 #include "kernel_sum/kernel_sum.h"
+#include "mahalanobis/mahalanobis.h"
 #include "mahalanobis/mahalanobis_launch.h"
 #include "mahalanobis/nearest.h"
 #endif
@@ -147,6 +148,11 @@ PYBIND11_MODULE(_C, m) {
         "kernel_matmul's CUDA schedule: 0 auto (the x·y products by cuBLAS in bounded panels from D >= 256), "
         "1 distkern's tile kernels at every D, 2 cuBLAS panels at every D. For tests and benchmarks.");
   m.def("kernel_sum_schedule", &distkern::kernel_sum::schedule);
+  m.def("set_mahalanobis_schedule", &distkern::mahalanobis::set_schedule,
+        "mahalanobis' CUDA forward schedule: 0 auto (the products by cuBLAS in bounded panels from D >= 512 "
+        "with float32 accumulation), 1 distkern's tile kernel, 2 cuBLAS panels wherever they apply. For tests "
+        "and benchmarks.");
+  m.def("mahalanobis_schedule", &distkern::mahalanobis::schedule);
   m.def("set_nearest_schedule", &distkern::nearest::set_schedule,
         "nearest_cosine's CUDA schedule: 0 auto (the products by cuBLAS in bounded panels from D >= 128 "
         "on 2^20 pairs or more), 1 distkern's fused tile kernel at every D, 2 cuBLAS panels at every D. "

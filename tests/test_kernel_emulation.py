@@ -295,6 +295,39 @@ def test_mahalanobis_forward_backward(lib, mode, N, D, R, lower):
     assert _rel(part.sum(0), -xr.grad.sum(0)) < 2 * TOL[mode]
 
 
+@pytest.mark.parametrize("N,D,R,lower,rows,block", [(150, 70, 70, True, 64, 32), (150, 70, 70, True, 150, 64),
+                                                      (90, 129, 40, False, 31, 40), (1, 1, 1, True, 64, 64)])
+def test_mahalanobis_forward_panels(lib, N, D, R, lower, rows, block):
+    """The forward's Gram panels: the centring and sum-of-squares kernels under test around a CPU GEMM per
+    panel — several row panels with a short last one, a triangular factor in column blocks (a short last
+    block), a general factor in one product, fp32 / bf16 / column-major x, a non-finite row."""
+    g = torch.Generator().manual_seed(N + D + R + rows)
+    L = _factor(D, R, g, lower)
+    mu = torch.randn(D, generator=g)
+    x = torch.randn(N, D, generator=g) + mu
+    if N > 3:
+        x[3, D // 2] = float("inf")
+    for xd in (x, x.bfloat16(), x.T.contiguous().T):
+        out, calls, flops = torch.empty(N), I64(), I64()
+        _call(lib.emu_maha_forward_panels, INT(DT[xd.dtype]), _p(xd), I64(xd.stride(0)), I64(xd.stride(1)), _p(mu),
+              _p(L), _p(out), I64(N), I64(D), I64(R), INT(lower), I64(rows), I64(block), ctypes.byref(calls),
+              ctypes.byref(flops))
+        ref = distkern.mahalanobis(xd.double(), mu.double(), L.double(), lower=lower)
+        ok = torch.isfinite(ref)
+        assert out[~ok].isnan().all() and (N <= 3 or not ok[3])
+        assert _rel(out[ok], ref[ok]) < 2e-6, xd.dtype
+        panels, blocks = -(-N // rows), (-(-D // block) if lower else 1)
+        assert calls.value == panels * blocks
+        # a triangular factor multiplies only the rows of W at or below each column block
+        full = 2 * N * D * R
+        assert flops.value == (sum(2 * N * min(block, D - c) * (D - c) for c in range(0, D, block)) if lower else full)
+    plan = (I64 * 2)()
+    lib.emu_maha_panel_plan(I64(1_000_000), I64(512), I64(512), INT(1), plan)
+    assert (plan[0], plan[1]) == (16384, 128)  # 32 MiB panels; 62.5 % of the full product's flops
+    lib.emu_maha_panel_plan(I64(100), I64(550), I64(550), INT(1), plan)
+    assert (plan[0], plan[1]) == (100, 160)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reduce", [0, 1, 2])
 def test_mahalanobis_k_components(lib, mode, reduce):

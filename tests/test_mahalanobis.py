@@ -239,6 +239,39 @@ def test_cuda_matches_cpu_large(rng):
     assert rel_err(gpu.cpu(), cpu.double()) < 1e-5
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("schedule", [1, 2])  # the tile kernel, Gram panels (centring + cuBLAS + row sums)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,D,R", [(1, 1, None), (20000, 520, None), (5000, 300, 130), (40000, 64, None)])
+def test_cuda_schedules_match_float64(schedule, dtype, N, D, R, rng):
+    """Both CUDA forward schedules against float64 whatever D the automatic one would pick for: several row
+    panels (20000 × 520 floats is over one 32 MiB panel), a triangular factor in column blocks, a general
+    (D, R) factor, column-major x, a non-finite row; the gradient (the tile kernel's backward either way)."""
+    mean, cov = random_gaussian(D, rng)
+    W = whitening_factor(cov) if R is None else torch.randn(D, R, generator=rng) / D**0.5
+    x = (mean + torch.randn(N, D, generator=rng, dtype=torch.float64)).to(dtype)
+    if N > 7:
+        x[7, D // 3] = float("nan")
+    xs = x.cuda().T.contiguous().T if D % 2 == 0 else x.cuda()
+    old = distkern._C.mahalanobis_schedule()
+    distkern._C.set_mahalanobis_schedule(schedule)
+    try:
+        out = distkern.mahalanobis(xs, mean.float().cuda(), W.cuda(), lower=R is None)
+        xg = x[: min(N, 300)].cuda().float().requires_grad_()
+        distkern.mahalanobis(xg, mean.float().cuda(), W.cuda(), lower=R is None).sum().backward()
+    finally:
+        distkern._C.set_mahalanobis_schedule(old)
+    ref = reference(x, mean, W).cuda()
+    ok = torch.isfinite(ref)
+    assert out[~ok].isnan().all() and rel_err(out[ok], ref[ok]) < 2e-5
+    xr = x[: min(N, 300)].double().requires_grad_()
+    reference(xr, mean, W).sum().backward()
+    keep = torch.isfinite(xr.grad).all(1).cuda()
+    assert rel_err(xg.grad[keep], xr.grad.cuda()[keep]) < 1e-5
+    with pytest.raises(ValueError, match="set_mahalanobis_schedule"):
+        distkern._C.set_mahalanobis_schedule(3)
+
+
 @pytest.mark.parametrize("D", [1, 7, 8, 13, 67])
 @pytest.mark.parametrize("strided", [False, True])
 def test_non_finite_guard_in_every_lane(D, strided, rng):

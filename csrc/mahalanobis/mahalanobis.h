@@ -18,6 +18,12 @@ struct Inputs {
 Inputs prepare(const char* op, const at::Tensor& x, const at::Tensor& mean,
                const at::Tensor& factor, bool lower);
 
+// The single-Gaussian forward's CUDA schedule (mahalanobis_cuda.cpp; Schedule in mahalanobis_launch.h):
+// 0 automatic, 1 the tile kernel, 2 Gram panels wherever they apply (float32 accumulation). Process-wide; for
+// tests and benchmarks.
+void set_schedule(int64_t schedule);
+int64_t schedule();
+
 // grad (N,) → acc type, contiguous.
 at::Tensor prepare_grad(const char* op, const at::Tensor& grad, const at::Tensor& x,
                         const Inputs& in);

@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <optional>
+
 #include "common/check.h"
 #include "common/matmul_mode_cuda.h"
 
@@ -21,15 +24,49 @@ namespace {
 constexpr const char* kFwd = "distkern.mahalanobis";
 constexpr const char* kBwd = "distkern.mahalanobis_backward";
 
+std::atomic<int> g_schedule{static_cast<int>(Schedule::Auto)};
+
+// The Gram panels' GEMMs (FwdPanels): cuBLAS through ATen on the current stream, TF32 only when distkern's
+// mode for the op is TF32 (and torch allows it), as kernel_matmul's and nearest_cosine's panels.
+struct PanelCtx {
+  at::Tensor xc, z, factor;  // rows × D, rows × R, D × R, float32
+  int64_t D;
+  cuda::MatMode mode;
+};
+
+int panel_gemm(void* ctx, int64_t rows, int64_t k0, int64_t c0, int64_t cols) {
+  auto* c = static_cast<PanelCtx*>(ctx);
+  std::optional<at::NoTF32Guard> fp32;
+  if (c->mode != cuda::MatMode::Tf32) fp32.emplace();
+  at::Tensor Z = c->z.narrow(0, 0, rows).narrow(1, c0, cols);
+  at::mm_out(Z, c->xc.narrow(0, 0, rows).narrow(1, k0, c->D - k0), c->factor.narrow(0, k0, c->D - k0).narrow(1, c0, cols));
+  return 0;
+}
+
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& factor,
                         bool lower) {
   const c10::cuda::CUDAGuard guard(cuda_device_of(kFwd, "x", x));
   Inputs in = prepare(kFwd, x, mean, factor, lower);
   at::Tensor out = at::empty({in.N}, x.options().dtype(in.acc));
   if (in.N == 0) return out;
+  const DType xt = to_dtype(x.scalar_type());
+  const cuda::MatMode mode = matmul_mode_for(x);
+  if (use_panels(xt, in.N, in.D, in.R, static_cast<Schedule>(g_schedule.load(std::memory_order_relaxed)))) {
+    // Large D: the products by cuBLAS in bounded panels (FwdPanels, mahalanobis_launch.h)
+    const PanelPlan plan = panel_plan(in.N, in.D, in.R, lower);
+    const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+    PanelCtx ctx{at::empty({plan.rows, in.D}, f32), at::empty({plan.rows, in.R}, f32), in.factor, in.D, mode};
+    at::Tensor guard = at::empty({plan.rows}, f32);
+    const FwdPanels p{&panel_gemm, &ctx, ctx.xc.data_ptr<float>(), ctx.z.data_ptr<float>(), guard.data_ptr<float>(),
+                      plan.rows, plan.block};
+    C10_CUDA_CHECK(launch_forward_panels(xt, x.data_ptr(), x.stride(0), x.stride(1), in.mean.data_ptr<float>(),
+                                         out.data_ptr<float>(), in.N, in.D, in.R, lower, p,
+                                         at::cuda::getCurrentCUDAStream()));
+    return out;
+  }
   C10_CUDA_CHECK(launch_forward(to_dtype(x.scalar_type()), x.data_ptr(), x.stride(0), x.stride(1),
                                 in.mean.data_ptr(), in.factor.data_ptr(), out.data_ptr(), in.N,
-                                in.D, in.R, lower, matmul_mode_for(x), at::cuda::getCurrentCUDAStream()));
+                                in.D, in.R, lower, mode, at::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -111,6 +148,14 @@ at::Tensor pos_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tens
 }
 
 }  // namespace
+
+void set_schedule(int64_t schedule) {
+  TORCH_CHECK_VALUE(schedule >= 0 && schedule <= 2, "set_mahalanobis_schedule: 0 (auto), 1 (tile kernel) or 2 (Gram "
+                    "panels); got ", schedule);
+  g_schedule.store(static_cast<int>(schedule));
+}
+
+int64_t schedule() { return g_schedule.load(); }
 
 TORCH_LIBRARY_IMPL(distkern, CUDA, m) {
   m.impl("mahalanobis_pos", &pos_cuda);

@@ -438,6 +438,64 @@ cudaError_t positions_typed(const void* x, int64_t sb, int64_t sp, int64_t sd, c
   return launch<acc_t, S::template Epi>(B, D, R, tri, P, ppb, a, b, e, mode, stream);
 }
 
+// ---- Gram panels (launch_forward_panels) ---------------------------------------------------------------
+
+// xc = x − mean for a panel's rows (float32, rows × D) and each row's guard; one warp a row.
+constexpr int kPanelWarps = 8;
+template <typename T>
+__global__ void __launch_bounds__(kPanelWarps * 32)
+    center_rows_kernel(const T* __restrict__ x, int64_t sx0, int64_t sx1, const float* __restrict__ mean,
+                       float* __restrict__ xc, float* __restrict__ guard, int64_t rows, int64_t D) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kPanelWarps + threadIdx.x / 32;
+  if (r >= rows) return;  // whole warps
+  const int lane = threadIdx.x % 32;
+  float g = 0;
+#pragma unroll 4
+  for (int64_t k = lane; k < D; k += 32) xc[r * D + k] = center(to_acc<float>(x[r * sx0 + k * sx1]), mean[k], g);
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) g += __shfl_xor_sync(0xffffffffu, g, off);
+  if (lane == 0) guard[r] = g;
+}
+
+// out = Σ z² + guard for a panel's rows; one warp a row, lanes along z's row, a fixed order of sums.
+__global__ void __launch_bounds__(kPanelWarps * 32)
+    sumsq_rows_kernel(const float* __restrict__ z, int64_t R, const float* __restrict__ guard,
+                      float* __restrict__ out, int64_t rows) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kPanelWarps + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  float s = 0;
+#pragma unroll 4
+  for (int64_t k = lane; k < R; k += 32) s += z[r * R + k] * z[r * R + k];
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if (lane == 0) out[r] = finish(s, guard[r]);
+}
+
+template <typename T>
+cudaError_t forward_panels_typed(const void* xv, int64_t sx0, int64_t sx1, const float* mean, float* out, int64_t N,
+                                 int64_t D, int64_t R, bool lower, const FwdPanels& p, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(xv);
+  for (int64_t r0 = 0; r0 < N; r0 += p.rows) {
+    const int64_t rows = N - r0 < p.rows ? N - r0 : p.rows;
+    const unsigned blocks = static_cast<unsigned>((rows + kPanelWarps - 1) / kPanelWarps);
+    center_rows_kernel<T><<<blocks, kPanelWarps * 32, 0, stream>>>(x + r0 * sx0, sx0, sx1, mean, p.xc, p.guard,
+                                                                    rows, D);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    if (lower) {
+      for (int64_t c0 = 0; c0 < D; c0 += p.block)
+        if (p.gemm(p.ctx, rows, c0, c0, D - c0 < p.block ? D - c0 : p.block) != 0) return cudaErrorUnknown;
+    } else if (p.gemm(p.ctx, rows, 0, 0, R) != 0) {
+      return cudaErrorUnknown;
+    }
+    sumsq_rows_kernel<<<blocks, kPanelWarps * 32, 0, stream>>>(p.z, R, p.guard, out + r0, rows);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 // dtype × reduction dispatch
 template <template <typename, typename, KReduce> class F, typename... Args>
 cudaError_t dispatch(DType xtype, KReduce red, Args... args) {
@@ -489,6 +547,22 @@ cudaError_t launch_forward(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                            bool lower, cuda::MatMode mode, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
   return dispatch<Forward>(xtype, KReduce::None, x, sx0, sx1, mean, factor, out, N, D, R, lower, mode, stream);
+}
+
+cudaError_t launch_forward_panels(DType xtype, const void* x, int64_t sx0, int64_t sx1, const float* mean,
+                                  float* out, int64_t N, int64_t D, int64_t R, bool lower, const FwdPanels& p,
+                                  cudaStream_t stream) {
+  if (N <= 0) return cudaSuccess;
+  if (p.gemm == nullptr || p.xc == nullptr || p.z == nullptr || p.guard == nullptr || p.rows <= 0 ||
+      (lower && (p.block <= 0 || R != D)))
+    return cudaErrorInvalidValue;
+  switch (xtype) {
+    case DType::F32: return forward_panels_typed<float>(x, sx0, sx1, mean, out, N, D, R, lower, p, stream);
+    case DType::F16: return forward_panels_typed<__half>(x, sx0, sx1, mean, out, N, D, R, lower, p, stream);
+    case DType::BF16: return forward_panels_typed<__nv_bfloat16>(x, sx0, sx1, mean, out, N, D, R, lower, p, stream);
+    case DType::F64: break;  // float64 accumulates in double: the tile kernel
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_backward(DType xtype, const void* x, int64_t sx0, int64_t sx1,

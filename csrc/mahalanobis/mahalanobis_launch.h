@@ -29,6 +29,55 @@ cudaError_t launch_forward(DType xtype, const void* x, int64_t sx0, int64_t sx1,
                            const void* factor, void* out, int64_t N, int64_t D, int64_t R,
                            bool lower, cuda::MatMode mode, cudaStream_t stream);
 
+// Gram panels for the forward at large D (float32 accumulation only): per row panel, a centring kernel
+// writes xc = x − mean (float32, rows × D, contiguous) and the rows' guards; the caller's GEMMs (cuBLAS
+// through ATen; a CPU loop in the emulation tests) write z = xc·W into a rows × R panel — for a
+// lower-triangular W column block by column block, each over the rows of W below its diagonal block:
+// Z[:, c0 : c0 + w] = xc[:, c0 :]·W[c0 :, c0 : c0 + w], (1 + w/D)/2 of the full product's flops — and a
+// row kernel writes out = Σ z² + guard (mahalanobis_math.h's finish). The products run at cuBLAS's rate;
+// the tile kernel reached ~40 % of the FP32 rate on the H200. The price: xc and z written and read once,
+// 16 bytes an element of x beside its own read.
+struct FwdPanels {
+  // Z[0 : rows, c0 : c0 + cols] = XC[0 : rows, k0 : D] · W[k0 : D, c0 : c0 + cols] into the buffers below
+  // (XC rows × D, Z rows × R, both row-major); returns 0 on success.
+  int (*gemm)(void* ctx, int64_t rows, int64_t k0, int64_t c0, int64_t cols);
+  void* ctx;
+  float* xc;      // rows × D
+  float* z;       // rows × R
+  float* guard;   // rows
+  int64_t rows;   // rows of a panel
+  int64_t block;  // columns of a block of a lower-triangular factor
+};
+constexpr int64_t kPanelFloats = int64_t(1) << 23;  // 32 MiB a buffer: a panel's xc stays in the L2 of an H100 / H200
+constexpr int64_t kPanelMinD = 512;  // the automatic schedule's switch (the tile kernel: 1.51× eager at D = 256,
+                                     // 1.26× at 512 on the H200; not yet measured against the panels)
+
+// The single-Gaussian forward's CUDA schedule: automatic (Gram panels for float32 accumulation from
+// D ≥ kPanelMinD with R ≥ 128 and N ≥ 4096, else the tile kernel), or one forced where it applies.
+enum class Schedule : int { Auto = 0, Tiles = 1, Gram = 2 };
+inline bool use_panels(DType xtype, int64_t N, int64_t D, int64_t R, Schedule s) {
+  if (xtype == DType::F64 || s == Schedule::Tiles) return false;
+  return s == Schedule::Gram || (D >= kPanelMinD && R >= 128 && N >= 4096);
+}
+struct PanelPlan {
+  int64_t rows, block;
+};
+inline PanelPlan panel_plan(int64_t N, int64_t D, int64_t R, bool lower) {
+  const int64_t width = D > R ? D : R;
+  int64_t rows = kPanelFloats / width;
+  rows = rows < 64 ? 64 : rows;
+  rows = rows > N ? N : rows;
+  // column blocks of about D/4, multiples of 32, at least 64: 62.5 % of the full product's flops
+  int64_t block = (D / 4 + 31) / 32 * 32;
+  block = block < 64 ? 64 : block;
+  return {rows, lower ? block : R};
+}
+
+// out[n] = ‖Wᵀ(x[n] − mean)‖² through the panels (mean float32 D, out float32 N; W is the caller's).
+cudaError_t launch_forward_panels(DType xtype, const void* x, int64_t sx0, int64_t sx1, const float* mean,
+                                  float* out, int64_t N, int64_t D, int64_t R, bool lower, const FwdPanels& p,
+                                  cudaStream_t stream);
+
 // gx[n] = W (2·grad[n]·Wᵀ(x[n] − mean))  written in xtype, contiguous N×D;
 // partial[b][k] = −Σ_{n in row block b} gx[n][k] in the accumulation type, (ceil(N/64))×D;
 // z is an N×R scratch buffer in the accumulation type.

@@ -1,4 +1,7 @@
 // C entry points of the emulated Mahalanobis tile kernels (tests/test_kernel_emulation.py, ctypes).
+#include <cmath>
+#include <vector>
+
 #include "mahalanobis/mahalanobis_kernel.cu"  // rewritten by cu2cpp.py
 
 using distkern::DType;
@@ -41,4 +44,53 @@ int emu_maha_k_shared(int xt, int mode, const void* x, int64_t sx0, int64_t sx1,
                                                 idx, N, D, K, static_cast<distkern::mahalanobis::KReduce>(reduce),
                                                 static_cast<MatMode>(mode), nullptr);
 }
+
+}  // extern "C"
+
+namespace {
+
+struct CpuPanels {
+  const float* factor;  // D × R
+  float* xc;            // rows × D
+  float* z;             // rows × R
+  int64_t D, R;
+  int64_t calls = 0, flops = 0;
+};
+
+// Z[0 : rows, c0 : c0 + cols] = XC[0 : rows, k0 : D] · W[k0 : D, c0 : c0 + cols], summed in double
+int cpu_panel_gemm(void* ctx, int64_t rows, int64_t k0, int64_t c0, int64_t cols) {
+  auto* c = static_cast<CpuPanels*>(ctx);
+  ++c->calls;
+  c->flops += 2 * rows * cols * (c->D - k0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = c0; j < c0 + cols; ++j) {
+      double s = 0.0;
+      for (int64_t k = k0; k < c->D; ++k) s += double(c->xc[i * c->D + k]) * c->factor[k * c->R + j];
+      c->z[i * c->R + j] = static_cast<float>(s);
+    }
+  return 0;
+}
+
+}  // namespace
+
+// The forward's Gram panels with rows of `rows` and column blocks of `block`, a CPU loop as the GEMMs;
+// *calls / *flops get the number of GEMMs and their multiply-adds × 2.
+extern "C" int emu_maha_forward_panels(int xt, const void* x, int64_t sx0, int64_t sx1, const float* mean,
+                                       const float* factor, float* out, int64_t N, int64_t D, int64_t R, int lower,
+                                       int64_t rows, int64_t block, int64_t* calls, int64_t* flops) {
+  std::vector<float> xc(static_cast<size_t>(rows * D), NAN), z(static_cast<size_t>(rows * R), NAN), guard(rows, NAN);
+  CpuPanels c{factor, xc.data(), z.data(), D, R};
+  const distkern::mahalanobis::FwdPanels p{&cpu_panel_gemm, &c, xc.data(), z.data(), guard.data(), rows, block};
+  const int rc = static_cast<int>(distkern::mahalanobis::launch_forward_panels(
+      static_cast<DType>(xt), x, sx0, sx1, mean, out, N, D, R, lower != 0, p, nullptr));
+  *calls = c.calls;
+  *flops = c.flops;
+  return rc;
+}
+
+// distkern::mahalanobis::panel_plan, for the test to check its bounds
+extern "C" void emu_maha_panel_plan(int64_t N, int64_t D, int64_t R, int lower, int64_t* plan) {
+  const distkern::mahalanobis::PanelPlan pl = distkern::mahalanobis::panel_plan(N, D, R, lower != 0);
+  plan[0] = pl.rows;
+  plan[1] = pl.block;
 }

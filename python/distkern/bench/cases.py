@@ -901,7 +901,10 @@ def _switch_cases(base: list[Case], names, what: str, suffix: str, wrap: Callabl
 
 def _tile_cases(base: list[Case]) -> list[Case]:
     """The 8×8-tile variants of the cases named in _TILE_VARIANTS, taken from ``base``."""
-    return _switch_cases(base, _TILE_VARIANTS, "8x8-tile", "tiles128", lambda f: _under_tiles(f, 2),
+    # the tile kernel's shapes: the single-Gaussian forward kept on it where the automatic schedule would take
+    # the Gram panels (D >= 512)
+    return _switch_cases(base, _TILE_VARIANTS, "8x8-tile", "tiles128",
+                         lambda f: _under_schedule(_under_tiles(f, 2), "mahalanobis_schedule", 1),
                          "ours with 8x8 thread tiles (DISTKERN_CUDA_TILES=128)")
 
 
@@ -925,16 +928,20 @@ def _fused_cases(base: list[Case]) -> list[Case]:
                          "ours with the fused attention kernel (DISTKERN_FUSED_ATTENTION=1)")
 
 
-# The CUDA schedules of kernel_matmul (distkern._C.set_kernel_sum_schedule) and nearest_cosine
-# (set_nearest_schedule): from D = 256 (kernel_matmul) / 128 (nearest_cosine) on the automatic one lets cuBLAS
-# form the products in bounded panels (Gram panels; TF32 tensor cores in the tf32 mode), below it distkern's
-# tile kernels fuse the products with what follows them. Neither side of either switch has run on a GPU yet:
+# The CUDA schedules of kernel_matmul (distkern._C.set_kernel_sum_schedule), nearest_cosine
+# (set_nearest_schedule) and the mahalanobis forward (set_mahalanobis_schedule): from D = 256 / 128 / 512 on the
+# automatic one lets cuBLAS form the products in bounded panels (Gram panels; TF32 tensor cores in the tf32
+# mode), below it distkern's tile kernels fuse the products with what follows them. Neither side of either switch has run on a GPU yet:
 # each case here forces the schedule the automatic one does not take at its D.
 _SCHEDULE_VARIANTS = {  # (op's switch, suffix): (schedule, the cases it is forced on)
     ("kernel_sum_schedule", "gram"): (2, ("kernel_matmul/gaussian x3 N=M=65536 D=64 fp32",)),
     ("kernel_sum_schedule", "tiles"): (1, ("kernel_matmul/gaussian x3 N=M=65536 D=512 fp32",
                                            "kernel_matmul/gaussian x3 N=M=65536 D=512 fp32 tf32",
                                            "kernel_matmul/gaussian x3 N=M=65536 D=2048 fp32")),
+    ("mahalanobis_schedule", "gram"): (2, ("mahalanobis/N=1000000 D=256 fp32",)),
+    ("mahalanobis_schedule", "tiles"): (1, ("mahalanobis/N=1000000 D=512 fp32",
+                                            "mahalanobis/N=1000000 D=512 bf16",
+                                            "mahalanobis/N=1000000 D=512 fp32 tf32")),
     ("nearest_schedule", "tiles"): (1, ("nearest_cosine/N=100352 M=12544 D=512 fp32",
                                         "nearest_cosine/N=100352 M=12544 D=512 bf16")),
 }
