@@ -299,7 +299,9 @@ step_bench() {
     # the cases the issues set targets for run first, so the time budget cuts the others
     local first='^kernel_matmul/gaussian x3 N=M=65536 D=(64|512|2048) fp32( tf32)?$|_step/(16x16x256x256|1x4x128x128) fp32$'
     first+='|^anomaly_map/L=4 B=(1|8|32) P=1369 D=768 K=30 fp32$|^prompt_align/|^mahalanobis/N=1000000 D=512 '
-    first+='|^mahalanobis_pos/B=32 P=3136 D=(100|550) x fp32 factors fp32$|^mahalanobis_k/|^gaussian_fit/| tiles128$'
+    first+='|^mahalanobis_pos/B=32 P=3136 D=(100|550) x fp32 factors fp32$|^mahalanobis_k/|^gaussian_fit/'
+    # the Gram-panel schedules (cuBLAS products) against the tile kernels they replace, on both sides of each switch
+    first+='|^nearest_cosine/N=100352 M=12544 D=512 fp32| (gram|tiles)$'
     budget+=(--first "$first")
     if "$VENV/bin/python" -c 'import distkern.cli' >/dev/null 2>&1 && [ -x "$VENV/bin/distkern" ]; then
         "$VENV/bin/distkern" bench --device cuda --json "$BENCH_JSON" "${budget[@]}"
