@@ -47,6 +47,10 @@ def build_info() -> dict:
     info = dict(_C.build_info())
     if hasattr(_C, "cuda_tile_config"):
         info["cuda_tile_config"] = {0: "auto", 1: "64", 2: "128"}[_C.cuda_tile_config()]
+    # the CUDA schedules of the ops with Gram panels (cuBLAS products) beside their tile kernels
+    for op in ("mahalanobis", "nearest", "kernel_sum"):
+        if hasattr(_C, f"{op}_schedule"):
+            info[f"cuda_{op}_schedule"] = {0: "auto", 1: "tiles", 2: "gram"}[getattr(_C, f"{op}_schedule")()]
     info["cuda_matmul"] = get_cuda_matmul()
     return info
 
