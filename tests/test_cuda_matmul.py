@@ -2,6 +2,7 @@
 (CPU), and on a GPU every op built on the skeleton in each mode against float64 — FMA and 3xTF32
 at float32 accuracy, TF32 within its rounding, and TF32 measurably coarser than 3xTF32 on float32
 data (so the tensor-core path is the one that ran)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -107,13 +108,26 @@ def test_positions(mode, B, P, D, fdtype):
     assert _rel(out, (z * z).sum(-1)) < TOL[mode]
 
 
+@contextlib.contextmanager
+def _tile_schedule(op):
+    """The op's tile kernel at every D: the cases below check the tile kernels in each mode, where the automatic
+    schedule would hand large-D products to cuBLAS (Gram panels; their own tests force them)."""
+    old = getattr(distkern._C, f"{op}_schedule")()
+    getattr(distkern._C, f"set_{op}_schedule")(1)
+    try:
+        yield
+    finally:
+        getattr(distkern._C, f"set_{op}_schedule")(old)
+
+
 @cuda
 @pytest.mark.parametrize("N,M,D", [(1, 1, 7), (300, 129, 64), (2000, 777, 200)])
 def test_nearest(mode, N, M, D):
     g = torch.Generator().manual_seed(N + M + D)
     x, refs = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g)
     sim = torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(refs.double(), dim=1).T
-    res = distkern.nearest_reference(x.cuda(), refs.cuda())
+    with _tile_schedule("nearest"):
+        res = distkern.nearest_reference(x.cuda(), refs.cuda())
     best = sim.max(1).values
     assert _rel(res.similarity, best) < TOL[mode]
     # the chosen reference is (one of) the best up to the mode's rounding
@@ -131,7 +145,8 @@ def test_kernel_matmul(mode, kernel, kw, N, M, D, C):
     x, y = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g) + 0.3
     v = torch.randn(M, C, generator=g)
     ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
-    out = distkern.kernel_matmul(x.cuda(), y.cuda(), v.cuda(), kernel=kernel, **kw)
+    with _tile_schedule("kernel_sum"):
+        out = distkern.kernel_matmul(x.cuda(), y.cuda(), v.cuda(), kernel=kernel, **kw)
     assert _rel(out, ref) < (5e-5 if mode != "tf32" else 2e-2)
 
 
@@ -153,6 +168,33 @@ def test_kernel_matmul_panel_gemm_stays_fp32_when_torch_allows_tf32(mode):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert _rel(out, ref) < 5e-5
+
+
+@cuda
+def test_gram_panels_take_tf32_only_in_tf32_mode():
+    """The Gram panels' cuBLAS products (the mahalanobis forward here, forced at D = 520) must not take TF32 from
+    torch's global allow_tf32 in the float32-accurate modes, and do take it in "tf32" (with torch allowing it)."""
+    if not HAS_CUDA or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("needs an sm_80+ GPU and a CUDA build of distkern")
+    g = torch.Generator().manual_seed(18)
+    D = 520
+    L = _factors(1, D, g)[0].float()
+    x = torch.randn(5000, D, generator=g)
+    ref = ((x.double() @ L.double()) ** 2).sum(1)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    old_schedule = distkern._C.mahalanobis_schedule()
+    distkern._C.set_mahalanobis_schedule(2)
+    err = {}
+    try:
+        for m in ("fma", "3xtf32", "tf32"):
+            with distkern.cuda_matmul(m):
+                err[m] = _rel(distkern.mahalanobis(x.cuda(), torch.zeros(D).cuda(), L.cuda()), ref)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+        distkern._C.set_mahalanobis_schedule(old_schedule)
+    assert err["fma"] < 2e-6 and err["3xtf32"] < 2e-6, err
+    assert err["tf32"] > 20 * err["fma"], err  # TF32's rounding shows: the products did run in TF32
 
 
 @cuda

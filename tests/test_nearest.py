@@ -80,9 +80,12 @@ def test_cuda_schedules_match_dense(schedule, dtype, N, M, D, rng):
     (the lowest index wins), a non-finite row."""
     refs = torch.randn(M, D, generator=rng)
     x = torch.randn(N, D, generator=rng)
-    if M > 8200:
-        refs[8200] = refs[3]  # the same reference in the first and the second column panel
-        x[0] = 3 * refs[3]
+    if M > 8200:  # the same reference in the first and the second column panel, an exact tie in any summation order
+        refs[3] = 0
+        refs[3, 0] = 1
+        refs[8200] = refs[3]
+        x[0] = 0
+        x[0, 0] = 3
     if N > 5:
         x[5, 1] = float("inf")
     x, refs = x.to(dtype).cuda(), refs.cuda()
