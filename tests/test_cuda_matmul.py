@@ -109,15 +109,28 @@ def test_positions(mode, B, P, D, fdtype):
 
 
 @contextlib.contextmanager
-def _tile_schedule(op):
-    """The op's tile kernel at every D: the cases below check the tile kernels in each mode, where the automatic
-    schedule would hand large-D products to cuBLAS (Gram panels; their own tests force them)."""
+def _schedule(op, schedule):
+    """The op's CUDA schedule forced (1 the tile kernel, 2 Gram panels) for the block: the mode cases below check
+    the tile kernels, where the automatic schedule would hand large-D products to cuBLAS."""
     old = getattr(distkern._C, f"{op}_schedule")()
-    getattr(distkern._C, f"set_{op}_schedule")(1)
+    getattr(distkern._C, f"set_{op}_schedule")(schedule)
     try:
         yield
     finally:
         getattr(distkern._C, f"set_{op}_schedule")(old)
+
+
+def _mode_errors(N, D, seed):
+    """The mahalanobis forward's error against float64 in each matmul mode, on float32 data."""
+    g = torch.Generator().manual_seed(seed)
+    L = _factors(1, D, g)[0].float()
+    x = torch.randn(N, D, generator=g)
+    ref = ((x.double() @ L.double()) ** 2).sum(1)
+    err = {}
+    for m in ("fma", "tf32", "3xtf32"):
+        with distkern.cuda_matmul(m):
+            err[m] = _rel(distkern.mahalanobis(x.cuda(), torch.zeros(D).cuda(), L.cuda()), ref)
+    return err
 
 
 @cuda
@@ -126,7 +139,7 @@ def test_nearest(mode, N, M, D):
     g = torch.Generator().manual_seed(N + M + D)
     x, refs = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g)
     sim = torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(refs.double(), dim=1).T
-    with _tile_schedule("nearest"):
+    with _schedule("nearest", 1):
         res = distkern.nearest_reference(x.cuda(), refs.cuda())
     best = sim.max(1).values
     assert _rel(res.similarity, best) < TOL[mode]
@@ -145,7 +158,7 @@ def test_kernel_matmul(mode, kernel, kw, N, M, D, C):
     x, y = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g) + 0.3
     v = torch.randn(M, C, generator=g)
     ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
-    with _tile_schedule("kernel_sum"):
+    with _schedule("kernel_sum", 1):
         out = distkern.kernel_matmul(x.cuda(), y.cuda(), v.cuda(), kernel=kernel, **kw)
     assert _rel(out, ref) < (5e-5 if mode != "tf32" else 2e-2)
 
@@ -176,23 +189,13 @@ def test_gram_panels_take_tf32_only_in_tf32_mode():
     torch's global allow_tf32 in the float32-accurate modes, and do take it in "tf32" (with torch allowing it)."""
     if not HAS_CUDA or torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("needs an sm_80+ GPU and a CUDA build of distkern")
-    g = torch.Generator().manual_seed(18)
-    D = 520
-    L = _factors(1, D, g)[0].float()
-    x = torch.randn(5000, D, generator=g)
-    ref = ((x.double() @ L.double()) ** 2).sum(1)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
-    old_schedule = distkern._C.mahalanobis_schedule()
-    distkern._C.set_mahalanobis_schedule(2)
-    err = {}
     try:
-        for m in ("fma", "3xtf32", "tf32"):
-            with distkern.cuda_matmul(m):
-                err[m] = _rel(distkern.mahalanobis(x.cuda(), torch.zeros(D).cuda(), L.cuda()), ref)
+        with _schedule("mahalanobis", 2):
+            err = _mode_errors(5000, 520, 18)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-        distkern._C.set_mahalanobis_schedule(old_schedule)
     assert err["fma"] < 2e-6 and err["3xtf32"] < 2e-6, err
     assert err["tf32"] > 20 * err["fma"], err  # TF32's rounding shows: the products did run in TF32
 
@@ -219,15 +222,8 @@ def test_tf32_is_the_tensor_core_path():
         pytest.skip("needs a GPU and a CUDA build of distkern")
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("TF32 tensor cores need sm_80+")
-    g = torch.Generator().manual_seed(3)
-    D = 256
-    L = _factors(1, D, g)[0].float()
-    x = torch.randn(4096, D, generator=g)
-    ref = ((x.double() @ L.double()) ** 2).sum(1)
-    err = {}
-    for m in ("fma", "tf32", "3xtf32"):
-        with distkern.cuda_matmul(m):
-            err[m] = _rel(distkern.mahalanobis(x.cuda(), torch.zeros(D).cuda(), L.cuda()), ref)
+    with _schedule("mahalanobis", 1):
+        err = _mode_errors(4096, 256, 3)
     assert err["tf32"] > 20 * err["3xtf32"], err
     assert err["3xtf32"] < 2e-6 and err["fma"] < 2e-6, err
 
