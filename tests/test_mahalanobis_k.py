@@ -178,6 +178,29 @@ def test_bad_inputs():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("schedule", [1, 2])  # ‖z‖² by the tile kernel / by Gram panels (cuBLAS)
+def test_cuda_shared_factor_schedules(schedule, rng):
+    """The tied form's ‖Wᵀ(x − μ̄)‖² term goes through the single-Gaussian forward's schedule: both against float64,
+    at a D where the automatic one takes the Gram panels, with a non-finite row."""
+    N, D, K = 5000, 520, 7
+    means, L = random_mixture(K, D, rng, shared=True)
+    x = means[torch.randint(K, (N,), generator=rng)] + torch.randn(N, D, generator=rng, dtype=torch.float64)
+    x[11, 3] = float("inf")
+    x, means, L = x.float(), means.float(), L.float()
+    ref = reference(x, means, L)
+    old = distkern._C.mahalanobis_schedule()
+    distkern._C.set_mahalanobis_schedule(schedule)
+    try:
+        d2 = distkern.mahalanobis_k(x.cuda(), means.cuda(), L.cuda())
+        mn = distkern.mahalanobis_k(x.cuda(), means.cuda(), L.cuda(), reduce="min")
+    finally:
+        distkern._C.set_mahalanobis_schedule(old)
+    ok = torch.isfinite(x).all(1)
+    assert d2[11].isnan().all() and mn.values[11].isnan()
+    assert rel(d2[ok].cpu(), ref[ok]) < 1e-4 and rel(mn.values[ok].cpu(), ref[ok].min(1).values) < 1e-4
+
+
+@pytest.mark.cuda
 def test_cuda_sanitizer_case_k():
     """Small K-Gaussian cases for compute-sanitizer (benchmarks/gpu_check.sh, -k sanitizer)."""
     g = torch.Generator().manual_seed(1)

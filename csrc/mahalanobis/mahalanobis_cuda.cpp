@@ -43,30 +43,35 @@ int panel_gemm(void* ctx, int64_t rows, int64_t k0, int64_t c0, int64_t cols) {
   return 0;
 }
 
+// out = ‖Wᵀ(x − mean)‖² (mean, factor: the accumulation type, contiguous; out: N values of it), by the tile
+// kernel or, at large D with float32 accumulation, by cuBLAS in bounded panels (FwdPanels,
+// mahalanobis_launch.h). The single-Gaussian op and the tied K-Gaussian ops' ‖z‖² term.
+void forward_into(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& factor, bool lower, at::Tensor& out,
+                  cuda::MatMode mode) {
+  const int64_t N = x.size(0), D = x.size(1), R = factor.size(1);
+  const DType xt = to_dtype(x.scalar_type());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (use_panels(xt, N, D, R, static_cast<Schedule>(g_schedule.load(std::memory_order_relaxed)))) {
+    const PanelPlan plan = panel_plan(N, D, R, lower);
+    const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+    PanelCtx ctx{at::empty({plan.rows, D}, f32), at::empty({plan.rows, R}, f32), factor, D, mode};
+    at::Tensor guard = at::empty({plan.rows}, f32);
+    const FwdPanels p{&panel_gemm, &ctx, ctx.xc.data_ptr<float>(), ctx.z.data_ptr<float>(), guard.data_ptr<float>(),
+                      plan.rows, plan.block};
+    C10_CUDA_CHECK(launch_forward_panels(xt, x.data_ptr(), x.stride(0), x.stride(1), mean.data_ptr<float>(),
+                                         out.data_ptr<float>(), N, D, R, lower, p, stream));
+    return;
+  }
+  C10_CUDA_CHECK(launch_forward(xt, x.data_ptr(), x.stride(0), x.stride(1), mean.data_ptr(), factor.data_ptr(),
+                                out.data_ptr(), N, D, R, lower, mode, stream));
+}
+
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& factor,
                         bool lower) {
   const c10::cuda::CUDAGuard guard(cuda_device_of(kFwd, "x", x));
   Inputs in = prepare(kFwd, x, mean, factor, lower);
   at::Tensor out = at::empty({in.N}, x.options().dtype(in.acc));
-  if (in.N == 0) return out;
-  const DType xt = to_dtype(x.scalar_type());
-  const cuda::MatMode mode = matmul_mode_for(x);
-  if (use_panels(xt, in.N, in.D, in.R, static_cast<Schedule>(g_schedule.load(std::memory_order_relaxed)))) {
-    // Large D: the products by cuBLAS in bounded panels (FwdPanels, mahalanobis_launch.h)
-    const PanelPlan plan = panel_plan(in.N, in.D, in.R, lower);
-    const at::TensorOptions f32 = x.options().dtype(at::kFloat);
-    PanelCtx ctx{at::empty({plan.rows, in.D}, f32), at::empty({plan.rows, in.R}, f32), in.factor, in.D, mode};
-    at::Tensor guard = at::empty({plan.rows}, f32);
-    const FwdPanels p{&panel_gemm, &ctx, ctx.xc.data_ptr<float>(), ctx.z.data_ptr<float>(), guard.data_ptr<float>(),
-                      plan.rows, plan.block};
-    C10_CUDA_CHECK(launch_forward_panels(xt, x.data_ptr(), x.stride(0), x.stride(1), in.mean.data_ptr<float>(),
-                                         out.data_ptr<float>(), in.N, in.D, in.R, lower, p,
-                                         at::cuda::getCurrentCUDAStream()));
-    return out;
-  }
-  C10_CUDA_CHECK(launch_forward(to_dtype(x.scalar_type()), x.data_ptr(), x.stride(0), x.stride(1),
-                                in.mean.data_ptr(), in.factor.data_ptr(), out.data_ptr(), in.N,
-                                in.D, in.R, lower, mode, at::cuda::getCurrentCUDAStream()));
+  if (in.N > 0) forward_into(x, in.mean, in.factor, lower, out, matmul_mode_for(x));
   return out;
 }
 
@@ -106,9 +111,7 @@ std::tuple<at::Tensor, at::Tensor> k_cuda(const char* name, const at::Tensor& x,
   if (in.shared) {
     // ‖Wᵀ(x − center)‖² by the single-Gaussian kernel, then the cross term and the reduction.
     at::Tensor zz = at::empty({in.N}, in.means.options());
-    C10_CUDA_CHECK(launch_forward(xt, x.data_ptr(), x.stride(0), x.stride(1), in.center.data_ptr(),
-                                  in.factors.data_ptr(), zz.data_ptr(), in.N, in.D, in.R, lower, matmul_mode_for(x),
-                                  stream));
+    forward_into(x, in.center, in.factors, lower, zz, matmul_mode_for(x));
     C10_CUDA_CHECK(launch_k_shared(xt, x.data_ptr(), x.stride(0), x.stride(1), in.center.data_ptr(),
                                    in.bmat.data_ptr(), zz.data_ptr(), in.vv.data_ptr(), bp,
                                    out.data_ptr(), ip, in.N, in.D, in.K, red, matmul_mode_for(x), stream));
