@@ -109,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor> k_cuda(const char* name, const at::Tensor& x,
   const void* bp = in.bias.defined() ? in.bias.data_ptr() : nullptr;
   int64_t* ip = red == KReduce::Min ? idx.data_ptr<int64_t>() : nullptr;
   if (in.shared) {
-    // ‖Wᵀ(x − center)‖² by the single-Gaussian kernel, then the cross term and the reduction.
+    // ‖Wᵀ(x − center)‖² by the single-Gaussian forward (tile kernel or Gram panels), then the cross term and
+    // the reduction.
     at::Tensor zz = at::empty({in.N}, in.means.options());
     forward_into(x, in.center, in.factors, lower, zz, matmul_mode_for(x));
     C10_CUDA_CHECK(launch_k_shared(xt, x.data_ptr(), x.stride(0), x.stride(1), in.center.data_ptr(),
