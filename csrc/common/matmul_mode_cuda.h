@@ -6,6 +6,7 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <atomic>
+#include <optional>
 
 #include "common/matmul_mode.h"
 
@@ -30,5 +31,18 @@ inline cuda::MatMode matmul_mode_for(const at::Tensor& like) {
   }
   return ok > 0 ? static_cast<cuda::MatMode>(mode) : cuda::MatMode::Fma;
 }
+
+// The cuBLAS products a CUDA op hands to ATen (panel GEMMs, Gram panels) in distkern's mode: TF32 only in the
+// Tf32 mode (and only where torch's allow_tf32 also allows it); in the float32-accurate modes (Fma, Tf32x3)
+// torch's global allow_tf32 is switched off for the scope, so it cannot round them.
+class CublasPrecisionGuard {
+ public:
+  explicit CublasPrecisionGuard(cuda::MatMode mode) {
+    if (mode != cuda::MatMode::Tf32) guard_.emplace();
+  }
+
+ private:
+  std::optional<at::NoTF32Guard> guard_;
+};
 
 }  // namespace distkern

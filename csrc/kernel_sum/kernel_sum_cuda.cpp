@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <optional>
 
 #include "common/check.h"
 #include "common/matmul_mode_cuda.h"
@@ -32,8 +31,7 @@ std::atomic<int> g_schedule{static_cast<int>(Schedule::Auto)};
 int panel_gemm(void* ctx, const float*, int64_t ld, int64_t r0, int64_t rows, int64_t j0, int64_t cols,
                bool accumulate) {
   auto* c = static_cast<PanelGemmCtx*>(ctx);
-  std::optional<at::NoTF32Guard> fp32;
-  if (c->mode != cuda::MatMode::Tf32) fp32.emplace();
+  const CublasPrecisionGuard precision(c->mode);
   const at::Tensor K = c->workspace.as_strided({rows, cols}, {ld, 1});
   at::Tensor o = c->out.narrow(0, r0, rows);
   const at::Tensor vv = c->v.narrow(0, j0, cols);
@@ -50,8 +48,7 @@ int panel_gemm(void* ctx, const float*, int64_t ld, int64_t r0, int64_t rows, in
 // (xx given) centres its rows, kept for the panels after it, and writes their squared norms.
 int panel_gram(void* ctx, float*, int64_t ld, float* xx, int64_t r0, int64_t rows, int64_t j0, int64_t cols) {
   auto* c = static_cast<PanelGemmCtx*>(ctx);
-  std::optional<at::NoTF32Guard> fp32;
-  if (c->mode != cuda::MatMode::Tf32) fp32.emplace();
+  const CublasPrecisionGuard precision(c->mode);
   if (xx != nullptr) {
     c->xc = c->x.narrow(0, r0, rows).to(at::kFloat) - c->center;  // never in place: x may be float32
     c->xx.narrow(0, 0, rows).copy_(c->xc.square().sum(1));

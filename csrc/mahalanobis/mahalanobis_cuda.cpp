@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <optional>
 
 #include "common/check.h"
 #include "common/matmul_mode_cuda.h"
@@ -36,8 +35,7 @@ struct PanelCtx {
 
 int panel_gemm(void* ctx, int64_t rows, int64_t k0, int64_t c0, int64_t cols) {
   auto* c = static_cast<PanelCtx*>(ctx);
-  std::optional<at::NoTF32Guard> fp32;
-  if (c->mode != cuda::MatMode::Tf32) fp32.emplace();
+  const CublasPrecisionGuard precision(c->mode);
   at::Tensor Z = c->z.narrow(0, 0, rows).narrow(1, c0, cols);
   at::mm_out(Z, c->xc.narrow(0, 0, rows).narrow(1, k0, c->D - k0), c->factor.narrow(0, k0, c->D - k0).narrow(1, c0, cols));
   return 0;

@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <optional>
 
 #include "common/check.h"
 #include "common/matmul_mode_cuda.h"
@@ -30,8 +29,7 @@ struct GramCtx {
 
 int gram_panel(void* ctx, void*, int64_t ld, void* guard, int64_t r0, int64_t rows, int64_t j0, int64_t cols) {
   auto* c = static_cast<GramCtx*>(ctx);
-  std::optional<at::NoTF32Guard> fp32;
-  if (c->mode != cuda::MatMode::Tf32) fp32.emplace();
+  const CublasPrecisionGuard precision(c->mode);
   if (guard != nullptr) {
     c->xp = c->x.narrow(0, r0, rows).to(c->acc);
     c->guard.narrow(0, 0, rows).copy_((c->xp - c->xp).sum(1));  // 0, or NaN for a non-finite row
