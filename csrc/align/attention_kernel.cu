@@ -36,12 +36,6 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ x,
                                                                  const bool* __restrict__ mask, T* __restrict__ out,
@@ -93,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const T* __rest
     const float safe = m_new == -INFINITY ? 0.0f : m_new;  // nothing to attend to yet: keep the sums at 0
     const float pj = valid ? expf(s - safe) : 0.0f;
     const float alpha = expf(m_run - safe);
-    l_run = l_run * alpha + warp_sum(pj);
+    l_run = l_run * alpha + cuda::warp_sum(pj);
     m_run = m_new;
     p_s[warp * kKT + lane] = pj;
     if (lane == 0) a_s[warp] = alpha;

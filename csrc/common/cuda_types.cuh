@@ -21,5 +21,13 @@ __device__ __forceinline__ __half from_acc<__half, float>(float v) { return __fl
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
 
+// Sum over the 32 lanes of a warp (every lane gets it; a fixed order, so deterministic).
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 }  // namespace cuda
 }  // namespace distkern

@@ -452,8 +452,7 @@ __global__ void __launch_bounds__(kPanelWarps * 32)
   float g = 0;
 #pragma unroll 4
   for (int64_t k = lane; k < D; k += 32) xc[r * D + k] = center(to_acc<float>(x[r * sx0 + k * sx1]), mean[k], g);
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) g += __shfl_xor_sync(0xffffffffu, g, off);
+  g = cuda::warp_sum(g);
   if (lane == 0) guard[r] = g;
 }
 
@@ -467,8 +466,7 @@ __global__ void __launch_bounds__(kPanelWarps * 32)
   float s = 0;
 #pragma unroll 4
   for (int64_t k = lane; k < R; k += 32) s += z[r * R + k] * z[r * R + k];
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  s = cuda::warp_sum(s);
   if (lane == 0) out[r] = finish(s, guard[r]);
 }
 
