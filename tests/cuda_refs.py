@@ -1,4 +1,7 @@
-"""float64 references shared by the CUDA tile-kernel tests (test_cuda_tiles, test_cuda_matmul)."""
+"""float64 references and helpers shared by the CUDA tests (test_cuda_tiles, test_cuda_matmul and the
+schedule cases of the op tests)."""
+import contextlib
+
 import torch
 
 import distkern
@@ -9,6 +12,18 @@ def rel(a, b):
     """‖a − b‖ / ‖b‖ in float64 on the CPU."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@contextlib.contextmanager
+def cuda_schedule(op, schedule):
+    """The op's process-wide CUDA schedule (`distkern._C.set_{op}_schedule`: 0 automatic, 1 the tile kernel,
+    2 Gram panels) forced for the block, and put back after it whatever the block raised."""
+    old = getattr(distkern._C, f"{op}_schedule")()
+    getattr(distkern._C, f"set_{op}_schedule")(schedule)
+    try:
+        yield
+    finally:
+        getattr(distkern._C, f"set_{op}_schedule")(old)
 
 
 def factors(C, D, gen):

@@ -2,7 +2,6 @@
 (CPU), and on a GPU every op built on the skeleton in each mode against float64 — FMA and 3xTF32
 at float32 accuracy, TF32 within its rounding, and TF32 measurably coarser than 3xTF32 on float32
 data (so the tensor-core path is the one that ran)."""
-import contextlib
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 import distkern
 from distkern.precision import MODES
 
-from cuda_refs import check_k, factors as _factors, rel as _rel
+from cuda_refs import check_k, cuda_schedule, factors as _factors, rel as _rel
 
 HAS_CUDA = torch.cuda.is_available() and hasattr(distkern._C, "set_cuda_tile_config")
 
@@ -108,18 +107,6 @@ def test_positions(mode, B, P, D, fdtype):
     assert _rel(out, (z * z).sum(-1)) < TOL[mode]
 
 
-@contextlib.contextmanager
-def _schedule(op, schedule):
-    """The op's CUDA schedule forced (1 the tile kernel, 2 Gram panels) for the block: the mode cases below check
-    the tile kernels, where the automatic schedule would hand large-D products to cuBLAS."""
-    old = getattr(distkern._C, f"{op}_schedule")()
-    getattr(distkern._C, f"set_{op}_schedule")(schedule)
-    try:
-        yield
-    finally:
-        getattr(distkern._C, f"set_{op}_schedule")(old)
-
-
 def _mode_errors(N, D, seed):
     """The mahalanobis forward's error against float64 in each matmul mode, on float32 data."""
     g = torch.Generator().manual_seed(seed)
@@ -139,7 +126,7 @@ def test_nearest(mode, N, M, D):
     g = torch.Generator().manual_seed(N + M + D)
     x, refs = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g)
     sim = torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(refs.double(), dim=1).T
-    with _schedule("nearest", 1):
+    with cuda_schedule("nearest", 1):
         res = distkern.nearest_reference(x.cuda(), refs.cuda())
     best = sim.max(1).values
     assert _rel(res.similarity, best) < TOL[mode]
@@ -158,7 +145,7 @@ def test_kernel_matmul(mode, kernel, kw, N, M, D, C):
     x, y = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g) + 0.3
     v = torch.randn(M, C, generator=g)
     ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
-    with _schedule("kernel_sum", 1):
+    with cuda_schedule("kernel_sum", 1):
         out = distkern.kernel_matmul(x.cuda(), y.cuda(), v.cuda(), kernel=kernel, **kw)
     assert _rel(out, ref) < (5e-5 if mode != "tf32" else 2e-2)
 
@@ -192,7 +179,7 @@ def test_gram_panels_take_tf32_only_in_tf32_mode():
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        with _schedule("mahalanobis", 2):
+        with cuda_schedule("mahalanobis", 2):
             err = _mode_errors(5000, 520, 18)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
@@ -222,7 +209,7 @@ def test_tf32_is_the_tensor_core_path():
         pytest.skip("needs a GPU and a CUDA build of distkern")
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("TF32 tensor cores need sm_80+")
-    with _schedule("mahalanobis", 1):
+    with cuda_schedule("mahalanobis", 1):
         err = _mode_errors(4096, 256, 3)
     assert err["tf32"] > 20 * err["3xtf32"], err
     assert err["3xtf32"] < 2e-6 and err["fma"] < 2e-6, err

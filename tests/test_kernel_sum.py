@@ -6,6 +6,7 @@ import torch
 
 import distkern
 from distkern.ops.kernel_sum import kernel_matmul
+from cuda_refs import cuda_schedule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 KERNELS = [("gaussian", dict(bandwidth=[0.7, 2.0])), ("laplacian", dict(bandwidth=1.3)), ("imq", dict(bandwidth=[1.0, 3.0])),
@@ -202,15 +203,11 @@ def test_cuda_schedules_match_dense(schedule, kernel, kw, dtype, N, M, D, C, rng
         (dense_kernel(xd, y, kernel, kw, exact=True) @ v).square().sum().backward()
         xd_grad.append(xd.grad)
     xd_grad = torch.cat(xd_grad)
-    old = distkern._C.kernel_sum_schedule()
-    distkern._C.set_kernel_sum_schedule(schedule)
-    try:
+    with cuda_schedule("kernel_sum", schedule):
         out = kernel_matmul(x, y, v.float(), kernel=kernel, **kw)
         rows = kernel_matmul(x, y, kernel=kernel, **kw)
         xs = x.float().requires_grad_()
         kernel_matmul(xs, y, v.float(), kernel=kernel, **kw).square().sum().backward()
-    finally:
-        distkern._C.set_kernel_sum_schedule(old)
     with torch.no_grad():
         assert rel(out, Kv) < 2e-5 and rel(rows, dense_kernel(x, y, kernel, kw, exact=True).sum(1)) < 2e-5
     assert rel(xs.grad, xd_grad) < 1e-4

@@ -4,6 +4,7 @@ import torch
 
 import distkern
 from distkern.gaussian import whitening_factor
+from cuda_refs import cuda_schedule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # relative-error bounds on ‖out − ref‖ / ‖ref‖ (inputs are rounded to the dtype first, so the bound
@@ -253,14 +254,10 @@ def test_cuda_schedules_match_float64(schedule, dtype, N, D, R, rng):
     if N > 7:
         x[7, D // 3] = float("nan")
     xs = x.cuda().T.contiguous().T if D % 2 == 0 else x.cuda()
-    old = distkern._C.mahalanobis_schedule()
-    distkern._C.set_mahalanobis_schedule(schedule)
-    try:
+    with cuda_schedule("mahalanobis", schedule):
         out = distkern.mahalanobis(xs, mean.float().cuda(), W.cuda(), lower=R is None)
         xg = x[: min(N, 300)].cuda().float().requires_grad_()
         distkern.mahalanobis(xg, mean.float().cuda(), W.cuda(), lower=R is None).sum().backward()
-    finally:
-        distkern._C.set_mahalanobis_schedule(old)
     ref = reference(x, mean, W).cuda()
     ok = torch.isfinite(ref)
     assert out[~ok].isnan().all() and rel_err(out[ok], ref[ok]) < 2e-5

@@ -6,6 +6,7 @@ import torch
 
 import distkern
 from distkern.gaussian import whitening_factor
+from cuda_refs import cuda_schedule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -188,13 +189,9 @@ def test_cuda_shared_factor_schedules(schedule, rng):
     x[11, 3] = float("inf")
     x, means, L = x.float(), means.float(), L.float()
     ref = reference(x, means, L)
-    old = distkern._C.mahalanobis_schedule()
-    distkern._C.set_mahalanobis_schedule(schedule)
-    try:
+    with cuda_schedule("mahalanobis", schedule):
         d2 = distkern.mahalanobis_k(x.cuda(), means.cuda(), L.cuda())
         mn = distkern.mahalanobis_k(x.cuda(), means.cuda(), L.cuda(), reduce="min")
-    finally:
-        distkern._C.set_mahalanobis_schedule(old)
     ok = torch.isfinite(x).all(1)
     assert d2[11].isnan().all() and mn.values[11].isnan()
     assert rel(d2[ok].cpu(), ref[ok]) < 1e-4 and rel(mn.values[ok].cpu(), ref[ok].min(1).values) < 1e-4

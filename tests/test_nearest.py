@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import distkern
+from cuda_refs import cuda_schedule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -89,12 +90,8 @@ def test_cuda_schedules_match_dense(schedule, dtype, N, M, D, rng):
     if N > 5:
         x[5, 1] = float("inf")
     x, refs = x.to(dtype).cuda(), refs.cuda()
-    old = distkern._C.nearest_schedule()
-    distkern._C.set_nearest_schedule(schedule)
-    try:
+    with cuda_schedule("nearest", schedule):
         sim, idx = distkern.nearest_reference(x, refs)
-    finally:
-        distkern._C.set_nearest_schedule(old)
     full = F.normalize(x.double(), dim=1, eps=1e-12) @ F.normalize(refs.double(), dim=1, eps=1e-12).T
     ok = torch.isfinite(x).all(1)
     assert not sim[~ok].isfinite().any()
