@@ -1,5 +1,6 @@
 # distkern — the README's two commands:
-#   make bench    create .venv, install torch + distkern (compiled) + the in-tree plugins, run `distkern bench`
+#   make bench    create .venv, install torch + distkern (compiled, with its test, bench and plot extras) + the
+#                 in-tree plugins, run `distkern bench`
 #   make test     same install, then the whole test suite
 #
 # On a GPU machine whose Python already has a CUDA torch (and no network):
@@ -47,7 +48,7 @@ endif
 	@mkdir -p $(STAMP) && touch $@
 
 $(STAMP)/install: $(STAMP)/venv $(SOURCES)
-	MAX_JOBS=$(MAX_JOBS) $(VPY) -m pip install -q --no-build-isolation $(PIP_OFFLINE) ".[test,bench]"
+	MAX_JOBS=$(MAX_JOBS) $(VPY) -m pip install -q --no-build-isolation $(PIP_OFFLINE) ".[test,bench,plot]"
 	@for p in $(dir $(PLUGINS)); do \
 		echo "installing plugin $$p"; \
 		$(VPY) -m pip install -q --no-build-isolation $(PIP_OFFLINE) "./$$p" || exit 1; \

@@ -44,6 +44,9 @@ def test_info(capsys, plugins):
     assert f"distkern {distkern.__version__}" in out
     assert "distkern::mahalanobis" in out
     assert "torch_version" in out
+    # which CPU product path runs (the README points here for it)
+    path = "distkern AVX-512" if distkern._C.cpu_fast_gemm() else "torch BLAS"
+    assert f"float32 products: {path}" in out
     assert f"{plugins}-broken" in out  # the broken plugin is listed, not fatal
 
 

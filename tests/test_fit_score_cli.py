@@ -1,4 +1,6 @@
 """distkern fit / distkern score, the feature-file readers and the ranking metrics."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,43 @@ def test_cli_labels_kinds_and_maps(tmp_path, rng, capsys):
     assert main(["score", str(model), str(tmp_path / "test.npy"), "--map", str(tmp_path / "m.png"),
                  "-o", str(tmp_path / "s.npy")]) == 1
     assert "no anomaly map" in capsys.readouterr().err and not (tmp_path / "s.npy").exists()
+    torch.save({"labels": torch.arange(7) % 2}, tmp_path / "short.pt")
+    assert main(["score", str(model), str(tmp_path / "test.npy"), "--labels", str(tmp_path / "short.pt"),
+                 "-o", str(tmp_path / "s.npy")]) == 1
+    err = capsys.readouterr()
+    assert "7 labels for 20 samples" in err.err and "scores" not in err.out and not (tmp_path / "s.npy").exists()
+
+
+@pytest.mark.parametrize("method", ["gaussian-ad", "kde", "diag-gaussian"])
+def test_one_class_fit_refuses_anomalous_labels(method, tmp_path, rng, capsys):
+    """A feature file whose labels mark anomalies (a test file given to fit by mistake) is refused by the
+    one-class detectors with the rows to drop, not fitted; all-zero labels are accepted."""
+    if method == "diag-gaussian":
+        pytest.importorskip("distkern_example_kernel")
+    x = torch.randn(30, 4, generator=rng)
+    torch.save({"features": x, "labels": (torch.arange(30) >= 25).long()}, tmp_path / "mixed.pt")
+    torch.save({"features": x, "labels": torch.zeros(30, dtype=torch.long)}, tmp_path / "normal.pt")
+    out = tmp_path / "m.safetensors"
+    assert main(["fit", method, str(tmp_path / "mixed.pt"), "-o", str(out)]) == 1
+    assert "non-zero at rows [25, 26, 27, 28, 29]" in capsys.readouterr().err and not out.exists()
+    assert main(["fit", method, str(tmp_path / "normal.pt"), "-o", str(out)]) == 0 and out.exists()
+    with pytest.raises(ValueError, match="3 labels for 30 samples"):
+        dkio.normal_only(torch.zeros(3), method, 30)
+
+
+def test_cli_map_without_matplotlib_is_refused_before_scoring(tmp_path, rng, capsys, monkeypatch):
+    """`score --map` on a machine without matplotlib says so before any scoring, output or summary."""
+    pytest.importorskip("distkern_padim")
+    feats = torch.randn(6, 4, 3, 3, generator=rng)
+    torch.save(feats, tmp_path / "train.pt")
+    model = tmp_path / "p.safetensors"
+    assert main(["fit", "padim", str(tmp_path / "train.pt"), "-o", str(model), "--set", "num_features=3"]) == 0
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert main(["score", str(model), str(tmp_path / "train.pt"), "--map", str(tmp_path / "m.png"),
+                 "-o", str(tmp_path / "s.npy")]) == 1
+    out = capsys.readouterr()
+    assert "--map needs matplotlib" in out.err and "scores" not in out.out and not (tmp_path / "s.npy").exists()
 
 
 def test_map_png_ignores_nan_pixels(tmp_path):

@@ -118,7 +118,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  {key:16} {value}")
     print("devices:")
     for d in info["devices"]:
-        extra = f"  ({d['threads']} threads)" if d["type"] == "cpu" else f"  (sm_{d['capability']})"
+        extra = (f"  ({d['threads']} threads; float32 products: {d['float32 products']})" if d["type"] == "cpu"
+                 else f"  (sm_{d['capability']})")
         label = "cpu" if d["type"] == "cpu" else f"cuda:{d['index']}"
         print(f"  {label:8} {d['name']}{extra}")
     print(f"ops ({len(info['ops'])}):")
@@ -241,17 +242,21 @@ def _cmd_score(args: argparse.Namespace) -> int:
                              f"{type(det).__name__} has no callable score() (distkern plugins --check tells why)")
         raise ValueError(f"{args.model} holds a {kind or type(det).__name__} "
                          f"({det.name}); distkern score takes detectors")
-    if args.map and not hasattr(det, "anomaly_map"):  # before any work
-        raise ValueError(f"--map: method {det.name!r} has no anomaly map (try padim)")
+    if args.map:  # before any work
+        if not hasattr(det, "anomaly_map"):
+            raise ValueError(f"--map: method {det.name!r} has no anomaly map (try padim)")
+        _pyplot()
     features, labels = load_features(args.features)
     if args.labels:
         labels = load_labels(args.labels)
+    n = len(features[0]) if isinstance(features, list) else len(features)
     if labels is not None:  # before scoring: class labels (they are for fit) are refused by the metrics anyway
         binary_labels(labels, "score")
+        if len(labels) != n:
+            raise ValueError(f"--labels: {len(labels)} labels for {n} samples in {args.features}")
     if args.device != "cpu":
         features = [f.to(args.device) for f in features] if isinstance(features, list) else features.to(args.device)
     scores = det.score(features).detach().float().cpu()
-    n = len(features[0]) if isinstance(features, list) else len(features)
     if tuple(scores.shape) != (n,):  # the contract: one score per sample (distkern plugins --check tests it)
         raise ValueError(f"{det.name}: score() returned shape {tuple(scores.shape)} for {n} samples; a detector "
                          f"returns ({n},)")
@@ -280,15 +285,21 @@ def _check_output_dir(path: str) -> None:
         raise FileNotFoundError(f"-o {path}: no such directory {out_dir!r}")
 
 
-def _save_map_png(maps: torch.Tensor, path: str, columns: int = 8) -> None:
-    """A grid of the (N, H, W) maps, one colour scale for all, as a PNG (matplotlib needed)."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a clear error (checked before scoring, so none is wasted)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("--map needs matplotlib: pip install matplotlib") from None
+        raise RuntimeError("--map needs matplotlib: pip install matplotlib (or distkern's plot extra)") from None
+    return plt
+
+
+def _save_map_png(maps: torch.Tensor, path: str, columns: int = 8) -> None:
+    """A grid of the (N, H, W) maps, one colour scale for all, as a PNG (matplotlib needed)."""
+    plt = _pyplot()
     n = maps.shape[0]
     if n == 0:
         raise ValueError("--map: no images to draw (the features hold 0 samples)")

@@ -102,6 +102,22 @@ def load_labels(path: str | os.PathLike) -> torch.Tensor:
     return obj.reshape(-1) if obj.dim() > 1 and obj.numel() == obj.shape[0] else obj
 
 
+def normal_only(labels: Any, method: str, n: int | None = None) -> None:
+    """For one-class detectors, which fit on normal data only: refuse ``labels`` that mark any sample as
+    anomalous (non-zero) — fitting on them would quietly spoil the model — or whose count is not the ``n``
+    samples given. ``None`` passes. ``distkern fit`` hands a feature file's labels to ``fit``, so a test file
+    holding 0/1 labels fitted by mistake is refused here with the rows to drop."""
+    if labels is None:
+        return
+    lab = torch.as_tensor(labels).reshape(-1)
+    if n is not None and lab.numel() != n:
+        raise ValueError(f"{method}: {lab.numel()} labels for {n} samples")
+    bad = torch.nonzero(lab != 0)[:, 0]
+    if bad.numel():
+        raise ValueError(f"{method}: fits normal data only; labels are non-zero at rows {bad[:5].tolist()}"
+                         f"{'...' if bad.numel() > 5 else ''} ({bad.numel()} of {lab.numel()}; drop those samples)")
+
+
 def model_method(path: str | os.PathLike) -> str:
     """The method name recorded in a saved model (safetensors metadata ``distkern_method``)."""
     safe_open = _safetensors().safe_open

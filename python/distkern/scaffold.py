@@ -52,7 +52,7 @@ import torch
 
 import distkern
 from distkern.gaussian import GaussianStats
-from distkern.io import read_model, write_model
+from distkern.io import normal_only, read_model, write_model
 
 FORMAT_VERSION = 1
 
@@ -75,6 +75,7 @@ class @cls@:
 
     def fit(self, features: torch.Tensor, labels=None) -> "@cls@":
         self._check(features, "fit")
+        normal_only(labels, "@name@", features.shape[0])  # one-class: labels, if any, all 0
         stats = GaussianStats().update(features)
         self.mean = stats.mean.float()
         self.factor = stats.factor("ledoit-wolf", ridge=self.ridge)
@@ -124,7 +125,7 @@ from __future__ import annotations
 
 import torch
 
-from distkern.io import read_model, write_model
+from distkern.io import normal_only, read_model, write_model
 
 from .ops import standardized_sqdist
 
@@ -153,6 +154,7 @@ class @cls@:
         self._check(features, "fit")
         if features.shape[0] < 1:
             raise ValueError("@name@: fit() needs at least one sample")
+        normal_only(labels, "@name@", features.shape[0])  # one-class: labels, if any, all 0
         bad = (~torch.isfinite(features).all(1)).nonzero()[:5, 0].tolist()
         if bad:
             raise ValueError(f"@name@: fit() features contain inf or NaN (rows {bad})")

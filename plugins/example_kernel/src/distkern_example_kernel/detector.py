@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from distkern.io import read_model, write_model
+from distkern.io import normal_only, read_model, write_model
 
 from .ops import standardized_sqdist
 
@@ -35,6 +35,7 @@ class DiagGaussian:
         self._check(features, "fit")
         if features.shape[0] < 1:
             raise ValueError("diag-gaussian: fit() needs at least one sample")
+        normal_only(labels, "diag-gaussian", features.shape[0])  # one-class: labels, if any, all 0
         bad = (~torch.isfinite(features).all(1)).nonzero()[:5, 0].tolist()
         if bad:
             raise ValueError(f"diag-gaussian: fit() features contain inf or NaN (rows {bad})")

@@ -19,7 +19,7 @@ import torch
 
 import distkern
 from distkern.gaussian import GaussianStats, chi2_threshold, pca_whitening, whitening_factor
-from distkern.io import read_model, write_model
+from distkern.io import normal_only, read_model, write_model
 
 FORMAT_VERSION = 1
 _ESTIMATORS = ("ledoit-wolf", "oas", "empirical")
@@ -101,12 +101,14 @@ class GaussianAD:
 
     # -- contract ---------------------------------------------------------------------------------
     def fit(self, features: Any, labels: Optional[torch.Tensor] = None, *, progress: bool = False) -> "GaussianAD":
-        """Fit one Gaussian per level to normal features. ``labels`` is ignored (all normal).
+        """Fit one Gaussian per level to normal features. ``labels``, when given, must all be 0 (normal): the
+        method fits normal data only, and a non-zero label is refused with its rows rather than fitted.
 
         Raises ``ValueError`` on non-finite features (naming the batch and rows) or fewer than 2
         samples, and ``distkern.gaussian.NotPositiveDefiniteError`` (naming the level and the
         smallest eigenvalue) when a covariance cannot be factorised (use shrinkage or a ridge).
         """
+        normal_only(labels, "gaussian-ad")
         batches = [features] if isinstance(features, (torch.Tensor, list, tuple)) else features
         stats: list[GaussianStats] = []
         for batch in batches:

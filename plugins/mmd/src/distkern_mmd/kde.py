@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 import distkern
-from distkern.io import read_model, write_model
+from distkern.io import normal_only, read_model, write_model
 
 FORMAT_VERSION = 1
 
@@ -38,8 +38,10 @@ class KDE:
         self.sigma_: Optional[float] = None
 
     def fit(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> "KDE":
-        """Keep the normal features ``(N, D)`` (N ≥ 2, finite) and choose the bandwidth."""
+        """Keep the normal features ``(N, D)`` (N ≥ 2, finite) and choose the bandwidth. ``labels``, when given,
+        must be N zeros (normal): a non-zero one is refused with its rows."""
         x = self._check(features, "fit")
+        normal_only(labels, "kde", x.shape[0])
         if x.shape[0] < 2:
             raise ValueError(f"kde: fit() needs at least 2 samples; got {x.shape[0]}")
         if not bool(torch.isfinite(x).all()):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import distkern
-from distkern.io import read_model, write_model
+from distkern.io import normal_only, read_model, write_model
 from distkern.gaussian import GaussianStats, NotPositiveDefiniteError, whitening_factor
 
 FORMAT_VERSION = 1
@@ -197,10 +197,7 @@ class PaDiM:
             if not one_batch:
                 raise ValueError("padim: labels are only accepted with a single batch of features; "
                                  "give a loader that yields normal images only")
-            bad = torch.nonzero(torch.as_tensor(labels).reshape(-1) != 0)[:, 0]
-            if bad.numel():
-                raise ValueError(f"padim: PaDiM fits normal images only; labels are non-zero at rows "
-                                 f"{bad[:5].tolist()}{'...' if bad.numel() > 5 else ''} (drop those images)")
+            normal_only(labels, "padim")
         batches: Iterable[Any] = [features] if one_batch else features
         if not one_batch and not isinstance(features, Iterable):
             raise TypeError(f"padim: fit() takes a (B, C, H, W) tensor, a list / dict of such maps, or an "
