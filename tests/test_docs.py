@@ -31,3 +31,22 @@ def test_readme_use_block_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md[Use]", "exec"), {"__name__": "readme_use"})
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_documented_submodules_resolve_after_a_plain_import():
+    """The docs write `distkern.testing.check_method(...)` and `distkern.cpp_extension.load_extension` after a
+    plain `import distkern`: those submodules resolve on first use, and `import distkern` does not load them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, distkern\n"
+        "lazy = ('bench', 'cli', 'cpp_extension', 'metrics', 'scaffold', 'testing')\n"
+        "assert not [m for m in lazy if 'distkern.' + m in sys.modules], 'loaded eagerly'\n"
+        "assert callable(distkern.testing.check_method) and callable(distkern.cpp_extension.load_extension)\n"
+        "assert all(hasattr(distkern, m) for m in lazy) and set(lazy) <= set(dir(distkern))\n"
+        "try:\n    distkern.no_such_thing\nexcept AttributeError as e:\n    assert 'no_such_thing' in str(e)\n"
+        "else:\n    raise SystemExit('no AttributeError')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

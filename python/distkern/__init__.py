@@ -42,6 +42,23 @@ from . import distributed  # noqa: E402
 from . import io  # noqa: E402  (model files: distkern.io.load_model without a separate import)
 
 
+# Submodules with optional or heavier imports load on first use, so `distkern.testing.check_method(...)` works after
+# a plain `import distkern` (as the docs write it) without `import distkern` paying for them.
+_LAZY_SUBMODULES = ("bench", "cli", "cpp_extension", "metrics", "scaffold", "testing")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
+
 def build_info() -> dict:
     """How the compiled module was built: version, torch it was built against, CUDA, archs, threads."""
     info = dict(_C.build_info())
