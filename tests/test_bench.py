@@ -65,6 +65,11 @@ def test_list(capsys):
     assert "mahalanobis/N=200000 D=256 fp32" in out
     assert bench.main(["--list", "--quick", "--ops", "mahalanobis"]) == 0
     assert "N=2000 D=64" in capsys.readouterr().out
+    # a filter that selects only the other suite's cases says so, listing or running
+    assert bench.main(["--list", "--ops", "mahalanobis", "--cases", "N=2000 "]) == 0
+    assert "none match (2 in the quick suite: add --quick)" in capsys.readouterr().out
+    assert bench.main(["--quick", "--ops", "mahalanobis", "--cases", "N=200000 "]) == 2
+    assert "in the full suite: drop --quick" in capsys.readouterr().err
 
 
 def test_cases_regex_selects_cases(capsys, tmp_path):

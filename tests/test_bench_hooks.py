@@ -132,7 +132,7 @@ def test_the_example_kernel_plugin_registers_a_case():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("distkern-example-kernel is not installed (make install installs it)")
     hooks.refresh()
-    found = bench_cases.cases_for("cpu", quick=True, ops=["standardized_sqdist"])
+    found = bench_cases.cases_for("cpu", quick=True, ops=["distkern_example_kernel.standardized_sqdist"])
     assert found and all(c.origin == "distkern-example-kernel" for c in found)
     row = next(h for h in hooks.hook_report() if h["package"] == "distkern-example-kernel")
     assert row["status"] == "ok" and row["cases"] >= 1

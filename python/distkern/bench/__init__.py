@@ -892,6 +892,15 @@ def _list(cases: list[Case], device: str, quick: bool) -> None:
         print(line)
 
 
+def _other_suite_hint(args) -> str:
+    """When the filters select nothing in the chosen suite but something in the other: how to get it."""
+    other = cases_for(args.device, quick=not args.quick, ops=args.ops, match=args.cases)
+    if not other:
+        return ""
+    return (f" ({len(other)} in the {'full' if args.quick else 'quick'} suite: "
+            f"{'drop' if args.quick else 'add'} --quick)")
+
+
 def _first(cases: list, first: str | None) -> list:
     """The cases whose name ``first`` finds, then the rest (a stable partition)."""
     if not first:
@@ -929,13 +938,15 @@ def main(argv: list[str] | None = None) -> int:
     cases = _first(cases_for(args.device, quick=args.quick, ops=args.ops, match=args.cases), args.first)
     if args.list:
         _list(cases, args.device, args.quick)
+        if not cases and (args.ops or args.cases):
+            print(f"  none match{_other_suite_hint(args)}")
         return 0
     for line in _broken_hook_lines(hook_report()):
         print(f"distkern bench: warning: {line}", file=sys.stderr)
     if not cases:
         print(f"distkern bench: error: no {'quick' if args.quick else 'full'}-suite cases for "
-              f"{', '.join(args.ops or known)}{f' matching {args.cases!r}' if args.cases else ''} on {args.device}",
-              file=sys.stderr)
+              f"{', '.join(args.ops or known)}{f' matching {args.cases!r}' if args.cases else ''} on {args.device}"
+              f"{_other_suite_hint(args)}", file=sys.stderr)
         return 2
     if args.device == "cuda":
         if not torch.cuda.is_available():

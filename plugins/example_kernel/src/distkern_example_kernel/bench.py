@@ -38,7 +38,7 @@ def _eager(i):
 def _case(N: int, D: int, dtype: torch.dtype, devices: tuple[str, ...], quick: bool = False) -> Case:
     elem = torch.empty((), dtype=dtype).element_size()
     return Case(
-        op="standardized_sqdist",
+        op="distkern_example_kernel.standardized_sqdist",
         label=f"N={N} D={D} {dtype_name(dtype)}",
         params={"N": N, "D": D},
         dtype=dtype,
