@@ -661,16 +661,22 @@ def test_map_errors(rng):
         MAP(x.int(), d)
     with pytest.raises(TypeError, match=r"dirs must be float32"):
         MAP(x, d.long())
-    with pytest.raises(ValueError, match=r"text must be \(\.\.\., K, 2, D\) prompt pairs"):
+    # the wrapper speaks of its own arguments (patches, text), not of the op's pair directions
+    with pytest.raises(ValueError, match=r"text must be prompt pairs \(K, 2, D\), \(L, K, 2, D\) per layer"):
         anomaly_map(x, randn((4, 8), rng))  # no pair dimension
-    with pytest.raises(ValueError, match=r"text must be \(\.\.\., K, 2, D\) prompt pairs"):
+    with pytest.raises(ValueError, match=r"text must be prompt pairs \(K, 2, D\)"):
         anomaly_map(x, randn((2, 4, 3, 8), rng))  # a triple, not a pair
-    with pytest.raises(ValueError, match=r"dirs must have the patches' D"):
+    with pytest.raises(ValueError, match=r"text has D = 9 features per prompt but patches have D = 8"):
         anomaly_map(x, randn((4, 2, 9), rng))
-    with pytest.raises(ValueError, match=r"must have the patches' L = 2"):
+    with pytest.raises(ValueError, match=r"per-layer text \(3, 4, 2, 8\) must have the patches' L = 2 layers"):
         anomaly_map(x, randn((3, 4, 2, 8), rng))
-    with pytest.raises(ValueError, match=r"must match the patches' L = 2 and B = 3"):
+    with pytest.raises(ValueError, match=r"per-image text \(2, 1, 4, 2, 8\) must have the patches' B = 3 images"):
         anomaly_map(x, randn((2, 1, 4, 2, 8), rng))
+    with pytest.raises(ValueError, match=r"patches must be \(B, P, D\) tokens of one layer or \(L, B, P, D\)"):
+        anomaly_map(x[0, 0], randn((4, 2, 8), rng))  # 2-D
+    assert anomaly_map(x[0], randn((4, 2, 8), rng)).shape == (3, 10)  # (B, P, D): one layer
+    with pytest.raises(TypeError, match=r"text must be a tensor of prompt pairs"):
+        anomaly_map(x, [[0.0] * 8] * 2)
     with pytest.raises(TypeError, match=r"patches must be a tensor"):
         anomaly_map(3.0, randn((4, 2, 8), rng))
 

@@ -57,12 +57,35 @@ def anomaly_map(patches, text: torch.Tensor, temperature=1.0 / 0.07) -> torch.Te
         patches = torch.stack(list(patches))
     if not isinstance(patches, torch.Tensor):
         raise TypeError("distkern.anomaly_map: patches must be a tensor (L, B, P, D) or a list of (B, P, D) tensors")
+    if patches.dim() not in (3, 4):
+        raise ValueError("distkern.anomaly_map: patches must be (B, P, D) tokens of one layer or (L, B, P, D) of L "
+                         f"layers; got shape {tuple(patches.shape)}")
     if patches.dim() == 3:
         patches = patches[None]
+    _check_text(text, patches)
     dirs = pair_directions(text, temperature)
     if patches.dtype == torch.float64:
         dirs = dirs.double()
     return torch.ops.distkern.anomaly_map(patches, dirs)
+
+
+def _check_text(text, patches: torch.Tensor) -> None:
+    """The prompt pairs' shape against the (L, B, P, D) patches, in the wrapper's own terms (the op below sees
+    the pair directions, whose messages would name ``dirs``)."""
+    if not isinstance(text, torch.Tensor):
+        raise TypeError(f"distkern.anomaly_map: text must be a tensor of prompt pairs; got {type(text).__name__}")
+    L, B, _, D = patches.shape
+    shape = tuple(text.shape)
+    if text.dim() not in (3, 4, 5) or text.shape[-2] != 2:
+        raise ValueError("distkern.anomaly_map: text must be prompt pairs (K, 2, D), (L, K, 2, D) per layer or "
+                         f"(L, B, K, 2, D) per layer and image (index 0 normal, 1 abnormal); got shape {shape}")
+    if text.shape[-1] != D:
+        raise ValueError(f"distkern.anomaly_map: text has D = {text.shape[-1]} features per prompt but patches have "
+                         f"D = {D}; got text {shape}, patches {tuple(patches.shape)}")
+    if text.dim() >= 4 and text.shape[0] != L:
+        raise ValueError(f"distkern.anomaly_map: per-layer text {shape} must have the patches' L = {L} layers")
+    if text.dim() == 5 and text.shape[1] != B:
+        raise ValueError(f"distkern.anomaly_map: per-image text {shape} must have the patches' B = {B} images")
 
 
 def topk_mean(amap: torch.Tensor, k: int) -> torch.Tensor:
