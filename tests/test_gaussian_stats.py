@@ -268,6 +268,14 @@ def test_errors_are_clear():
         s.covariance("shrunk")
     with pytest.raises(ValueError, match="ridge must be >= 0"):
         s.covariance(ridge=-1.0)
+    with pytest.raises(ValueError, match="ridge must be >= 0; got nan"):
+        s.covariance(ridge=float("nan"))
+    # a string (`distkern fit ... --set ridge=abc`) or a bool is named, not compared
+    with pytest.raises(TypeError, match=r"GaussianStats.factor: ridge must be a number >= 0; got 'abc' \(str\)"):
+        s.factor(ridge="abc")
+    with pytest.raises(TypeError, match=r"whitening_factor: ridge must be a number >= 0; got True"):
+        whitening_factor(torch.eye(3), ridge=True)
+    assert torch.equal(whitening_factor(torch.eye(3), ridge=torch.tensor(1.0)), whitening_factor(torch.eye(3), ridge=1))
     one = GaussianStats().update(torch.randn(1, 3))
     with pytest.raises(ValueError, match=r"needs at least 2 samples; the Gaussian has only \[1\]"):
         one.covariance()

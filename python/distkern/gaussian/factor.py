@@ -1,9 +1,25 @@
 """From a covariance to the whitening factor the Mahalanobis op takes."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 __all__ = ["NotPositiveDefiniteError", "whitening_factor"]
+
+
+def check_ridge(ridge, who: str) -> float:
+    """``ridge`` as a float, or a clear error naming ``who``: a real number (not a bool or a string, as
+    ``--set ridge=...`` might pass), finite and ``>= 0``."""
+    if isinstance(ridge, torch.Tensor) and ridge.numel() == 1:
+        ridge = ridge.item()
+    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real):
+        raise TypeError(f"{who}: ridge must be a number >= 0; got {ridge!r} ({type(ridge).__name__})")
+    ridge = float(ridge)
+    if not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"{who}: ridge must be >= 0; got {ridge}")
+    return ridge
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -34,8 +50,7 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
     """
     if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
         raise ValueError(f"whitening_factor: cov must be a (..., D, D) square matrix; got shape {tuple(cov.shape)}")
-    if ridge < 0:
-        raise ValueError(f"whitening_factor: ridge must be >= 0; got {ridge}")
+    ridge = check_ridge(ridge, "whitening_factor")
     c = cov.to(torch.float64)
     if not bool(torch.isfinite(c).all()):
         raise ValueError("whitening_factor: cov has non-finite (inf or NaN) entries")

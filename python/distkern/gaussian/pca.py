@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .factor import NotPositiveDefiniteError
+from .factor import NotPositiveDefiniteError, check_ridge
 
 __all__ = ["PCAWhitening", "eigendecomposition", "pca_whitening"]
 
@@ -89,8 +89,7 @@ def pca_whitening(cov: torch.Tensor, variance_ratio: float = 0.99, mode: Literal
         raise ValueError(f"pca_whitening: mode must be 'pca' or 'npca'; got {mode!r}")
     if not 0.0 <= variance_ratio <= 1.0:
         raise ValueError(f"pca_whitening: variance_ratio must lie in [0, 1]; got {variance_ratio}")
-    if ridge < 0:
-        raise ValueError(f"pca_whitening: ridge must be >= 0; got {ridge}")
+    ridge = check_ridge(ridge, "pca_whitening")
     lam, U = eigendecomposition(cov)
     D = lam.shape[0]
     pos = lam.clamp_min(0.0)

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Literal, NamedTuple
 
 import torch
 
-from .factor import NotPositiveDefiniteError, whitening_factor
+from .factor import NotPositiveDefiniteError, check_ridge, whitening_factor
 from .shrinkage import ledoit_wolf_shrinkage, oas_shrinkage, shrink
 
 __all__ = ["GaussianStats", "Estimator"]
@@ -430,8 +430,7 @@ class GaussianStats:
             ValueError: no data, an unknown estimator, a negative ridge, or a group (named) with
                 fewer than 2 samples.
         """
-        if ridge < 0:
-            raise ValueError(f"GaussianStats.covariance: ridge must be >= 0; got {ridge}")
+        ridge = check_ridge(ridge, "GaussianStats.covariance")
         cov, _ = self._estimate(estimator, pooled, "covariance")
         if ridge:
             cov.diagonal(dim1=-2, dim2=-1).add_(ridge)
@@ -455,6 +454,7 @@ class GaussianStats:
             NotPositiveDefiniteError: a covariance is not positive definite; the message names the
                 class / position and its smallest eigenvalue (pass ``ridge > 0`` or use shrinkage).
         """
+        ridge = check_ridge(ridge, "GaussianStats.factor")
         cov = self.covariance(estimator, pooled=pooled)
         try:
             return whitening_factor(cov, ridge=ridge, dtype=dtype)
