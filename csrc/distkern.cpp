@@ -119,6 +119,7 @@ pybind11::dict build_info() {
 #endif
   d["intraop_threads"] = at::get_num_threads();
   d["compiler"] = __VERSION__;
+  d["cpu_gemm"] = distkern::cpu::gemm_isa();  // which CPU product kernel runs here (avx512 / avx2 / none)
   return d;
 }
 
@@ -136,8 +137,12 @@ PYBIND11_MODULE(_C, m) {
         "for cuBLAS), 0 FMA, 1 TF32 tensor cores, 2 3xTF32 tensor cores. No effect on the CPU.");
   m.def("matmul_mode", &distkern::matmul_mode_setting);
   m.def("cpu_fast_gemm", &distkern::cpu::fast_gemm_enabled,
-        "Whether the CPU float32 products run on distkern's AVX-512 kernel (AVX-512F present and "
-        "DISTKERN_CPU_GEMM not 0), else through torch's BLAS");
+        "Whether the CPU float32 products run on distkern's own micro-kernel (AVX-512F or AVX2+FMA present "
+        "and DISTKERN_CPU_GEMM not 0), else through torch's BLAS");
+  m.def("cpu_avx512", &distkern::cpu::avx512_enabled,
+        "Whether distkern's AVX-512 CPU code runs (its product kernel, and the φ / sigmoid lanes that only "
+        "exist in AVX-512); DISTKERN_CPU_GEMM=avx2 or 0 turns it off");
+  m.def("cpu_gemm_isa", &distkern::cpu::gemm_isa, "Which CPU product kernel runs: 'avx512', 'avx2' or 'none'");
   m.attr("auto_tensor_cores") = distkern::kAutoTensorCores;
 #ifdef DISTKERN_WITH_CUDA
   m.def("set_cuda_tile_config", &distkern::mahalanobis::set_tile_config,

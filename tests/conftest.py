@@ -75,18 +75,19 @@ def gloo_run(tmp_path):
 
 @pytest.fixture
 def with_and_without_avx512(tmp_path):
-    """Run a snippet twice in fresh interpreters, with distkern's AVX-512 CPU code on and with
-    DISTKERN_CPU_GEMM=0 (torch's BLAS and the scalar φ), and return what each saved.
+    """Run a snippet three times in fresh interpreters — distkern's CPU code as it chooses itself (AVX-512
+    where the CPU has it), DISTKERN_CPU_GEMM=avx2 (the AVX2 micro-kernel for every product, the scalar φ) and
+    DISTKERN_CPU_GEMM=0 (torch's BLAS and the scalar φ) — and return what each saved, in that order.
 
     ``with_and_without_avx512(code)``: ``code`` saves its result with ``torch.save(obj, sys.argv[1])``.
-    On a CPU without AVX-512F both runs take the fallback and agree trivially."""
+    On a CPU without AVX2 the runs take the fallback and agree trivially."""
     import os
     import subprocess
     import sys
 
     def run(code: str) -> list:
         outs = []
-        for flag in ("1", "0"):
+        for flag in ("1", "avx2", "0"):
             path = tmp_path / f"result_{flag}.pt"
             subprocess.run([sys.executable, "-c", code, str(path)], check=True,
                            env=dict(os.environ, DISTKERN_CPU_GEMM=flag), timeout=120)

@@ -8,7 +8,7 @@ import torch
 
 import distkern  # noqa: F401  (loads the ops)
 from distkern.mmd import _ESTIMATOR_ID, _FUSED_KERNELS, _fused_cpu, mmd2
-from distkern.ops._cpu import fast_cpu_products
+from distkern.ops._cpu import avx512_cpu_math
 from distkern.ops.kernel_sum import KERNELS, kernel_params
 
 from test_kernel_sum import KERNELS as KERNEL_CASES, dense_kernel
@@ -50,15 +50,20 @@ def test_dense_products_float64_and_errors(rng):
 
 
 def test_avx512_kernel_off_gives_the_same_products(with_and_without_avx512):
-    """DISTKERN_CPU_GEMM=0 takes at::mm (MKL): the two paths agree to float32 rounding."""
+    """DISTKERN_CPU_GEMM=0 takes at::mm (MKL), =avx2 the AVX2 kernel: every path agrees to float32 rounding
+    (the products with many rows pack B, the others read it in place)."""
     code = (
         "import torch, distkern, sys\n"
         "g = torch.Generator().manual_seed(3)\n"
         "z = torch.randn(70, 333, generator=g); b = torch.randn(40, 70, generator=g)\n"
-        "torch.save((torch.ops.distkern.dense_gram(z), torch.ops.distkern.dense_mm(b, z)), sys.argv[1])\n"
+        "w = torch.randn(300, 70, generator=g)\n"
+        "torch.save((torch.ops.distkern.dense_gram(z), torch.ops.distkern.dense_mm(b, z),\n"
+        "            torch.ops.distkern.dense_mm(w, z), torch.ops.distkern.dense_mm(w, z.t().contiguous().t())), sys.argv[1])\n"
     )
-    for a, b in zip(*with_and_without_avx512(code)):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+    *runs, blas = with_and_without_avx512(code)
+    for run in runs:
+        for a, b in zip(run, blas):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
 def reference_mmd(x, y, kernel, kw, estimator):
@@ -143,7 +148,7 @@ def test_mmd2_takes_the_fused_path(kernel, kw, rng):
     kw = {k: [b * 25 for b in v] if isinstance(v, list) else v * 25 for k, v in kw.items()}  # σ ~ the distances
     with torch.no_grad():
         fused = _fused_cpu(x, kernel)
-        assert fused == (kernel in _FUSED_KERNELS or fast_cpu_products())
+        assert fused == (kernel in _FUSED_KERNELS or avx512_cpu_math())
         assert not _fused_cpu(x.double(), kernel) or kernel in _FUSED_KERNELS
     with torch.autograd.profiler.profile() as prof:
         loss = mmd2(x, y, kernel=kernel, estimator="unbiased", **kw)

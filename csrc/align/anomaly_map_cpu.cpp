@@ -84,7 +84,7 @@ void forward(const MapInputs& in, at::Tensor& out) {
   acc_t* op = out.data_ptr<acc_t>();
   const auto opts = in.dirs.options();
   const acc_t scale = acc_t(1) / static_cast<acc_t>(L * K);
-  const bool vec = cpu::fast_gemm_enabled();  // distkern's AVX-512 code runs here
+  const bool vec = cpu::avx512_enabled();  // distkern's AVX-512 sigmoid lanes run here
   at::parallel_for(0, B * ntiles, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor xt = at::empty({kRows, D}, opts);
     at::Tensor zt = at::empty({kRows, K}, opts);

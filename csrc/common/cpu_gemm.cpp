@@ -1,12 +1,18 @@
-// AVX-512 single-precision products for the CPU paths (see cpu_gemm.h for why and the contract).
+// distkern's single-precision products for the CPU paths (see cpu_gemm.h for why and the contract).
 //
 // Schedule (GotoBLAS order, sized for a 48 KiB L1 / 1 MiB L2): for each block of ≤ 512 columns and
 // each K block of 256, the B block is read in place when its rows are contiguous (else packed once,
-// zero-padded to 32 columns); for each 12-row block of A, A is packed k-major (12 × 256 floats, 12
-// KiB, in L1) and the 12×32 micro-kernel runs over the column panels. Per k the micro-kernel does 2
-// vector loads of B, 12 broadcasts of A and 24 FMAs: 0.23 bytes of L1 traffic per FLOP.
-// Two variants: a lower-triangular B (tril_driver: A packed once, B's panels outermost, each from its
-// diagonal) and z·zᵀ (gram_tile: dot products along the rows of z, upper-triangle tiles only).
+// zero-padded to NR columns); for each MR-row block of A, A is packed k-major (MR × 256 floats, in
+// L1) and the MR×NR micro-kernel runs over the column panels. One of two micro-kernels, chosen at run
+// time (Kern below):
+//   AVX-512F  12×32: 24 zmm accumulators; per k 2 vector loads of B, 12 broadcasts of A, 24 FMAs
+//             (0.23 bytes of L1 traffic per FLOP).
+//   AVX2+FMA   6×16: 12 of the 16 ymm registers accumulate, 2 hold B, 1 the broadcast; per k 2 loads,
+//             6 broadcasts, 12 FMAs (0.33 bytes per FLOP) — two FMA pipes kept busy by 12 independent
+//             chains of 4-5 cycles' latency.
+// Two variants of the driver: a lower-triangular B (tril_driver: A packed once, B's panels outermost,
+// each from its diagonal) and z·zᵀ (gram tiles: dot products along the rows of z, upper-triangle tiles
+// only).
 #include "common/cpu_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -27,13 +33,76 @@ namespace distkern {
 namespace cpu {
 namespace {
 
-constexpr int kMR = 12;     // rows of the register tile (broadcasts)
-constexpr int kNR = 32;     // columns of the register tile (two 16-float vectors)
-constexpr int64_t kKC = 256;  // K block: a packed A block (12 × 256 floats) stays in L1
+constexpr int kMR = 12;       // AVX-512: rows of the register tile (broadcasts)
+constexpr int kNR = 32;       // AVX-512: columns of the register tile (two 16-float vectors)
+constexpr int kMR2 = 6;       // AVX2: rows of the register tile
+constexpr int kNR2 = 16;      // AVX2: columns of the register tile (two 8-float vectors)
+constexpr int kMRMax = kMR;   // the largest row tile (packing buffers)
+constexpr int64_t kKC = 256;  // K block: a packed A block (≤ 12 × 256 floats) stays in L1
 constexpr int64_t kNC = 512;  // column block: a B block (256 × 512 floats) stays in L2
 constexpr int64_t kPrefetchRows = 24;  // software prefetch distance along B's rows
 
+// The cursor of a PrefetchRows stream: the next line to fetch, row by row.
+struct StreamCursor {
+  const PrefetchRows* s = nullptr;
+  int64_t row = 0, off = 0;  // row of the stream, byte offset within it
+  bool done() const { return s == nullptr || row >= s->rows; }
+};
+
+using MicroFn = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t, int, bool, StreamCursor*);
+// G[i0 + r, j0 + c] (=|+=) Σ_k z[i0 + r, k] · z[j0 + c, k] over k ∈ [k0, k0 + kc), r < ri, c < cj (≤ 4 each)
+using GramFn = void (*)(const float*, int64_t, int64_t, int, int64_t, int, int64_t, int64_t, float*, int64_t, bool);
+
+// One micro-kernel family: its register tile, its kernels by row count (index mr ≤ mr_max; with and
+// without the PrefetchRows stream), its Gram tile, and the driver's blocking for it:
+//   mc       rows of A packed per K block, all of whose MR-row blocks run against one NR-column panel
+//            of B before the next panel (BLIS order: the panel, kc × NR, stays in L1 across them). With
+//            mc = mr the driver runs each row block across all panels instead (A's block in L1, B's
+//            panels from L2), the order the AVX-512 kernel was measured in;
+//   pack_b   pack B (NR-padded, contiguous) when C has more rows than this even where B's rows are
+//            contiguous: in place, a panel's rows lie ldb apart and alias in L1 when that is a multiple
+//            of 4 KiB, so a panel reused across row blocks does not stay there.
+struct Kern {
+  int mr, nr;
+  const MicroFn* micro;
+  const MicroFn* micro_pf;
+  GramFn gram;
+  int64_t mc, pack_b;
+};
+
 #if DK_AVX512_CODE
+// Two lines of a PrefetchRows stream into L2 per call (one call per k of a micro-kernel: the scalar
+// ports are idle there). Plain x86-64 code, inlined into either micro-kernel.
+struct PrefetchStep {
+  const char* base = nullptr;
+  const char* pp = nullptr;
+  int64_t row = 0, off = 0, len = 0, rows = 0, ld = 0;
+
+  explicit PrefetchStep(const StreamCursor* c) {
+    if (c == nullptr || c->s == nullptr) return;
+    base = static_cast<const char*>(c->s->base);
+    row = c->row, off = c->off, rows = c->s->rows, ld = c->s->ld_bytes, len = c->s->row_bytes;
+    pp = base + row * ld + off;
+  }
+  void two_lines() {
+    for (int l = 0; l < 2; ++l) {
+      if (row < rows) {
+        _mm_prefetch(pp, _MM_HINT_T1);
+        off += 64;
+        pp += 64;
+        if (off >= len) {  // on to the next row's first line
+          ++row;
+          off = 0;
+          pp = base + row * ld;
+        }
+      }
+    }
+  }
+  void save(StreamCursor* c) const {
+    c->row = row;
+    c->off = off;
+  }
+};
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 // GCC 12's avx512fintrin.h builds _mm512_reduce_add_ps on _mm512_undefined_pd and then warns that it
@@ -43,26 +112,12 @@ constexpr int64_t kPrefetchRows = 24;  // software prefetch distance along B's r
 
 // C[0:MR, 0:nr] (=|+=) Σ_k ap[k·kMR + r] · bp[k·ldb + j] for k < kc. bp rows are read with masks, so a
 // direct (unpacked) B may end anywhere.
-// The cursor of a PrefetchRows stream: the next line to fetch, row by row.
-struct StreamCursor {
-  const PrefetchRows* s = nullptr;
-  int64_t row = 0, off = 0;  // row of the stream, byte offset within it
-  bool done() const { return s == nullptr || row >= s->rows; }
-};
 
 // With Pf, two lines of the cursor's stream are prefetched into L2 per k (the scalar ports are idle here).
 template <int MR, bool Pf = false>
 void micro(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c, int64_t ldc, int nr, bool acc,
            StreamCursor* pf = nullptr) {
-  const char* pbase = nullptr;
-  const char* pp = nullptr;
-  int64_t prow = 0, poff = 0, plen = 0, prows = 0, pld = 0;
-  if constexpr (Pf) {
-    pbase = static_cast<const char*>(pf->s->base);
-    prow = pf->row, poff = pf->off, prows = pf->s->rows, pld = pf->s->ld_bytes;
-    plen = pf->s->row_bytes;
-    pp = pbase + prow * pld + poff;
-  }
+  PrefetchStep ps(Pf ? pf : nullptr);
   const __mmask16 m0 = nr >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nr) - 1u);
   const __mmask16 m1 =
       nr >= 32 ? static_cast<__mmask16>(0xFFFF) : (nr > 16 ? static_cast<__mmask16>((1u << (nr - 16)) - 1u) : 0);
@@ -77,20 +132,7 @@ void micro(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c, 
     // fetch its rows ~24 iterations (~300 cycles) ahead
     _mm_prefetch(reinterpret_cast<const char*>(bp + (k + kPrefetchRows) * ldb), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(bp + (k + kPrefetchRows) * ldb + 16), _MM_HINT_T0);
-    if constexpr (Pf) {
-      for (int l = 0; l < 2; ++l) {
-        if (prow < prows) {
-          _mm_prefetch(pp, _MM_HINT_T1);
-          poff += 64;
-          pp += 64;
-          if (poff >= plen) {  // on to the next row's first line
-            ++prow;
-            poff = 0;
-            pp = pbase + prow * pld;
-          }
-        }
-      }
-    }
+    if constexpr (Pf) ps.two_lines();
     const __m512 b0 = _mm512_maskz_loadu_ps(m0, bp + k * ldb);
     const __m512 b1 = _mm512_maskz_loadu_ps(m1, bp + k * ldb + 16);
     const float* a = ap + k * kMR;
@@ -111,13 +153,9 @@ void micro(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c, 
     _mm512_mask_storeu_ps(cr, m0, c0[r]);
     _mm512_mask_storeu_ps(cr + 16, m1, c1[r]);
   }
-  if constexpr (Pf) {
-    pf->row = prow;
-    pf->off = poff;
-  }
+  if constexpr (Pf) ps.save(pf);
 }
 
-using MicroFn = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t, int, bool, StreamCursor*);
 constexpr MicroFn kMicro[kMR + 1] = {nullptr,    &micro<1>, &micro<2>, &micro<3>,  &micro<4>,  &micro<5>, &micro<6>,
                                      &micro<7>,  &micro<8>, &micro<9>, &micro<10>, &micro<11>, &micro<12>};
 constexpr MicroFn kMicroPf[kMR + 1] = {
@@ -125,9 +163,7 @@ constexpr MicroFn kMicroPf[kMR + 1] = {
     &micro<5, true>,   &micro<6, true>,  &micro<7, true>,  &micro<8, true>, &micro<9, true>,
     &micro<10, true>,  &micro<11, true>, &micro<12, true>};
 
-// Gram tiles in dot-product form: G[i0 + r, j0 + c] (=|+=) Σ_k z[i0 + r, k] · z[j0 + c, k] over
-// k ∈ [k0, k0 + kc), r < ri, c < cj (≤ 4 each; missing rows read row 0 of the tile and are not
-// stored). Rows of z are contiguous along k, so no transposition is needed: 8 vector loads per 16
+// Gram tiles in dot-product form (GramFn; missing rows read row 0 of the tile and are not stored). Rows of z are contiguous along k, so no transposition is needed: 8 vector loads per 16
 // FMAs, then one horizontal sum per entry per K block.
 void gram_tile(const float* z, int64_t ldz, int64_t i0, int ri, int64_t j0, int cj, int64_t k0, int64_t kc,
                float* g, int64_t ldg, bool acc) {
@@ -171,35 +207,158 @@ void gram_tile(const float* z, int64_t ldz, int64_t i0, int ri, int64_t j0, int 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
-// ap[k·kMR + r] = a[r·sam + k·sak] for r < mr, k < kc: a block of A, k-major, as the micro-kernel
-// broadcasts it.
-void pack_a(const float* a, int64_t sam, int64_t sak, int mr, int64_t kc, float* ap) {
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// The first n ∈ [0, 8] lanes set (maskload / maskstore touch no memory outside them).
+inline __m256i lane_mask(int n) {
+  static const int32_t bits[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + 8 - n));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The AVX2 micro-kernel: the AVX-512 one's contract on a 6×16 tile (ap k-major with stride kMR2).
+template <int MR, bool Pf = false>
+void micro2(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c, int64_t ldc, int nr, bool acc,
+            StreamCursor* pf = nullptr) {
+  PrefetchStep ps(Pf ? pf : nullptr);
+  const bool full = nr >= kNR2;
+  const __m256i m0 = lane_mask(std::min(nr, 8)), m1 = lane_mask(std::max(0, std::min(nr - 8, 8)));
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = _mm256_setzero_ps();
+    c1[r] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    // a 16-float row of B spans at most two lines: fetch both, ~24 rows ahead (see the AVX-512 kernel)
+    _mm_prefetch(reinterpret_cast<const char*>(bp + (k + kPrefetchRows) * ldb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(bp + (k + kPrefetchRows) * ldb + 15), _MM_HINT_T0);
+    if constexpr (Pf) ps.two_lines();
+    const float* brow = bp + k * ldb;
+    __m256 b0, b1;
+    if (full) {
+      b0 = _mm256_loadu_ps(brow);
+      b1 = _mm256_loadu_ps(brow + 8);
+    } else {
+      b0 = _mm256_maskload_ps(brow, m0);
+      b1 = _mm256_maskload_ps(brow + 8, m1);
+    }
+    const float* a = ap + k * kMR2;
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r);
+      c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + r * ldc;
+    if (full) {
+      if (acc) {
+        c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(cr));
+        c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(cr + 8));
+      }
+      _mm256_storeu_ps(cr, c0[r]);
+      _mm256_storeu_ps(cr + 8, c1[r]);
+    } else {
+      if (acc) {
+        c0[r] = _mm256_add_ps(c0[r], _mm256_maskload_ps(cr, m0));
+        c1[r] = _mm256_add_ps(c1[r], _mm256_maskload_ps(cr + 8, m1));
+      }
+      _mm256_maskstore_ps(cr, m0, c0[r]);
+      _mm256_maskstore_ps(cr + 8, m1, c1[r]);
+    }
+  }
+  if constexpr (Pf) ps.save(pf);
+}
+
+// Gram tiles on AVX2 (GramFn), two rows of the 4×4 tile at a time: 8 accumulators, 6 loads per 8 FMAs.
+void gram_tile2(const float* z, int64_t ldz, int64_t i0, int ri, int64_t j0, int cj, int64_t k0, int64_t kc,
+                float* g, int64_t ldg, bool acc) {
+  const float* b[4];
+  for (int c = 0; c < 4; ++c) b[c] = z + (j0 + (c < cj ? c : 0)) * ldz + k0;
+  for (int r0 = 0; r0 < ri; r0 += 2) {
+    const float* a[2];
+    for (int q = 0; q < 2; ++q) a[q] = z + (i0 + (r0 + q < ri ? r0 + q : r0)) * ldz + k0;
+    __m256 s[2][4];
+    for (int q = 0; q < 2; ++q)
+      for (int c = 0; c < 4; ++c) s[q][c] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= kc; k += 8) {
+      __m256 av[2], bv[4];
+      for (int q = 0; q < 2; ++q) av[q] = _mm256_loadu_ps(a[q] + k);
+      for (int c = 0; c < 4; ++c) bv[c] = _mm256_loadu_ps(b[c] + k);
+      for (int q = 0; q < 2; ++q)
+        for (int c = 0; c < 4; ++c) s[q][c] = _mm256_fmadd_ps(av[q], bv[c], s[q][c]);
+    }
+    if (k < kc) {
+      const __m256i m = lane_mask(static_cast<int>(kc - k));
+      __m256 av[2], bv[4];
+      for (int q = 0; q < 2; ++q) av[q] = _mm256_maskload_ps(a[q] + k, m);
+      for (int c = 0; c < 4; ++c) bv[c] = _mm256_maskload_ps(b[c] + k, m);
+      for (int q = 0; q < 2; ++q)
+        for (int c = 0; c < 4; ++c) s[q][c] = _mm256_fmadd_ps(av[q], bv[c], s[q][c]);
+    }
+    for (int q = 0; q < 2 && r0 + q < ri; ++q)
+      for (int c = 0; c < cj; ++c) {
+        const float v = hsum(s[q][c]);
+        float* dst = g + (i0 + r0 + q) * ldg + j0 + c;
+        *dst = acc ? *dst + v : v;
+      }
+  }
+}
+
+#pragma GCC pop_options
+
+constexpr MicroFn kMicro2[kMR2 + 1] = {nullptr, &micro2<1>, &micro2<2>, &micro2<3>, &micro2<4>, &micro2<5>,
+                                       &micro2<6>};
+constexpr MicroFn kMicro2Pf[kMR2 + 1] = {nullptr,         &micro2<1, true>, &micro2<2, true>, &micro2<3, true>,
+                                         &micro2<4, true>, &micro2<5, true>, &micro2<6, true>};
+const Kern kAvx512{kMR, kNR, kMicro, kMicroPf, &gram_tile, kMR, INT64_MAX};
+// 6×16 reuses each B value for 6 rows only: from L2 that is 3 FLOP a byte, which starved the FMA pipes
+// (~45 % of peak on a Zen 3 core); with the panel in L1 across 16 row blocks (96 rows, A's 96 KiB block in
+// L2, each A value used 16 times) it is 8.
+const Kern kAvx2{kMR2, kNR2, kMicro2, kMicro2Pf, &gram_tile2, 96, 2 * kMR2};
+
+// ap[k·mrs + r] = a[r·sam + k·sak] for r < mr, k < kc: a block of A, k-major with stride mrs (the
+// kernel's row tile), as the micro-kernel broadcasts it.
+void pack_a(const float* a, int64_t sam, int64_t sak, int mr, int mrs, int64_t kc, float* ap) {
   for (int r = 0; r < mr; ++r) {
     const float* src = a + r * sam;
     if (sak == 1) {
-      for (int64_t k = 0; k < kc; ++k) ap[k * kMR + r] = src[k];
+      for (int64_t k = 0; k < kc; ++k) ap[k * mrs + r] = src[k];
     } else {
-      for (int64_t k = 0; k < kc; ++k) ap[k * kMR + r] = src[k * sak];
+      for (int64_t k = 0; k < kc; ++k) ap[k * mrs + r] = src[k * sak];
     }
   }
 }
 
-// The driver (plain C++; only the micro-kernel needs AVX-512): rows [0, M) of C.
-void gemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b,
-                 int64_t sbk, int64_t sbn, float* c, int64_t ldc, bool accumulate) {
+// The driver (plain C++; only the micro-kernels need AVX2 / AVX-512): rows [0, M) of C.
+void gemm_driver(const Kern& kern, int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak,
+                 const float* b, int64_t sbk, int64_t sbn, float* c, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::memset(c + i * ldc, 0, sizeof(float) * N);
     return;
   }
+  const int MR = kern.mr, NR = kern.nr;
+  const int64_t MC = kern.mc;  // a multiple of MR
   thread_local std::vector<float> abuf, bbuf;
-  abuf.resize(kMR * kKC);
-  const bool direct_b = sbn == 1;
-  if (!direct_b) bbuf.resize(kKC * kNC);
+  abuf.resize(static_cast<size_t>(std::max<int64_t>(MC, MR) * kKC));
+  const bool direct_b = sbn == 1 && M <= kern.pack_b;
+  if (!direct_b) bbuf.resize(kKC * kNC);  // kNC is a multiple of both NR
   for (int64_t jc = 0; jc < N; jc += kNC) {
     const int64_t nc = std::min(kNC, N - jc);
-    const int64_t ncp = (nc + kNR - 1) / kNR * kNR;
     for (int64_t k0 = 0; k0 < K; k0 += kKC) {
       const int64_t kc = std::min(kKC, K - k0);
       const bool acc = accumulate || k0 > 0;
@@ -208,81 +367,114 @@ void gemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, i
       if (direct_b) {
         bp = b + k0 * sbk + jc;
         ldb = sbk;
-      } else {  // pack B[k0:k0+kc, jc:jc+nc] row-major, zero-padded to ncp columns
-        float* dst = bbuf.data();
-        for (int64_t k = 0; k < kc; ++k) {
-          const float* src = b + (k0 + k) * sbk + jc * sbn;
-          float* row = dst + k * ncp;
-          for (int64_t j = 0; j < nc; ++j) row[j] = src[j * sbn];
-          for (int64_t j = nc; j < ncp; ++j) row[j] = 0.f;
+      } else {  // pack B[k0:k0+kc, jc:jc+nc] panel by panel: each NR-column panel kc × NR contiguous
+        float* dst = bbuf.data();  // (zero-padded), so that it occupies consecutive L1 lines
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          const int64_t w = std::min<int64_t>(NR, nc - jr);
+          float* panel = dst + jr * kc;
+          for (int64_t k = 0; k < kc; ++k) {
+            const float* src = b + (k0 + k) * sbk + (jc + jr) * sbn;
+            float* row = panel + k * NR;
+            if (sbn == 1) {
+              std::memcpy(row, src, sizeof(float) * w);
+            } else {
+              for (int64_t j = 0; j < w; ++j) row[j] = src[j * sbn];
+            }
+            for (int64_t j = w; j < NR; ++j) row[j] = 0.f;
+          }
         }
         bp = dst;
-        ldb = ncp;
+        ldb = NR;
       }
-      for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
-        float* ap = abuf.data();
-        pack_a(a + i0 * sam + k0 * sak, sam, sak, mr, kc, ap);
-        for (int64_t jr = 0; jr < nc; jr += kNR) {
-          const int nr = static_cast<int>(std::min<int64_t>(kNR, nc - jr));
-          kMicro[mr](ap, bp + jr, ldb, kc, c + i0 * ldc + jc + jr, ldc, nr, acc, nullptr);
+      for (int64_t ic = 0; ic < M; ic += MC) {  // pack up to MC rows of A, MR-row blocks k-major
+        const int64_t mc = std::min(MC, M - ic);
+        for (int64_t i = 0; i < mc; i += MR)
+          pack_a(a + (ic + i) * sam + k0 * sak, sam, sak, static_cast<int>(std::min<int64_t>(MR, mc - i)), MR, kc,
+                 abuf.data() + i * kc);
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
+          const float* panel = direct_b ? bp + jr : bp + jr * kc;
+          for (int64_t i = 0; i < mc; i += MR) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, mc - i));
+            kern.micro[mr](abuf.data() + i * kc, panel, ldb, kc, c + (ic + i) * ldc + jc + jr, ldc, nr, acc, nullptr);
+          }
         }
       }
     }
   }
 }
 
-// C = A·B with B lower-triangular (B[k, j] = 0 for k < j, rows contiguous): each 32-column panel
-// starting at column jr runs over k ≥ jr only. A is packed once, all of it (12-row blocks, k-major),
+// C = A·B with B lower-triangular (B[k, j] = 0 for k < j, rows contiguous): each NR-column panel
+// starting at column jr runs over k ≥ jr only. A is packed once, all of it (MR-row blocks, k-major),
 // and the panels are the outer loop, so that each panel of B — streamed from memory when B is one of
 // PaDiM's P factors — is read once and reused from L1/L2 by every row block (the triangular
 // products of mahalanobis*: tens of rows, K = D).
-void tril_driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b,
-                 int64_t sbk, float* c, int64_t ldc, const PrefetchRows* next) {
+void tril_driver(const Kern& kern, int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak,
+                 const float* b, int64_t sbk, float* c, int64_t ldc, const PrefetchRows* next) {
   StreamCursor cur;
   cur.s = next != nullptr && next->base != nullptr && next->rows > 0 ? next : nullptr;
+  const int MR = kern.mr, NR = kern.nr;
   thread_local std::vector<float> abuf;
-  const int64_t nblk = (M + kMR - 1) / kMR, kk = std::max<int64_t>(K, 1);
-  abuf.resize(static_cast<size_t>(nblk * kMR * kk));
+  const int64_t nblk = (M + MR - 1) / MR, kk = std::max<int64_t>(K, 1);
+  abuf.resize(static_cast<size_t>(nblk * MR * kk));
   for (int64_t blk = 0; blk < nblk; ++blk) {
-    const int64_t i0 = blk * kMR;
-    const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
-    pack_a(a + i0 * sam, sam, sak, mr, K, abuf.data() + blk * kMR * kk);
+    const int64_t i0 = blk * MR;
+    const int mr = static_cast<int>(std::min<int64_t>(MR, M - i0));
+    pack_a(a + i0 * sam, sam, sak, mr, MR, K, abuf.data() + blk * MR * kk);
   }
-  for (int64_t jr = 0; jr < N; jr += kNR) {
-    const int nr = static_cast<int>(std::min<int64_t>(kNR, N - jr));
+  for (int64_t jr = 0; jr < N; jr += NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(NR, N - jr));
     const int64_t k0 = std::min(jr, K);
     for (int64_t blk = 0; blk < nblk; ++blk) {
-      const int64_t i0 = blk * kMR;
-      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - i0));
+      const int64_t i0 = blk * MR;
+      const int mr = static_cast<int>(std::min<int64_t>(MR, M - i0));
       float* ct = c + i0 * ldc + jr;
       if (k0 >= K) {  // the panel lies wholly above B's diagonal
         for (int r = 0; r < mr; ++r) std::memset(ct + r * ldc, 0, sizeof(float) * nr);
         continue;
       }
-      (cur.done() ? kMicro : kMicroPf)[mr](abuf.data() + blk * kMR * kk + k0 * kMR, b + k0 * sbk + jr, sbk, K - k0,
-                                           ct, ldc, nr, false, &cur);
+      (cur.done() ? kern.micro : kern.micro_pf)[mr](abuf.data() + blk * MR * kk + k0 * MR, b + k0 * sbk + jr, sbk,
+                                                    K - k0, ct, ldc, nr, false, &cur);
     }
   }
 }
-
-bool cpu_has_avx512f() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
-}
 #endif  // DK_AVX512_CODE
 
-bool compute_enabled() {
+// The micro-kernel family this process uses for its products, or nullptr (torch's BLAS), and the one for
+// the triangular products that stream a factor from memory (mm_tril_out with `next`: PaDiM's
+// per-position factors). DISTKERN_CPU_GEMM=0 turns both off; DISTKERN_CPU_GEMM=avx2 takes the AVX2 kernel
+// for both, even where AVX-512F is present (tests cover it that way). Otherwise AVX-512F takes both where
+// the CPU has it. Without AVX-512 the AVX2 kernel takes the streamed triangular products only: there it
+// ran 1.4–1.9× torch's BLAS (Zen 3, B = 32, P = 3136 / 400, D = 100 / 550), the next factor's lines
+// fetched while the current one is multiplied, which a BLAS call cannot overlap; on the other products
+// MKL's own AVX2 sgemm was as fast or faster (0.5–0.9× for this kernel in the ops' benchmarks), so they
+// stay with it (benchmarks/README.md, "CPU products").
+const Kern* select_kernel(bool streamed_tril) {
 #if DK_AVX512_CODE
   const char* env = std::getenv("DISTKERN_CPU_GEMM");
-  if (env != nullptr && env[0] == '0' && env[1] == '\0') return false;
-  return cpu_has_avx512f();
+  if (env != nullptr && std::strcmp(env, "0") == 0) return nullptr;
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (env != nullptr && std::strcmp(env, "avx2") == 0) return avx2 ? &kAvx2 : nullptr;
+  if (__builtin_cpu_supports("avx512f")) return &kAvx512;
+  return avx2 && streamed_tril ? &kAvx2 : nullptr;
 #else
-  return false;
+  (void)streamed_tril;
+  return nullptr;
 #endif
 }
 
-// Row blocks of 12 in an order that balances the triangle of gram across contiguous chunks:
+const Kern* kernel() {
+  static const Kern* const k = select_kernel(false);
+  return k;
+}
+
+const Kern* streamed_tril_kernel() {
+  static const Kern* const k = select_kernel(true);
+  return k;
+}
+
+// Row blocks in an order that balances the triangle of gram across contiguous chunks:
 // 0, last, 1, last − 1, ...
 std::vector<int64_t> balanced_blocks(int64_t nblocks) {
   std::vector<int64_t> order;
@@ -300,16 +492,27 @@ bool usable(const at::Tensor& t) {
 
 }  // namespace
 
-bool fast_gemm_enabled() {
-  static const bool on = compute_enabled();
-  return on;
+bool fast_gemm_enabled() { return kernel() != nullptr; }
+
+bool avx512_enabled() {
+#if DK_AVX512_CODE
+  return kernel() == &kAvx512;
+#else
+  return false;
+#endif
+}
+
+const char* gemm_isa() {
+  if (kernel() == nullptr) return "none";
+  return avx512_enabled() ? "avx512" : "avx2";
 }
 
 bool sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b, int64_t sbk,
            int64_t sbn, float* c, int64_t ldc, bool accumulate) {
 #if DK_AVX512_CODE
-  if (!fast_gemm_enabled()) return false;
-  gemm_driver(M, N, K, a, sam, sak, b, sbk, sbn, c, ldc, accumulate);
+  const Kern* kern = kernel();
+  if (kern == nullptr) return false;
+  gemm_driver(*kern, M, N, K, a, sam, sak, b, sbk, sbn, c, ldc, accumulate);
   return true;
 #else
   (void)M, (void)N, (void)K, (void)a, (void)sam, (void)sak, (void)b, (void)sbk, (void)sbn, (void)c, (void)ldc,
@@ -334,11 +537,12 @@ void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accu
 
 bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const PrefetchRows* next) {
 #if DK_AVX512_CODE
-  if (!(fast_gemm_enabled() && usable(a) && usable(b) && usable(out) && out.stride(1) == 1 && b.stride(1) == 1 &&
+  const Kern* kern = next != nullptr && next->base != nullptr ? streamed_tril_kernel() : kernel();
+  if (!(kern != nullptr && usable(a) && usable(b) && usable(out) && out.stride(1) == 1 && b.stride(1) == 1 &&
         out.size(0) == a.size(0) && out.size(1) == b.size(1) && a.size(1) == b.size(0)))
     return false;
-  tril_driver(a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), a.stride(1), b.data_ptr<float>(),
-              b.stride(0), out.data_ptr<float>(), out.stride(0), next);
+  tril_driver(*kern, a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), a.stride(1),
+              b.data_ptr<float>(), b.stride(0), out.data_ptr<float>(), out.stride(0), next);
   return true;
 #else
   (void)out, (void)a, (void)b, (void)next;
@@ -350,22 +554,23 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   if (!(fast_gemm_enabled() && usable(a) && usable(b))) return at::mm(a, b);
   TORCH_CHECK(a.size(1) == b.size(0), "distkern: mm shapes ", a.sizes(), " and ", b.sizes(), " do not match");
   const int64_t M = a.size(0), N = b.size(1), K = a.size(1);
+  const int64_t MR = kernel()->mr, NR = kernel()->nr;
   at::Tensor out = at::empty({M, N}, a.options());
-  const int64_t nblocks = (M + kMR - 1) / kMR;
+  const int64_t nblocks = (M + MR - 1) / MR;
   const float* ap = a.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
   float* cp = out.data_ptr<float>();
   // Column panels when the rows are few (B = 64 rows of a backward), row blocks otherwise.
-  if (nblocks >= 2 * at::get_num_threads() || N < 2 * kNR) {
+  if (nblocks >= 2 * at::get_num_threads() || N < 2 * NR) {
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      const int64_t r0 = b0 * kMR, r1 = std::min(M, b1 * kMR);
+      const int64_t r0 = b0 * MR, r1 = std::min(M, b1 * MR);
       sgemm(r1 - r0, N, K, ap + r0 * a.stride(0), a.stride(0), a.stride(1), bp, b.stride(0), b.stride(1),
             cp + r0 * N, N, false);
     });
   } else {
-    const int64_t npanels = (N + kNR - 1) / kNR;
+    const int64_t npanels = (N + NR - 1) / NR;
     at::parallel_for(0, npanels, 1, [&](int64_t p0, int64_t p1) {
-      const int64_t c0 = p0 * kNR, c1 = std::min(N, p1 * kNR);
+      const int64_t c0 = p0 * NR, c1 = std::min(N, p1 * NR);
       sgemm(M, c1 - c0, K, ap, a.stride(0), a.stride(1), bp + c0 * b.stride(1), b.stride(0), b.stride(1), cp + c0, N,
             false);
     });
@@ -379,6 +584,7 @@ at::Tensor gram(const at::Tensor& zin) {
     return at::triu(g) + at::triu(g, 1).t();
   }
 #if DK_AVX512_CODE
+  const GramFn tile = kernel()->gram;
   const at::Tensor z = zin.stride(1) == 1 ? zin : zin.contiguous();
   const int64_t n = z.size(0), K = z.size(1), ldz = z.stride(0);
   if (K == 0) return at::zeros({n, n}, z.options());
@@ -397,7 +603,7 @@ at::Tensor gram(const at::Tensor& zin) {
         const int64_t i0 = order[t] * kT;
         const int ri = static_cast<int>(std::min(kT, n - i0));
         for (int64_t j0 = i0; j0 < n; j0 += kT)
-          gram_tile(zp, ldz, i0, ri, j0, static_cast<int>(std::min(kT, n - j0)), k0, kc, gp, n, k0 > 0);
+          tile(zp, ldz, i0, ri, j0, static_cast<int>(std::min(kT, n - j0)), k0, kc, gp, n, k0 > 0);
       }
     }
   });

@@ -1,14 +1,17 @@
-// Single-precision products for the CPU paths, with an AVX-512 kernel of our own.
+// Single-precision products for the CPU paths, with micro-kernels of our own (AVX-512F and AVX2+FMA).
 //
 // Why: torch's CPU builds multiply float32 through MKL, which on AMD processors runs its AVX2 code
 // even where the core has full-width AVX-512 (Zen 4 / Zen 5): on the 2-core EPYC (Zen 5) of our CI a
 // 1024³ torch.mm reaches 106 GFLOP/s on one core where the same core does 237 GFLOP/s in AVX-512.
-// Our ops' CPU tiles are small, plain row-major products, which one register-blocked kernel covers:
-// a 12×32 tile of C in 24 zmm accumulators, A broadcast from memory, B streamed in 32-column panels
-// (read in place when its rows are contiguous, else packed once per panel and K block).
+// And our ops' CPU tiles are small, plain row-major products (64 rows × a few hundred), where a BLAS
+// call's threading and packing cost as much as the arithmetic. One register-blocked kernel covers
+// them: a 12×32 tile of C in 24 zmm accumulators (AVX-512F) or 6×16 in 12 ymm (AVX2+FMA, on CPUs
+// without AVX-512 for the streamed triangular products only, see mm_tril_out), A broadcast from memory,
+// B streamed in column panels (read in place when its rows are contiguous, else packed once per K block).
 //
-// Every product falls back to at::mm_out when the CPU lacks AVX-512F, for float64 / other dtypes,
-// for layouts it does not take, or when DISTKERN_CPU_GEMM=0 is set (read once per process).
+// Every product falls back to at::mm_out when the CPU has neither, for float64 / other dtypes, for
+// layouts it does not take, or when DISTKERN_CPU_GEMM=0 is set (read once per process;
+// DISTKERN_CPU_GEMM=avx2 takes the AVX2 kernel on an AVX-512 CPU too, for tests and comparisons).
 // Accumulation is float32 in both paths (sequential over k within a K block, as BLAS does).
 #pragma once
 
@@ -19,13 +22,22 @@
 namespace distkern {
 namespace cpu {
 
-// True when the AVX-512 kernel is compiled in, the CPU has AVX-512F and DISTKERN_CPU_GEMM is not 0.
+// True when the products (sgemm, mm_out, mm, gram) run on a micro-kernel of ours in this process: the
+// AVX-512 one (x86-64 GCC build, AVX-512F, DISTKERN_CPU_GEMM not 0), or the AVX2 one when
+// DISTKERN_CPU_GEMM=avx2 asks for it (on AVX2-only CPUs torch's BLAS was as fast or faster for them).
 bool fast_gemm_enabled();
+
+// True when that is the AVX-512 one: the other AVX-512 code (common/avx512_math.h: φ and sigmoid lanes)
+// runs where this is true, and scalar code elsewhere.
+bool avx512_enabled();
+
+// "avx512", "avx2" or "none": which micro-kernel runs the products (build_info / distkern info).
+const char* gemm_isa();
 
 // C (M×N, row stride ldc, unit column stride) = A·B, or C += A·B when accumulate. A is M×K with
 // element (i, k) at a[i·sam + k·sak]; B is K×N with (k, j) at b[k·sbk + j·sbn]. Single-threaded:
-// for use inside a parallel region (the tile loops). Returns false, C untouched, when the AVX-512
-// kernel is not enabled.
+// for use inside a parallel region (the tile loops). Returns false, C untouched, when no micro-kernel
+// is enabled.
 bool sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b,
            int64_t sbk, int64_t sbn, float* c, int64_t ldc, bool accumulate);
 
@@ -43,7 +55,9 @@ struct PrefetchRows {
 };
 
 // out = a @ b for a lower-triangular b (b[k, j] = 0 for k < j, not read there): float32 through the
-// AVX-512 kernel, skipping the zero blocks at 32-column granularity. With `next`, two lines of it are
+// micro-kernel, skipping the zero blocks at its panel width (32 or 16 columns). With `next` (a factor
+// streamed from memory, the next one prefetched) the AVX2 kernel takes it on CPUs without AVX-512 too,
+// where it beat torch's BLAS; without, it runs where the products' kernel does (fast_gemm_enabled). With `next`, two lines of it are
 // prefetched per step of the micro-kernel until it is all requested. Returns false (out untouched)
 // where that kernel is not enabled or the layout does not suit it (b's rows must be contiguous).
 // Single-threaded, like mm_out.

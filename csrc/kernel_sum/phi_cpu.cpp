@@ -24,7 +24,7 @@ int small_integer(double e) {
 
 bool phi_avx512_takes(const Params& kp) {
 #if DK_AVX512_CODE
-  if (!cpu::fast_gemm_enabled()) return false;  // true only where the CPU has AVX-512F
+  if (!cpu::avx512_enabled()) return false;  // AVX-512F present, its kernel chosen
   if (kp.kind == kPolynomial) return small_integer(kp.p[2]) >= 0;
   if (kp.kind == kPolynomialD) return small_integer(kp.p[2] - 1) >= 0;
   return kp.kind >= 0 && kp.kind < kNumKinds;

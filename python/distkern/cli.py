@@ -46,6 +46,10 @@ def _plugin_rows() -> list[dict[str, Any]]:
     return [m.to_dict() for m in methods.available()]
 
 
+# what `distkern info` says of distkern._C.cpu_gemm_isa()
+_CPU_PRODUCTS = {"avx512": "distkern AVX-512", "avx2": "distkern AVX2", "none": "torch BLAS"}
+
+
 def _info() -> dict[str, Any]:
     import torch
 
@@ -53,8 +57,7 @@ def _info() -> dict[str, Any]:
 
     devices: list[dict[str, Any]] = [{"type": "cpu", "name": _cpu_name(),
                                       "threads": torch.get_num_threads(),
-                                      "float32 products": "distkern AVX-512" if distkern._C.cpu_fast_gemm()
-                                      else "torch BLAS"}]
+                                      "float32 products": _CPU_PRODUCTS[distkern._C.cpu_gemm_isa()]}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)

@@ -1,9 +1,9 @@
-"""The CPU products of the Python-side compositions: distkern's AVX-512 kernel where it runs.
+"""The CPU products of the Python-side compositions: distkern's own micro-kernel where it runs.
 
 torch multiplies float32 on the CPU through MKL, which on AMD processors runs its AVX2 code even where
-the core has AVX-512 (csrc/common/cpu_gemm.h); ``distkern.dense_mm`` is the same product on
-distkern's own kernel. No autograd: for use in backward passes (outside grad mode) and inside
-``autograd.Function``s.
+the core has AVX-512, and pays a BLAS call's overhead on small products (csrc/common/cpu_gemm.h);
+``distkern.dense_mm`` is the same product on distkern's own kernel (AVX-512F, else AVX2+FMA). No autograd:
+for use in backward passes (outside grad mode) and inside ``autograd.Function``s.
 """
 from __future__ import annotations
 
@@ -14,9 +14,18 @@ import torch
 
 @functools.lru_cache(maxsize=None)
 def fast_cpu_products() -> bool:
-    """Whether distkern's AVX-512 CPU code runs in this process (AVX-512F, DISTKERN_CPU_GEMM not 0)."""
+    """Whether distkern's CPU product kernel runs in this process (AVX-512F or AVX2+FMA, DISTKERN_CPU_GEMM
+    not 0)."""
     from .. import _C
     return bool(_C.cpu_fast_gemm())
+
+
+@functools.lru_cache(maxsize=None)
+def avx512_cpu_math() -> bool:
+    """Whether distkern's AVX-512 CPU code runs in this process — besides the products, the vector φ of the
+    kernel sums and the sigmoid lanes, which exist in AVX-512 only (AVX-512F, DISTKERN_CPU_GEMM not 0 or avx2)."""
+    from .. import _C
+    return bool(_C.cpu_avx512())
 
 
 def _takes(a: torch.Tensor, b: torch.Tensor) -> bool:
