@@ -18,7 +18,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -37,8 +36,7 @@ constexpr int kMR = 12;       // AVX-512: rows of the register tile (broadcasts)
 constexpr int kNR = 32;       // AVX-512: columns of the register tile (two 16-float vectors)
 constexpr int kMR2 = 6;       // AVX2: rows of the register tile
 constexpr int kNR2 = 16;      // AVX2: columns of the register tile (two 8-float vectors)
-constexpr int kMRMax = kMR;   // the largest row tile (packing buffers)
-constexpr int64_t kKC = 256;  // K block: a packed A block (≤ 12 × 256 floats) stays in L1
+constexpr int64_t kKC = 256;  // K block: a packed row block of A (≤ 12 × 256 floats) stays in L1
 constexpr int64_t kNC = 512;  // column block: a B block (256 × 512 floats) stays in L2
 constexpr int64_t kPrefetchRows = 24;  // software prefetch distance along B's rows
 
@@ -163,8 +161,9 @@ constexpr MicroFn kMicroPf[kMR + 1] = {
     &micro<5, true>,   &micro<6, true>,  &micro<7, true>,  &micro<8, true>, &micro<9, true>,
     &micro<10, true>,  &micro<11, true>, &micro<12, true>};
 
-// Gram tiles in dot-product form (GramFn; missing rows read row 0 of the tile and are not stored). Rows of z are contiguous along k, so no transposition is needed: 8 vector loads per 16
-// FMAs, then one horizontal sum per entry per K block.
+// Gram tiles in dot-product form (GramFn; missing rows read row 0 of the tile and are not stored). Rows
+// of z are contiguous along k, so no transposition is needed: 8 vector loads per 16 FMAs, then one
+// horizontal sum per entry per K block.
 void gram_tile(const float* z, int64_t ldz, int64_t i0, int ri, int64_t j0, int cj, int64_t k0, int64_t kc,
                float* g, int64_t ldg, bool acc) {
   const float* a[4];

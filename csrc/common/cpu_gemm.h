@@ -55,11 +55,11 @@ struct PrefetchRows {
 };
 
 // out = a @ b for a lower-triangular b (b[k, j] = 0 for k < j, not read there): float32 through the
-// micro-kernel, skipping the zero blocks at its panel width (32 or 16 columns). With `next` (a factor
-// streamed from memory, the next one prefetched) the AVX2 kernel takes it on CPUs without AVX-512 too,
-// where it beat torch's BLAS; without, it runs where the products' kernel does (fast_gemm_enabled). With `next`, two lines of it are
-// prefetched per step of the micro-kernel until it is all requested. Returns false (out untouched)
-// where that kernel is not enabled or the layout does not suit it (b's rows must be contiguous).
+// micro-kernel, skipping the zero blocks at its panel width (32 or 16 columns). With `next`, two lines
+// of it are prefetched per step of the micro-kernel until it is all requested; such streamed products
+// take the AVX2 kernel on CPUs without AVX-512 too, where it beat torch's BLAS (without `next`, the
+// products' kernel runs them, where fast_gemm_enabled). Returns false (out untouched) where no kernel is
+// enabled for it or the layout does not suit it (b's rows must be contiguous).
 // Single-threaded, like mm_out.
 bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const PrefetchRows* next = nullptr);
 

@@ -46,18 +46,16 @@ def _plugin_rows() -> list[dict[str, Any]]:
     return [m.to_dict() for m in methods.available()]
 
 
-# what `distkern info` says of distkern._C.cpu_gemm_isa()
-_CPU_PRODUCTS = {"avx512": "distkern AVX-512", "avx2": "distkern AVX2", "none": "torch BLAS"}
-
-
 def _info() -> dict[str, Any]:
     import torch
 
     import distkern
+    from distkern.ops._cpu import product_kernel_name
 
+    kernel = product_kernel_name()
     devices: list[dict[str, Any]] = [{"type": "cpu", "name": _cpu_name(),
                                       "threads": torch.get_num_threads(),
-                                      "float32 products": _CPU_PRODUCTS[distkern._C.cpu_gemm_isa()]}]
+                                      "float32 products": f"distkern {kernel}" if kernel else "torch BLAS"}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)

@@ -297,8 +297,9 @@ def measure_ceilings(device: str | torch.device = "cpu", *, quick: bool = False)
                 ours_best, ours_med = _best_of(lambda: torch.ops.distkern.dense_mm(a, b), device, warm=1,
                                                reps=mm_reps)
                 if distkern._C.cpu_fast_gemm() and ours_best < best:
-                    isa = {"avx512": "AVX-512", "avx2": "AVX2"}.get(distkern._C.cpu_gemm_isa(), "?")
-                    best, med, via = ours_best, ours_med, f"distkern.dense_mm ({isa})"
+                    from distkern.ops._cpu import product_kernel_name
+
+                    best, med, via = ours_best, ours_med, f"distkern.dense_mm ({product_kernel_name()})"
             flops = 2 * n**3
             out[key] = {
                 "n": n,

@@ -20,6 +20,13 @@ def fast_cpu_products() -> bool:
     return bool(_C.cpu_fast_gemm())
 
 
+def product_kernel_name() -> str | None:
+    """``"AVX-512"`` or ``"AVX2"``: the micro-kernel that runs distkern's CPU products here, or None (torch's
+    BLAS) — what ``distkern info`` and the bench's ceiling report."""
+    from .. import _C
+    return {"avx512": "AVX-512", "avx2": "AVX2"}.get(_C.cpu_gemm_isa())
+
+
 @functools.lru_cache(maxsize=None)
 def avx512_cpu_math() -> bool:
     """Whether distkern's AVX-512 CPU code runs in this process — besides the products, the vector φ of the
