@@ -92,7 +92,7 @@ with open(os.path.join(ROOT, "python", "distkern", "_build_info.py"), "w") as f:
 # plugins build their own ops against them from an installed distkern (distkern.cpp_extension.include_dirs()).
 _headers = os.path.join(ROOT, "python", "distkern", "include", "common")
 os.makedirs(_headers, exist_ok=True)
-for _pattern in ("*.h", "*.cuh"):
+for _pattern in ("*.h", "*.cuh", "*.inc"):
     for _h in sorted(glob.glob(os.path.join(ROOT, "csrc", "common", _pattern))):
         shutil.copyfile(_h, os.path.join(_headers, os.path.basename(_h)))
 
@@ -120,5 +120,5 @@ setup(
     version=__version__,
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    package_data={"distkern": ["include/**/*.h", "include/**/*.cuh"]},
+    package_data={"distkern": ["include/**/*.h", "include/**/*.cuh", "include/**/*.inc"]},
 )

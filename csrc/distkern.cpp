@@ -120,6 +120,7 @@ pybind11::dict build_info() {
   d["intraop_threads"] = at::get_num_threads();
   d["compiler"] = __VERSION__;
   d["cpu_gemm"] = distkern::cpu::gemm_isa();  // which CPU product kernel runs here (avx512 / avx2 / none)
+  d["cpu_math"] = distkern::cpu::math_isa_name();  // the lanes of the CPU φ / sigmoid (avx512 / avx2 / none)
   return d;
 }
 
@@ -140,8 +141,11 @@ PYBIND11_MODULE(_C, m) {
         "Whether the CPU float32 products run on distkern's own micro-kernel (AVX-512F or AVX2+FMA present "
         "and DISTKERN_CPU_GEMM not 0), else through torch's BLAS");
   m.def("cpu_avx512", &distkern::cpu::avx512_enabled,
-        "Whether distkern's AVX-512 CPU code runs (its product kernel, and the φ / sigmoid lanes that only "
-        "exist in AVX-512); DISTKERN_CPU_GEMM=avx2 or 0 turns it off");
+        "Whether distkern's AVX-512 product kernel runs (and with it the AVX-512 φ / sigmoid lanes); "
+        "DISTKERN_CPU_GEMM=avx2 or 0 turns it off");
+  m.def("cpu_math_isa", &distkern::cpu::math_isa_name,
+        "Which vector lanes the CPU φ of the kernel sums and the anomaly map's sigmoid run on: 'avx512', "
+        "'avx2' or 'none' (scalar; DISTKERN_CPU_GEMM=0)");
   m.def("cpu_gemm_isa", &distkern::cpu::gemm_isa, "Which CPU product kernel runs: 'avx512', 'avx2' or 'none'");
   m.attr("auto_tensor_cores") = distkern::kAutoTensorCores;
 #ifdef DISTKERN_WITH_CUDA

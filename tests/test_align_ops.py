@@ -175,6 +175,22 @@ def test_map_bayes_pfl_shape_float32(rng):
     assert max_err(out, ref_map(patches, text)) < 1e-5
 
 
+def test_map_every_cpu_path_agrees(with_and_without_avx512):
+    """The sigmoid on AVX-512 lanes (where the CPU has them), on AVX2 lanes (DISTKERN_CPU_GEMM=avx2) and
+    scalar (=0) give one map, to float32 rounding; K = 21 leaves a tail of lanes in both widths."""
+    code = (
+        "import torch, sys, distkern\n"
+        "g = torch.Generator().manual_seed(4)\n"
+        "p = torch.randn(2, 3, 77, 40, generator=g); d = torch.randn(2, 3, 21, 40, generator=g) * 3\n"
+        "torch.save((distkern._C.cpu_math_isa(), torch.ops.distkern.anomaly_map(p, d),\n"
+        "            torch.ops.distkern.anomaly_map(p.double(), d.double())), sys.argv[1])\n"
+    )
+    runs = with_and_without_avx512(code)
+    assert runs[2][0] == "none"
+    for isa, out, ref in runs:
+        assert max_err(out, ref) < 1e-6, isa
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("shape", MAP_SHAPES[1:4], ids=MAP_IDS[1:4])
 def test_map_dtypes(shape, dtype, rng):

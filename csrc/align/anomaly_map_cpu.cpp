@@ -1,8 +1,8 @@
 // CPU schedule of the anomaly map: tiles of 64 patch rows per (image) in parallel; for each layer the
 // tile is read in place (fp32 / fp64) or converted to fp32 once (fp16 / bf16), its row norms taken
-// (vectorised, from cache), its dot products with the K direction vectors (64×D · D×K, on distkern's
-// AVX-512 kernel in float32, common/cpu_gemm.h), then σ and the running mean. Each patch
-// token is read once; memory is one tile per thread.
+// (vectorised, from cache), its dot products with the K direction vectors (64×D · D×K, common/cpu_gemm.h),
+// then σ (on vector lanes in float32) and the running mean. Each patch token is read once; memory is one
+// tile per thread.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,9 +14,9 @@
 
 #include "align/anomaly_map.h"
 #include "align/anomaly_map_math.h"
-#include "common/avx512_math.h"
 #include "common/cpu_gemm.h"
 #include "common/cpu_reduce.h"
+#include "common/simd_math.h"
 
 namespace distkern {
 namespace align {
@@ -31,40 +31,20 @@ DK_CPU_MULTIVERSION acc_t convert_sumsq(const scalar_t* __restrict__ src, acc_t*
   return cpu::sum_squares(dst, n);
 }
 
-// acc[i] += Σ_k σ(z[i·K + k] · inv[i]) for the m rows of a tile: kernel_math's sigmoid, or 16 lanes at a
-// time with distkern's AVX-512 exp (common/avx512_math.h) where that code runs (float32).
-template <typename acc_t>
-void add_sigmoid_sums(const acc_t* z, int64_t m, int64_t K, const acc_t* inv, acc_t* acc, bool vec);
+#define DK_LANES_FILE "align/sigmoid_lanes.inc"
+#include "common/simd_targets.inc"
 
-#if DK_AVX512_CODE
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's intrinsics headers (a false positive)
-void sigmoid_sums_avx512(const float* z, int64_t m, int64_t K, const float* inv, float* acc) {
-  for (int64_t i = 0; i < m; ++i) {
-    const __m512 s = _mm512_set1_ps(inv[i]);
-    __m512 t = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
-      const __m512 v = avx512::vsigmoid(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, z + i * K + k), s));
-      t = _mm512_add_ps(t, _mm512_maskz_mov_ps(mk, v));
-    }
-    acc[i] += _mm512_reduce_add_ps(t);
-  }
-}
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
-
+// acc[i] += Σ_k σ(z[i·K + k] · inv[i]) for the m rows of a tile: on 16 or 8 lanes with distkern's exp
+// (common/simd_lanes.inc) where cpu::math_isa() names a set (float32), else kernel_math's sigmoid.
 template <typename acc_t>
-void add_sigmoid_sums(const acc_t* z, int64_t m, int64_t K, const acc_t* inv, acc_t* acc, bool vec) {
+void add_sigmoid_sums(const acc_t* z, int64_t m, int64_t K, const acc_t* inv, acc_t* acc, cpu::Isa isa) {
 #if DK_AVX512_CODE
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (vec) return sigmoid_sums_avx512(z, m, K, inv, acc);
+    if (isa == cpu::Isa::Avx512) return on_avx512::sigmoid_sums(z, m, K, inv, acc);
+    if (isa == cpu::Isa::Avx2) return on_avx2::sigmoid_sums(z, m, K, inv, acc);
   }
 #endif
-  (void)vec;
+  (void)isa;
   for (int64_t i = 0; i < m; ++i) {
     acc_t s = 0;
     for (int64_t k = 0; k < K; ++k) s += sigmoid(z[i * K + k] * inv[i]);
@@ -84,7 +64,7 @@ void forward(const MapInputs& in, at::Tensor& out) {
   acc_t* op = out.data_ptr<acc_t>();
   const auto opts = in.dirs.options();
   const acc_t scale = acc_t(1) / static_cast<acc_t>(L * K);
-  const bool vec = cpu::avx512_enabled();  // distkern's AVX-512 sigmoid lanes run here
+  const cpu::Isa isa = cpu::math_isa();  // the sigmoid's vector lanes, if any
   at::parallel_for(0, B * ntiles, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor xt = at::empty({kRows, D}, opts);
     at::Tensor zt = at::empty({kRows, K}, opts);
@@ -107,7 +87,7 @@ void forward(const MapInputs& in, at::Tensor& out) {
         const at::Tensor dirs = at::from_blob(const_cast<acc_t*>(dp) + (lo * in.Bd + bo) * K * D, {D, K}, opts);
         at::Tensor z = zt.narrow(0, 0, m);
         cpu::mm_out(z, tile, dirs);
-        add_sigmoid_sums(z.data_ptr<acc_t>(), m, K, inv.data(), acc.data(), vec);
+        add_sigmoid_sums(z.data_ptr<acc_t>(), m, K, inv.data(), acc.data(), isa);
       }
       for (int64_t i = 0; i < m; ++i) op[b * P + r0 + i] = acc[i] * scale;
     }

@@ -439,16 +439,20 @@ void tril_driver(const Kern& kern, int64_t M, int64_t N, int64_t K, const float*
 }
 #endif  // DK_AVX512_CODE
 
-// The micro-kernel family this process uses for its products, or nullptr (torch's BLAS), and the one for
-// the triangular products that stream a factor from memory (mm_tril_out with `next`: PaDiM's
-// per-position factors). DISTKERN_CPU_GEMM=0 turns both off; DISTKERN_CPU_GEMM=avx2 takes the AVX2 kernel
-// for both, even where AVX-512F is present (tests cover it that way). Otherwise AVX-512F takes both where
-// the CPU has it. Without AVX-512 the AVX2 kernel takes the streamed triangular products only: there it
-// ran 1.4–1.9× torch's BLAS (Zen 3, B = 32, P = 3136 / 400, D = 100 / 550), the next factor's lines
-// fetched while the current one is multiplied, which a BLAS call cannot overlap; on the other products
-// MKL's own AVX2 sgemm was as fast or faster (0.5–0.9× for this kernel in the ops' benchmarks), so they
-// stay with it (benchmarks/README.md, "CPU products").
-const Kern* select_kernel(bool streamed_tril) {
+// The micro-kernel family this process uses for its products, or nullptr (torch's BLAS); the one for the
+// triangular products that stream a factor from memory (mm_tril_out with `next`: PaDiM's per-position
+// factors); and the one for gram. DISTKERN_CPU_GEMM=0 turns all off; DISTKERN_CPU_GEMM=avx2 takes the AVX2
+// kernel for all, even where AVX-512F is present (tests cover it that way). Otherwise AVX-512F takes all
+// where the CPU has it. Without AVX-512 the AVX2 kernel takes the streamed triangular products and gram
+// only. The streamed products ran 1.4–1.9× torch's BLAS (Zen 3, B = 32, P = 3136 / 400, D = 100 / 550),
+// the next factor's lines fetched while the current one is multiplied, which a BLAS call cannot overlap;
+// gram computes the upper triangle only, where BLAS computes the square: 1.2–2× at.mm's gram from
+// 64×16 to 1024×1024 (mmd2's small path; 0.44 against 0.61 ms at MMD-DDM's 128×2048). On the other
+// products MKL's own AVX2 sgemm was as fast or faster (0.5–0.9× for this kernel in the ops' benchmarks),
+// so they stay with it (benchmarks/README.md, "CPU products").
+enum class Use { Products, StreamedTril, Gram };
+
+const Kern* select_kernel(Use use) {
 #if DK_AVX512_CODE
   const char* env = std::getenv("DISTKERN_CPU_GEMM");
   if (env != nullptr && std::strcmp(env, "0") == 0) return nullptr;
@@ -456,20 +460,25 @@ const Kern* select_kernel(bool streamed_tril) {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (env != nullptr && std::strcmp(env, "avx2") == 0) return avx2 ? &kAvx2 : nullptr;
   if (__builtin_cpu_supports("avx512f")) return &kAvx512;
-  return avx2 && streamed_tril ? &kAvx2 : nullptr;
+  return avx2 && use != Use::Products ? &kAvx2 : nullptr;
 #else
-  (void)streamed_tril;
+  (void)use;
   return nullptr;
 #endif
 }
 
 const Kern* kernel() {
-  static const Kern* const k = select_kernel(false);
+  static const Kern* const k = select_kernel(Use::Products);
   return k;
 }
 
 const Kern* streamed_tril_kernel() {
-  static const Kern* const k = select_kernel(true);
+  static const Kern* const k = select_kernel(Use::StreamedTril);
+  return k;
+}
+
+const Kern* gram_kernel() {
+  static const Kern* const k = select_kernel(Use::Gram);
   return k;
 }
 
@@ -499,6 +508,29 @@ bool avx512_enabled() {
 #else
   return false;
 #endif
+}
+
+Isa math_isa() {
+  static const Isa isa = [] {
+#if DK_AVX512_CODE
+    if (avx512_enabled()) return Isa::Avx512;
+    const char* env = std::getenv("DISTKERN_CPU_GEMM");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return Isa::None;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+#endif
+    return Isa::None;
+  }();
+  return isa;
+}
+
+const char* math_isa_name() {
+  switch (math_isa()) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    case Isa::None: break;
+  }
+  return "none";
 }
 
 const char* gemm_isa() {
@@ -578,12 +610,12 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor gram(const at::Tensor& zin) {
-  if (!(fast_gemm_enabled() && usable(zin))) {  // at::mm, made symmetric to the bit as promised
+  if (!(gram_kernel() != nullptr && usable(zin))) {  // at::mm, made symmetric to the bit as promised
     const at::Tensor g = at::mm(zin, zin.t());
     return at::triu(g) + at::triu(g, 1).t();
   }
 #if DK_AVX512_CODE
-  const GramFn tile = kernel()->gram;
+  const GramFn tile = gram_kernel()->gram;
   const at::Tensor z = zin.stride(1) == 1 ? zin : zin.contiguous();
   const int64_t n = z.size(0), K = z.size(1), ldz = z.stride(0);
   if (K == 0) return at::zeros({n, n}, z.options());

@@ -5,9 +5,10 @@
 // 1024³ torch.mm reaches 106 GFLOP/s on one core where the same core does 237 GFLOP/s in AVX-512.
 // And our ops' CPU tiles are small, plain row-major products (64 rows × a few hundred), where a BLAS
 // call's threading and packing cost as much as the arithmetic. One register-blocked kernel covers
-// them: a 12×32 tile of C in 24 zmm accumulators (AVX-512F) or 6×16 in 12 ymm (AVX2+FMA, on CPUs
-// without AVX-512 for the streamed triangular products only, see mm_tril_out), A broadcast from memory,
-// B streamed in column panels (read in place when its rows are contiguous, else packed once per K block).
+// them: a 12×32 tile of C in 24 zmm accumulators (AVX-512F) or 6×16 in 12 ymm (AVX2+FMA; on CPUs
+// without AVX-512 for the streamed triangular products and gram only, see mm_tril_out and gram), A
+// broadcast from memory, B streamed in column panels (read in place when its rows are contiguous, else
+// packed once per K block).
 //
 // Every product falls back to at::mm_out when the CPU has neither, for float64 / other dtypes, for
 // layouts it does not take, or when DISTKERN_CPU_GEMM=0 is set (read once per process;
@@ -27,9 +28,17 @@ namespace cpu {
 // DISTKERN_CPU_GEMM=avx2 asks for it (on AVX2-only CPUs torch's BLAS was as fast or faster for them).
 bool fast_gemm_enabled();
 
-// True when that is the AVX-512 one: the other AVX-512 code (common/avx512_math.h: φ and sigmoid lanes)
-// runs where this is true, and scalar code elsewhere.
+// True when that is the AVX-512 one.
 bool avx512_enabled();
+
+// The vector lanes of distkern's CPU math (common/simd_math.h: φ of the kernel sums, the anomaly map's
+// sigmoid): AVX-512 where the AVX-512 product kernel runs, else AVX2 where the CPU has AVX2+FMA (with
+// DISTKERN_CPU_GEMM=avx2 too), None (scalar code) with DISTKERN_CPU_GEMM=0 or neither set.
+enum class Isa { None, Avx2, Avx512 };
+Isa math_isa();
+
+// "avx512", "avx2" or "none": math_isa() by name (build_info / distkern info).
+const char* math_isa_name();
 
 // "avx512", "avx2" or "none": which micro-kernel runs the products (build_info / distkern info).
 const char* gemm_isa();
@@ -64,7 +73,8 @@ struct PrefetchRows {
 bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const PrefetchRows* next = nullptr);
 
 // a @ b and z·zᵀ for 2-D CPU tensors, parallel over tiles of the output. gram computes the tiles that
-// touch the upper triangle only and mirrors them (z·zᵀ is symmetric to the last bit).
+// touch the upper triangle only and mirrors them (z·zᵀ is symmetric to the last bit); it runs on the AVX2
+// kernel on CPUs without AVX-512 too (half the arithmetic of BLAS' square), else as at::mm made symmetric.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
 at::Tensor gram(const at::Tensor& z);
 

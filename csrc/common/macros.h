@@ -18,9 +18,9 @@
 #define DK_CPU_MULTIVERSION
 #endif
 
-// distkern's AVX-512 CPU code (common/cpu_gemm.cpp, common/avx512_math.h and their users): x86-64 GCC on
-// Linux, compiled per function with `#pragma GCC target("avx512f")` and chosen at run time
-// (cpu::fast_gemm_enabled), so the build itself needs no -mavx512f.
+// distkern's AVX-512 and AVX2 CPU code (common/cpu_gemm.cpp, common/simd_math.h and their users): x86-64
+// GCC on Linux, compiled per function with `#pragma GCC target("avx512f")` or ("avx2,fma") and chosen at
+// run time (cpu::gemm_isa, cpu::math_isa), so the build itself needs neither -mavx512f nor -mavx2.
 #if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define DK_AVX512_CODE 1
 #else

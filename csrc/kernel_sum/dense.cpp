@@ -9,9 +9,9 @@
 //   dense_mmd_grad(b, z, row0, dot)   the gradient rows from B: B·z (polynomial) or
 //                                 2(rowsum(B)·z_rows − B·z) (distance kernels)
 //
-// The products run on distkern's AVX-512 kernel (common/cpu_gemm.h) in float32 when the CPU has one,
-// at::mm otherwise; φ and r² are kernel_matmul's own (kernel_math.h: sq_dist, needs_exact_r2, phi, and
-// its AVX-512 form phi_cpu.h), so both paths of mmd2 see the same per-pair arithmetic. No autograd: mmd2 calls these inside its
+// The products run on distkern's micro-kernel (common/cpu_gemm.h) in float32 where it runs, at::mm
+// otherwise; φ and r² are kernel_matmul's own (kernel_math.h: sq_dist, needs_exact_r2, phi, and its
+// vector form phi_cpu.h), so both paths of mmd2 see the same per-pair arithmetic. No autograd: mmd2 calls these inside its
 // autograd.Function, and differentiates plain torch ops under create_graph. dense_gram and dense_mm
 // are also registered for every other device (as at::mm), so the Python path can call them anywhere.
 #include <ATen/ATen.h>
@@ -114,16 +114,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, con
     return r2;
   };
   // φ and dφ/dt of row i: f over j ∈ [i, N) (the value uses the upper triangle), df over [0, N) for a
-  // row of B. On AVX-512 lanes (kernel_sum/phi_cpu.h) from the Gram row, the unresolved pairs and the
+  // row of B. On vector lanes (kernel_sum/phi_cpu.h) from the Gram row, the unresolved pairs and the
   // diagonal then from the coordinates as pair_t takes them; else pair by pair.
-  const bool vec = std::is_same<acc_t, float>::value && kernel_sum::phi_avx512_takes(kp) &&
-                   (!need || kernel_sum::phi_avx512_takes(kd));
+  const bool vec = std::is_same<acc_t, float>::value && kernel_sum::phi_vec_takes(kp) &&
+                   (!need || kernel_sum::phi_vec_takes(kd));
   auto phi_row = [&](const kernel_sum::Params& k, int64_t i, int64_t j0, acc_t* out, std::vector<int64_t>& refine) {
     if constexpr (std::is_same<acc_t, float>::value) {
       if (vec) {
         std::copy(gp + i * N + j0, gp + i * N + N, out + j0);
         refine.clear();
-        kernel_sum::phi_row_avx512(k, out + j0, N - j0, sq[i], sq.data() + j0, refine);
+        kernel_sum::phi_row_vec(k, out + j0, N - j0, sq[i], sq.data() + j0, refine);
         for (const int64_t j : refine) out[j0 + j] = kernel_sum::phi(k, pair_t(i, j0 + j), acc_t(0));
         if (dist && j0 <= i) out[i] = kernel_sum::phi(k, acc_t(0), acc_t(0));
         return;

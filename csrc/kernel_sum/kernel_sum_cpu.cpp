@@ -33,7 +33,7 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
   const auto opts = in.yc.options();
   const Params kp = in.kp;
   const bool dist = uses_distance(kp.kind);
-  const bool vec = std::is_same<acc_t, float>::value && phi_avx512_takes(kp);  // φ on AVX-512 lanes
+  const bool vec = std::is_same<acc_t, float>::value && phi_vec_takes(kp);  // φ on vector lanes
   // yᵀ once (D×M, rows contiguous) when the products run on distkern's kernel, which then reads the
   // y blocks in place instead of packing them per tile
   const at::Tensor yT =
@@ -59,11 +59,11 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
         acc_t* kp_ = K.data_ptr<acc_t>();
         // r² of pair (i, j) from the coordinates, for the pairs the norm form does not resolve
         auto exact_r2 = [&](int64_t i, int64_t j) { return cpu::sq_distance(xcp + i * D, ycp + (j0 + j) * D, D); };
-        if (vec) {  // 16 pairs per instruction; the few unresolved pairs again from the coordinates
+        if (vec) {  // 16 or 8 pairs per instruction; the few unresolved pairs again from the coordinates
           if constexpr (std::is_same<acc_t, float>::value) {
             for (int64_t i = 0; i < m; ++i) {
               refine.clear();
-              phi_row_avx512(kp, kp_ + i * nb, nb, xx[i], yyp + j0, refine);
+              phi_row_vec(kp, kp_ + i * nb, nb, xx[i], yyp + j0, refine);
               for (const int64_t j : refine) kp_[i * nb + j] = phi(kp, exact_r2(i, j), acc_t(0));
             }
           }

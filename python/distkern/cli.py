@@ -50,12 +50,13 @@ def _info() -> dict[str, Any]:
     import torch
 
     import distkern
-    from distkern.ops._cpu import product_kernel_name
+    from distkern.ops._cpu import product_kernel_name, vector_cpu_math
 
-    kernel = product_kernel_name()
+    kernel, lanes = product_kernel_name(), vector_cpu_math()
     devices: list[dict[str, Any]] = [{"type": "cpu", "name": _cpu_name(),
                                       "threads": torch.get_num_threads(),
-                                      "float32 products": f"distkern {kernel}" if kernel else "torch BLAS"}]
+                                      "float32 products": f"distkern {kernel}" if kernel else "torch BLAS",
+                                      "exp / sigmoid lanes": lanes or "scalar"}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
@@ -119,7 +120,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  {key:16} {value}")
     print("devices:")
     for d in info["devices"]:
-        extra = (f"  ({d['threads']} threads; float32 products: {d['float32 products']})" if d["type"] == "cpu"
+        extra = (f"  ({d['threads']} threads; float32 products: {d['float32 products']};"
+                 f" exp / sigmoid lanes: {d['exp / sigmoid lanes']})" if d["type"] == "cpu"
                  else f"  (sm_{d['capability']})")
         label = "cpu" if d["type"] == "cpu" else f"cuda:{d['index']}"
         print(f"  {label:8} {d['name']}{extra}")

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from .ops._cpu import avx512_cpu_math
+from .ops._cpu import vector_cpu_math
 from .ops.kernel_sum import KERNELS, kernel_matmul, kernel_params
 
 __all__ = ["mmd2", "median_bandwidth", "MMDLoss", "mmd_test", "MMDTestResult", "permutation_weights", "kid"]
@@ -178,8 +178,8 @@ def _exact_near(t, a, b, sa, sb):
 
 _ESTIMATOR_ID = {"biased": 0, "unbiased": 1, "ustat": 2}
 # Kernels whose small-sample estimator runs as one C++ pass on the CPU (dense_mmd) everywhere: those
-# whose φ is a few multiplications. The others (exp, 1/√) take it where that pass evaluates φ on
-# AVX-512 lanes (float32 work on a CPU with AVX-512F, DISTKERN_CPU_GEMM not 0 or avx2); elsewhere it would
+# whose φ is a few multiplications. The others (exp, 1/√) take it where that pass evaluates φ on vector
+# lanes (float32 work on a CPU with AVX-512F or AVX2+FMA, DISTKERN_CPU_GEMM not 0); elsewhere it would
 # evaluate them pair by pair through libm, and the torch composition below, whose exp is vectorised, wins.
 _FUSED_KERNELS = ("polynomial", "distance")
 
@@ -188,7 +188,7 @@ def _fused_cpu(x, kernel):
     """Whether mmd2's small path runs as distkern.dense_mmd: CPU, eager, float32/float64 work."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_grad_enabled():
         return False
-    return kernel in _FUSED_KERNELS or (x.dtype != torch.float64 and avx512_cpu_math())
+    return kernel in _FUSED_KERNELS or (x.dtype != torch.float64 and vector_cpu_math() is not None)
 
 
 def _dense_cpu(z):

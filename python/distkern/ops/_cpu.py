@@ -28,11 +28,11 @@ def product_kernel_name() -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def avx512_cpu_math() -> bool:
-    """Whether distkern's AVX-512 CPU code runs in this process — besides the products, the vector φ of the
-    kernel sums and the sigmoid lanes, which exist in AVX-512 only (AVX-512F, DISTKERN_CPU_GEMM not 0 or avx2)."""
+def vector_cpu_math() -> str | None:
+    """``"AVX-512"`` or ``"AVX2"``: the vector lanes of distkern's CPU math (the φ of the kernel sums, the
+    anomaly map's sigmoid) in this process, or None (scalar code: DISTKERN_CPU_GEMM=0, or neither set)."""
     from .. import _C
-    return bool(_C.cpu_avx512())
+    return {"avx512": "AVX-512", "avx2": "AVX2"}.get(_C.cpu_math_isa())
 
 
 def _takes(a: torch.Tensor, b: torch.Tensor) -> bool:
