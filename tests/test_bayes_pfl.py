@@ -240,6 +240,9 @@ def test_save_load_round_trip_gives_identical_maps(tmp_path):
     write_model(other, "kde", {"x": torch.zeros(1)}, config={}, fitted={})
     with pytest.raises(ValueError, match="not a bayes-pfl model"):
         BayesPFL.load(other)
+    if not torch.cuda.is_available():  # refused before any work, not by torch's bare AssertionError
+        with pytest.raises(ValueError, match="bayes-pfl: cannot use device 'cuda'.*CUDA is not available"):
+            BayesPFL.load(path, device="cuda")
 
 
 def test_bad_inputs_raise_clear_errors(rng):

@@ -61,6 +61,23 @@ def test_in_tree_methods_conform(name):
     assert _KEY_RULES[cls.kind] <= set(passed), passed
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("name", _in_tree_params())
+def test_in_tree_detectors_refuse_an_unusable_device(name):
+    """to("cuda") — and so load(path, device="cuda") — on a machine without CUDA is a ValueError naming the
+    method, not torch's bare AssertionError from deep inside a tensor move."""
+    cls = distkern.methods.get(name)
+    if cls.kind != "detector":
+        pytest.skip("a detector's to(device)")
+    factory = getattr(cls, "example_instance", None)  # as check_method makes one
+    det = factory() if callable(factory) else cls()
+    with pytest.raises(ValueError, match=f"{name}: cannot use device 'cuda'.*CUDA is not available"):
+        det.to("cuda")
+    with pytest.raises(ValueError, match=f"{name}: 'gpu0' is not a device"):
+        det.to("gpu0")
+    assert det.to("cpu") is det
+
+
 # ---------------------------------------------------------------------------------------------
 # Detectors
 # ---------------------------------------------------------------------------------------------

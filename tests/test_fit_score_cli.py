@@ -60,6 +60,11 @@ def test_fit_then_score_prints_auroc(tmp_path, rng, capsys):
     assert scores.shape == (200,)
     assert dkio.model_method(model) == "gaussian-ad"
     assert dkio.load_model(model).estimator == "oas"
+    if not torch.cuda.is_available():  # a device this machine lacks: named, before any work
+        assert main(["score", str(model), str(tmp_path / "test.pt"), "--device", "cuda"]) == 1
+        assert "--device: cannot use device 'cuda': CUDA is not available" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="gaussian-ad: cannot use device 'cuda:1'"):
+            dkio.load_model(model, device="cuda:1")
 
 
 def test_fit_score_errors(tmp_path, capsys):

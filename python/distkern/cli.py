@@ -229,12 +229,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .io import load_features, load_labels, load_model
+    from .io import check_device, load_features, load_labels, load_model
     from .metrics import auroc, average_precision, binary_labels
 
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here"
-                         + (" (this torch is a CPU-only build)" if torch.version.cuda is None else ""))
+    check_device(args.device, "--device")
     if args.output:
         _check_output_dir(args.output)
     det = load_model(args.model, device=args.device)

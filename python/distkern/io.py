@@ -118,6 +118,24 @@ def normal_only(labels: Any, method: str, n: int | None = None) -> None:
                          f"{'...' if bad.numel() > 5 else ''} ({bad.numel()} of {lab.numel()}; drop those samples)")
 
 
+def check_device(device: Any, method: str) -> torch.device:
+    """``device`` as a ``torch.device``, or a ``ValueError`` naming ``method`` where it cannot hold tensors
+    here: not a device string, CUDA asked of a CPU-only torch build or of a machine without a visible GPU,
+    or a GPU index past the ones present. For the ``to(device)`` of method plugins (and ``load(path,
+    device=...)``, which ends in it), where torch itself would raise a bare ``AssertionError``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{method}: {device!r} is not a device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"{method}: cannot use device {str(dev)!r}: CUDA is not available here ({why})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{method}: cannot use device {str(dev)!r}: {torch.cuda.device_count()} GPU(s) visible")
+    return dev
+
+
 def model_method(path: str | os.PathLike) -> str:
     """The method name recorded in a saved model (safetensors metadata ``distkern_method``)."""
     safe_open = _safetensors().safe_open

@@ -52,7 +52,7 @@ import torch
 
 import distkern
 from distkern.gaussian import GaussianStats
-from distkern.io import normal_only, read_model, write_model
+from distkern.io import check_device, normal_only, read_model, write_model
 
 FORMAT_VERSION = 1
 
@@ -93,6 +93,7 @@ class @cls@:
         return f"{type(self).__name__}(ridge={self.ridge}; {state})"
 
     def to(self, device) -> "@cls@":
+        device = check_device(device, self.name)  # a clear error for, e.g., "cuda" on a CPU-only torch
         if self.mean is not None:
             self.mean, self.factor = self.mean.to(device), self.factor.to(device)
         return self
@@ -125,7 +126,7 @@ from __future__ import annotations
 
 import torch
 
-from distkern.io import normal_only, read_model, write_model
+from distkern.io import check_device, normal_only, read_model, write_model
 
 from .ops import standardized_sqdist
 
@@ -174,6 +175,7 @@ class @cls@:
         return f"{type(self).__name__}(eps={self.eps}; {state})"
 
     def to(self, device) -> "@cls@":
+        device = check_device(device, self.name)  # a clear error for, e.g., "cuda" on a CPU-only torch
         if self.mean is not None:
             self.mean, self.inv_std = self.mean.to(device), self.inv_std.to(device)
         return self

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import distkern
-from distkern.io import read_model, write_model
+from distkern.io import check_device, read_model, write_model
 from distkern.metrics import binary_labels
 from distkern.ops.align import anomaly_map, image_scores, prompt_align, topk_mean
 
@@ -682,6 +682,7 @@ class BayesPFL(nn.Module):
     def load(cls, path, device: str | torch.device = "cpu", encoder: VisionLanguageEncoder | None = None) -> BayesPFL:
         """Read a model saved by :meth:`save`. ``encoder``: the encoder to use (needed when the file's encoder is
         not rebuildable, e.g. to point an OpenCLIP model at its weights); default rebuilt from the file."""
+        device = check_device(device, cls.name)  # before any work: "cuda" on a CPU-only torch, say
         config, fitted, tensors = read_model(path, cls.name, format_version=cls.format_version,
                                              package="distkern-bayes-pfl")
         enc_cfg = config.pop("encoder", None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from distkern.io import normal_only, read_model, write_model
+from distkern.io import check_device, normal_only, read_model, write_model
 
 from .ops import standardized_sqdist
 
@@ -55,6 +55,7 @@ class DiagGaussian:
         return f"{type(self).__name__}(eps={self.eps}; {state})"
 
     def to(self, device) -> "DiagGaussian":
+        device = check_device(device, self.name)
         if self.mean is not None:
             self.mean, self.inv_std = self.mean.to(device), self.inv_std.to(device)
         return self

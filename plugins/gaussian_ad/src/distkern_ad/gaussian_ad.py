@@ -19,7 +19,7 @@ import torch
 
 import distkern
 from distkern.gaussian import GaussianStats, chi2_threshold, pca_whitening, whitening_factor
-from distkern.io import normal_only, read_model, write_model
+from distkern.io import check_device, normal_only, read_model, write_model
 
 FORMAT_VERSION = 1
 _ESTIMATORS = ("ledoit-wolf", "oas", "empirical")
@@ -190,6 +190,7 @@ class GaussianAD:
         return (s > self.threshold(fpr).to(s.device)).any(1)
 
     def to(self, device) -> "GaussianAD":
+        device = check_device(device, self.name)
         self.means = [m.to(device) for m in self.means]
         self.factors = [W.to(device) for W in self.factors]
         return self

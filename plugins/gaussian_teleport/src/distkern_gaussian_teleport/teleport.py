@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import distkern
+from distkern.io import check_device
 from distkern.ops.diffusion import LowRankGaussian, fit_lowrank_gaussian, gaussian_denoise, gaussian_teleport
 
 from .convert import epsilon_model, train_sigmas, ve_to_vp, vp_to_ve
@@ -236,6 +237,7 @@ class GaussianTeleport:
         return None if self._gaussian is None else int(self._gaussian.mean.numel())
 
     def to(self, device) -> "GaussianTeleport":
+        device = check_device(device, self.name)
         if self._gaussian is not None:
             self._gaussian = self._gaussian.to(device)
             self._cast = {}

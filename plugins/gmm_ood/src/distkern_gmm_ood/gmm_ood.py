@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 import distkern
-from distkern.io import read_model, write_model
+from distkern.io import check_device, read_model, write_model
 from distkern.gaussian import NotPositiveDefiniteError
 
 from .em import INITS, GMMConvergenceWarning, fit_gmm
@@ -276,6 +276,7 @@ class GMMOOD:
 
     def to(self, device) -> "GMMOOD":
         """Move the fitted parameters to ``device`` (in place); returns ``self``."""
+        device = check_device(device, self.name)
         if self.fitted:
             for attr in _TENSORS.values():
                 setattr(self, attr, getattr(self, attr).to(device))

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 import distkern
-from distkern.io import normal_only, read_model, write_model
+from distkern.io import check_device, normal_only, read_model, write_model
 
 FORMAT_VERSION = 1
 
@@ -72,6 +72,7 @@ class KDE:
         return f"KDE(bandwidth={self.bandwidth!r}; {state})"
 
     def to(self, device) -> "KDE":
+        device = check_device(device, self.name)
         if self.train is not None:
             self.train = self.train.to(device)
         return self

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import distkern
+from distkern.io import check_device
 
 from ._common import (ESTIMATORS, check_choice, check_features, check_num_classes, check_ridge, class_stats,
                       compute_dtype, read_detector, save_detector, shared_factor)
@@ -109,6 +110,7 @@ class ClassCenter:
 
     def to(self, device) -> "ClassCenter":
         """Move the fitted parameters to ``device``; returns ``self``."""
+        device = check_device(device, self.name)
         if self.centers is not None:
             self.centers = self.centers.to(device)
             if self.factor is not None:

@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import torch
 
+from distkern.io import check_device
+
 from ._common import check_choice, check_features, read_detector, save_detector
 
 VARIANTS = ("energy", "abet")
@@ -130,7 +132,8 @@ class Energy:
         return s.to(torch.float32)
 
     def to(self, device) -> "Energy":
-        """No parameters to move; returns ``self``."""
+        """No parameters to move (a device that cannot be used here is still refused); returns ``self``."""
+        check_device(device, self.name)
         return self
 
     # -- persistence ----------------------------------------------------------------------------------

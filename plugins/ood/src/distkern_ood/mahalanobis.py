@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 import distkern
+from distkern.io import check_device
 
 from ._common import (ESTIMATORS, check_choice, check_features, check_num_classes, check_ridge, class_stats,
                       compute_dtype, read_detector, save_detector, shared_factor)
@@ -165,6 +166,7 @@ class MahalanobisOOD:
 
     def to(self, device) -> "MahalanobisOOD":
         """Move the fitted parameters to ``device``; returns ``self``."""
+        device = check_device(device, self.name)
         if self.means is not None:
             self.means, self.factor = self.means.to(device), self.factor.to(device)
         self._cache = None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import distkern
-from distkern.io import normal_only, read_model, write_model
+from distkern.io import check_device, normal_only, read_model, write_model
 from distkern.gaussian import GaussianStats, NotPositiveDefiniteError, whitening_factor
 
 FORMAT_VERSION = 1
@@ -289,6 +289,7 @@ class PaDiM:
 
     def to(self, device) -> "PaDiM":
         """Move the fitted tensors to ``device``; returns ``self``."""
+        device = check_device(device, self.name)
         if self.mean is not None:
             self.mean, self.factor = self.mean.to(device), self.factor.to(device)
             self.channel_index = self.channel_index.to(device)
