@@ -47,6 +47,8 @@ def test_info(capsys, plugins):
     # which CPU product path runs (the README points here for it)
     path = {"avx512": "distkern AVX-512", "avx2": "distkern AVX2", "none": "torch BLAS"}[distkern._C.cpu_gemm_isa()]
     assert f"float32 products: {path}" in out
+    if distkern._C.cpu_gemm_isa() == "none" and distkern._C.cpu_math_isa() == "avx2":  # AVX2-only CPU
+        assert "distkern AVX2 for PaDiM's triangular products and mmd2's Gram" in out
     lanes = {"avx512": "AVX-512", "avx2": "AVX2", "none": "scalar"}[distkern._C.cpu_math_isa()]
     assert f"exp / sigmoid lanes: {lanes}" in out
     assert f"{plugins}-broken" in out  # the broken plugin is listed, not fatal

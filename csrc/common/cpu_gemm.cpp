@@ -446,7 +446,7 @@ void tril_driver(const Kern& kern, int64_t M, int64_t N, int64_t K, const float*
 // where the CPU has it. Without AVX-512 the AVX2 kernel takes the streamed triangular products and gram
 // only. The streamed products ran 1.4–1.9× torch's BLAS (Zen 3, B = 32, P = 3136 / 400, D = 100 / 550),
 // the next factor's lines fetched while the current one is multiplied, which a BLAS call cannot overlap;
-// gram computes the upper triangle only, where BLAS computes the square: 1.2–2× at.mm's gram from
+// gram computes the upper triangle only, where BLAS computes the square: 1.2–2× at::mm's gram from
 // 64×16 to 1024×1024 (mmd2's small path; 0.44 against 0.61 ms at MMD-DDM's 128×2048). On the other
 // products MKL's own AVX2 sgemm was as fast or faster (0.5–0.9× for this kernel in the ops' benchmarks),
 // so they stay with it (benchmarks/README.md, "CPU products").

@@ -53,9 +53,15 @@ def _info() -> dict[str, Any]:
     from distkern.ops._cpu import product_kernel_name, vector_cpu_math
 
     kernel, lanes = product_kernel_name(), vector_cpu_math()
+    if kernel:
+        products = f"distkern {kernel}"
+    elif lanes == "AVX2":  # AVX2+FMA without AVX-512, DISTKERN_CPU_GEMM not 0: csrc/common/cpu_gemm.cpp
+        products = "torch BLAS; distkern AVX2 for PaDiM's triangular products and mmd2's Gram"
+    else:
+        products = "torch BLAS"
     devices: list[dict[str, Any]] = [{"type": "cpu", "name": _cpu_name(),
                                       "threads": torch.get_num_threads(),
-                                      "float32 products": f"distkern {kernel}" if kernel else "torch BLAS",
+                                      "float32 products": products,
                                       "exp / sigmoid lanes": lanes or "scalar"}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
