@@ -507,7 +507,9 @@ def test_kernel_matmul_near_pairs(lib, mode, kernel, kw):
     assert float(((K.double() - ref).abs() / ref.abs().clamp_min(1e-12))[near].max()) < 2e-3
 
 
-@pytest.mark.parametrize("mode", [FMA, TF32X3])
+# Under the sanitizers TF32 stands in for 3xTF32: the same loads, stores and epilogue, one MMA a step where
+# 3xTF32 emulates three (those cases took 10-12 s each at -O0 with ASan), at TF32's accuracy.
+@pytest.mark.parametrize("mode", [FMA, TF32] if SANITIZE else [FMA, TF32X3])
 @pytest.mark.parametrize("kernel,kw", [("gaussian", {"bandwidth": [1.0, 3.0]}), ("laplacian", {"bandwidth": 2.0}),
                                        ("polynomial", {}), ("distance", {})])
 @pytest.mark.parametrize("plan,dtype", [((70, 300, 300), torch.float32), ((64, 100, 101), torch.bfloat16),
@@ -537,7 +539,7 @@ def test_kernel_matmul_panels(lib, mode, kernel, kw, plan, dtype):
 
     out = run(v, C)
     ref = distkern.kernel_matmul(x.double(), y.double(), v.double(), kernel=kernel, **kw)
-    assert _rel(out, ref) < 1e-5
+    assert _rel(out, ref) < (3e-3 if mode == TF32 else 1e-5)
     if kernel in ("laplacian", "distance"):  # K itself (v = I): exact at the coincident pairs, as fused
         K = run(torch.eye(M), M)
         diag = K[:N // 2, :N // 2].diagonal()
