@@ -48,7 +48,8 @@ struct StreamCursor {
 };
 
 using MicroFn = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t, int, bool, StreamCursor*);
-// G[i0 + r, j0 + c] (=|+=) Σ_k z[i0 + r, k] · z[j0 + c, k] over k ∈ [k0, k0 + kc), r < ri, c < cj (≤ 4 each)
+// G[i0 + r, j0 + c] (=|+=) Σ_k z[i0 + r, k] · z[j0 + c, k] over k ∈ [k0, k0 + kc), r < ri ≤ the family's
+// gram_rows, c < cj ≤ 4
 using GramFn = void (*)(const float*, int64_t, int64_t, int, int64_t, int, int64_t, int64_t, float*, int64_t, bool);
 
 // One micro-kernel family: its register tile, its kernels by row count (index mr ≤ mr_max; with and
@@ -57,6 +58,7 @@ using GramFn = void (*)(const float*, int64_t, int64_t, int, int64_t, int, int64
 //            of B before the next panel (BLIS order: the panel, kc × NR, stays in L1 across them). With
 //            mc = mr the driver runs each row block across all panels instead (A's block in L1, B's
 //            panels from L2), the order the AVX-512 kernel was measured in;
+//   gram_rows  rows of a Gram tile (4 or 6; 4 columns);
 //   pack_b   pack B (NR-padded, contiguous) when C has more rows than this even where B's rows are
 //            contiguous: in place, a panel's rows lie ldb apart and alias in L1 when that is a multiple
 //            of 4 KiB, so a panel reused across row blocks does not stay there.
@@ -65,6 +67,7 @@ struct Kern {
   const MicroFn* micro;
   const MicroFn* micro_pf;
   GramFn gram;
+  int gram_rows;  // the Gram tile's rows (its columns: 4)
   int64_t mc, pack_b;
 };
 
@@ -280,34 +283,38 @@ void micro2(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c,
   if constexpr (Pf) ps.save(pf);
 }
 
-// Gram tiles on AVX2 (GramFn), two rows of the 4×4 tile at a time: 8 accumulators, 6 loads per 8 FMAs.
+// Gram tiles on AVX2 (GramFn), 6 rows × 4 columns, three rows at a time: 12 accumulators, 7 loads per 12
+// FMAs (a 4×4 tile two rows at a time needed 6 per 8, and ran at 43–56 GFLOP/s a core where MKL's square
+// product ran at 73). Missing rows and columns read the tile's first one and are not stored.
 void gram_tile2(const float* z, int64_t ldz, int64_t i0, int ri, int64_t j0, int cj, int64_t k0, int64_t kc,
                 float* g, int64_t ldg, bool acc) {
   const float* b[4];
   for (int c = 0; c < 4; ++c) b[c] = z + (j0 + (c < cj ? c : 0)) * ldz + k0;
-  for (int r0 = 0; r0 < ri; r0 += 2) {
-    const float* a[2];
-    for (int q = 0; q < 2; ++q) a[q] = z + (i0 + (r0 + q < ri ? r0 + q : r0)) * ldz + k0;
-    __m256 s[2][4];
-    for (int q = 0; q < 2; ++q)
+  for (int r0 = 0; r0 < ri; r0 += 3) {
+    const float* a[3];
+    for (int q = 0; q < 3; ++q) a[q] = z + (i0 + (r0 + q < ri ? r0 + q : r0)) * ldz + k0;
+    __m256 s[3][4];
+    for (int q = 0; q < 3; ++q)
       for (int c = 0; c < 4; ++c) s[q][c] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= kc; k += 8) {
-      __m256 av[2], bv[4];
-      for (int q = 0; q < 2; ++q) av[q] = _mm256_loadu_ps(a[q] + k);
-      for (int c = 0; c < 4; ++c) bv[c] = _mm256_loadu_ps(b[c] + k);
-      for (int q = 0; q < 2; ++q)
-        for (int c = 0; c < 4; ++c) s[q][c] = _mm256_fmadd_ps(av[q], bv[c], s[q][c]);
+      __m256 av[3];
+      for (int q = 0; q < 3; ++q) av[q] = _mm256_loadu_ps(a[q] + k);
+      for (int c = 0; c < 4; ++c) {
+        const __m256 bv = _mm256_loadu_ps(b[c] + k);
+        for (int q = 0; q < 3; ++q) s[q][c] = _mm256_fmadd_ps(av[q], bv, s[q][c]);
+      }
     }
     if (k < kc) {
       const __m256i m = lane_mask(static_cast<int>(kc - k));
-      __m256 av[2], bv[4];
-      for (int q = 0; q < 2; ++q) av[q] = _mm256_maskload_ps(a[q] + k, m);
-      for (int c = 0; c < 4; ++c) bv[c] = _mm256_maskload_ps(b[c] + k, m);
-      for (int q = 0; q < 2; ++q)
-        for (int c = 0; c < 4; ++c) s[q][c] = _mm256_fmadd_ps(av[q], bv[c], s[q][c]);
+      __m256 av[3];
+      for (int q = 0; q < 3; ++q) av[q] = _mm256_maskload_ps(a[q] + k, m);
+      for (int c = 0; c < 4; ++c) {
+        const __m256 bv = _mm256_maskload_ps(b[c] + k, m);
+        for (int q = 0; q < 3; ++q) s[q][c] = _mm256_fmadd_ps(av[q], bv, s[q][c]);
+      }
     }
-    for (int q = 0; q < 2 && r0 + q < ri; ++q)
+    for (int q = 0; q < 3 && r0 + q < ri; ++q)
       for (int c = 0; c < cj; ++c) {
         const float v = hsum(s[q][c]);
         float* dst = g + (i0 + r0 + q) * ldg + j0 + c;
@@ -322,11 +329,11 @@ constexpr MicroFn kMicro2[kMR2 + 1] = {nullptr, &micro2<1>, &micro2<2>, &micro2<
                                        &micro2<6>};
 constexpr MicroFn kMicro2Pf[kMR2 + 1] = {nullptr,         &micro2<1, true>, &micro2<2, true>, &micro2<3, true>,
                                          &micro2<4, true>, &micro2<5, true>, &micro2<6, true>};
-const Kern kAvx512{kMR, kNR, kMicro, kMicroPf, &gram_tile, kMR, INT64_MAX};
+const Kern kAvx512{kMR, kNR, kMicro, kMicroPf, &gram_tile, 4, kMR, INT64_MAX};
 // 6×16 reuses each B value for 6 rows only: from L2 that is 3 FLOP a byte, which starved the FMA pipes
 // (~45 % of peak on a Zen 3 core); with the panel in L1 across 16 row blocks (96 rows, A's 96 KiB block in
 // L2, each A value used 16 times) it is 8.
-const Kern kAvx2{kMR2, kNR2, kMicro2, kMicro2Pf, &gram_tile2, 96, 2 * kMR2};
+const Kern kAvx2{kMR2, kNR2, kMicro2, kMicro2Pf, &gram_tile2, 6, 96, 2 * kMR2};
 
 // ap[k·mrs + r] = a[r·sam + k·sak] for r < mr, k < kc: a block of A, k-major with stride mrs (the
 // kernel's row tile), as the micro-kernel broadcasts it.
@@ -622,8 +629,11 @@ at::Tensor gram(const at::Tensor& zin) {
   at::Tensor out = at::empty({n, n}, z.options());  // every entry is written: upper tiles, then the mirror
   const float* zp = z.data_ptr<float>();
   float* gp = out.data_ptr<float>();
-  constexpr int64_t kT = 4, kKB = 1024;  // 4×4 tiles; K blocks of 1024 (a tile's 8 rows: 32 KiB, in L1)
-  const int64_t nt = (n + kT - 1) / kT;
+  // TR×4 tiles (TR = 4 or 6); K blocks of 1024 (a 4×4 tile's 8 rows: 32 KiB, in L1). A row tile's
+  // columns start at the 4-column tile holding its diagonal, so every entry on or above it is computed.
+  constexpr int64_t kTC = 4, kKB = 1024;
+  const int64_t TR = gram_kernel()->gram_rows;
+  const int64_t nt = (n + TR - 1) / TR;
   // row tiles in the order that balances the triangle over contiguous chunks; each thread owns its
   // rows of G, so the K blocks accumulate without races
   const std::vector<int64_t> order = balanced_blocks(nt);
@@ -631,10 +641,10 @@ at::Tensor gram(const at::Tensor& zin) {
     for (int64_t k0 = 0; k0 < K; k0 += kKB) {
       const int64_t kc = std::min(kKB, K - k0);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t i0 = order[t] * kT;
-        const int ri = static_cast<int>(std::min(kT, n - i0));
-        for (int64_t j0 = i0; j0 < n; j0 += kT)
-          tile(zp, ldz, i0, ri, j0, static_cast<int>(std::min(kT, n - j0)), k0, kc, gp, n, k0 > 0);
+        const int64_t i0 = order[t] * TR;
+        const int ri = static_cast<int>(std::min(TR, n - i0));
+        for (int64_t j0 = i0 / kTC * kTC; j0 < n; j0 += kTC)
+          tile(zp, ldz, i0, ri, j0, static_cast<int>(std::min(kTC, n - j0)), k0, kc, gp, n, k0 > 0);
       }
     }
   });
