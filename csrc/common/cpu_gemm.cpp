@@ -517,18 +517,11 @@ bool avx512_enabled() {
 #endif
 }
 
+// The lanes follow the kernels' one decision (select_kernel): gram's kernel is the AVX2 one exactly where
+// AVX2+FMA runs and AVX-512 does not (or DISTKERN_CPU_GEMM=avx2), and none with DISTKERN_CPU_GEMM=0.
 Isa math_isa() {
-  static const Isa isa = [] {
-#if DK_AVX512_CODE
-    if (avx512_enabled()) return Isa::Avx512;
-    const char* env = std::getenv("DISTKERN_CPU_GEMM");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return Isa::None;
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-#endif
-    return Isa::None;
-  }();
-  return isa;
+  if (avx512_enabled()) return Isa::Avx512;
+  return gram_kernel() != nullptr ? Isa::Avx2 : Isa::None;
 }
 
 const char* math_isa_name() {

@@ -14,7 +14,7 @@ namespace kernel_sum {
 namespace {
 
 // An integer exponent 0..16 (the range kernel_math.h's dk_pow_kernel squares), else -1.
-[[maybe_unused]] int small_integer(double e) {
+int small_integer(double e) {
   return e >= 0 && e <= 16 && e == std::floor(e) ? static_cast<int>(e) : -1;
 }
 
