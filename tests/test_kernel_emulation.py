@@ -1,8 +1,9 @@
 """distkern's CUDA kernels run on the CPU through a CUDA stand-in (tests/emu): the real ``.cu`` files
 and their launchers, rewritten only at the launch syntax (tests/emu/cu2cpp.py), compiled with g++
 into one shared library and called through ctypes with CPU tensors, against the CPU ops (the same
-math headers) or float64. Each block runs as blockDim.x std::threads with barriers for
-``__syncthreads`` and the warp shuffles, so index arithmetic, tails, grid-stride loops, shared-memory
+math headers) or float64. Each block runs as blockDim.x fibers with barriers for
+``__syncthreads`` and the warp shuffles (the fibers' order reversed at every barrier, so a missing
+barrier shows), so index arithmetic, tails, grid-stride loops, shared-memory
 layouts, reductions and the in-kernel Philox draws are checked without a GPU. It says nothing about
 the hardware (timing, memory model, real tensor cores): the cuda-marked tests do that."""
 import ctypes

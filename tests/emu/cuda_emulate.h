@@ -1,10 +1,18 @@
 // A CPU stand-in for the CUDA features distkern's kernels use, so that their index arithmetic
 // (loader mappings, shared-memory layouts, fragment addresses and alignment, reductions, tails,
-// grid-stride loops) can be tested on a machine without a GPU. One block runs at a time on
-// blockDim.x std::threads (kept from launch to launch); __shared__ variables are statics;
+// grid-stride loops) can be tested on a machine without a GPU. One block runs at a time, its blockDim.x
+// threads as fibers of the calling thread; __shared__ variables are statics;
 // __syncthreads and the warp shuffles are barriers, and so is a warp's mma.sync
 // (emu::mma_tf32_16x8x8: the PTX fragment layout, and the tensor cores' arithmetic as far as the
 // kernels' accuracy depends on it).
+// Fibers, not OS threads: a barrier is a switch within one thread instead of a futex wake-up per thread
+// (with std::threads the emulated tests spent more time in the kernel's scheduler than in the kernels:
+// 80 M context switches, as much system time as user time). The fibers of a block run in thread order up
+// to the first barrier, in reverse order up to the next, and so on: a read of another thread's
+// shared-memory write with no barrier between them sees the old value whenever the reader runs first (a
+// later thread's write in the forward phases, an earlier one's in the reverse ones), where OS threads
+// left it to chance. A barrier that not every thread reaches stops the run with a message (deadlock)
+// instead of hanging it. tests/emu/emu_selftest.cpp checks these properties.
 // The .cu sources are compiled as C++ after tests/emu/cu2cpp.py rewrites their launches
 // (`k<<<grid, block, smem, stream>>>(args)` → `emu::launch([&] { k(args); }, grid, block, smem)`)
 // and dynamic shared memory; tests/emu/stub/ stands in for <cuda_runtime.h> and <mma.h>.
@@ -14,9 +22,10 @@
 
 #define DISTKERN_CUDA_EMULATION 1
 
+#include <sys/mman.h>
+#include <ucontext.h>
+
 #include <atomic>
-#include <barrier>
-#include <condition_variable>
 #include <cassert>
 #include <cmath>
 #include <cstdint>
@@ -25,8 +34,6 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -52,7 +59,55 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
 
-inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define DK_EMU_ASAN 1
+#else
+#define DK_EMU_ASAN 0
+#endif
+
+// A switch between two fibers' stacks: on x86-64 a few instructions of our own (swapcontext also saves
+// the signal mask, a system call per switch, and AddressSanitizer intercepts it to clear the shadow of the
+// whole target stack each time, which made the sanitized emulation slower than with OS threads); elsewhere
+// ucontext. dk_emu_switch(&from_sp, to_sp) saves the callee-saved registers, the x87 control word and
+// MXCSR on the current stack, stores its pointer in from_sp and continues on to_sp's stack.
+#if defined(__x86_64__) && !defined(DK_EMU_UCONTEXT)
+#define DK_EMU_ASM_SWITCH 1
+extern "C" void dk_emu_switch(void** from_sp, void* to_sp);
+__asm__(
+    ".text\n"
+    ".weak dk_emu_switch\n"
+    ".type dk_emu_switch,@function\n"
+    "dk_emu_switch:\n"
+    "  pushq %rbp\n"
+    "  pushq %rbx\n"
+    "  pushq %r12\n"
+    "  pushq %r13\n"
+    "  pushq %r14\n"
+    "  pushq %r15\n"
+    "  subq $16, %rsp\n"
+    "  stmxcsr 8(%rsp)\n"
+    "  fnstcw (%rsp)\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  fldcw (%rsp)\n"
+    "  ldmxcsr 8(%rsp)\n"
+    "  addq $16, %rsp\n"
+    "  popq %r15\n"
+    "  popq %r14\n"
+    "  popq %r13\n"
+    "  popq %r12\n"
+    "  popq %rbx\n"
+    "  popq %rbp\n"
+    "  ret\n"
+    ".size dk_emu_switch,.-dk_emu_switch\n");
+#else
+#define DK_EMU_ASM_SWITCH 0
+#endif
+
+// The running fiber's indices: one OS thread plays every thread of a block, and the scheduler sets
+// threadIdx before it resumes a fiber.
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 // cudaError_t, cudaStream_t, ... come from CUDA's driver_types.h (through vector_types.h); the
 // runtime calls the launchers make are no-ops here.
@@ -67,71 +122,221 @@ namespace emu {
   std::abort();
 }
 
-inline std::barrier<>* g_block = nullptr;
-inline std::vector<std::barrier<>*> g_warp;
+class Barrier;
+
+// The fibers of one launch: job(t) for t = 0..nt-1, each on its own stack (mmap'd once, with a guard page
+// below it, and kept for later launches), switched by dk_emu_switch. A fiber runs until it waits at a
+// barrier or returns; run() sweeps over the runnable fibers, alternating the direction of the sweeps.
+class Scheduler {
+ public:
+  void run(unsigned nt, const std::function<void(unsigned)>& job) {
+    const size_t page = 4096;
+    while (stacks_.size() < nt) {
+      void* m = mmap(nullptr, kStack + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                     -1, 0);
+      if (m == MAP_FAILED) fail("mmap of a fiber stack failed");
+      mprotect(m, page, PROT_NONE);  // overflowing a fiber's stack faults instead of corrupting its neighbour
+      stacks_.push_back(static_cast<char*>(m) + page);
+    }
+    fibers_.assign(nt, Fiber{});
+    job_ = &job;
+    for (unsigned t = 0; t < nt; ++t) {
+      Fiber& f = fibers_[t];
+#if DK_EMU_ASM_SWITCH
+      // the frame dk_emu_switch pops: control words, r15..r12, rbx, rbp, then `ret` into entry() with
+      // a zero return address above it (the unwinders stop there), the stack 16-byte aligned at its call
+      uint64_t* sp = reinterpret_cast<uint64_t*>(stacks_[t] + kStack);
+      *--sp = 0;
+      *--sp = reinterpret_cast<uint64_t>(&Scheduler::entry);
+      for (int r = 0; r < 6; ++r) *--sp = 0;
+      sp -= 2;
+      uint32_t mxcsr;
+      uint16_t fcw;
+      __asm__ volatile("stmxcsr %0" : "=m"(mxcsr));
+      __asm__ volatile("fnstcw %0" : "=m"(fcw));
+      std::memcpy(sp, &fcw, sizeof(fcw));
+      std::memcpy(reinterpret_cast<char*>(sp) + 8, &mxcsr, sizeof(mxcsr));
+      f.sp = sp;
+#else
+      if (getcontext(&f.ctx) != 0) fail("getcontext failed");
+      f.ctx.uc_stack.ss_sp = stacks_[t];
+      f.ctx.uc_stack.ss_size = kStack;
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, &Scheduler::entry, 0);
+#endif
+    }
+    unsigned left = nt;
+    bool forward = true;
+    while (left > 0) {
+      bool progress = false;
+      for (unsigned k = 0; k < nt; ++k) {
+        const unsigned t = forward ? k : nt - 1 - k;
+        if (!runnable(fibers_[t])) continue;
+        progress = true;
+        resume(t);
+        if (fibers_[t].done) --left;
+      }
+      if (!progress) deadlock();
+      forward = !forward;
+    }
+    job_ = nullptr;
+  }
+
+  // From a fiber: wait until `b` has left phase `phase` (the fiber is resumed by a later sweep).
+  void wait(const Barrier* b, uint64_t phase) {
+    Fiber& f = fibers_[cur_];
+    f.wait = b;
+    f.wait_phase = phase;
+    to_scheduler(f);
+  }
+
+  // From a fiber: give the other fibers their turn (a barrier's last arrival, so the next phase starts in
+  // the scheduler's order).
+  void yield() { to_scheduler(fibers_[cur_]); }
+
+  unsigned current() const { return cur_; }
+
+ private:
+  struct Fiber {
+#if DK_EMU_ASM_SWITCH
+    void* sp = nullptr;  // its saved stack pointer while switched out
+#else
+    ucontext_t ctx;
+#endif
+    bool done = false;
+    const Barrier* wait = nullptr;
+    uint64_t wait_phase = 0;
+    void* fake_stack = nullptr;  // ASan's fake-stack handle while switched out
+  };
+
+  static void entry();
+  bool runnable(const Fiber& f) const;
+  [[noreturn]] void deadlock() const;
+
+  void resume(unsigned t) {
+    cur_ = t;
+    threadIdx = dim3(t, 0, 0);
+    threadIdx.y = threadIdx.z = 0;
+    Fiber& f = fibers_[t];
+    f.wait = nullptr;
+#if DK_EMU_ASAN
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, stacks_[t], kStack);
+#endif
+#if DK_EMU_ASM_SWITCH
+    dk_emu_switch(&main_sp_, f.sp);
+#else
+    if (swapcontext(&main_, &f.ctx) != 0) fail("swapcontext failed");
+#endif
+#if DK_EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+  }
+
+  void to_scheduler(Fiber& f) {
+#if DK_EMU_ASAN
+    __sanitizer_start_switch_fiber(f.done ? nullptr : &f.fake_stack, main_bottom_, main_size_);
+#endif
+#if DK_EMU_ASM_SWITCH
+    dk_emu_switch(&f.sp, main_sp_);
+#else
+    if (swapcontext(&f.ctx, &main_) != 0) fail("swapcontext failed");
+#endif
+#if DK_EMU_ASAN
+    __sanitizer_finish_switch_fiber(f.fake_stack, &main_bottom_, &main_size_);
+#endif
+  }
+
+  static constexpr size_t kStack = size_t(1) << 19;  // 512 KiB a fiber: ASan's -O0 frames are large
+
+  std::vector<Fiber> fibers_;
+  std::vector<char*> stacks_;
+#if DK_EMU_ASM_SWITCH
+  void* main_sp_ = nullptr;
+#else
+  ucontext_t main_;
+#endif
+  unsigned cur_ = 0;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  const void* main_bottom_ = nullptr;
+  size_t main_size_ = 0;
+};
+
+inline Scheduler& scheduler() {
+  static Scheduler* s = new Scheduler;  // leaked on purpose: its stacks serve every launch
+  return *s;
+}
+
+// std::barrier's arrive_and_wait for the fibers of the running launch: the last of n arrivals opens the
+// next phase; every arrival hands over to the scheduler.
+class Barrier {
+ public:
+  Barrier(unsigned n, const char* what) : n_(n), what_(what) {}
+  void arrive_and_wait() {
+    const uint64_t phase = phase_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++phase_;
+      scheduler().yield();
+    } else {
+      scheduler().wait(this, phase);
+    }
+  }
+  uint64_t phase() const { return phase_; }
+  const char* what() const { return what_; }
+
+ private:
+  unsigned n_, arrived_ = 0;
+  uint64_t phase_ = 0;
+  const char* what_;
+};
+
+inline bool Scheduler::runnable(const Fiber& f) const {
+  return !f.done && (f.wait == nullptr || f.wait->phase() != f.wait_phase);
+}
+
+inline void Scheduler::deadlock() const {
+  // the waiting threads by barrier: how many, and the first of them
+  std::vector<std::pair<const Barrier*, std::pair<size_t, size_t>>> at;
+  for (size_t t = 0; t < fibers_.size(); ++t) {
+    if (fibers_[t].done) continue;
+    size_t k = 0;
+    while (k < at.size() && at[k].first != fibers_[t].wait) ++k;
+    if (k == at.size()) at.push_back({fibers_[t].wait, {0, t}});
+    ++at[k].second.first;
+  }
+  std::fprintf(stderr, "emulation: deadlock, a barrier that not every thread of the block reaches; waiting:");
+  for (const auto& [b, n] : at)
+    std::fprintf(stderr, " %zu thread(s) from t%zu at %s;", n.first, n.second, b != nullptr ? b->what() : "?");
+  std::fprintf(stderr, "\n");
+  std::abort();
+}
+
+inline void Scheduler::entry() {
+  Scheduler& s = scheduler();
+#if DK_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &s.main_bottom_, &s.main_size_);
+#endif
+  (*s.job_)(s.cur_);
+  Fiber& f = s.fibers_[s.cur_];
+  f.done = true;
+  s.to_scheduler(f);  // never resumed
+  fail("a finished fiber was resumed");
+}
+
+inline Barrier* g_block = nullptr;
+inline std::vector<Barrier*> g_warp;
 inline std::vector<int64_t> g_xch;
-inline std::vector<float> g_frag;  // 2 × 6 floats a thread: the operands of an emulated mma.sync
-inline thread_local unsigned g_frag_phase = 0;
+inline std::vector<float> g_frag;             // 2 × 6 floats a thread: the operands of an emulated mma.sync
+inline std::vector<unsigned> g_frag_phase;    // a thread's copy of those operands (0 / 1) for its next mma
 inline unsigned char* g_dyn = nullptr;
 
 inline void* dyn_smem() { return g_dyn; }
 
-// The threads that play a block's threads: made once, on first use, and kept for every later launch
-// (a launch reuses threads 0..blockDim.x-1). Making blockDim.x std::threads per launch cost more than
-// most emulated kernels, and far more under AddressSanitizer. Never destroyed: its threads wait on
-// the condition variable until the process ends.
-class Workers {
- public:
-  // job(t) on threads t = 0..nt-1, returning when all of them have returned.
-  void run(unsigned nt, const std::function<void(unsigned)>& job) {
-    std::unique_lock<std::mutex> lk(m_);
-    while (threads_.size() < nt) {
-      const unsigned id = static_cast<unsigned>(threads_.size());
-      threads_.emplace_back([this, id] { loop(id); });
-      threads_.back().detach();
-    }
-    job_ = &job;
-    active_ = nt;
-    remaining_ = nt;
-    ++generation_;
-    start_.notify_all();
-    done_.wait(lk, [&] { return remaining_ == 0; });
-    job_ = nullptr;
-  }
-
- private:
-  void loop(unsigned id) {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lk(m_);
-    for (;;) {
-      start_.wait(lk, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (id >= active_) continue;  // a launch with fewer threads than were ever made
-      const std::function<void(unsigned)>* job = job_;
-      lk.unlock();
-      (*job)(id);
-      lk.lock();
-      if (--remaining_ == 0) done_.notify_one();
-    }
-  }
-
-  std::mutex m_;
-  std::condition_variable start_, done_;
-  std::vector<std::thread> threads_;
-  const std::function<void(unsigned)>* job_ = nullptr;
-  unsigned active_ = 0, remaining_ = 0;
-  uint64_t generation_ = 0;
-};
-
-inline Workers& workers() {
-  static Workers* w = new Workers;  // leaked on purpose (see above)
-  return *w;
-}
-
 // kernel() over `grid` blocks (x, y, z) of `block` threads (1-D blocks, a multiple of 32), one block at a
-// time; `smem` bytes of dynamic shared memory per block. Threads 0..block.x-1 of the pool above each run
-// the blocks in order, and all of them meet at a barrier between two blocks (a block's shared memory and
-// barriers are the next block's). The next launch starts when every thread has finished this one.
+// time; `smem` bytes of dynamic shared memory per block. Fibers 0..block.x-1 each run the blocks in order,
+// and all of them meet at a barrier between two blocks (a block's shared memory and barriers are the next
+// block's). Returns when every fiber has finished.
 template <typename F>
 void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
   const unsigned nt = block.x;
@@ -140,20 +345,18 @@ void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nul
   g_dyn = dyn.data() + (128 - reinterpret_cast<uintptr_t>(dyn.data()) % 128) % 128;
   g_xch.assign(nt, 0);
   g_frag.assign(2 * 6 * nt, 0.f);
-  std::barrier<> blk(nt), between(nt);
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  g_frag_phase.assign(nt, 0);
+  Barrier blk(nt, "__syncthreads"), between(nt, "end of block");
+  std::vector<std::unique_ptr<Barrier>> warps;
   g_warp.clear();
   for (unsigned w = 0; w < nt / 32; ++w) {
-    warps.emplace_back(new std::barrier<>(32));
+    warps.emplace_back(new Barrier(32, "warp barrier (shuffle / match / mma)"));
     g_warp.push_back(warps.back().get());
   }
   g_block = &blk;
-  const std::function<void(unsigned)> job = [&](unsigned t) {
-    threadIdx = dim3(t, 0, 0);
-    threadIdx.y = threadIdx.z = 0;
-    blockDim = block;
-    gridDim = grid;
-    g_frag_phase = 0;
+  blockDim = block;
+  gridDim = grid;
+  const std::function<void(unsigned)> job = [&](unsigned) {
     for (unsigned bz = 0; bz < grid.z; ++bz)
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -163,7 +366,7 @@ void launch(F kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nul
           between.arrive_and_wait();  // every thread done with this block before any starts the next
         }
   };
-  workers().run(nt, job);
+  scheduler().run(nt, job);
 }
 
 template <typename T>
@@ -193,7 +396,7 @@ inline void mma_tf32_16x8x8(float (&d)[4], const float (&a)[4], const float (&b)
   // One warp barrier a call: consecutive calls alternate between two copies of the operands, so a lane
   // rewrites a copy only after every lane has passed the barrier of the call that follows its reads.
   const int tid = threadIdx.x, w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  float* const base = g_frag.data() + (g_frag_phase ^= 1u) * 6 * blockDim.x;
+  float* const base = g_frag.data() + (g_frag_phase[tid] ^= 1u) * 6 * blockDim.x;
   float* mine = base + 6 * tid;
   for (int e = 0; e < 4; ++e) mine[e] = a[e];
   mine[4] = b[0];
