@@ -57,6 +57,9 @@ $(STAMP)/install: $(STAMP)/venv $(SOURCES)
 
 install: $(STAMP)/install
 
+# One process on purpose: pytest-xdist with two workers on the 2-core CI machine was several times slower
+# (two processes' OpenMP pools, nvcc and the sanitized emulation fighting for two cores); the suite's
+# heavy tests use both cores themselves.
 test: install
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
