@@ -17,13 +17,19 @@ import pytest
 from emu_support import EMU, SANITIZE, compile_flags, missing
 
 
-def test_emulation_itself(tmp_path):
+def _build(tmp_path, name: str):
+    """tests/emu/<name>.cpp built against the rewritten sources: the executable's path."""
     if missing():
         pytest.skip(missing())
-    exe = tmp_path / "emu_selftest"
-    build = subprocess.run(["g++", *compile_flags(tmp_path), str(EMU / "emu_selftest.cpp"), "-o", str(exe)],
+    exe = tmp_path / name
+    build = subprocess.run(["g++", *compile_flags(tmp_path), str(EMU / f"{name}.cpp"), "-o", str(exe)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-4000:]
+    return exe
+
+
+def test_emulation_itself(tmp_path):
+    exe = _build(tmp_path, "emu_selftest")
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "ALL OK" in run.stdout, run.stdout + run.stderr[-2000:]
     assert run.stdout.count(" ok\n") == 4, run.stdout
@@ -37,12 +43,7 @@ def test_emulation_itself(tmp_path):
 
 
 def test_tile_skeleton_emulated(tmp_path):
-    if missing():
-        pytest.skip(missing())
-    exe = tmp_path / "tile_emulation"
-    cmd = ["g++", *compile_flags(tmp_path), str(EMU / "tile_emulation.cpp"), "-o", str(exe)]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-4000:]
+    exe = _build(tmp_path, "tile_emulation")
     run = subprocess.run([str(exe), "7"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "ALL OK" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
     assert run.stdout.count(" ok\n") >= 50

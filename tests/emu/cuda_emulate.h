@@ -182,19 +182,14 @@ class Scheduler {
     job_ = nullptr;
   }
 
-  // From a fiber: wait until `b` has left phase `phase` (the fiber is resumed by a later sweep).
+  // From a fiber: wait until `b` has left phase `phase`, resumed by a later sweep (a barrier's last
+  // arrival too, which has just closed that phase: the next phase starts in the scheduler's order).
   void wait(const Barrier* b, uint64_t phase) {
     Fiber& f = fibers_[cur_];
     f.wait = b;
     f.wait_phase = phase;
     to_scheduler(f);
   }
-
-  // From a fiber: give the other fibers their turn (a barrier's last arrival, so the next phase starts in
-  // the scheduler's order).
-  void yield() { to_scheduler(fibers_[cur_]); }
-
-  unsigned current() const { return cur_; }
 
  private:
   struct Fiber {
@@ -277,10 +272,8 @@ class Barrier {
     if (++arrived_ == n_) {
       arrived_ = 0;
       ++phase_;
-      scheduler().yield();
-    } else {
-      scheduler().wait(this, phase);
     }
+    scheduler().wait(this, phase);
   }
   uint64_t phase() const { return phase_; }
   const char* what() const { return what_; }
