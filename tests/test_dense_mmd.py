@@ -28,7 +28,7 @@ def test_dense_gram(n, K, layout, rng):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (13, 7, 33), (64, 128, 2048), (100, 50, 31), (12, 0, 5), (25, 300, 17),
-                                   (3, 600, 40)])
+                                   (3, 600, 40), (5, 40, 1001)])
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
 def test_dense_mm(M, K, N, ta, tb, rng):
     a = torch.randn(K, M, generator=rng).T if ta else torch.randn(M, K, generator=rng)
@@ -43,6 +43,9 @@ def test_dense_products_float64_and_errors(rng):
     z = torch.randn(9, 20, generator=rng, dtype=torch.float64)
     assert torch.allclose(ops.dense_gram(z), z @ z.T, rtol=1e-14, atol=1e-12)
     assert torch.allclose(ops.dense_mm(z, z.T), z @ z.T, rtol=1e-14, atol=1e-12)
+    # few rows, many columns: split over the threads by columns where BLAS is used
+    a, b = torch.randn(7, 64, generator=rng, dtype=torch.float64), torch.randn(64, 1031, generator=rng, dtype=torch.float64)
+    assert torch.allclose(ops.dense_mm(a, b), a @ b, rtol=1e-14, atol=1e-12)
     with pytest.raises(ValueError, match="cannot be multiplied"):
         ops.dense_mm(torch.zeros(3, 4), torch.zeros(5, 2))
     with pytest.raises(ValueError, match="2-D"):

@@ -72,7 +72,9 @@ struct PrefetchRows {
 // Single-threaded, like mm_out.
 bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const PrefetchRows* next = nullptr);
 
-// a @ b and z·zᵀ for 2-D CPU tensors, parallel over tiles of the output. gram computes the tiles that
+// a @ b and z·zᵀ for 2-D CPU tensors, parallel over tiles of the output. Where mm takes torch's BLAS
+// (no micro-kernel, float64), a product of few rows and many columns is split over the threads by
+// columns, one BLAS call per slice (MKL threads over rows, and leaves the second core idle there). gram computes the tiles that
 // touch the upper triangle only and mirrors them (z·zᵀ is symmetric to the last bit); it runs on the AVX2
 // kernel on CPUs without AVX-512 too (half the arithmetic of BLAS' square), else as at::mm made symmetric.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b);

@@ -292,8 +292,8 @@ class _SmallMMD(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(val, wrt, g, create_graph=True))
             return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None, None
         n = ctx.n
-        if ctx.fused:  # B holds x's rows and/or y's: one product for both
-            gz = g * torch.ops.distkern.dense_mmd_grad(bs[0], z, 0 if need_x else n, ctx.dot)
+        if ctx.fused:  # B holds x's rows and/or y's: one product for both, g folded into B (linear in it)
+            gz = torch.ops.distkern.dense_mmd_grad(g * bs[0], z, 0 if need_x else n, ctx.dot)
             gx = gz[:n].to(ctx.dtypes[0]) if need_x else None
             gy = gz[n if need_x else 0:].to(ctx.dtypes[1]) if need_y else None
             return gx, gy, None, None, None
