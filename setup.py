@@ -91,6 +91,10 @@ with open(os.path.join(ROOT, "python", "distkern", "_build_info.py"), "w") as f:
 # Ship the shared headers of csrc/common as package data (distkern/include/common/*.h, *.cuh) so that
 # plugins build their own ops against them from an installed distkern (distkern.cpp_extension.include_dirs()).
 _headers = os.path.join(ROOT, "python", "distkern", "include", "common")
+# The folder is a build copy (git-ignored): it is emptied first, as is its copy in setuptools' build/lib of
+# an in-tree build, so a header removed from csrc/common is not shipped from an earlier build of the checkout.
+for _old in [_headers, *glob.glob(os.path.join(ROOT, "build", "lib*", "distkern", "include", "common"))]:
+    shutil.rmtree(_old, ignore_errors=True)
 os.makedirs(_headers, exist_ok=True)
 for _pattern in ("*.h", "*.cuh", "*.inc"):
     for _h in sorted(glob.glob(os.path.join(ROOT, "csrc", "common", _pattern))):
