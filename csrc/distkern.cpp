@@ -58,12 +58,13 @@ TORCH_LIBRARY(distkern, m) {
   // (csrc/kernel_sum/dense.cpp; on the CPU in float32 through distkern's AVX-512 kernel).
   m.def("dense_gram(Tensor z) -> Tensor");
   m.def("dense_mm(Tensor a, Tensor b) -> Tensor");
-  // mmd2's small-sample estimator on the CPU: (value, B (rows, n + m), z (n + m, D)) for kernel id and
-  // params as kernel_matmul's, estimator 0 biased / 1 unbiased / 2 ustat; and the gradient rows from B.
+  // mmd2's small-sample estimator on the CPU: (value, B (rows, n + m), x and y centred (n, D), (m, D) —
+  // (0, D) each for the polynomial kernel, which uses x and y as they are) for kernel id and params as
+  // kernel_matmul's, estimator 0 biased / 1 unbiased / 2 ustat; and the gradient rows from B and [x; y].
   m.def(
       "dense_mmd(Tensor x, Tensor y, int kernel, float[] params, int estimator, bool need_x, bool need_y)"
-      " -> (Tensor, Tensor, Tensor)");
-  m.def("dense_mmd_grad(Tensor b, Tensor z, int row0, bool dot) -> Tensor");
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dense_mmd_grad(Tensor b, Tensor x, Tensor y, int row0, bool dot) -> Tensor");
   // Fused diffusion sampler step (csrc/diffusion/step_math.h): per element, x0 = a·x + b·m + g·n,
   // clipped (clip_mode 0 none, 1 clamp to ±clip_range, 2 dynamic thresholding at quantile `ratio`
   // of |x0| per sample, scale clamped to [1, max_value]), prev = p·x0 + r·x + w·m + u·prev_x0 + s·n.

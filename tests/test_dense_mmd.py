@@ -60,8 +60,12 @@ def test_avx512_kernel_off_gives_the_same_products(with_and_without_avx512):
         "g = torch.Generator().manual_seed(3)\n"
         "z = torch.randn(70, 333, generator=g); b = torch.randn(40, 70, generator=g)\n"
         "w = torch.randn(300, 70, generator=g)\n"
+        "x, y = torch.randn(40, 600, generator=g), torch.randn(30, 600, generator=g) + 0.5\n"
+        "_, bb, xc, yc = torch.ops.distkern.dense_mmd(x, y, 4, [], 1, True, True)  # [x; y] stacked, never formed\n"
         "torch.save((torch.ops.distkern.dense_gram(z), torch.ops.distkern.dense_mm(b, z),\n"
-        "            torch.ops.distkern.dense_mm(w, z), torch.ops.distkern.dense_mm(w, z.t().contiguous().t())), sys.argv[1])\n"
+        "            torch.ops.distkern.dense_mm(w, z), torch.ops.distkern.dense_mm(w, z.t().contiguous().t()),\n"
+        "            torch.ops.distkern.dense_mmd_grad(bb, xc, yc, 0, False),\n"
+        "            torch.ops.distkern.dense_mmd_grad(bb[:40, :], x, y, 0, True)), sys.argv[1])\n"
     )
     *runs, blas = with_and_without_avx512(code)
     for run in runs:
@@ -92,17 +96,23 @@ def test_dense_mmd_op(kernel, kw, estimator, dtype, need, rng):
     y = torch.randn(m, D, generator=rng, dtype=dtype) * 1.1 + 0.2
     bw = kw.get("bandwidth")
     params = kernel_params(kernel, D, bandwidth=bw, op="test")[1]
-    val, b, z = ops.dense_mmd(x, y, KERNELS[kernel], params, _ESTIMATOR_ID[estimator], *need)
+    val, b, xc, yc = ops.dense_mmd(x, y, KERNELS[kernel], params, _ESTIMATOR_ID[estimator], *need)
     xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
     ref = reference_mmd(xr, yr, kernel, kw, estimator)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     assert val.dtype == dtype and abs(float(val) - float(ref)) <= tol * max(1.0, abs(float(ref)))
     rows = (n if need[0] else 0) + (m if need[1] else 0)
-    assert b.shape == (rows, n + m) and z.shape == (n + m, D)
+    assert b.shape == (rows, n + m)
+    if kernel == "polynomial":  # x and y are read as they are
+        assert xc.shape == yc.shape == (0, D)
+        xc, yc = x.detach(), y.detach()  # (x itself requires grad below for float64)
+    else:  # centred on y's mean
+        ybar = y.double().mean(0)
+        assert torch.allclose(xc.double(), x.double() - ybar, atol=1e-5) and torch.allclose(yc.double(), y.double() - ybar, atol=1e-5)
     if not any(need):
         return
     gx_ref, gy_ref = torch.autograd.grad(ref, (xr, yr))
-    g = ops.dense_mmd_grad(b, z, 0 if need[0] else n, kernel == "polynomial")
+    g = ops.dense_mmd_grad(b, xc, yc, 0 if need[0] else n, kernel == "polynomial")
     # the gradient cancels (to ~1e-5 for a biased Gaussian MMD of these samples); its terms are ~1e-3
     scale = max(float(gx_ref.abs().max()), float(gy_ref.abs().max()), 1e-3)
     gtol = 1e-9 if dtype == torch.float64 else 5e-4
@@ -139,8 +149,11 @@ def test_opcheck(rng):
     torch.library.opcheck(ops.dense_gram.default, (z,))
     torch.library.opcheck(ops.dense_mm.default, (z, z.T.contiguous()))
     torch.library.opcheck(ops.dense_mmd.default, (x, y, 3, [0.2, 1.0, 3.0], 1, True, True))
-    _, b, zz = ops.dense_mmd(x, y, 4, [], 0, True, False)
-    torch.library.opcheck(ops.dense_mmd_grad.default, (b, zz, 0, False))
+    torch.library.opcheck(ops.dense_mmd.default, (x, y, 4, [], 0, True, False))
+    _, b, xc, yc = ops.dense_mmd(x, y, 4, [], 0, True, False)
+    torch.library.opcheck(ops.dense_mmd_grad.default, (b, xc, yc, 0, False))
+    _, b, _, _ = ops.dense_mmd(x, y, 3, [0.2, 1.0, 3.0], 1, True, True)
+    torch.library.opcheck(ops.dense_mmd_grad.default, (b, x, y, 0, True))
 
 
 @pytest.mark.parametrize("kernel,kw", KERNEL_CASES)

@@ -48,9 +48,9 @@ struct StreamCursor {
 };
 
 using MicroFn = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t, int, bool, StreamCursor*);
-// G[i0 + r, j0 + c] (=|+=) Σ_k z[i0 + r, k] · z[j0 + c, k] over k ∈ [k0, k0 + kc), r < ri ≤ the family's
-// gram_rows, c < cj ≤ 4
-using GramFn = void (*)(const float*, int64_t, int64_t, int, int64_t, int, int64_t, int64_t, float*, int64_t, bool);
+// G[i0 + r, j0 + c] (=|+=) Σ_k z_{i0 + r}[k] · z_{j0 + c}[k] over k ∈ [k0, k0 + kc), r < ri ≤ the family's
+// gram_rows, c < cj ≤ 4, where z_i = rows[i] (row pointers: z may be stacked from separate tensors)
+using GramFn = void (*)(const float* const*, int64_t, int, int64_t, int, int64_t, int64_t, float*, int64_t, bool);
 
 // One micro-kernel family: its register tile, its kernels by row count (index mr ≤ mr_max; with and
 // without the PrefetchRows stream), its Gram tile, and the driver's blocking for it:
@@ -59,6 +59,7 @@ using GramFn = void (*)(const float*, int64_t, int64_t, int, int64_t, int, int64
 //            mc = mr the driver runs each row block across all panels instead (A's block in L1, B's
 //            panels from L2), the order the AVX-512 kernel was measured in;
 //   gram_rows  rows of a Gram tile (4 or 6; 4 columns);
+//   gram_kc  K block of the Gram driver: a block of all rows of z stays in L2 across the row tiles;
 //   pack_b   pack B (NR-padded, contiguous) when C has more rows than this even where B's rows are
 //            contiguous: in place, a panel's rows lie ldb apart and alias in L1 when that is a multiple
 //            of 4 KiB, so a panel reused across row blocks does not stay there.
@@ -68,7 +69,7 @@ struct Kern {
   const MicroFn* micro_pf;
   GramFn gram;
   int gram_rows;  // the Gram tile's rows (its columns: 4)
-  int64_t mc, pack_b;
+  int64_t mc, pack_b, gram_kc;
 };
 
 #if DK_AVX512_CODE
@@ -167,13 +168,13 @@ constexpr MicroFn kMicroPf[kMR + 1] = {
 // Gram tiles in dot-product form (GramFn; missing rows read row 0 of the tile and are not stored). Rows
 // of z are contiguous along k, so no transposition is needed: 8 vector loads per 16 FMAs, then one
 // horizontal sum per entry per K block.
-void gram_tile(const float* z, int64_t ldz, int64_t i0, int ri, int64_t j0, int cj, int64_t k0, int64_t kc,
-               float* g, int64_t ldg, bool acc) {
+void gram_tile(const float* const* z, int64_t i0, int ri, int64_t j0, int cj, int64_t k0, int64_t kc, float* g,
+               int64_t ldg, bool acc) {
   const float* a[4];
   const float* b[4];
   for (int r = 0; r < 4; ++r) {
-    a[r] = z + (i0 + (r < ri ? r : 0)) * ldz + k0;
-    b[r] = z + (j0 + (r < cj ? r : 0)) * ldz + k0;
+    a[r] = z[i0 + (r < ri ? r : 0)] + k0;
+    b[r] = z[j0 + (r < cj ? r : 0)] + k0;
   }
   __m512 s[4][4];
   for (int r = 0; r < 4; ++r)
@@ -286,13 +287,13 @@ void micro2(const float* ap, const float* bp, int64_t ldb, int64_t kc, float* c,
 // Gram tiles on AVX2 (GramFn), 6 rows × 4 columns, three rows at a time: 12 accumulators, 7 loads per 12
 // FMAs (a 4×4 tile two rows at a time needed 6 per 8, and ran at 43–56 GFLOP/s a core where MKL's square
 // product ran at 73). Missing rows and columns read the tile's first one and are not stored.
-void gram_tile2(const float* z, int64_t ldz, int64_t i0, int ri, int64_t j0, int cj, int64_t k0, int64_t kc,
-                float* g, int64_t ldg, bool acc) {
+void gram_tile2(const float* const* z, int64_t i0, int ri, int64_t j0, int cj, int64_t k0, int64_t kc, float* g,
+                int64_t ldg, bool acc) {
   const float* b[4];
-  for (int c = 0; c < 4; ++c) b[c] = z + (j0 + (c < cj ? c : 0)) * ldz + k0;
+  for (int c = 0; c < 4; ++c) b[c] = z[j0 + (c < cj ? c : 0)] + k0;
   for (int r0 = 0; r0 < ri; r0 += 3) {
     const float* a[3];
-    for (int q = 0; q < 3; ++q) a[q] = z + (i0 + (r0 + q < ri ? r0 + q : r0)) * ldz + k0;
+    for (int q = 0; q < 3; ++q) a[q] = z[i0 + (r0 + q < ri ? r0 + q : r0)] + k0;
     __m256 s[3][4];
     for (int q = 0; q < 3; ++q)
       for (int c = 0; c < 4; ++c) s[q][c] = _mm256_setzero_ps();
@@ -329,11 +330,13 @@ constexpr MicroFn kMicro2[kMR2 + 1] = {nullptr, &micro2<1>, &micro2<2>, &micro2<
                                        &micro2<6>};
 constexpr MicroFn kMicro2Pf[kMR2 + 1] = {nullptr,         &micro2<1, true>, &micro2<2, true>, &micro2<3, true>,
                                          &micro2<4, true>, &micro2<5, true>, &micro2<6, true>};
-const Kern kAvx512{kMR, kNR, kMicro, kMicroPf, &gram_tile, 4, kMR, INT64_MAX};
+const Kern kAvx512{kMR, kNR, kMicro, kMicroPf, &gram_tile, 4, kMR, INT64_MAX, 1024};
 // 6×16 reuses each B value for 6 rows only: from L2 that is 3 FLOP a byte, which starved the FMA pipes
 // (~45 % of peak on a Zen 3 core); with the panel in L1 across 16 row blocks (96 rows, A's 96 KiB block in
 // L2, each A value used 16 times) it is 8.
-const Kern kAvx2{kMR2, kNR2, kMicro2, kMicro2Pf, &gram_tile2, 6, 96, 2 * kMR2};
+// Gram K blocks of 512: MMD-DDM's 128 rows × 512 floats are 256 KiB, in a Zen 3 core's 512 KiB L2 (blocks of
+// 1024 took 4–6 % longer over its whole step, interleaved in one process).
+const Kern kAvx2{kMR2, kNR2, kMicro2, kMicro2Pf, &gram_tile2, 6, 96, 2 * kMR2, 512};
 
 // ap[k·mrs + r] = a[r·sam + k·sak] for r < mr, k < kc: a block of A, k-major with stride mrs (the
 // kernel's row tile), as the micro-kernel broadcasts it.
@@ -505,19 +508,28 @@ bool usable(const at::Tensor& t) {
   return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && !t.is_conj() && !t.is_neg();
 }
 
-// at::mm, with few rows and many columns split over the threads by columns. torch's BLAS (MKL)
-// threads a product over its rows: for MMD-DDM's backward, (64 × 128)·(128 × 2048), the second core
-// then adds little (measured 0.5 ms on one core, 0.4 on two); column slices of ≥ 256, one BLAS call each
-// inside the parallel region (where it runs single-threaded), keep both busy.
-at::Tensor blas_mm(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t threads = at::get_num_threads();
+// a · [b0; b1] through at::mm (b1 undefined: a · b0; a's first b0.size(0) columns multiply b0, the rest b1),
+// with few rows and many columns split over the threads by columns. torch's BLAS (MKL) threads a product
+// over its rows: for MMD-DDM's backward, (64 × 128)·(128 × 2048), the second core then adds little
+// (measured 0.5 ms on one core, 0.4 on two); column slices of ≥ 256, one BLAS call each inside the
+// parallel region (where it runs single-threaded), keep both busy.
+// The operands are detached: the slices' products run on the pool's threads, where grad mode is on (it is
+// thread-local), and an out= product refuses an operand that requires grad there (mmd2's samples do).
+at::Tensor blas_mm(const at::Tensor& a_in, const at::Tensor& b0_in, const at::Tensor& b1_in) {
+  const at::Tensor a = a_in.detach(), b0 = b0_in.detach(), b1 = b1_in.defined() ? b1_in.detach() : b1_in;
+  const int64_t K0 = b0.size(0), K1 = b1.defined() ? b1.size(0) : 0;
+  auto product = [&](at::Tensor& out, int64_t c0, int64_t w) {
+    at::mm_out(out, a.narrow(1, 0, K0), b0.narrow(1, c0, w));
+    if (K1 > 0) out.addmm_(a.narrow(1, K0, K1), b1.narrow(1, c0, w));
+  };
+  const int64_t threads = at::get_num_threads(), N = b0.size(1);
   constexpr int64_t kMinCols = 256;
-  if (!(a.device().is_cpu() && b.device().is_cpu() && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
-        a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) &&
-        threads > 1 && !at::in_parallel_region() && a.size(0) < 64 * threads && b.size(1) >= 2 * kMinCols &&
-        a.size(1) >= 32))
-    return at::mm(a, b);
-  const int64_t N = b.size(1);
+  if (!(threads > 1 && !at::in_parallel_region() && a.size(0) < 64 * threads && N >= 2 * kMinCols &&
+        a.size(1) >= 32)) {
+    at::Tensor out = at::empty({a.size(0), N}, a.options());
+    product(out, 0, N);
+    return out;
+  }
   const int64_t parts = std::min(threads, N / kMinCols);
   const int64_t width = (N + parts - 1) / parts;
   at::Tensor out = at::empty({a.size(0), N}, a.options());
@@ -525,10 +537,21 @@ at::Tensor blas_mm(const at::Tensor& a, const at::Tensor& b) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = p * width, w = std::min(width, N - c0);
       at::Tensor o = out.narrow(1, c0, w);
-      at::mm_out(o, a, b.narrow(1, c0, w));
+      product(o, c0, w);
     }
   });
   return out;
+}
+
+// Row pointers of [x; y] (row-major rows, unit column stride)
+std::vector<const float*> stacked_rows(const at::Tensor& x, const at::Tensor& y) {
+  std::vector<const float*> rows;
+  for (const at::Tensor* t : {&x, &y}) {
+    if (!t->defined()) continue;
+    const float* p = t->data_ptr<float>();
+    for (int64_t i = 0; i < t->size(0); ++i) rows.push_back(p + i * t->stride(0));
+  }
+  return rows;
 }
 
 }  // namespace
@@ -607,63 +630,65 @@ bool mm_tril_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cons
 #endif
 }
 
-at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
-  if (!(fast_gemm_enabled() && usable(a) && usable(b))) return blas_mm(a, b);
-  TORCH_CHECK(a.size(1) == b.size(0), "distkern: mm shapes ", a.sizes(), " and ", b.sizes(), " do not match");
-  const int64_t M = a.size(0), N = b.size(1), K = a.size(1);
+namespace {
+
+// a · [b0; b1] (b1 undefined: a · b0)
+at::Tensor mm_parts(const at::Tensor& a, const at::Tensor& b0, const at::Tensor& b1) {
+  const int64_t K0 = b0.size(0), K1 = b1.defined() ? b1.size(0) : 0;
+  TORCH_CHECK(a.size(1) == K0 + K1 && (K1 == 0 || b1.size(1) == b0.size(1)), "distkern: mm shapes ", a.sizes(),
+              " and ", b0.sizes(), (K1 > 0 ? " stacked on " : ""), (K1 > 0 ? b1.sizes() : b0.sizes()),
+              " do not match");
+  if (!(fast_gemm_enabled() && usable(a) && usable(b0) && (K1 == 0 || usable(b1)))) return blas_mm(a, b0, b1);
+  const int64_t M = a.size(0), N = b0.size(1);
   const int64_t MR = kernel()->mr, NR = kernel()->nr;
   at::Tensor out = at::empty({M, N}, a.options());
+  if (K0 + K1 == 0) return out.zero_();
   const int64_t nblocks = (M + MR - 1) / MR;
   const float* ap = a.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
   float* cp = out.data_ptr<float>();
+  // C[r0:r1, c0:c1] = A[r0:r1, :] · B[:, c0:c1] over the parts of B, the second accumulating
+  auto block = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    int64_t k = 0;
+    for (const at::Tensor* b : {&b0, &b1}) {
+      if (!b->defined() || b->size(0) == 0) continue;
+      sgemm(r1 - r0, c1 - c0, b->size(0), ap + r0 * a.stride(0) + k * a.stride(1), a.stride(0), a.stride(1),
+            b->data_ptr<float>() + c0 * b->stride(1), b->stride(0), b->stride(1), cp + r0 * N + c0, N, k > 0);
+      k += b->size(0);
+    }
+  };
   // Column panels when the rows are few (B = 64 rows of a backward), row blocks otherwise.
   if (nblocks >= 2 * at::get_num_threads() || N < 2 * NR) {
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      const int64_t r0 = b0 * MR, r1 = std::min(M, b1 * MR);
-      sgemm(r1 - r0, N, K, ap + r0 * a.stride(0), a.stride(0), a.stride(1), bp, b.stride(0), b.stride(1),
-            cp + r0 * N, N, false);
-    });
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0_, int64_t b1_) { block(b0_ * MR, std::min(M, b1_ * MR), 0, N); });
   } else {
     const int64_t npanels = (N + NR - 1) / NR;
-    at::parallel_for(0, npanels, 1, [&](int64_t p0, int64_t p1) {
-      const int64_t c0 = p0 * NR, c1 = std::min(N, p1 * NR);
-      sgemm(M, c1 - c0, K, ap, a.stride(0), a.stride(1), bp + c0 * b.stride(1), b.stride(0), b.stride(1), cp + c0, N,
-            false);
-    });
+    at::parallel_for(0, npanels, 1, [&](int64_t p0, int64_t p1) { block(0, M, p0 * NR, std::min(N, p1 * NR)); });
   }
   return out;
 }
 
-at::Tensor gram(const at::Tensor& zin) {
-  if (!(gram_kernel() != nullptr && usable(zin))) {  // at::mm, made symmetric to the bit as promised
-    const at::Tensor g = at::mm(zin, zin.t());
-    return at::triu(g) + at::triu(g, 1).t();
-  }
-#if DK_AVX512_CODE
-  const GramFn tile = gram_kernel()->gram;
-  const at::Tensor z = zin.stride(1) == 1 ? zin : zin.contiguous();
-  const int64_t n = z.size(0), K = z.size(1), ldz = z.stride(0);
-  if (K == 0) return at::zeros({n, n}, z.options());
-  at::Tensor out = at::empty({n, n}, z.options());  // every entry is written: upper tiles, then the mirror
-  const float* zp = z.data_ptr<float>();
+// G = z·zᵀ for z given by its rows (each K floats, contiguous)
+at::Tensor gram_rows(const std::vector<const float*>& rows, int64_t K, const at::TensorOptions& options) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  if (K == 0) return at::zeros({n, n}, options);
+  at::Tensor out = at::empty({n, n}, options);  // every entry is written: upper tiles, then the mirror
   float* gp = out.data_ptr<float>();
-  // TR×4 tiles (TR = 4 or 6); K blocks of 1024 (a 4×4 tile's 8 rows: 32 KiB, in L1). A row tile's
-  // columns start at the 4-column tile holding its diagonal, so every entry on or above it is computed.
-  constexpr int64_t kTC = 4, kKB = 1024;
-  const int64_t TR = gram_kernel()->gram_rows;
+  const Kern& kern = *gram_kernel();
+  // TR×4 tiles (TR = 4 or 6); K blocks of the family's gram_kc. A row tile's columns start at the 4-column
+  // tile holding its diagonal, so every entry on or above it is computed.
+  constexpr int64_t kTC = 4;
+  const int64_t TR = kern.gram_rows, KB = kern.gram_kc;
   const int64_t nt = (n + TR - 1) / TR;
   // row tiles in the order that balances the triangle over contiguous chunks; each thread owns its
   // rows of G, so the K blocks accumulate without races
   const std::vector<int64_t> order = balanced_blocks(nt);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t k0 = 0; k0 < K; k0 += kKB) {
-      const int64_t kc = std::min(kKB, K - k0);
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      const int64_t kc = std::min(KB, K - k0);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t i0 = order[t] * TR;
         const int ri = static_cast<int>(std::min(TR, n - i0));
         for (int64_t j0 = i0 / kTC * kTC; j0 < n; j0 += kTC)
-          tile(zp, ldz, i0, ri, j0, static_cast<int>(std::min(kTC, n - j0)), k0, kc, gp, n, k0 > 0);
+          kern.gram(rows.data(), i0, ri, j0, static_cast<int>(std::min(kTC, n - j0)), k0, kc, gp, n, k0 > 0);
       }
     }
   });
@@ -674,9 +699,36 @@ at::Tensor gram(const at::Tensor& zin) {
       for (int64_t j = 0; j < i; ++j) gp[i * n + j] = gp[j * n + i];
   });
   return out;
-#else
-  return at::mm(zin, zin.t());
-#endif
+}
+
+// at::mm's Gram of [x; y] (y undefined: of x), made symmetric to the bit as promised
+at::Tensor blas_gram(const at::Tensor& x, const at::Tensor& y) {
+  const at::Tensor z = y.defined() ? at::cat({x, y}) : x;
+  const at::Tensor g = at::mm(z, z.t());
+  return at::triu(g) + at::triu(g, 1).t();
+}
+
+}  // namespace
+
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return mm_parts(a, b, at::Tensor()); }
+
+at::Tensor mm_stacked(const at::Tensor& a, const at::Tensor& top, const at::Tensor& bottom) {
+  return mm_parts(a, top, bottom);
+}
+
+at::Tensor gram(const at::Tensor& zin) {
+  if (!(gram_kernel() != nullptr && usable(zin))) return blas_gram(zin, at::Tensor());
+  const at::Tensor z = zin.stride(1) == 1 ? zin : zin.contiguous();
+  return gram_rows(stacked_rows(z, at::Tensor()), z.size(1), z.options());
+}
+
+at::Tensor gram_stacked(const at::Tensor& xin, const at::Tensor& yin) {
+  TORCH_CHECK(xin.dim() == 2 && yin.dim() == 2 && xin.size(1) == yin.size(1) &&
+              xin.scalar_type() == yin.scalar_type(), "distkern: gram_stacked of ", xin.sizes(), " and ", yin.sizes());
+  if (!(gram_kernel() != nullptr && usable(xin) && usable(yin))) return blas_gram(xin, yin);
+  const at::Tensor x = xin.stride(1) == 1 ? xin : xin.contiguous();
+  const at::Tensor y = yin.stride(1) == 1 ? yin : yin.contiguous();
+  return gram_rows(stacked_rows(x, y), x.size(1), x.options());
 }
 
 }  // namespace cpu

@@ -3,10 +3,11 @@
 //   dense_gram(z)                 z·zᵀ, the upper triangle computed and mirrored
 //   dense_mm(a, b)                a @ b
 //   dense_mmd(x, y, kernel, ...)  the estimator in one pass: z = [x; y] (centred on ȳ for the
-//                                 distance kernels), G = z·zᵀ, then per pair r² (or x·y), φ and the
-//                                 estimator's weight → the value and, for a gradient, the weighted
-//                                 derivatives B (the rows of the samples that need one)
-//   dense_mmd_grad(b, z, row0, dot)   the gradient rows from B: B·z (polynomial) or
+//                                 distance kernels; never concatenated), G = z·zᵀ, then per pair r² (or
+//                                 x·y), φ and the estimator's weight → the value, for a gradient the
+//                                 weighted derivatives B (the rows of the samples that need one), and the
+//                                 centred x and y (empty for the polynomial kernel: x and y themselves)
+//   dense_mmd_grad(b, x, y, row0, dot)   the gradient rows from B, z = [x; y]: B·z (polynomial) or
 //                                 2(rowsum(B)·z_rows − B·z) (distance kernels)
 //
 // The products run on distkern's micro-kernel (common/cpu_gemm.h) in float32 where it runs, at::mm
@@ -69,7 +70,7 @@ at::Tensor dense_mm_any(const at::Tensor& a, const at::Tensor& b) {
 // (twice for the within-sample blocks: each pair counts as (i, j) and (j, i)) for the rows of the
 // samples that need a gradient. estimator: 0 biased, 1 unbiased, 2 ustat.
 template <typename acc_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, const at::Tensor& y, int64_t kind, at::ArrayRef<double> params,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, const at::Tensor& y, int64_t kind, at::ArrayRef<double> params,
                                  int64_t estimator, bool need_x, bool need_y) {
   const char* op = "distkern.dense_mmd";
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -78,15 +79,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, con
   kd.kind = static_cast<int>(kind) + 5;  // the derivative kind (kernel_math.h)
   const bool dist = kernel_sum::uses_distance(kp.kind);
   const int64_t n = x.size(0), m = y.size(0), N = n + m, D = x.size(1);
-  at::Tensor xa = x.to(acc), ya = y.to(acc);
+  at::Tensor xa = x.to(acc).contiguous(), ya = y.to(acc).contiguous();
   if (dist) {  // translation invariant: centre on y's mean for accurate distances
     const at::Tensor c = ya.mean(0);
     xa = xa - c;
     ya = ya - c;
   }
-  const at::Tensor z = at::cat({xa, ya}).contiguous();
-  const at::Tensor g = cpu::gram(z);
-  const acc_t* zp = z.data_ptr<acc_t>();
+  const at::Tensor g = cpu::gram_stacked(xa, ya);
+  const acc_t* xp = xa.data_ptr<acc_t>();
+  const acc_t* yp = ya.data_ptr<acc_t>();
+  auto zrow = [&](int64_t i) { return i < n ? xp + i * D : yp + (i - n) * D; };  // row i of [x; y]
   const acc_t* gp = g.data_ptr<acc_t>();
   std::vector<acc_t> sq(N);  // ‖z_i‖², the Gram diagonal
   for (int64_t i = 0; i < N; ++i) sq[i] = gp[i * N + i];
@@ -101,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, con
   // rows of B: x's (0..n) and/or y's (n..N)
   const int64_t r0 = need_x ? 0 : n, r1 = need_y ? N : n;
   const bool need = need_x || need_y;
-  at::Tensor b = need ? at::empty({r1 - r0, N}, z.options()) : at::empty({0, N}, z.options());
+  at::Tensor b = need ? at::empty({r1 - r0, N}, g.options()) : at::empty({0, N}, g.options());
   acc_t* bp = b.data_ptr<acc_t>();
   // pair (i, j): t, masked?, block weight
   auto pair_t = [&](int64_t i, int64_t j) -> acc_t {
@@ -110,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, con
     if (i == j) return acc_t(0);  // |z_i − z_i|² is 0, not its rounding
     acc_t r2 = kernel_sum::sq_dist(sq[i], sq[j], dot);
     if (kernel_sum::needs_exact_r2(r2, sq[i], sq[j], kp.exact_frac))  // near-coincident: from the coordinates
-      r2 = cpu::sq_distance(zp + i * D, zp + j * D, D);
+      r2 = cpu::sq_distance(zrow(i), zrow(j), D);
     return r2;
   };
   // φ and dφ/dt of row i: f over j ∈ [i, N) (the value uses the upper triangle), df over [0, N) for a
@@ -172,10 +174,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_impl(const at::Tensor& x, con
         return acc_v;
       },
       [](double a, double c) { return a + c; });
-  return std::make_tuple(at::scalar_tensor(value, z.options()), b, z);
+  if (!dist) {  // the backward reads x and y themselves
+    xa = at::empty({0, D}, g.options());
+    ya = at::empty({0, D}, g.options());
+  }
+  return std::make_tuple(at::scalar_tensor(value, g.options()), b, xa, ya);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_mmd_cpu(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_mmd_cpu(const at::Tensor& x, const at::Tensor& y, int64_t kernel,
                                       at::ArrayRef<double> params, int64_t estimator, bool need_x, bool need_y) {
   const char* op = "distkern.dense_mmd";
   check_dim(op, "x", x, 2, "(n, D)");
@@ -194,17 +200,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_mmd_cpu(const at::Tensor& x
   return mmd_impl<float>(x, y, kernel, params, estimator, need_x, need_y);
 }
 
-at::Tensor dense_mmd_grad_cpu(const at::Tensor& b, const at::Tensor& z, int64_t row0, bool dot) {
+at::Tensor dense_mmd_grad_cpu(const at::Tensor& b, const at::Tensor& x, const at::Tensor& y, int64_t row0, bool dot) {
   const char* op = "distkern.dense_mmd_grad";
   check_dim(op, "b", b, 2, "(rows, n + m)");
-  check_dim(op, "z", z, 2, "(n + m, D)");
-  TORCH_CHECK_VALUE(b.size(1) == z.size(0) && row0 >= 0 && row0 + b.size(0) <= z.size(0), op,
-                    ": b ", shape_str(b), " does not match z ", shape_str(z), " at row ", row0);
-  TORCH_CHECK_TYPE(b.scalar_type() == z.scalar_type(), op, ": b and z must have one dtype");
-  at::Tensor bz = cpu::mm(b, z);
+  check_dim(op, "x", x, 2, "(n, D)");
+  check_dim(op, "y", y, 2, "(m, D)");
+  check_float(op, "b", b);
+  const int64_t n = x.size(0), N = n + y.size(0), R = b.size(0);
+  TORCH_CHECK_VALUE(y.size(1) == x.size(1), op, ": x ", shape_str(x), " and y ", shape_str(y), " must share D");
+  TORCH_CHECK_VALUE(b.size(1) == N && row0 >= 0 && row0 + R <= N, op, ": b ", shape_str(b),
+                    " does not match [x; y] of ", N, " rows at row ", row0);
+  const at::Tensor xa = x.to(b.scalar_type()), ya = y.to(b.scalar_type());
+  at::Tensor bz = cpu::mm_stacked(b, xa, ya);
   if (dot) return bz;
-  // 2(rowsum(B)·z_rows − B·z), in place
-  return bz.sub_(b.sum(1, true) * z.narrow(0, row0, b.size(0))).mul_(-2);
+  // 2(rowsum(B)·z_rows − B·z), in place; z_rows = rows [row0, row0 + R) of [x; y], from x and / or y
+  const at::Tensor rs = b.sum(1, true);
+  for (const auto& part : {std::make_pair(&xa, int64_t(0)), std::make_pair(&ya, n)}) {
+    const int64_t lo = std::max(row0, part.second), hi = std::min(row0 + R, part.second + part.first->size(0));
+    if (hi > lo)
+      bz.narrow(0, lo - row0, hi - lo).sub_(rs.narrow(0, lo - row0, hi - lo) * part.first->narrow(0, lo - part.second, hi - lo));
+  }
+  return bz.mul_(-2);
 }
 
 }  // namespace

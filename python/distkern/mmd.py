@@ -271,10 +271,10 @@ class _SmallMMD(torch.autograd.Function):
         ctx.dot, ctx.n, ctx.dtypes = kernel == "polynomial", x.shape[0], (x.dtype, y.dtype)
         ctx.fused = _fused_cpu(x, kernel)
         if ctx.fused:  # the whole estimator in one C++ pass (csrc/kernel_sum/dense.cpp)
-            out, b, z = torch.ops.distkern.dense_mmd(x, y, KERNELS[kernel], params, _ESTIMATOR_ID[estimator],
-                                                     need_x, need_y)
-            if need_x or need_y:
-                ctx.save_for_backward(x, y, z, b)
+            out, b, xc, yc = torch.ops.distkern.dense_mmd(x, y, KERNELS[kernel], params, _ESTIMATOR_ID[estimator],
+                                                          need_x, need_y)
+            if need_x or need_y:  # xc, yc: the centred samples (distance kernels), else empty
+                ctx.save_for_backward(x, y, b, xc, yc)
             return out
         out, z, bxx, bxy, byy = _small_mmd(x, y, kernel, params, estimator, need_x, need_y)
         if need_x or need_y:
@@ -283,7 +283,7 @@ class _SmallMMD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, y, z, *bs = ctx.saved_tensors
+        x, y, *bs = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
             with torch.enable_grad():
@@ -293,11 +293,13 @@ class _SmallMMD(torch.autograd.Function):
             return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None, None
         n = ctx.n
         if ctx.fused:  # B holds x's rows and/or y's: one product for both, g folded into B (linear in it)
-            gz = torch.ops.distkern.dense_mmd_grad(g * bs[0], z, 0 if need_x else n, ctx.dot)
+            b, xc, yc = bs
+            zx, zy = (x, y) if xc.numel() == 0 else (xc, yc)
+            gz = torch.ops.distkern.dense_mmd_grad(g * b, zx, zy, 0 if need_x else n, ctx.dot)
             gx = gz[:n].to(ctx.dtypes[0]) if need_x else None
             gy = gz[n if need_x else 0:].to(ctx.dtypes[1]) if need_y else None
             return gx, gy, None, None, None
-        bxx, bxy, byy = bs
+        z, bxx, bxy, byy = bs
         gx = gy = None
 
         def grad_rows(b, rows):  # (b·z)ᵀ through zᵀ·bᵀ: MKL is faster with the long axis outermost

@@ -168,10 +168,12 @@ def _fake_dense_mmd(x, y, kernel, params, estimator, need_x, need_y):
     torch._check(x.dim() == 2 and y.dim() == 2, lambda: "distkern.dense_mmd: x must be (n, D) and y (m, D)")
     n, m, dt = x.shape[0], y.shape[0], acc_dtype(x)
     rows = (n if need_x else 0) + (m if need_y else 0)
-    return (x.new_empty((), dtype=dt), x.new_empty((rows, n + m), dtype=dt), x.new_empty((n + m, x.shape[1]), dtype=dt))
+    centred = kernel != KERNELS["polynomial"]  # the distance kernels return x and y centred; the others, (0, D)
+    xc, yc = (x.new_empty((k if centred else 0, x.shape[1]), dtype=dt) for k in (n, m))
+    return x.new_empty((), dtype=dt), x.new_empty((rows, n + m), dtype=dt), xc, yc
 
 
 @torch.library.register_fake("distkern::dense_mmd_grad")
-def _fake_dense_mmd_grad(b, z, row0, dot):
-    same_device("distkern.dense_mmd_grad", b=b, z=z)
-    return b.new_empty((b.shape[0], z.shape[1]))
+def _fake_dense_mmd_grad(b, x, y, row0, dot):
+    same_device("distkern.dense_mmd_grad", b=b, x=x, y=y)
+    return b.new_empty((b.shape[0], x.shape[1]))
