@@ -213,9 +213,10 @@ print("\n".join(dict.fromkeys(p)))')
         --exclude='./plugins/*/build' --exclude='*.egg-info' --exclude=./benchmarks/results -cf - . |
         tar -C "$src" -xf -
     cd "$src"
+    # local sources into the venv: against its torch, nothing fetched
+    pip_local() { "$VENV/bin/python" -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check "$@"; }
     echo "== distkern (DISTKERN_CUDA=1, from $src)"
-    DISTKERN_CUDA=1 MAX_JOBS=16 "$VENV/bin/python" -m pip install --no-build-isolation --no-deps --no-index \
-        --disable-pip-version-check .
+    DISTKERN_CUDA=1 MAX_JOBS=16 pip_local .
     # the plugins in one pip call (one start-up and one install step instead of one per plugin: ~5 s of
     # 14 on 2 cores); should it fail, one call per plugin, so that the log names the one that breaks
     local p plugins=()
@@ -226,11 +227,10 @@ print("\n".join(dict.fromkeys(p)))')
         echo "(no plugins under plugins/)"
     else
         echo "== plugins: ${plugins[*]}"
-        if ! "$VENV/bin/python" -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check \
-            "${plugins[@]}"; then
+        if ! pip_local "${plugins[@]}"; then
             for p in "${plugins[@]}"; do
                 echo "== plugin $p"
-                "$VENV/bin/python" -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check "$p"
+                pip_local "$p"
             done
         fi
     fi

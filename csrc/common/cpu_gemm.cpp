@@ -524,22 +524,23 @@ at::Tensor blas_mm(const at::Tensor& a_in, const at::Tensor& b0_in, const at::Te
   };
   const int64_t threads = at::get_num_threads(), N = b0.size(1);
   constexpr int64_t kMinCols = 256;
-  if (!(threads > 1 && !at::in_parallel_region() && a.size(0) < 64 * threads && N >= 2 * kMinCols &&
-        a.size(1) >= 32)) {
-    at::Tensor out = at::empty({a.size(0), N}, a.options());
-    product(out, 0, N);
-    return out;
-  }
-  const int64_t parts = std::min(threads, N / kMinCols);
+  const bool split = threads > 1 && !at::in_parallel_region() && a.size(0) < 64 * threads && N >= 2 * kMinCols &&
+                     a.size(1) >= 32;
+  const int64_t parts = split ? std::min(threads, N / kMinCols) : 1;
   const int64_t width = (N + parts - 1) / parts;
   at::Tensor out = at::empty({a.size(0), N}, a.options());
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t c0 = p * width, w = std::min(width, N - c0);
-      at::Tensor o = out.narrow(1, c0, w);
-      product(o, c0, w);
-    }
-  });
+  auto slice = [&](int64_t p) {
+    const int64_t c0 = p * width, w = std::min(width, N - c0);
+    at::Tensor o = out.narrow(1, c0, w);
+    product(o, c0, w);
+  };
+  if (parts == 1) {
+    slice(0);
+  } else {
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) slice(p);
+    });
+  }
   return out;
 }
 
@@ -708,6 +709,13 @@ at::Tensor blas_gram(const at::Tensor& x, const at::Tensor& y) {
   return at::triu(g) + at::triu(g, 1).t();
 }
 
+// [x; y]·[x; y]ᵀ (y undefined: x·xᵀ)
+at::Tensor gram_parts(const at::Tensor& x, const at::Tensor& y) {
+  if (!(gram_kernel() != nullptr && usable(x) && (!y.defined() || usable(y)))) return blas_gram(x, y);
+  auto unit_columns = [](const at::Tensor& t) { return !t.defined() || t.stride(1) == 1 ? t : t.contiguous(); };
+  return gram_rows(stacked_rows(unit_columns(x), unit_columns(y)), x.size(1), x.options());
+}
+
 }  // namespace
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return mm_parts(a, b, at::Tensor()); }
@@ -716,19 +724,12 @@ at::Tensor mm_stacked(const at::Tensor& a, const at::Tensor& top, const at::Tens
   return mm_parts(a, top, bottom);
 }
 
-at::Tensor gram(const at::Tensor& zin) {
-  if (!(gram_kernel() != nullptr && usable(zin))) return blas_gram(zin, at::Tensor());
-  const at::Tensor z = zin.stride(1) == 1 ? zin : zin.contiguous();
-  return gram_rows(stacked_rows(z, at::Tensor()), z.size(1), z.options());
-}
+at::Tensor gram(const at::Tensor& z) { return gram_parts(z, at::Tensor()); }
 
-at::Tensor gram_stacked(const at::Tensor& xin, const at::Tensor& yin) {
-  TORCH_CHECK(xin.dim() == 2 && yin.dim() == 2 && xin.size(1) == yin.size(1) &&
-              xin.scalar_type() == yin.scalar_type(), "distkern: gram_stacked of ", xin.sizes(), " and ", yin.sizes());
-  if (!(gram_kernel() != nullptr && usable(xin) && usable(yin))) return blas_gram(xin, yin);
-  const at::Tensor x = xin.stride(1) == 1 ? xin : xin.contiguous();
-  const at::Tensor y = yin.stride(1) == 1 ? yin : yin.contiguous();
-  return gram_rows(stacked_rows(x, y), x.size(1), x.options());
+at::Tensor gram_stacked(const at::Tensor& x, const at::Tensor& y) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1) && x.scalar_type() == y.scalar_type(),
+              "distkern: gram_stacked of ", x.sizes(), " and ", y.sizes());
+  return gram_parts(x, y);
 }
 
 }  // namespace cpu

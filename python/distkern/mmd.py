@@ -294,7 +294,7 @@ class _SmallMMD(torch.autograd.Function):
         n = ctx.n
         if ctx.fused:  # B holds x's rows and/or y's: one product for both, g folded into B (linear in it)
             b, xc, yc = bs
-            zx, zy = (x, y) if xc.numel() == 0 else (xc, yc)
+            zx, zy = (x, y) if ctx.dot else (xc, yc)  # the polynomial kernel is not centred
             gz = torch.ops.distkern.dense_mmd_grad(g * b, zx, zy, 0 if need_x else n, ctx.dot)
             gx = gz[:n].to(ctx.dtypes[0]) if need_x else None
             gy = gz[n if need_x else 0:].to(ctx.dtypes[1]) if need_y else None
