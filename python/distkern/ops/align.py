@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._call import call
 from ._cpu import bmm
 from ._fake import same_device
 
@@ -66,7 +67,7 @@ def anomaly_map(patches, text: torch.Tensor, temperature=1.0 / 0.07) -> torch.Te
     dirs = pair_directions(text, temperature)
     if patches.dtype == torch.float64:
         dirs = dirs.double()
-    return torch.ops.distkern.anomaly_map(patches, dirs)
+    return call(torch.ops.distkern.anomaly_map, patches, dirs)
 
 
 def _check_text(text, patches: torch.Tensor) -> None:
@@ -141,7 +142,7 @@ def shared_kv_attention(q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | N
     Returns ``(out (B, M, D) in q's dtype, log-sum-exp (B, M) float32/float64)``; differentiable in q and x
     by a flash-style backward (the (B, M, P) probabilities are recomputed tile by tile, never stored).
     ``tile``: tokens per step; None picks it (:func:`attention_tile`: 256 on the CPU, up to all P on a GPU)."""
-    return torch.ops.distkern.shared_kv_attention(q, x, mask, attention_tile(q, x, tile))
+    return call(torch.ops.distkern.shared_kv_attention, q, x, mask, attention_tile(q, x, tile))
 
 
 def prompt_align(text: torch.Tensor, patches: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor | None,

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 
+from ._call import call
 from ._fake import acc_dtype, same_device
 
 __all__ = ["kernel_matmul", "KERNELS"]
@@ -84,7 +85,7 @@ def kernel_matmul(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor | None = Non
     """
     kind, params = kernel_params(kernel, x.shape[-1], bandwidth, gamma, coef0, degree)
     squeeze = v is not None and v.dim() == 1
-    out = torch.ops.distkern.kernel_matmul(x, y, v[:, None] if squeeze else v, kind, params)
+    out = call(torch.ops.distkern.kernel_matmul, x, y, v[:, None] if squeeze else v, kind, params)
     return out[:, 0] if squeeze else out
 
 

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._call import call
 from ._fake import acc_dtype as _acc_dtype, same_device
 
 __all__ = ["mahalanobis", "mahalanobis_k", "mahalanobis_pos", "gmm_log_likelihood", "nearest_reference",
@@ -38,7 +39,7 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, *, lo
     with respect to ``factor`` through a plain-PyTorch formula that does build ``(N, D)``
     temporaries (fitting the factor by gradient descent is rare).
     """
-    return torch.ops.distkern.mahalanobis(x, mean, factor, lower)
+    return call(torch.ops.distkern.mahalanobis, x, mean, factor, lower)
 
 
 @torch.library.register_fake("distkern::mahalanobis")
@@ -166,15 +167,15 @@ def mahalanobis_k(x: torch.Tensor, means: torch.Tensor, factors: torch.Tensor, *
     if reduce is None or reduce == "none":
         if bias is not None:
             raise ValueError("distkern.mahalanobis_k: bias is only used with reduce='logsumexp'")
-        return torch.ops.distkern.mahalanobis_k(x, means, factors, lower)
+        return call(torch.ops.distkern.mahalanobis_k, x, means, factors, lower)
     if reduce == "min":
         if bias is not None:
             raise ValueError("distkern.mahalanobis_k: bias is only used with reduce='logsumexp'")
-        return MinResult(*torch.ops.distkern.mahalanobis_k_min(x, means, factors, lower))
+        return MinResult(*call(torch.ops.distkern.mahalanobis_k_min, x, means, factors, lower))
     if reduce == "logsumexp":
         if bias is None:
             raise ValueError("distkern.mahalanobis_k: reduce='logsumexp' needs bias (K,), e.g. log mixture weights")
-        return torch.ops.distkern.mahalanobis_k_logsumexp(x, means, factors, bias, lower)
+        return call(torch.ops.distkern.mahalanobis_k_logsumexp, x, means, factors, bias, lower)
     raise ValueError(f"distkern.mahalanobis_k: reduce must be None, 'min' or 'logsumexp'; got {reduce!r}")
 
 
@@ -207,7 +208,7 @@ def gmm_log_likelihood(x: torch.Tensor, means: torch.Tensor, factors: torch.Tens
     if log_weights is None:
         log_weights = torch.full((K,), -math.log(K), dtype=acc, device=x.device)
     bias = log_weights.to(acc) + logdet - 0.5 * D * math.log(2 * math.pi)
-    return torch.ops.distkern.mahalanobis_k_logsumexp(x, means, factors, bias, True)
+    return call(torch.ops.distkern.mahalanobis_k_logsumexp, x, means, factors, bias, True)
 
 
 @torch.library.register_fake("distkern::mahalanobis_k")
@@ -346,7 +347,7 @@ def mahalanobis_pos(x: torch.Tensor, means: torch.Tensor, factors: torch.Tensor,
     Differentiable with respect to ``x`` and ``means`` (the backward works position by position
     in batched products and converts the factors to the accumulation dtype).
     """
-    return torch.ops.distkern.mahalanobis_pos(x, means, factors, lower)
+    return call(torch.ops.distkern.mahalanobis_pos, x, means, factors, lower)
 
 
 @torch.library.register_fake("distkern::mahalanobis_pos")
@@ -414,7 +415,7 @@ def nearest_reference(x: torch.Tensor, refs: torch.Tensor) -> NearestResult:
                          f"{list(x.shape)}; got shape {list(refs.shape)}")
     if refs.shape[0] == 0:
         raise ValueError("distkern.nearest_cosine: refs must hold at least one reference (M > 0)")
-    return NearestResult(*torch.ops.distkern.nearest_cosine(x, refs))
+    return NearestResult(*call(torch.ops.distkern.nearest_cosine, x, refs))
 
 
 def reference_residual(x: torch.Tensor, refs: torch.Tensor, *, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
