@@ -6,7 +6,8 @@ is run:
 
 * ours is checked against the primary baseline (relative error, dtype tolerance); a case whose
   result disagrees is marked FAILED and the run exits non-zero;
-* each implementation is warmed up, then timed a number of times, interleaved with the others so
+* each implementation is warmed up, then timed a number of times, interleaved with the others (a
+  fresh seeded order each round, so that none always runs right after the same one) so
   that noise from other processes hits all of them alike: median, min and inter-quartile range.
   CPU: ``time.perf_counter``. CUDA: CUDA events, rotating among several input sets when one set
   would stay in L2;
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -56,10 +58,10 @@ _POLICY = {
 
 TIMING_METHOD = {
     "cpu": "time.perf_counter around each call (CPU ops are synchronous); warm-up, then repeats "
-    "interleaved across implementations; median, min, IQR",
+    "interleaved across implementations, in a fresh (seeded) order each round; median, min, IQR",
     "cuda": "CUDA events around each call on the current stream, synchronised after the repeats; "
-    "warm-up, then repeats interleaved across implementations, rotating input sets when one set fits "
-    "in L2; median, min, IQR",
+    "warm-up, then repeats interleaved across implementations in a fresh (seeded) order each round, "
+    "rotating input sets when one set fits in L2; median, min, IQR",
 }
 MEMORY_METHOD = {
     "cpu": "peak RSS growth over one call: gc + malloc_trim(0), reset VmHWM via /proc/self/clear_refs "
@@ -97,17 +99,30 @@ def _time_interleaved(
     """Time each implementation ``reps[name]`` times, round-robin across implementations.
 
     ``fns[name]`` holds one zero-argument callable per input set; repeat ``r`` uses set
-    ``r % len(sets)``.
+    ``r % len(sets)``. Each round runs the implementations in a fresh order (a seeded shuffle): what
+    ran just before a call (dirty cache lines, freed blocks, another runtime's spinning threads)
+    changes its time — a sampler step on the 2-core CPU took 242 µs after torch.compile's call and
+    169 µs after its own — so no implementation always follows the same one. (Rotating the start
+    would not do: consecutive rounds then still form one cycle.)
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     rounds = max(reps.values(), default=0)
+    names = list(fns)
+    shuffle = random.Random(0).shuffle
+
+    def order(r: int) -> list[str]:
+        if r > 0:
+            shuffle(names)
+        return names
+
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         if device.type == "cuda":
             events: dict[str, list[tuple[Any, Any]]] = {k: [] for k in fns}
             for r in range(rounds):
-                for name, sets in fns.items():
+                for name in order(r):
+                    sets = fns[name]
                     if r >= reps[name]:
                         continue
                     start = torch.cuda.Event(enable_timing=True)
@@ -125,10 +140,10 @@ def _time_interleaved(
                 times[name] = [s.elapsed_time(e) / 1e3 for s, e in evs]
         else:
             for r in range(rounds):
-                for name, sets in fns.items():
+                for name in order(r):
                     if r >= reps[name]:
                         continue
-                    fn = sets[r % len(sets)]
+                    fn = fns[name][r % len(fns[name])]
                     t0 = time.perf_counter()
                     out = fn()
                     times[name].append(time.perf_counter() - t0)
