@@ -5,6 +5,7 @@ torch is a CUDA build and nvcc is found, or when forced:
 
     DISTKERN_CUDA=1   build the CUDA kernels or fail with a clear message
     DISTKERN_CUDA=0   CPU kernels only
+    DISTKERN_DEBUG_INFO=1   keep -g (debug information; off by default: it costs ~40 % of the build)
     TORCH_CUDA_ARCH_LIST   target archs; defaults to "8.0;9.0+PTX" when no GPU is visible
     MAX_JOBS          parallel compile jobs (ninja)
 
@@ -71,8 +72,8 @@ cpu_sources = ["csrc/distkern.cpp"] + [
 cuda_sources = _sources(["*/*_kernel.cu", "*/*_cuda.cpp"])
 
 define_macros = [("DISTKERN_VERSION", f'"{__version__}"'), ("DISTKERN_ARCHS", f'"{archs}"')]
-# the C++ standard is left to torch (C++17 up to 2.13, C++20 from 2.14)
-cxx_flags = ["-O3", "-fopenmp"]
+# the C++ standard is left to torch (C++17 up to 2.13, C++20 from 2.14); -O3 -fopenmp -g0 (cpp_extension.cxx_flags)
+cxx_flags = _build.cxx_flags()
 if with_cuda:
     define_macros.append(("DISTKERN_WITH_CUDA", "1"))
 nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]

@@ -1,7 +1,7 @@
 // The one torch library of distkern: every op schema lives here, and the Python module _C exposes
 // the build facts. Per-op CPU / CUDA files add their kernels with TORCH_LIBRARY_IMPL.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
