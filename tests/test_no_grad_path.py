@@ -122,3 +122,12 @@ def test_sampler_step_no_grad_path():
     # only the model output requires grad: still a graph
     p4, _ = ddim_step(m.clone().requires_grad_(), x, 0.3, 0.5)
     assert p4.grad_fn is not None
+
+
+def test_call_op_is_public_for_plugins():
+    import distkern.ops
+
+    assert distkern.ops.call_op is _call.call
+    x = torch.randn(5, 3)
+    mu, L = torch.zeros(3), torch.eye(3)
+    assert torch.allclose(distkern.ops.call_op(torch.ops.distkern.mahalanobis, x, mu, L, True), x.square().sum(1))

@@ -813,6 +813,7 @@ from __future__ import annotations
 import torch
 
 from distkern.cpp_extension import load_extension
+from distkern.ops import call_op
 
 _C = load_extension(__package__, distribution="@dist@")  # registers torch.ops.@ns@.*
 
@@ -843,8 +844,9 @@ def standardized_sqdist(x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tens
             raise ValueError(f"@ns@.standardized_sqdist: {arg} must be (D,) = ({D},) for x of shape "
                              f"{tuple(x.shape)}; got {tuple(t.shape)}")
     acc = _acc(x.dtype)
-    return torch.ops.@ns@.standardized_sqdist(x, mean.to(device=x.device, dtype=acc),
-                                              inv_std.to(device=x.device, dtype=acc))
+    # call_op: straight below the Python autograd layer when no gradient can flow (~10 µs a call saved)
+    return call_op(torch.ops.@ns@.standardized_sqdist, x, mean.to(device=x.device, dtype=acc),
+                   inv_std.to(device=x.device, dtype=acc))
 
 
 def reference(x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
