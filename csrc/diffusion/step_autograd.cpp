@@ -21,18 +21,13 @@ at::Tensor opt(const c10::optional<at::Tensor>& t) { return t.has_value() ? *t :
 
 bool requires_grad(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); }
 
-using StepOp = c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-    at::ArrayRef<double>, const c10::optional<at::Tensor>&, int64_t, double, double, double, int64_t, int64_t)>;
+using StepFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                  const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                                  at::ArrayRef<double>, const c10::optional<at::Tensor>&, int64_t,
+                                                  double, double, double, int64_t, int64_t);
 
-const StepOp& step_op() {
-  static const StepOp op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("distkern::sampler_step", "")
-                               .typed<std::tuple<at::Tensor, at::Tensor>(
-                                   const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                                   const c10::optional<at::Tensor>&, at::ArrayRef<double>,
-                                   const c10::optional<at::Tensor>&, int64_t, double, double, double, int64_t,
-                                   int64_t)>();
+const c10::TypedOperatorHandle<StepFn>& step_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("distkern::sampler_step", "").typed<StepFn>();
   return op;
 }
 

@@ -141,9 +141,10 @@ def _time_interleaved(
         else:
             for r in range(rounds):
                 for name in order(r):
+                    sets = fns[name]
                     if r >= reps[name]:
                         continue
-                    fn = fns[name][r % len(fns[name])]
+                    fn = sets[r % len(sets)]
                     t0 = time.perf_counter()
                     out = fn()
                     times[name].append(time.perf_counter() - t0)
