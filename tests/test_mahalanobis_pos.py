@@ -150,3 +150,27 @@ def test_every_cpu_product_path_agrees(with_and_without_avx512):
     for run in with_and_without_avx512(code):
         for out, ref in run:
             assert rel(out, ref) < 2e-5
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,P,D", [(5, 37, 70), (300, 11, 100), (2, 70, 1)])
+def test_embedding_layout_gathered(xdtype, B, P, D, rng):
+    """x as a (B, P, D) view of a (B, D, P) embedding (anomalib's layout): the CPU op centres blocks of
+    positions at once (up to 16, fewer when B·D is large), reading along the positions. Same bits as the
+    contiguous copy, and the float64 reference; a non-finite entry poisons its own (image, position) only,
+    in every block."""
+    means, cov, L = random_positions(P, D, rng)
+    emb = (means.T + torch.randn(B, D, P, generator=rng, dtype=torch.float64)).to(xdtype).contiguous()
+    x = emb.transpose(1, 2)
+    assert x.stride(1) == 1
+    out = distkern.mahalanobis_pos(x, means.float(), L.float())
+    assert torch.equal(out, distkern.mahalanobis_pos(x.contiguous(), means.float(), L.float()))
+    assert rel(out, reference(x, means.float(), L.float())) < 2e-5
+    bad = [(0, 0, 0), (B - 1, P - 1, D - 1), (B // 2, min(17, P - 1), D // 2)]
+    for (b, p, d), v in zip(bad, (float("nan"), float("inf"), float("-inf"))):
+        emb[b, d, p] = v
+    out = distkern.mahalanobis_pos(emb.transpose(1, 2), means.float(), L.float())
+    hit = torch.zeros(B, P, dtype=torch.bool)
+    for b, p, _ in bad:
+        hit[b, p] = True
+    assert out[hit].isnan().all() and torch.isfinite(out[~hit]).all()

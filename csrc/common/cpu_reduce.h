@@ -74,5 +74,46 @@ DK_CPU_MULTIVERSION acc_t center_row(const scalar_t* __restrict__ x, int64_t sx,
   return ((g[0] + g[1]) + (g[2] + g[3])) + ((g[4] + g[5]) + (g[6] + g[7])) + t;
 }
 
+// m rows of center_row: dst[i·ldd + k] = x[i·si + k·sk] − mu[i·smu + k] for i < m, k < n, and
+// guard[i·sg] = Σ_k (dst − dst) (0 for a finite row, NaN otherwise, as center_row's).
+//
+// Where the row stride is the smaller one (x column-major here: anomalib's (B, C, H·W) embedding seen
+// as (B, P, D), or a transposed (N, D)), row by row would read one element per line of x and come back
+// for the rest of the line a row later, from L2 at best: PaDiM at B = 32, P = 3136, D = 100 spent 2.4×
+// its contiguous time so. There the rows are gathered 64 at a time along the column, each line of x
+// read once.
+template <typename scalar_t, typename acc_t>
+DK_CPU_MULTIVERSION void center_rows(const scalar_t* __restrict__ x, int64_t si, int64_t sk,
+                                     const acc_t* __restrict__ mu, int64_t smu, int64_t m, int64_t n,
+                                     acc_t* __restrict__ dst, int64_t ldd, acc_t* __restrict__ guard,
+                                     int64_t sg) {
+  const int64_t asi = si < 0 ? -si : si, ask = sk < 0 ? -sk : sk;
+  if (m <= 1 || n <= 1 || ask <= asi) {
+    for (int64_t i = 0; i < m; ++i) guard[i * sg] = center_row(x + i * si, sk, mu + i * smu, dst + i * ldd, n);
+    return;
+  }
+  constexpr int64_t kRows = 64, kAhead = 16, kLine = 64 / sizeof(scalar_t);
+  acc_t g[kRows];
+  for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+    const int64_t mi = m - i0 < kRows ? m - i0 : kRows;
+    for (int64_t i = 0; i < mi; ++i) g[i] = 0;
+    const acc_t* mu0 = mu + i0 * smu;
+    acc_t* d0 = dst + i0 * ldd;
+    for (int64_t k = 0; k < n; ++k) {
+      const scalar_t* src = x + i0 * si + k * sk;
+      // the lines of column k + kAhead: a line per column, a page apart, which the hardware prefetchers
+      // do not follow (without this, 3/4 of the time here waited on those loads)
+      if (k + kAhead < n)
+        for (int64_t i = 0; i < mi; i += kLine) __builtin_prefetch(src + kAhead * sk + i * si);
+      for (int64_t i = 0; i < mi; ++i) {
+        const acc_t c = static_cast<acc_t>(src[i * si]) - mu0[i * smu + k];
+        d0[i * ldd + k] = c;
+        g[i] += c - c;
+      }
+    }
+    for (int64_t i = 0; i < mi; ++i) guard[(i0 + i) * sg] = g[i];
+  }
+}
+
 }  // namespace cpu
 }  // namespace distkern

@@ -46,10 +46,10 @@ void impl(const at::Tensor& x, const Inputs& in, at::Tensor& out) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * kRows, m = std::min(kRows, N - r0);
       acc_t* xcp = xc.data_ptr<acc_t>();
-      for (int64_t i = 0; i < m; ++i) {  // centred rows and their norms (a non-finite row: xx is NaN)
-        cpu::center_row(xp + (r0 + i) * sx0, sx1, cp, xcp + i * D, D);
-        xx[i] = cpu::sum_squares(xcp + i * D, D);
-      }
+      // centred rows and their norms (a non-finite row: xx is NaN; center_rows' guard, written to xx first,
+      // is not needed)
+      cpu::center_rows(xp + r0 * sx0, sx0, sx1, cp, 0, m, D, xcp, D, xx.data(), 1);
+      for (int64_t i = 0; i < m; ++i) xx[i] = cpu::sum_squares(xcp + i * D, D);
       at::Tensor o = out.narrow(0, r0, m);
       o.zero_();
       for (int64_t j0 = 0; j0 < M; j0 += kCols) {

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -37,7 +38,7 @@ int64_t tile_rows(int64_t N, int64_t D, int64_t elem) {
 template <typename scalar_t, typename acc_t>
 void center_tile(const scalar_t* x, int64_t sx0, int64_t sx1, int64_t r0, int64_t m, int64_t D,
                  const acc_t* mu, acc_t* xc, acc_t* guard) {
-  for (int64_t i = 0; i < m; ++i) guard[i] = cpu::center_row(x + (r0 + i) * sx0, sx1, mu, xc + i * D, D);
+  cpu::center_rows(x + r0 * sx0, sx0, sx1, mu, 0, m, D, xc, D, guard, 1);
 }
 
 // z (m×R, contiguous) = xc (m×D) · W (D×R), using only the lower triangle when lower; `next` (lower
@@ -304,41 +305,51 @@ void pos_impl(const at::Tensor& x, const at::Tensor& factors, const PosInputs& i
   acc_t* op = out.data_ptr<acc_t>();
   const auto opts = in.means.options();
   constexpr bool in_place = std::is_same_v<factor_t, acc_t>;
+  // Positions per block: one where the features are x's contiguous axis; where the positions are (x a
+  // (B, P, D) view of a (B, D, P) embedding, as anomalib holds it), up to 16 at a time, centred together
+  // (cpu::center_rows) so that each line of x is read once, within ~512 KiB of centred rows.
+  const bool gather = std::abs(sd) > std::abs(sp);
+  const int64_t PB =
+      gather ? std::clamp<int64_t>((512 * 1024) / std::max<int64_t>(1, B * D * int64_t(sizeof(acc_t))), 1, 16) : 1;
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    at::Tensor xc = at::empty({B, D}, opts);
+    at::Tensor xc = at::empty({PB * B, D}, opts);  // row q·B + b: position pb + q, image b
     at::Tensor z = at::empty({B, R}, opts);
     at::Tensor w = in_place ? at::Tensor() : at::zeros({D, R}, opts);
-    std::vector<acc_t> guard(B);
-    for (int64_t p = p0; p < p1; ++p) {
-      const factor_t* src = fp + p * D * R;
-      TORCH_CHECK_VALUE(!lower || strict_upper_is_zero(src, D, R), "distkern.mahalanobis_pos: factors[", p,
-                        "] must be lower-triangular when lower=True, but its strict upper triangle has "
-                        "non-zero entries; pass lower=False to use general whitening matrices");
-      at::Tensor wp_t;
-      if constexpr (in_place) {
-        wp_t = at::from_blob(const_cast<acc_t*>(reinterpret_cast<const acc_t*>(src)), {D, R}, opts);
-      } else {
-        acc_t* wp = w.data_ptr<acc_t>();
-        for (int64_t k = 0; k < D; ++k) {
-          const int64_t jmax = lower ? std::min(k + 1, R) : R;  // the upper triangle stays zero
-          for (int64_t j = 0; j < jmax; ++j) wp[k * R + j] = static_cast<acc_t>(src[k * R + j]);
-        }
-        wp_t = w;
-      }
+    std::vector<acc_t> guard(PB * B);
+    for (int64_t pb = p0; pb < p1; pb += PB) {
+      const int64_t np = std::min(PB, p1 - pb);
       acc_t* xcp = xc.data_ptr<acc_t>();
-      for (int64_t b = 0; b < B; ++b) {
-        guard[b] = cpu::center_row(xp + b * sb + p * sp, sd, mu + p * D, xcp + b * D, D);
-      }
-      // the next factor of this thread's positions, all of it, fetched along this product: read in place,
-      // panel by panel, it would come from memory one strided line pair at a time, and its check after
-      // (the strict upper triangle) then reads from cache too
-      const cpu::PrefetchRows next{in_place && p + 1 < p1 ? static_cast<const void*>(src + D * R) : nullptr, D,
-                                   static_cast<int64_t>(R * sizeof(factor_t)),
-                                   static_cast<int64_t>(R * sizeof(factor_t))};
-      tile_product(xc, wp_t, z, B, lower, &next);
-      const acc_t* zp = z.data_ptr<acc_t>();
-      for (int64_t b = 0; b < B; ++b) {
-        op[b * P + p] = finish(cpu::sum_squares(zp + b * R, R), guard[b]);
+      for (int64_t b = 0; b < B; ++b)
+        cpu::center_rows(xp + b * sb + pb * sp, sp, sd, mu + pb * D, D, np, D, xcp + b * D, B * D, guard.data() + b, B);
+      for (int64_t q = 0; q < np; ++q) {
+        const int64_t p = pb + q;
+        const factor_t* src = fp + p * D * R;
+        TORCH_CHECK_VALUE(!lower || strict_upper_is_zero(src, D, R), "distkern.mahalanobis_pos: factors[", p,
+                          "] must be lower-triangular when lower=True, but its strict upper triangle has "
+                          "non-zero entries; pass lower=False to use general whitening matrices");
+        at::Tensor wp_t;
+        if constexpr (in_place) {
+          wp_t = at::from_blob(const_cast<acc_t*>(reinterpret_cast<const acc_t*>(src)), {D, R}, opts);
+        } else {
+          acc_t* wp = w.data_ptr<acc_t>();
+          for (int64_t k = 0; k < D; ++k) {
+            const int64_t jmax = lower ? std::min(k + 1, R) : R;  // the upper triangle stays zero
+            for (int64_t j = 0; j < jmax; ++j) wp[k * R + j] = static_cast<acc_t>(src[k * R + j]);
+          }
+          wp_t = w;
+        }
+        // the next factor of this thread's positions, all of it, fetched along this product: read in place,
+        // panel by panel, it would come from memory one strided line pair at a time, and its check after
+        // (the strict upper triangle) then reads from cache too
+        const cpu::PrefetchRows next{in_place && p + 1 < p1 ? static_cast<const void*>(src + D * R) : nullptr, D,
+                                     static_cast<int64_t>(R * sizeof(factor_t)),
+                                     static_cast<int64_t>(R * sizeof(factor_t))};
+        tile_product(xc.narrow(0, q * B, B), wp_t, z, B, lower, &next);
+        const acc_t* zp = z.data_ptr<acc_t>();
+        const acc_t* g = guard.data() + q * B;
+        for (int64_t b = 0; b < B; ++b) {
+          op[b * P + p] = finish(cpu::sum_squares(zp + b * R, R), g[b]);
+        }
       }
     }
   });
