@@ -195,6 +195,42 @@ def test_positions_match_per_position_fits(rng):
     assert L.shape == (P, d, d)
 
 
+@pytest.mark.parametrize("product_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("xdtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_positions_in_place_update_matches_separate_merges(product_dtype, xdtype, rng):
+    """update()'s positions path (the batch folded into the accumulators in place, its scatter never
+    formed) against the generic merge of separately fitted parts and the per-position float64 moments,
+    on an embedding-layout view with large offsets, over uneven batches (sizes 1 upward)."""
+    B, P, d = 70, 6, 5
+    x = torch.stack([sample(B, d, rng, offset=1e3 * (p + 1)) for p in range(P)], 1).to(xdtype)  # (B, P, D)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # positions contiguous: a (B, D, P) embedding's view
+    splits = random_splits(B, rng, max_batch=17)
+    inplace = GaussianStats(num_positions=P, product_dtype=product_dtype)
+    merged = GaussianStats(num_positions=P, product_dtype=product_dtype)
+    before = None
+    for a, b in splits:
+        inplace.update(x[a:b])
+        merged.merge(GaussianStats(num_positions=P, product_dtype=product_dtype).update(x[a:b]))
+        if before is None and b >= 2:
+            before, seen = inplace.covariance(), b
+    assert inplace.count == merged.count == B
+    # covariance() returned a tensor of its own: later in-place updates leave it alone
+    again = GaussianStats(num_positions=P, product_dtype=product_dtype)
+    for a, b in splits:
+        if b <= seen:
+            again.update(x[a:b])
+    assert torch.equal(before, again.covariance())
+    tol = 1e-12 if product_dtype == torch.float64 else 2e-6
+    for est in ("empirical", "ledoit-wolf", "oas"):
+        assert_close(inplace.covariance(est), merged.covariance(est), tol)
+    assert_close(inplace.shrinkage("ledoit-wolf"), merged.shrinkage("ledoit-wolf"), tol)
+    x64 = x.double()
+    for p in range(P):
+        xp = x64[:, p]
+        assert_close(inplace.mean[p], xp.mean(0), 1e-14)
+        assert_close(inplace.covariance()[p], empirical_covariance(xp)[1], 1e-10 if product_dtype == torch.float64 else 2e-6)
+
+
 def test_merge_is_order_independent(rng):
     K, d, n = 3, 5, 400
     x, labels = sample(n, d, rng, offset=1e4), torch.randint(0, K, (n,), generator=rng)
