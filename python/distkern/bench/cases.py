@@ -528,9 +528,61 @@ def _fit_plain(i: Inputs):
     return xc.T @ xc / x.shape[0]
 
 
+def _padim_fit_setup(B: int, D: int, H: int, W: int):
+    def setup(device: str | torch.device, dtype: torch.dtype, *, seed: int = 0) -> Inputs:
+        device = torch.device(device)
+        g = torch.Generator(device=device)
+        g.manual_seed(1_000_003 * (seed + 1) + 7919 * D + H * W + B)
+        means = torch.randn(D, H, W, generator=g, device=device)
+        return {"emb": (torch.randn(B, D, H, W, generator=g, device=device) + means).to(dtype)}
+
+    return setup
+
+
+def _padim_fit_ours(i: Inputs):
+    # distkern's PaDiM fit: one batch of a streaming fit, then anomalib's unbiased covariance + 0.01·I
+    from ..gaussian import GaussianStats
+
+    emb = i["emb"]
+    B, _, H, W = emb.shape
+    stats = GaussianStats(num_positions=H * W).update(emb)
+    cov = stats.covariance().mul_(B / (B - 1))
+    cov.diagonal(dim1=-2, dim2=-1).add_(0.01)
+    return cov.to(torch.float32)
+
+
+def _padim_fit_anomalib(i: Inputs):
+    # anomalib's MultiVariateGaussian.forward: the mean, then one covariance per position in a Python loop
+    # (the inverse after it is left out on both sides)
+    emb = i["emb"].float()
+    B, C, H, W = emb.shape
+    vectors = emb.view(B, C, H * W)
+    torch.mean(vectors, dim=0)
+    cov = torch.zeros(C, C, H * W, device=emb.device)
+    eye = torch.eye(C, device=emb.device)
+    for p in range(H * W):
+        obs = vectors[:, :, p]
+        obs = obs - obs.mean(0)
+        cov[:, :, p] = obs.t().mm(obs) / (B - 1) + 0.01 * eye
+    return cov.permute(2, 0, 1)
+
+
 def _fit_cases() -> list[Case]:
     both = ("cpu", "cuda")
-    out = []
+    out = [Case(
+        op="gaussian_fit",
+        label="positions B=32 P=3136 D=100 fp32 (PaDiM fit, one batch)",
+        params={"B": 32, "P": 3136, "D": 100},
+        dtype=torch.float32,
+        setup=_padim_fit_setup(32, 100, 56, 56),
+        ours=_padim_fit_ours,
+        baselines={"anomalib": _padim_fit_anomalib},
+        bytes=32 * 100 * 3136 * 4 + 3136 * 100 * 100 * 4,
+        flops=2 * 32 * 3136 * 100 * 100,
+        devices=both,
+        note="GaussianStats(num_positions=P).update(fmap) + covariance(): float64 streaming moments, vs "
+             "anomalib's per-position covariance loop over the whole (B, C, H, W) embedding",
+    )]
     for N, D, quick in [(1_000_000, 256, False), (20_000, 64, True)]:
         out.append(Case(
             op="gaussian_fit",
