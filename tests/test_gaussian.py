@@ -35,6 +35,33 @@ def test_whitening_factor_not_positive_definite_names_eigenvalue():
         whitening_factor(torch.ones(3, 2))
 
 
+def test_whitening_factor_symmetrises_and_assume_symmetric(rng):
+    """A covariance off symmetry by rounding is factorised as ½(Σ + Σᵀ); assume_symmetric skips that pass
+    and gives the same bits on a symmetric one (GaussianStats.covariance's, in every estimator); the
+    non-finite check still names a NaN whose sum with a finite overflow would hide nothing."""
+    from distkern.gaussian import GaussianStats
+
+    D = 30
+    A = torch.randn(4, D, D, generator=rng, dtype=torch.float64)
+    S = A @ A.transpose(1, 2) / D + 0.1 * torch.eye(D, dtype=torch.float64)
+    sym = 0.5 * (S + S.transpose(1, 2))  # symmetric to the bit (a batched A·Aᵀ need not be)
+    skew = sym.clone()
+    skew[:, 3, 7] += 1e-9  # Σ₃₇ ≠ Σ₇₃
+    avg = 0.5 * (skew + skew.transpose(1, 2))
+    assert torch.equal(whitening_factor(skew, dtype=None), whitening_factor(avg, dtype=None, assume_symmetric=True))
+    assert torch.equal(whitening_factor(sym, dtype=None), whitening_factor(sym, dtype=None, assume_symmetric=True))
+    stats = GaussianStats(num_positions=3).update(torch.randn(40, 3, 8, generator=rng) * 3 + 100)
+    for est in ("empirical", "ledoit-wolf", "oas"):
+        cov = stats.covariance(est, ridge=0.01)
+        assert torch.equal(cov, cov.transpose(-1, -2))
+        assert torch.equal(stats.factor(est, ridge=0.01, dtype=None), whitening_factor(cov, dtype=None))
+    big = torch.diag(torch.tensor([1e308, 1e308], dtype=torch.float64))  # finite entries whose sum overflows
+    L = whitening_factor(big, dtype=None, assume_symmetric=True)
+    assert torch.allclose(L, torch.eye(2, dtype=torch.float64) * 1e-154, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        whitening_factor(torch.tensor([[1.0, float("inf")], [float("inf"), 1.0]]), assume_symmetric=True)
+
+
 @pytest.mark.parametrize("n,d", [(30, 10), (200, 50), (10, 40), (5, 1)])
 def test_ledoit_wolf_matches_sklearn(n, d, rng):
     sk = pytest.importorskip("sklearn.covariance")

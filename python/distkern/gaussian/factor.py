@@ -31,7 +31,8 @@ class NotPositiveDefiniteError(ValueError):
         self.min_eigenvalue = min_eigenvalue
 
 
-def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtype | None = torch.float32,
+                     assume_symmetric: bool = False) -> torch.Tensor:
     r"""Lower-triangular ``L`` with ``(Σ + ridge·I)⁻¹ = L Lᵀ``, for :func:`distkern.mahalanobis`.
 
     Computed in float64 without forming the inverse: with ``J`` the reversal permutation and
@@ -42,6 +43,9 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
         cov: ``(..., D, D)`` symmetric covariance(s); a batch gives one factor per matrix.
         ridge: added to the diagonal before factorising (diagonal loading), ``≥ 0``.
         dtype: dtype of the returned factor (``None``: float64).
+        assume_symmetric: ``cov`` is symmetric to the bit (as :meth:`GaussianStats.covariance
+            <distkern.gaussian.GaussianStats.covariance>` returns it): skip averaging it with its
+            transpose, a pass over all of it. Otherwise ``½(Σ + Σᵀ)`` is factorised.
 
     Raises:
         NotPositiveDefiniteError: a covariance is not positive definite; the message names its
@@ -51,21 +55,26 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
     if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
         raise ValueError(f"whitening_factor: cov must be a (..., D, D) square matrix; got shape {tuple(cov.shape)}")
     ridge = check_ridge(ridge, "whitening_factor")
-    c = cov.to(torch.float64)
-    if not bool(torch.isfinite(c).all()):
+    c = cov if cov.dtype == torch.float64 else cov.to(torch.float64)
+    # the sum of the entries is finite exactly when they all are, unless finite ones overflow it: one
+    # read, and the elementwise scan only then (PaDiM's covariances are 3136 × D² float64)
+    if not bool(torch.isfinite(c.sum())) and not bool(torch.isfinite(c).all()):
         raise ValueError("whitening_factor: cov has non-finite (inf or NaN) entries")
-    c = 0.5 * (c + c.transpose(-1, -2))
     D = c.shape[-1]
+    # J·½(Σ + Σᵀ)·J (J the reversal: both axes flipped) + ridge·I, in two new tensors and one in-place pass
+    # (one new tensor for a symmetric Σ)
+    if assume_symmetric:
+        c_rev = c.flip(-2, -1)
+    else:
+        c_rev = torch.add(c, c.transpose(-1, -2)).flip(-2, -1).mul_(0.5)
     if ridge:
-        c = c + ridge * torch.eye(D, dtype=c.dtype, device=c.device)
-    rev = torch.arange(D - 1, -1, -1, device=c.device)
-    c_rev = c[..., rev, :][..., :, rev]
+        c_rev.diagonal(dim1=-2, dim2=-1).add_(ridge)
     chol, info = torch.linalg.cholesky_ex(c_rev)
     bad = torch.nonzero(info.reshape(-1) > 0)
     if bad.numel():
         flat = int(bad[0, 0])
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), info.shape)) if info.dim() else ()
-        eig = torch.linalg.eigvalsh(c.reshape(-1, D, D)[flat])
+        eig = torch.linalg.eigvalsh(c_rev.reshape(-1, D, D)[flat])  # J·Σ·J has Σ's eigenvalues
         where = f" at batch index {index}" if index else ""
         raise NotPositiveDefiniteError(
             f"whitening_factor: covariance{where} is not positive definite: smallest eigenvalue "
@@ -74,8 +83,10 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
             index=index,
             min_eigenvalue=float(eig[0]),
         )
-    u = chol[..., rev, :][..., :, rev]  # Σ = U Uᵀ, U upper-triangular
-    eye = torch.eye(D, dtype=c.dtype, device=c.device).expand_as(u)
-    u_inv = torch.linalg.solve_triangular(u, eye, upper=True)
-    L = u_inv.transpose(-1, -2).tril().contiguous()
-    return L if dtype is None else L.to(dtype)
+    # Σ = U Uᵀ with U = J C J upper-triangular, so L = U⁻ᵀ = J C⁻ᵀ J: C's triangular inverse, transposed
+    # and flipped in one pass into the returned dtype
+    eye = torch.eye(D, dtype=c.dtype, device=c.device).expand_as(chol)
+    c_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    L = torch.empty(c_inv.shape, dtype=torch.float64 if dtype is None else dtype, device=c.device)
+    L.copy_(c_inv.transpose(-1, -2).flip(-2, -1))
+    return L.tril_()

@@ -532,7 +532,7 @@ class GaussianStats:
         ridge = check_ridge(ridge, "GaussianStats.factor")
         cov = self.covariance(estimator, pooled=pooled)
         try:
-            return whitening_factor(cov, ridge=ridge, dtype=dtype)
+            return whitening_factor(cov, ridge=ridge, dtype=dtype, assume_symmetric=True)  # symmetric to the bit
         except NotPositiveDefiniteError as e:
             where = f" of {self._group_name} {e.index[0]}" if e.index else ""
             lam = e.min_eigenvalue if e.min_eigenvalue is not None else float("nan")

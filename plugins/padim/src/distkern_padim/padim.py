@@ -450,7 +450,9 @@ class PaDiM:
         step = max(1, _CHUNK_BYTES // (D * D * 8))
         for s in range(0, P, step):
             try:
-                factor[s:s + step] = whitening_factor(cov[s:s + step], ridge=self.regularization, dtype=self.factor_dtype)
+                # GaussianStats' covariances are symmetric to the bit (scaling keeps them so)
+                factor[s:s + step] = whitening_factor(cov[s:s + step], ridge=self.regularization, dtype=self.factor_dtype,
+                                                      assume_symmetric=True)
             except NotPositiveDefiniteError as e:
                 pos = s + (e.index[0] if e.index else 0)
                 lam = e.min_eigenvalue if e.min_eigenvalue is not None else float("nan")
