@@ -195,15 +195,20 @@ def test_positions_match_per_position_fits(rng):
     assert L.shape == (P, d, d)
 
 
+@pytest.mark.parametrize("layout", ["embedding", "contiguous", "positions-outer"])
 @pytest.mark.parametrize("product_dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("xdtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_positions_in_place_update_matches_separate_merges(product_dtype, xdtype, rng):
-    """update()'s positions path (the batch folded into the accumulators in place, its scatter never
-    formed) against the generic merge of separately fitted parts and the per-position float64 moments,
-    on an embedding-layout view with large offsets, over uneven batches (sizes 1 upward)."""
+def test_positions_in_place_update_matches_separate_merges(product_dtype, xdtype, layout, rng):
+    """update()'s positions path (the batch transposed once, folded into the accumulators in place, its
+    scatter never formed) against the generic merge of separately fitted parts and the per-position
+    float64 moments, with large offsets, over uneven batches (sizes 1 upward), for each memory layout of
+    x: a (B, D, P) embedding's view, a contiguous (B, P, D), and positions outermost."""
     B, P, d = 70, 6, 5
     x = torch.stack([sample(B, d, rng, offset=1e3 * (p + 1)) for p in range(P)], 1).to(xdtype)  # (B, P, D)
-    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # positions contiguous: a (B, D, P) embedding's view
+    if layout == "embedding":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "positions-outer":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
     splits = random_splits(B, rng, max_batch=17)
     inplace = GaussianStats(num_positions=P, product_dtype=product_dtype)
     merged = GaussianStats(num_positions=P, product_dtype=product_dtype)

@@ -155,11 +155,33 @@ def _merge(a: _Moments, b: _Moments, *, inplace: bool = False) -> _Moments:
     return _Moments(n, a.mean + ea, scatter, sa[0] + sb[0], sa[1] + sb[1])
 
 
+def _batch_last(x: torch.Tensor) -> torch.Tensor:
+    """``x (B, P, D)`` copied into float64 with the batch axis last: a ``(P, D, B + 1)`` view (the last
+    column left for :func:`_merge_positions`) whose rows of ``B`` are contiguous. Where ``x`` is a
+    ``(B, D, P)`` embedding seen as ``(B, P, D)`` (PaDiM's) or a contiguous ``(B, P, D)``, one 2-D
+    transpose of ``(B, ·)`` into ``(·, B)`` (49 ms against 87 for the general 3-D permuted copy at
+    B = 32, P = 3136, D = 100); the buffer is then ``(D, P, B + 1)`` or ``(P, D, B + 1)`` in memory, either
+    of which the batched products read in place."""
+    B, P, D = x.shape
+    kw = dict(dtype=torch.float64, device=x.device)
+    if x.transpose(1, 2).is_contiguous():  # (B, D, P) in memory
+        buf = torch.empty(D * P, B + 1, **kw)
+        buf[:, :B].copy_(x.transpose(1, 2).reshape(B, D * P).T)
+        return buf.view(D, P, B + 1).permute(1, 0, 2)
+    if x.is_contiguous():
+        buf = torch.empty(P * D, B + 1, **kw)
+        buf[:, :B].copy_(x.reshape(B, P * D).T)
+        return buf.view(P, D, B + 1)
+    buf = torch.empty(P, D, B + 1, **kw)
+    buf[..., :B].copy_(x.permute(1, 2, 0))
+    return buf
+
+
 def _merge_positions(a: _Moments, x: torch.Tensor, product_dtype: torch.dtype, total: torch.Tensor,
                      xt: torch.Tensor | None = None) -> _Moments:
     """:func:`_merge` of the batch ``x (B, P, D)`` (column sums ``total (P, D)``, float64) into the
     accumulators ``a``, whose scatter is updated in place, without forming the batch's own. ``xt``
-    (float64 products): ``x`` already laid out in a ``(P, D, B + 1)`` float64 buffer, centred here in place.
+    (float64 products): ``x`` already laid out by :func:`_batch_last`, centred here in place.
 
     PaDiM's scatters are P × D² float64 (250 MB at 3136 × 100²): each pass over them costs more than
     the batch's arithmetic. Here the batch is centred into one contiguous ``(P, D, B)`` block ``Z``, and
@@ -172,12 +194,8 @@ def _merge_positions(a: _Moments, x: torch.Tensor, product_dtype: torch.dtype, t
     nb_int, P, D = x.shape
     mean_b = total / nb_int
     if product_dtype == torch.float64:  # centred in the (P, D, B + 1) buffer, whose last column takes √c·δ
-        if xt is None:
-            buf = torch.empty(P, D, nb_int + 1, dtype=torch.float64, device=x.device)
-            zt = torch.sub(x.permute(1, 2, 0), mean_b[:, :, None], out=buf[..., :nb_int])
-        else:
-            buf = xt
-            zt = buf[..., :nb_int].sub_(mean_b[:, :, None])
+        buf = _batch_last(x) if xt is None else xt
+        zt = buf[..., :nb_int].sub_(mean_b[:, :, None])
     else:
         zt = _centred(x, mean_b, product_dtype).permute(1, 2, 0).contiguous()  # (P, D, B)
     sq = (zt * zt).sum(1)  # (P, B) ‖z‖²
@@ -320,8 +338,7 @@ class GaussianStats:
         if self.mode == "positions" and self.product_dtype == torch.float64:
             # x laid out as (P, D, B) float64 first (one transposing pass, with room for _merge_positions'
             # extra column): the column sums and the centring then run along contiguous rows
-            xt = torch.empty(x.shape[1], x.shape[2], x.shape[0] + 1, dtype=torch.float64, device=x.device)
-            xt[..., :-1].copy_(x.permute(1, 2, 0))
+            xt = _batch_last(x)
             total = xt[..., :-1].sum(2)
         else:
             total = x.sum(0, dtype=torch.float64)
