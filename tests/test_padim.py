@@ -300,3 +300,22 @@ def test_errors(PaDiM, data, rng):
         PaDiM(regularization=-1.0)
     with pytest.raises(TypeError, match="takes a \\(B, C, H, W\\) tensor"):
         det.score(normal[0].numpy())
+
+
+def test_blur_matrix_and_nearest_resize_match_the_direct_forms(PaDiM, rng, monkeypatch):
+    """The blur as products with (n, n) blur matrices (reflect padding folded in) equals the two 1-D
+    convolutions over reflect-padded maps, also for maps shorter than the kernel's half-width and an axis
+    of length 1; the broadcast nearest resize gives interpolate's bits, at power-of-two factors and (by
+    falling back) at others."""
+    import distkern_padim.padim as pm
+
+    for shape in [(5, 1, 40, 33), (2, 1, 3, 5), (1, 1, 1, 7), (3, 1, 17, 1)]:
+        m = torch.randn(*shape, generator=rng, dtype=torch.float64)
+        fast = pm.gaussian_blur(m, 4.0)
+        monkeypatch.setattr(pm, "_BLUR_MATRIX_MAX", 0)
+        direct = pm.gaussian_blur(m, 4.0)
+        monkeypatch.undo()
+        assert fast.shape == m.shape and torch.allclose(fast, direct, rtol=1e-12, atol=1e-14)
+    for h, w, H, W in [(28, 28, 56, 56), (14, 7, 56, 56), (3, 5, 6, 20), (10, 10, 30, 30), (7, 7, 16, 16)]:
+        t = torch.randn(2, 3, h, w, generator=rng)
+        assert torch.equal(pm._resize_nearest(t, H, W), F.interpolate(t, size=(H, W), mode="nearest"))

@@ -49,14 +49,47 @@ def _reflect_index(n: int, pad: int, device) -> torch.Tensor:
     return torch.where(j >= n, period - j, j)
 
 
+def _resize_nearest(t: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """``F.interpolate(t, size=(H, W), mode="nearest")``, the same bits. Where both factors are powers of
+    two (PaDiM's 56/28 and 56/14; torch's source index ``⌊i·h/H⌋`` is then exact) each value is repeated
+    by a broadcast copy: 3.5–6 ms where interpolate took 24–33 ms for 32 × 33 maps of 28² → 56²."""
+    h, w = t.shape[-2:]
+    fh, fw = H // h if h else 0, W // w if w else 0
+    if h and w and fh * h == H and fw * w == W and fh & (fh - 1) == 0 and fw & (fw - 1) == 0:
+        B, C = t.shape[:2]
+        return t[:, :, :, None, :, None].expand(B, C, h, fh, w, fw).reshape(B, C, H, W)
+    return F.interpolate(t, size=(H, W), mode="nearest")
+
+
+_BLUR_MATRIX_MAX = 1024  # longest axis blurred as a product with its (n, n) blur matrix
+
+
+def _blur_matrix(k: torch.Tensor, n: int) -> torch.Tensor:
+    """``M (n, n)`` with ``(x @ M)[j] = Σ_t k[t]·x[reflect(j − pad + t)]``: the 1-D blur of an axis of length
+    ``n``, its reflect padding folded in (reflected taps summed into the rows they read)."""
+    pad = k.numel() // 2
+    src = _reflect_index(n, pad, k.device)  # (n + 2·pad,) source of each padded position
+    cols = torch.arange(n, device=k.device)
+    rows = src[cols[:, None] + torch.arange(k.numel(), device=k.device)]  # (n, taps): x index of tap t at j
+    m = torch.zeros(n, n, dtype=k.dtype, device=k.device)
+    m.index_put_((rows.reshape(-1), cols.repeat_interleave(k.numel())), k.repeat(n), accumulate=True)
+    return m
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of ``(B, 1, H, W)`` maps as anomalib's ``GaussianBlur2d(sigma, channels=1)``.
 
-    Kernel size ``2·int(4σ + 0.5) + 1``, normalised kernel, reflect padding ("same" output),
-    computed as two 1-D convolutions (the 2-D kernel is their outer product)."""
+    Kernel size ``2·int(4σ + 0.5) + 1``, normalised kernel, reflect padding ("same" output), separable
+    (the 2-D kernel is the outer product of the 1-D one). Each axis up to 1024 long is blurred as a
+    matrix product with its ``(n, n)`` blur matrix, the padding folded in: at 224 × 224 that is ~7× the
+    FLOPs of the 33 taps but runs as GEMMs, where the one-channel convolutions ran at ~3 GFLOP/s
+    (32 maps: 79 ms through conv2d on a 2-core CPU). Longer axes: two 1-D convolutions."""
     k = gaussian_kernel1d(sigma, dtype=maps.dtype, device=maps.device)
     pad = k.numel() // 2
     H, W = maps.shape[-2:]
+    if max(H, W) <= _BLUR_MATRIX_MAX:
+        out = maps @ _blur_matrix(k, W)  # along W
+        return (out.transpose(-1, -2) @ _blur_matrix(k, H)).transpose(-1, -2).contiguous()  # along H
     out = maps.index_select(-1, _reflect_index(W, pad, maps.device))
     out = F.conv2d(out, k.view(1, 1, 1, -1))
     out = out.index_select(-2, _reflect_index(H, pad, maps.device))
@@ -436,7 +469,7 @@ class PaDiM:
             if sel is not None:
                 t = t.index_select(1, sel)
             if t.shape[-2:] != (H, W):
-                t = F.interpolate(t, size=(H, W), mode="nearest")
+                t = _resize_nearest(t, H, W)
             if t.shape[1]:
                 parts.append(t)
         if len(parts) == 1:
