@@ -16,7 +16,8 @@ from test_kernel_sum import KERNELS as KERNEL_CASES, dense_kernel
 ops = torch.ops.distkern
 
 
-@pytest.mark.parametrize("n,K", [(1, 1), (5, 17), (13, 300), (37, 2048), (128, 2048), (100, 0), (257, 64)])
+@pytest.mark.parametrize("n,K", [(1, 1), (5, 17), (13, 300), (37, 2048), (128, 2048), (100, 0), (257, 64), (9, 2049),
+                                 (20, 5000)])  # K > 2048: several of the AVX2 kernel's K blocks, the last partial
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_dense_gram(n, K, layout, rng):
     z = torch.randn(n, 2 * K, generator=rng)[:, ::2] if layout == "strided" else torch.randn(n, K, generator=rng)

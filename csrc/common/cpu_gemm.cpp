@@ -334,9 +334,13 @@ const Kern kAvx512{kMR, kNR, kMicro, kMicroPf, &gram_tile, 4, kMR, INT64_MAX, 10
 // 6×16 reuses each B value for 6 rows only: from L2 that is 3 FLOP a byte, which starved the FMA pipes
 // (~45 % of peak on a Zen 3 core); with the panel in L1 across 16 row blocks (96 rows, A's 96 KiB block in
 // L2, each A value used 16 times) it is 8.
-// Gram K blocks of 512: MMD-DDM's 128 rows × 512 floats are 256 KiB, in a Zen 3 core's 512 KiB L2 (blocks of
-// 1024 took 4–6 % longer over its whole step, interleaved in one process).
-const Kern kAvx2{kMR2, kNR2, kMicro2, kMicro2Pf, &gram_tile2, 6, 96, 2 * kMR2, 512};
+// Gram K blocks of 2048: each tile pass then streams its 7 rows for 256 steps, where blocks of 512 (chosen so
+// that MMD-DDM's 128 rows × 512 floats stay in a Zen 3 core's 512 KiB L2) paid a horizontal sum per entry and
+// the prefetchers' ramp every 64. Blocks of 512 / 1024 / 2048, switched per call in one process (2-core Zen 3
+// EPYC): z of 128 × 2048 1.00 / 0.86 / 0.85 of the time, 512 × 2048 1.00 / 0.89 / 0.83, 1024 × 1024 1.00 /
+// 0.83 / 0.82, 128 × 8192 1.00 / 0.91 / 0.91, 256 × 768 1.00 / 0.91 / 0.92; MMD-DDM's whole step 1.00 / 0.98 /
+// 0.96.
+const Kern kAvx2{kMR2, kNR2, kMicro2, kMicro2Pf, &gram_tile2, 6, 96, 2 * kMR2, 2048};
 
 // ap[k·mrs + r] = a[r·sam + k·sak] for r < mr, k < kc: a block of A, k-major with stride mrs (the
 // kernel's row tile), as the micro-kernel broadcasts it.
