@@ -82,3 +82,59 @@ def test_estimators_refuse_bad_data():
         ledoit_wolf(torch.ones(1, 3))
     with pytest.raises(ValueError, match="2-D"):
         ledoit_wolf(torch.ones(3))
+
+
+@pytest.mark.parametrize("D", [1, 2, 7, 100, 257])  # 257: LAPACK's blocked path, the others distkern's own
+@pytest.mark.parametrize("symmetrize", [True, False])
+def test_whitening_factors_op(D, symmetrize, rng):
+    """distkern.whitening_factors against float64 linear algebra: L lower-triangular, L Lᵀ = (½(Σ+Σᵀ) + ridge·I)⁻¹,
+    in the asked dtype; info names the first non-definite minor of each matrix (and its L is NaN on the CPU
+    path, never stale memory); batches of 0, opcheck."""
+    G = 5
+    A = torch.randn(G, D, D + 2, generator=rng, dtype=torch.float64)
+    cov = A @ A.transpose(1, 2) / (D + 2) + 0.05 * torch.eye(D, dtype=torch.float64)
+    if not symmetrize:
+        cov = 0.5 * (cov + cov.transpose(1, 2))
+    ridge = 0.01
+    L, info = torch.ops.distkern.whitening_factors(cov, ridge, symmetrize, None)
+    assert L.dtype == torch.float64 and info.dtype == torch.int32 and not info.any()
+    assert torch.equal(L, L.tril())
+    want = torch.linalg.inv(0.5 * (cov + cov.transpose(1, 2)) + ridge * torch.eye(D, dtype=torch.float64))
+    assert torch.allclose(L @ L.transpose(1, 2), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    L32, _ = torch.ops.distkern.whitening_factors(cov, ridge, symmetrize, torch.float32)
+    assert L32.dtype == torch.float32 and torch.allclose(L32.double(), L, rtol=1e-6, atol=1e-6 * float(L.abs().max()))
+    if D > 1:  # matrix 3 loses definiteness at its leading minor of order 2 (in the reversed order the op factors)
+        bad = cov.clone()
+        bad[3, D - 2, D - 2] = bad[3, D - 1, D - 1] = 1.0
+        bad[3, D - 2, D - 1] = bad[3, D - 1, D - 2] = 2.0
+        bad[3, D - 1, :D - 2] = bad[3, :D - 2, D - 1] = 0.0
+        bad[3, D - 2, :D - 2] = bad[3, :D - 2, D - 2] = 0.0
+        Lb, ib = torch.ops.distkern.whitening_factors(bad, 0.0, symmetrize, None)
+        assert ib.tolist() == [0, 0, 0, 2, 0]
+        good = torch.ops.distkern.whitening_factors(bad[[0, 1, 2, 4]], 0.0, symmetrize, None)[0]
+        if D <= 256:  # one matrix at a time: the others' bits do not depend on the failure
+            assert torch.equal(Lb[[0, 1, 2, 4]], good) and Lb[3].isnan().all()
+        else:  # LAPACK's batched calls: chunks of other sizes may round differently
+            assert torch.allclose(Lb[[0, 1, 2, 4]], good, rtol=1e-12, atol=1e-12)
+    e, ie = torch.ops.distkern.whitening_factors(cov[:0], ridge, symmetrize, None)
+    assert e.shape == (0, D, D) and ie.shape == (0,)
+    torch.library.opcheck(torch.ops.distkern.whitening_factors.default, (cov[:2], ridge, symmetrize, torch.float32))
+    with pytest.raises(ValueError, match="square"):
+        torch.ops.distkern.whitening_factors(torch.zeros(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="ridge"):
+        torch.ops.distkern.whitening_factors(cov, -1.0)
+
+
+@pytest.mark.cuda
+def test_whitening_factors_op_cuda(rng):
+    """On CUDA the op runs torch's batched Cholesky and triangular solve on the whole batch: same factors as
+    the CPU's, and the same info for a matrix that is not positive definite."""
+    D = 40
+    A = torch.randn(6, D, D + 2, generator=rng, dtype=torch.float64)
+    cov = A @ A.transpose(1, 2) / (D + 2) + 0.05 * torch.eye(D, dtype=torch.float64)
+    cov[2] = -cov[2]
+    L, info = torch.ops.distkern.whitening_factors(cov.cuda(), 0.0, True, torch.float32)
+    Lc, ic = torch.ops.distkern.whitening_factors(cov, 0.0, True, torch.float32)
+    assert info.cpu().tolist() == ic.tolist() == [0, 0, 1, 0, 0, 0]
+    keep = [0, 1, 3, 4, 5]
+    assert torch.allclose(L.cpu()[keep], Lc[keep], rtol=1e-5, atol=1e-5)

@@ -26,6 +26,18 @@ DK_CPU_MULTIVERSION acc_t sum_squares(const acc_t* __restrict__ v, int64_t n) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + t;
 }
 
+// Σ a[k]·b[k] for k < n.
+template <typename acc_t>
+DK_CPU_MULTIVERSION acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n) {
+  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) s[j] += a[k + j] * b[k + j];
+  acc_t t = 0;
+  for (; k < n; ++k) t += a[k] * b[k];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + t;
+}
+
 // Σ (a[k] − b[k])² for k < n: a squared distance from the coordinates (exactly 0 for a = b).
 template <typename acc_t>
 DK_CPU_MULTIVERSION acc_t sq_distance(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n) {

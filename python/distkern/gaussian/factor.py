@@ -61,20 +61,17 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
     if not bool(torch.isfinite(c.sum())) and not bool(torch.isfinite(c).all()):
         raise ValueError("whitening_factor: cov has non-finite (inf or NaN) entries")
     D = c.shape[-1]
-    # J·½(Σ + Σᵀ)·J (J the reversal: both axes flipped) + ridge·I, in two new tensors and one in-place pass
-    # (one new tensor for a symmetric Σ)
-    if assume_symmetric:
-        c_rev = c.flip(-2, -1)
-    else:
-        c_rev = torch.add(c, c.transpose(-1, -2)).flip(-2, -1).mul_(0.5)
-    if ridge:
-        c_rev.diagonal(dim1=-2, dim2=-1).add_(ridge)
-    chol, info = torch.linalg.cholesky_ex(c_rev)
-    bad = torch.nonzero(info.reshape(-1) > 0)
+    batch = c.shape[:-2]
+    # the factorisation itself: distkern's op (csrc/mahalanobis/factor.cpp), chunked and parallel on the CPU
+    L, info = torch.ops.distkern.whitening_factors(c.reshape(-1, D, D), ridge, not assume_symmetric,
+                                                  torch.float64 if dtype is None else dtype)
+    bad = torch.nonzero(info > 0)
     if bad.numel():
         flat = int(bad[0, 0])
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), info.shape)) if info.dim() else ()
-        eig = torch.linalg.eigvalsh(c_rev.reshape(-1, D, D)[flat])  # J·Σ·J has Σ's eigenvalues
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), batch)) if batch else ()
+        m = c.reshape(-1, D, D)[flat]
+        m = m if assume_symmetric else 0.5 * (m + m.T)
+        eig = torch.linalg.eigvalsh(m + ridge * torch.eye(D, dtype=m.dtype, device=m.device))
         where = f" at batch index {index}" if index else ""
         raise NotPositiveDefiniteError(
             f"whitening_factor: covariance{where} is not positive definite: smallest eigenvalue "
@@ -83,10 +80,11 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
             index=index,
             min_eigenvalue=float(eig[0]),
         )
-    # Σ = U Uᵀ with U = J C J upper-triangular, so L = U⁻ᵀ = J C⁻ᵀ J: C's triangular inverse, transposed
-    # and flipped in one pass into the returned dtype
-    eye = torch.eye(D, dtype=c.dtype, device=c.device).expand_as(chol)
-    c_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-    L = torch.empty(c_inv.shape, dtype=torch.float64 if dtype is None else dtype, device=c.device)
-    L.copy_(c_inv.transpose(-1, -2).flip(-2, -1))
-    return L.tril_()
+    return L.reshape(c.shape)
+
+
+@torch.library.register_fake("distkern::whitening_factors")
+def _whitening_factors_fake(cov, ridge=0.0, symmetrize=True, dtype=None):
+    torch._check(cov.dim() == 3 and cov.shape[1] == cov.shape[2],
+                 lambda: f"distkern.whitening_factors: cov must be (G, D, D); got {tuple(cov.shape)}")
+    return cov.new_empty(cov.shape, dtype=dtype or torch.float64), cov.new_empty(cov.shape[:1], dtype=torch.int32)
