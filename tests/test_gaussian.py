@@ -84,7 +84,7 @@ def test_estimators_refuse_bad_data():
         ledoit_wolf(torch.ones(3))
 
 
-@pytest.mark.parametrize("D", [1, 2, 7, 100, 257])  # 257: LAPACK's blocked path, the others distkern's own
+@pytest.mark.parametrize("D", [1, 2, 7, 100, 257])  # 257: LAPACK's Cholesky + the recursive inverse, the others one pass
 @pytest.mark.parametrize("symmetrize", [True, False])
 def test_whitening_factors_op(D, symmetrize, rng):
     """distkern.whitening_factors against float64 linear algebra: L lower-triangular, L Lᵀ = (½(Σ+Σᵀ) + ridge·I)⁻¹,
