@@ -88,8 +88,10 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     pad = k.numel() // 2
     H, W = maps.shape[-2:]
     if max(H, W) <= _BLUR_MATRIX_MAX:
-        out = maps @ _blur_matrix(k, W)  # along W
-        return (out.transpose(-1, -2) @ _blur_matrix(k, H)).transpose(-1, -2).contiguous()  # along H
+        mw = _blur_matrix(k, W)
+        mh = mw if H == W else _blur_matrix(k, H)
+        out = maps @ mw  # along W
+        return (out.transpose(-1, -2) @ mh).transpose(-1, -2).contiguous()  # along H
     out = maps.index_select(-1, _reflect_index(W, pad, maps.device))
     out = F.conv2d(out, k.view(1, 1, 1, -1))
     out = out.index_select(-2, _reflect_index(H, pad, maps.device))
