@@ -674,10 +674,15 @@ def test_every_kind_in_float32_matches_float64(name, kind, params, degree, rng):
     y = torch.cat([torch.randn(531, 6, generator=rng) * 0.8, x[:5], x[5:6] + 0.01])
     v = torch.randn(y.shape[0], 3, generator=rng, dtype=torch.float64)
     out = torch.ops.distkern.kernel_matmul(x, y, v.float(), kind, params)
-    ref = _phi64(kind, params, x, y) @ v
-    # r² from the norm form is good to ~2¹⁰·ε relative just above the refinement threshold; the square-root
-    # kinds (1/r in the derivatives) show it, and how much depends on the product's summation order
-    assert rel(out, ref) < (1e-4 if kind in (1, 4, 6, 9) else 2e-6), name
+    phi = _phi64(kind, params, x, y)
+    ref = phi @ v
+    # Each entry's error against what float32 can promise for it, Σ_j |φ_ij||v_j|·ε: a norm-wise ‖out − ref‖/‖ref‖
+    # is at the mercy of the cancellation in a random-signed v (a rare draw took it past 2e-6 at ~10 ε per
+    # term). Observed over 300 seeds on the AVX-512, AVX2 and scalar paths: ≤ 2.4e-7 (2 ε) for the smooth
+    # kinds. r² from the norm form is good to ~2¹⁰·ε relative just above the refinement threshold; the
+    # square-root kinds (1/r in the derivatives) show it (≤ 5.4e-6 observed).
+    err = ((out.double() - ref).abs() / (phi.abs() @ v.abs()).clamp_min(1e-300)).max()
+    assert err < (1e-4 if kind in (1, 4, 6, 9) else 1e-6), name
     assert torch.isfinite(out).all()
 
 
