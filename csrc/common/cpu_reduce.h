@@ -38,6 +38,37 @@ DK_CPU_MULTIVERSION acc_t dot(const acc_t* __restrict__ a, const acc_t* __restri
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + t;
 }
 
+// out[r] = Σ a[k]·b_r[k] for k < n, r < 4: four dot products sharing a, each in eight chains (32 independent
+// sums: one short dot waits on its chains' latency, four overlap), a read once. Written with GCC vector types
+// (four doubles, two per dot and step): left to the vectoriser, the 32 scalar sums came out shuffled and
+// spilled to the stack, no faster than four dot()s.
+DK_CPU_MULTIVERSION inline void dot4(const double* __restrict__ a, const double* __restrict__ b0,
+                                     const double* __restrict__ b1, const double* __restrict__ b2,
+                                     const double* __restrict__ b3, int64_t n, double* __restrict__ out) {
+  typedef double v4 __attribute__((vector_size(32)));
+  auto load = [](const double* p) {
+    v4 v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return v;
+  };
+  const double* b[4] = {b0, b1, b2, b3};
+  v4 lo[4] = {}, hi[4] = {};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const v4 al = load(a + k), ah = load(a + k + 4);
+    for (int r = 0; r < 4; ++r) {
+      lo[r] += al * load(b[r] + k);
+      hi[r] += ah * load(b[r] + k + 4);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    double t = 0;
+    for (int64_t q = k; q < n; ++q) t += a[q] * b[r][q];
+    const v4 v = lo[r] + hi[r];
+    out[r] = ((v[0] + v[1]) + (v[2] + v[3])) + t;
+  }
+}
+
 // Σ (a[k] − b[k])² for k < n: a squared distance from the coordinates (exactly 0 for a = b).
 template <typename acc_t>
 DK_CPU_MULTIVERSION acc_t sq_distance(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n) {
