@@ -51,12 +51,12 @@ TORCH_LIBRARY(distkern, m) {
   // Nearest reference by cosine similarity (ResAD): x (N, D), refs (M, D) → (max cosine (N,),
   // argmax (N,) int64), without the N×M similarity matrix.
   m.def("nearest_cosine(Tensor x, Tensor refs) -> (Tensor, Tensor)");
-  // Whitening factors L (G, D, D), lower-triangular with (Σ_g + ridge·I)⁻¹ = L Lᵀ, of covariances
-  // cov (G, D, D), computed in float64 (csrc/mahalanobis/factor.cpp), returned in dtype (None: float64);
-  // with symmetrize, of ½(Σ + Σᵀ). info (G,) int32: 0, or the order of the leading minor that is not
-  // positive definite (L's values are then undefined for that g).
-  m.def("whitening_factors(Tensor cov, float ridge=0., bool symmetrize=True, ScalarType? dtype=None)"
-        " -> (Tensor, Tensor)");
+  // Whitening factors L (G, D, D), lower-triangular with (scale·Σ_g + ridge·I)⁻¹ = L Lᵀ, of covariances
+  // (or scatter matrices, with scale = 1/n) cov (G, D, D), computed in float64 (csrc/mahalanobis/factor.cpp),
+  // returned in dtype (None: float64); with symmetrize, Σ is ½(cov + covᵀ). info (G,) int32: 0, or the order
+  // of the leading minor that is not positive definite (L is then NaN on the CPU, undefined on CUDA).
+  m.def("whitening_factors(Tensor cov, float ridge=0., bool symmetrize=True, ScalarType? dtype=None, "
+        "float scale=1.) -> (Tensor, Tensor)");
   // Kernel sums: K(x, y) @ v without storing K. x (N, D), y (M, D), v (M, C) or None (ones:
   // returns (N,)); kernel ids and params in csrc/kernel_sum/kernel_math.h.
   m.def("kernel_matmul(Tensor x, Tensor y, Tensor? v, int kernel, float[] params) -> Tensor");

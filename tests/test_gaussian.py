@@ -142,3 +142,12 @@ def test_whitening_factors_op_cuda(rng):
     assert info.cpu().tolist() == ic.tolist() == [0, 0, 1, 0, 0, 0]
     keep = [0, 1, 3, 4, 5]
     assert torch.allclose(L.cpu()[keep], Lc[keep], rtol=1e-5, atol=1e-5)
+    # chunks of ~256 MiB of matrices (27 at D = 1100): 30 go in two, scaled and symmetrised as they load
+    D = 1100
+    A = torch.randn(30, D, D + 8, generator=rng, dtype=torch.float64)
+    S = A @ A.transpose(1, 2)
+    S[29, 3, 3] = -1.0  # the second chunk's last matrix is not definite
+    L, info = torch.ops.distkern.whitening_factors(S.cuda(), 0.01, True, None, 1 / (D + 8))
+    Lc, ic = torch.ops.distkern.whitening_factors(S, 0.01, True, None, 1 / (D + 8))
+    assert info.cpu().tolist() == ic.tolist() and ic[29] > 0 and not ic[:29].any()
+    assert torch.allclose(L.cpu()[:29], Lc[:29], rtol=1e-9, atol=1e-9 * float(Lc[:29].abs().max()))

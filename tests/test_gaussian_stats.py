@@ -482,3 +482,78 @@ def test_chi2_threshold_matches_scipy():
     for bad in ((0, 0.1), (3, 0.0), (3, 1.0)):
         with pytest.raises(ValueError):
             chi2_threshold(*bad)
+
+
+def test_factor_from_the_accumulators_and_in_chunks(rng, monkeypatch):
+    """factor() without a materialised covariance: positions (one count) read the scatter directly — the same
+    bits as factorising covariance() — and ddof=1 matches torch.cov; classes with different counts and the
+    shrinkage estimates go a few groups at a time (forced here to chunks of 2), each chunk's factors those of
+    its own groups, and a failure names the group in a later chunk by its index in the whole batch."""
+    import distkern.gaussian.stats as stats_mod
+    from distkern.gaussian import whitening_factor
+
+    B, P, d = 40, 7, 5
+    x = torch.randn(B, P, d, generator=rng, dtype=torch.float64) * 3.0 + 10.0
+    stats = GaussianStats(num_positions=P).update(x)
+    for ddof, ridge in [(0, 0.0), (0, 0.01), (1, 0.01)]:
+        L = stats.factor(ridge=ridge, ddof=ddof, dtype=None)
+        Lm = whitening_factor(stats.covariance(ddof=ddof), ridge=ridge, dtype=None, assume_symmetric=True)
+        if ddof == 0:
+            assert torch.equal(L, Lm)
+        else:  # one rounding of the scale against two
+            assert torch.allclose(L, Lm, rtol=1e-12, atol=0)
+    ref = torch.stack([torch.cov(x[:, p].T) for p in range(P)])  # ddof=1
+    assert torch.allclose(stats.covariance(ddof=1), ref, rtol=1e-12, atol=1e-12)
+    L = stats.factor(ddof=1, ridge=0.01, dtype=None)
+    eye = torch.eye(d, dtype=torch.float64).expand(P, d, d)
+    assert torch.allclose(L @ (L.transpose(1, 2) @ (ref + 0.01 * eye)), eye, rtol=0, atol=1e-10)
+
+    monkeypatch.setattr(stats_mod, "_FACTOR_CHUNK_BYTES", 2 * d * d * 8)  # two classes a chunk
+    K = 5
+    labels = torch.arange(60) % K
+    labels[:7] = 0  # unequal counts: the chunked path
+    xc = torch.randn(60, d, generator=rng, dtype=torch.float64) + labels[:, None]
+    cs = GaussianStats(num_classes=K).update(xc, labels)
+    for est in ("empirical", "ledoit-wolf", "oas"):
+        for ddof in (0, 1):
+            L = cs.factor(est, ridge=0.001, ddof=ddof, dtype=None)
+            Lm = whitening_factor(cs.covariance(est, ddof=ddof), ridge=0.001, dtype=None, assume_symmetric=True)
+            assert torch.equal(L, Lm), (est, ddof)
+    xs = xc.clone()
+    xs[labels == 3, 1] = 2.0  # class 3 (chunk 2) singular
+    with pytest.raises(NotPositiveDefiniteError, match=r"covariance of class 3 is not positive definite") as e:
+        GaussianStats(num_classes=K).update(xs, labels).factor()
+    assert e.value.index == (3,)
+    ps = x.clone()
+    ps[:, 5, 2] = 7.0  # position 5 singular (a constant feature), on the direct path
+    with pytest.raises(NotPositiveDefiniteError, match=r"covariance of position 5 is not positive definite") as e:
+        GaussianStats(num_positions=P).update(ps).factor(ddof=1)
+    assert e.value.index == (5,)
+    with pytest.raises(ValueError, match="ddof must be an int >= 0"):
+        stats.factor(ddof=-1)
+    with pytest.raises(ValueError, match="ddof must be an int >= 0"):
+        stats.covariance(ddof=True)
+    with pytest.raises(ValueError, match=r"at least 3 samples with ddof=2; position"):
+        GaussianStats(num_positions=2).update(x[:2, :2]).covariance(ddof=2)
+
+
+def test_whitening_factor_scale(rng):
+    """whitening_factor(S, scale=c) factorises c·S (+ ridge): a scatter matrix with scale 1/n gives its
+    covariance's factor; the op refuses scale <= 0 or non-finite, the wrapper non-numbers too."""
+    from distkern.gaussian import whitening_factor
+
+    d, n = 6, 50
+    z = torch.randn(n, d, generator=rng, dtype=torch.float64)
+    S = z.T @ z
+    S = 0.5 * (S + S.T)
+    L = whitening_factor(S, scale=1 / n, ridge=0.1, dtype=None)
+    C = S / n + 0.1 * torch.eye(d, dtype=torch.float64)
+    assert torch.allclose(L @ (L.T @ C), torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(NotPositiveDefiniteError, match=r"smallest eigenvalue -0\.5"):  # scale·m + ridge is reported
+        whitening_factor(-torch.eye(d, dtype=torch.float64), scale=0.5, dtype=None)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "1", True):
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+            whitening_factor(S, scale=bad)
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+        torch.ops.distkern.whitening_factors(S[None], 0.0, True, None, 0.0)
+    torch.library.opcheck(torch.ops.distkern.whitening_factors.default, (S[None].repeat(2, 1, 1), 0.1, True, torch.float32, 0.25))

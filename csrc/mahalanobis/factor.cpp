@@ -1,5 +1,6 @@
 // Whitening factors of a batch of covariances (distkern.gaussian.whitening_factor): L lower-triangular with
-// (Σ + ridge·I)⁻¹ = L Lᵀ, in float64, without forming an inverse. With J the reversal permutation and
+// (scale·Σ + ridge·I)⁻¹ = L Lᵀ, in float64, without forming an inverse. With scale = 1/n, Σ may be a scatter
+// matrix: GaussianStats.factor hands its accumulators over as they are, and no covariance is materialised. With J the reversal permutation and
 // J Σ J = C Cᵀ (Cholesky), Σ = U Uᵀ for U = J C J (upper-triangular), so L = U⁻ᵀ = J C⁻ᵀ J: C's triangular
 // inverse, transposed, both axes flipped.
 //
@@ -118,7 +119,7 @@ void tri_inverse_t(const at::Tensor& c, const at::Tensor& xt) {
 // above. Larger D: LAPACK's blocked Cholesky into a third scratch matrix and tri_inverse_t. No temporaries of
 // the batch, no flips or transposes through memory: the reversal is in the load and the store.
 template <typename out_t>
-void factor_range_cpu(const at::Tensor& cov, int64_t g0, int64_t g1, double ridge, bool symmetrize,
+void factor_range_cpu(const at::Tensor& cov, int64_t g0, int64_t g1, double ridge, bool symmetrize, double scale,
                       at::Tensor& out, at::Tensor& info) {
   const int64_t D = cov.size(-1);
   const int64_t s0 = cov.stride(0), s1 = cov.stride(1), s2 = cov.stride(2);
@@ -136,13 +137,15 @@ void factor_range_cpu(const at::Tensor& cov, int64_t g0, int64_t g1, double ridg
   out_t* op = out.data_ptr<out_t>();
   for (int64_t g = g0; g < g1; ++g) {
     const double* c = cov.data_ptr<double>() + g * s0;
-    // a[i, j] = Σ'[D−1−i, D−1−j] (+ ridge on the diagonal) for j ≤ i, Σ' = ½(Σ + Σᵀ) with symmetrize: the
-    // lower triangle of J Σ' J, the one the Cholesky reads (the strict upper triangle stays 0)
+    // a[i, j] = scale·Σ'[D−1−i, D−1−j] (+ ridge on the diagonal) for j ≤ i, Σ' = ½(Σ + Σᵀ) with symmetrize:
+    // the lower triangle of J Σ' J, the one the Cholesky reads (the strict upper triangle stays 0).
+    // ((a + b)·0.5)·scale: the bits of GaussianStats.covariance's (a + b)·(0.5/n) for scale = 1/n.
     for (int64_t i = 0; i < D; ++i)
       for (int64_t j = 0; j <= i; ++j) {
         const int64_t p = D - 1 - i, q = D - 1 - j;
         double v = c[p * s1 + q * s2];
         if (symmetrize) v = (v + c[q * s1 + p * s2]) * 0.5;
+        if (scale != 1.0) v *= scale;
         ap[i * D + j] = i == j ? v + ridge : v;
       }
     if (own) {
@@ -172,12 +175,13 @@ void factor_range_cpu(const at::Tensor& cov, int64_t g0, int64_t g1, double ridg
 }
 
 std::tuple<at::Tensor, at::Tensor> whitening_factors(const at::Tensor& cov_in, double ridge, bool symmetrize,
-                                                     std::optional<at::ScalarType> dtype) {
+                                                     std::optional<at::ScalarType> dtype, double scale) {
   check_dim(kOp, "cov", cov_in, 3, "(G, D, D)");
   check_float(kOp, "cov", cov_in);
   TORCH_CHECK_VALUE(cov_in.size(1) == cov_in.size(2), kOp, ": cov must be (G, D, D) square matrices; got shape ",
                     shape_str(cov_in));
   TORCH_CHECK_VALUE(ridge >= 0.0, kOp, ": ridge must be >= 0; got ", ridge);
+  TORCH_CHECK_VALUE(scale > 0.0 && std::isfinite(scale), kOp, ": scale must be finite and > 0; got ", scale);
   const at::ScalarType out_t = dtype.value_or(at::kDouble);
   TORCH_CHECK_TYPE(is_float_kind(out_t), kOp, ": dtype must be a floating type; got ", out_t);
   const at::Tensor cov = cov_in.to(at::kDouble);
@@ -188,20 +192,29 @@ std::tuple<at::Tensor, at::Tensor> whitening_factors(const at::Tensor& cov_in, d
     info.zero_();
     return {out, info};
   }
-  if (!cov.device().is_cpu()) {  // cuSOLVER / cuBLAS batch the whole batch
-    at::Tensor r = symmetrize ? at::add(cov, cov.mT()).flip({-2, -1}).mul_(0.5) : cov.flip({-2, -1});
-    if (ridge != 0.0) r.diagonal(0, -2, -1).add_(ridge);
-    auto [chol, inf] = at::linalg_cholesky_ex(r, /*upper=*/false, /*check_errors=*/false);
-    info.copy_(inf);
-    const at::Tensor eye = at::eye(D, r.options()).expand_as(chol);
-    out.copy_(at::linalg_solve_triangular(chol, eye, /*upper=*/false).mT().flip({-2, -1}));
-    out.tril_();
+  if (!cov.device().is_cpu()) {
+    // cuSOLVER / cuBLAS batch each chunk; chunks of ~256 MiB of float64 matrices bound the temporaries (the
+    // reversed copy, the Cholesky factor, the solve's result), which on the whole of PaDiM's 3136 × 550²
+    // scatter would be ~4 × 7.6 GB. No host sync: every step is queued on the stream.
+    const int64_t per = std::max<int64_t>(1, (int64_t(256) << 20) / (D * D * 8));
+    const at::Tensor eye = at::eye(D, cov.options());
+    for (int64_t g0 = 0; g0 < G; g0 += per) {
+      const int64_t n = std::min(per, G - g0);
+      const at::Tensor c = cov.narrow(0, g0, n);
+      at::Tensor r = symmetrize ? at::add(c, c.mT()).flip({-2, -1}).mul_(0.5) : c.flip({-2, -1});
+      if (scale != 1.0) r.mul_(scale);  // flip made r a new tensor
+      if (ridge != 0.0) r.diagonal(0, -2, -1).add_(ridge);
+      auto [chol, inf] = at::linalg_cholesky_ex(r, /*upper=*/false, /*check_errors=*/false);
+      info.narrow(0, g0, n).copy_(inf);
+      out.narrow(0, g0, n).copy_(
+          at::linalg_solve_triangular(chol, eye.expand_as(chol), /*upper=*/false).mT().flip({-2, -1}).tril_());
+    }
     return {out, info};
   }
   // in parallel over the matrices (LAPACK single-threaded inside each), every step on one matrix in cache
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "whitening_factors", [&] {
-      factor_range_cpu<scalar_t>(cov, g0, g1, ridge, symmetrize, out, info);
+      factor_range_cpu<scalar_t>(cov, g0, g1, ridge, symmetrize, scale, out, info);
     });
   });
   return {out, info};

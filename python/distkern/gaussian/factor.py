@@ -32,8 +32,8 @@ class NotPositiveDefiniteError(ValueError):
 
 
 def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtype | None = torch.float32,
-                     assume_symmetric: bool = False) -> torch.Tensor:
-    r"""Lower-triangular ``L`` with ``(Σ + ridge·I)⁻¹ = L Lᵀ``, for :func:`distkern.mahalanobis`.
+                     assume_symmetric: bool = False, scale: float = 1.0) -> torch.Tensor:
+    r"""Lower-triangular ``L`` with ``(scale·Σ + ridge·I)⁻¹ = L Lᵀ``, for :func:`distkern.mahalanobis`.
 
     Computed in float64 without forming the inverse: with ``J`` the reversal permutation and
     ``JΣJ = C Cᵀ`` (Cholesky), ``Σ = U Uᵀ`` with ``U = JCJ`` upper-triangular, and
@@ -46,6 +46,8 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
         assume_symmetric: ``cov`` is symmetric to the bit (as :meth:`GaussianStats.covariance
             <distkern.gaussian.GaussianStats.covariance>` returns it): skip averaging it with its
             transpose, a pass over all of it. Otherwise ``½(Σ + Σᵀ)`` is factorised.
+        scale: ``Σ`` is multiplied by it (``> 0``) as it is loaded, e.g. ``1/n`` to factorise a scatter
+            matrix ``Σ z zᵀ`` as the covariance it gives, without materialising that covariance.
 
     Raises:
         NotPositiveDefiniteError: a covariance is not positive definite; the message names its
@@ -55,6 +57,8 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
     if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
         raise ValueError(f"whitening_factor: cov must be a (..., D, D) square matrix; got shape {tuple(cov.shape)}")
     ridge = check_ridge(ridge, "whitening_factor")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < float(scale) < math.inf:
+        raise ValueError(f"whitening_factor: scale must be a finite number > 0; got {scale!r}")
     c = cov if cov.dtype == torch.float64 else cov.to(torch.float64)
     # the sum of the entries is finite exactly when they all are, unless finite ones overflow it: one
     # read, and the elementwise scan only then (PaDiM's covariances are 3136 × D² float64)
@@ -64,14 +68,14 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
     batch = c.shape[:-2]
     # the factorisation itself: distkern's op (csrc/mahalanobis/factor.cpp), chunked and parallel on the CPU
     L, info = torch.ops.distkern.whitening_factors(c.reshape(-1, D, D), ridge, not assume_symmetric,
-                                                  torch.float64 if dtype is None else dtype)
+                                                  torch.float64 if dtype is None else dtype, float(scale))
     bad = torch.nonzero(info > 0)
     if bad.numel():
         flat = int(bad[0, 0])
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), batch)) if batch else ()
         m = c.reshape(-1, D, D)[flat]
         m = m if assume_symmetric else 0.5 * (m + m.T)
-        eig = torch.linalg.eigvalsh(m + ridge * torch.eye(D, dtype=m.dtype, device=m.device))
+        eig = torch.linalg.eigvalsh(scale * m + ridge * torch.eye(D, dtype=m.dtype, device=m.device))
         where = f" at batch index {index}" if index else ""
         raise NotPositiveDefiniteError(
             f"whitening_factor: covariance{where} is not positive definite: smallest eigenvalue "
@@ -84,7 +88,7 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
 
 
 @torch.library.register_fake("distkern::whitening_factors")
-def _whitening_factors_fake(cov, ridge=0.0, symmetrize=True, dtype=None):
+def _whitening_factors_fake(cov, ridge=0.0, symmetrize=True, dtype=None, scale=1.0):
     torch._check(cov.dim() == 3 and cov.shape[1] == cov.shape[2],
                  lambda: f"distkern.whitening_factors: cov must be (G, D, D); got {tuple(cov.shape)}")
     return cov.new_empty(cov.shape, dtype=dtype or torch.float64), cov.new_empty(cov.shape[:1], dtype=torch.int32)

@@ -61,6 +61,15 @@ class _Moments(NamedTuple):
     quartic: torch.Tensor  # (G,)     Σ ‖z‖⁴
 
 
+_FACTOR_CHUNK_BYTES = 1 << 26  # GaussianStats.factor: ~64 MiB of float64 covariances at a time
+
+
+def _check_ddof(ddof, who: str) -> int:
+    if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
+        raise ValueError(f"{who}: ddof must be an int >= 0; got {ddof!r}")
+    return ddof
+
+
 def _zeros(G: int, D: int, device: torch.device) -> _Moments:
     z = dict(dtype=torch.float64, device=device)
     return _Moments(torch.zeros(G, **z), torch.zeros(G, D, **z), torch.zeros(G, D, D, **z),
@@ -484,30 +493,52 @@ class GaussianStats:
             raise ValueError(f"GaussianStats.mean: {self._groups(empty)} ha{'ve' if len(empty) > 1 else 's'} no samples")
         return self._squeeze(m.mean.clone())
 
-    def _estimate(self, estimator: str, pooled: bool, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _counts(self, pooled: bool, who: str, ddof: int) -> torch.Tensor:
+        """The sample counts (``()`` pooled, else ``(G,)``) after checking that every covariance is defined."""
+        m = self._require(who)
+        need = max(2, ddof + 1)
+        if pooled:
+            n = m.count.sum()
+            if float(n) < need:
+                raise ValueError(f"GaussianStats.{who}: a covariance needs at least {need} samples"
+                                 f"{f' with ddof={ddof}' if ddof > 1 else ''}; got {int(n)}")
+            return n
+        n = m.count
+        few = torch.nonzero(n < need)[:, 0].tolist()
+        if few:
+            what = "the Gaussian" if self.mode == "single" else self._groups(few)
+            raise ValueError(f"GaussianStats.{who}: a covariance needs at least {need} samples"
+                             f"{f' with ddof={ddof}' if ddof > 1 else ''}; {what} "
+                             f"ha{'ve' if len(few) > 1 else 's'} only {sorted({int(n[i]) for i in few})} sample(s)")
+        return n
+
+    def _estimate(self, estimator: str, pooled: bool, who: str, ddof: int = 0,
+                  groups: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(covariance, shrinkage) of every group, or of ``groups`` (a slice) only."""
         if estimator not in _ESTIMATORS:
             raise ValueError(f"GaussianStats.{who}: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
-        m = self._require(who)
+        n = self._counts(pooled, who, ddof)
+        m = self._m
         if pooled:
-            n, scatter, m4 = m.count.sum(), m.scatter.sum(0), m.quartic.sum()
-            if float(n) < 2:
-                raise ValueError(f"GaussianStats.{who}: a covariance needs at least 2 samples; got {int(n)}")
+            scatter, m4 = m.scatter.sum(0), m.quartic.sum()
         else:
-            n, scatter, m4 = m.count, m.scatter, m.quartic
-            few = torch.nonzero(n < 2)[:, 0].tolist()
-            if few:
-                what = "the Gaussian" if self.mode == "single" else self._groups(few)
-                raise ValueError(f"GaussianStats.{who}: a covariance needs at least 2 samples; {what} "
-                                 f"ha{'ve' if len(few) > 1 else 's'} only {sorted({int(n[i]) for i in few})} sample(s)")
+            scatter, m4 = m.scatter, m.quartic
+            if groups is not None:
+                n, scatter, m4 = n[groups], scatter[groups], m4[groups]
         # symmetric to the bit, in one new tensor and one in-place pass (PaDiM: 3136 × D² float64, where
         # dividing, adding and halving into three new tensors took ~3× as long)
         emp = torch.add(scatter, scatter.transpose(-1, -2)).mul_((0.5 / n)[..., None, None])
         if estimator == "empirical":
-            return emp, torch.zeros_like(n)
-        s = ledoit_wolf_shrinkage(n, emp, m4) if estimator == "ledoit-wolf" else oas_shrinkage(n, emp)
-        return shrink(emp, s), s
+            s = torch.zeros_like(n)
+        else:
+            s = ledoit_wolf_shrinkage(n, emp, m4) if estimator == "ledoit-wolf" else oas_shrinkage(n, emp)
+            emp = shrink(emp, s)
+        if ddof:
+            emp.mul_((n / (n - ddof))[..., None, None])
+        return emp, s
 
-    def covariance(self, estimator: Estimator = "empirical", *, ridge: float = 0.0, pooled: bool = False) -> torch.Tensor:
+    def covariance(self, estimator: Estimator = "empirical", *, ridge: float = 0.0, pooled: bool = False,
+                   ddof: int = 0) -> torch.Tensor:
         """Covariance estimate(s), float64: ``(D, D)`` for one Gaussian or ``pooled``, else ``(K | P, D, D)``.
 
         Args:
@@ -518,13 +549,16 @@ class GaussianStats:
             pooled: one covariance shared by all groups — the within-group scatter ``Σ_g M₂_g / N``
                 (Lee et al. 2018's shared class covariance); shrinkage treats the group-centered
                 residuals ``x − μ_y`` as the data.
+            ddof: the estimate is scaled by ``n / (n − ddof)``: ``ddof=1`` gives the empirical covariance
+                divided by ``n − 1``, as ``torch.cov`` / ``numpy.cov`` (and anomalib's PaDiM) compute it.
 
         Raises:
-            ValueError: no data, an unknown estimator, a negative ridge, or a group (named) with
-                fewer than 2 samples.
+            ValueError: no data, an unknown estimator, a negative ridge or ddof, or a group (named) with
+                fewer than ``max(2, ddof + 1)`` samples.
         """
         ridge = check_ridge(ridge, "GaussianStats.covariance")
-        cov, _ = self._estimate(estimator, pooled, "covariance")
+        ddof = _check_ddof(ddof, "GaussianStats.covariance")
+        cov, _ = self._estimate(estimator, pooled, "covariance", ddof)
         if ridge:
             cov.diagonal(dim1=-2, dim2=-1).add_(ridge)
         return cov if pooled else self._squeeze(cov)
@@ -537,27 +571,57 @@ class GaussianStats:
         return s if pooled else self._squeeze(s)
 
     def factor(self, estimator: Estimator = "empirical", *, ridge: float = 0.0, pooled: bool = False,
-               dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype | None = torch.float32, ddof: int = 0) -> torch.Tensor:
         """Whitening factor(s) ``L`` with ``(Σ + ridge·I)⁻¹ = L Lᵀ`` for :func:`distkern.mahalanobis`.
 
         ``(D, D)`` or ``(K | P, D, D)`` lower-triangular, ``dtype`` (default float32), computed in
-        float64 by :func:`~distkern.gaussian.whitening_factor` from :meth:`covariance`.
+        float64 by :func:`~distkern.gaussian.whitening_factor` from :meth:`covariance` (same arguments).
+
+        Memory: no ``(K | P, D, D)`` covariance is materialised beside the accumulators. The empirical
+        estimate of groups that share one count (positions, or balanced classes) is read straight from
+        them, symmetrised and scaled as it loads (PaDiM at P = 3136, D = 550: 7.6 GB of float64 not
+        allocated, and a transposed pass over it not made); shrinkage estimates are formed ~64 MiB of
+        covariances at a time.
 
         Raises:
             NotPositiveDefiniteError: a covariance is not positive definite; the message names the
                 class / position and its smallest eigenvalue (pass ``ridge > 0`` or use shrinkage).
         """
         ridge = check_ridge(ridge, "GaussianStats.factor")
-        cov = self.covariance(estimator, pooled=pooled)
+        ddof = _check_ddof(ddof, "GaussianStats.factor")
+        if estimator not in _ESTIMATORS:
+            raise ValueError(f"GaussianStats.factor: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
+        n = self._counts(pooled, "factor", ddof)
+        if pooled or self.mode == "single":
+            return self._factor_of(lambda: self.covariance(estimator, pooled=pooled, ddof=ddof), estimator, 0,
+                                   ridge=ridge, dtype=dtype, assume_symmetric=True)
+        m = self._m
+        if estimator == "empirical" and bool((n == n[0]).all()):
+            # one call on the accumulators, each matrix symmetrised and scaled as the op loads it:
+            # ((a + b)·0.5)·(1/n) has the bits of covariance()'s (a + b)·(0.5/n)
+            return self._factor_of(lambda: m.scatter, estimator, 0, ridge=ridge, dtype=dtype, assume_symmetric=False,
+                                   scale=1.0 / (float(n[0]) - ddof))
+        G, D = m.scatter.shape[0], m.scatter.shape[-1]
+        out = torch.empty(G, D, D, dtype=dtype or torch.float64, device=m.scatter.device)
+        step = max(1, _FACTOR_CHUNK_BYTES // (D * D * 8))
+        for g0 in range(0, G, step):
+            sl = slice(g0, g0 + step)
+            out[sl] = self._factor_of(lambda: self._estimate(estimator, False, "factor", ddof, sl)[0], estimator, g0,
+                                      ridge=ridge, dtype=dtype, assume_symmetric=True)
+        return out
+
+    def _factor_of(self, matrices, estimator: str, offset: int, **kw) -> torch.Tensor:
+        """whitening_factor(matrices(), **kw), its NotPositiveDefiniteError naming the group (``offset`` + index)."""
         try:
-            return whitening_factor(cov, ridge=ridge, dtype=dtype, assume_symmetric=True)  # symmetric to the bit
+            return whitening_factor(matrices(), **kw)
         except NotPositiveDefiniteError as e:
-            where = f" of {self._group_name} {e.index[0]}" if e.index else ""
+            index = (offset + e.index[0],) if e.index else e.index
+            where = f" of {self._group_name} {index[0]}" if index else ""
             lam = e.min_eigenvalue if e.min_eigenvalue is not None else float("nan")
             raise NotPositiveDefiniteError(
                 f"GaussianStats.factor: the {estimator} covariance{where} is not positive definite "
                 f"(smallest eigenvalue {lam:.6g}); pass ridge > 0 (e.g. ridge=1e-6 times the scale of the "
-                f"features) or estimator='ledoit-wolf'", index=e.index, min_eigenvalue=e.min_eigenvalue) from None
+                f"features) or estimator='ledoit-wolf'", index=index, min_eigenvalue=e.min_eigenvalue) from None
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import distkern
 from distkern.io import check_device, normal_only, read_model, write_model
-from distkern.gaussian import GaussianStats, NotPositiveDefiniteError, whitening_factor
+from distkern.gaussian import GaussianStats, NotPositiveDefiniteError
 
 FORMAT_VERSION = 1
 
@@ -259,7 +259,9 @@ class PaDiM:
             emb = self._embed(levels, layout, selections)  # (B, D, H, W)
             x = emb.flatten(2).transpose(1, 2)  # (B, P, D) view
             P, D = x.shape[1], x.shape[2]
-            rows = max(1, _CHUNK_BYTES // (P * D * 8))
+            # the update's (P, D, rows + 1) float64 buffer: within 256 MiB, or 1/8 of the scatter it updates (each
+            # update also reads the P × D² scatter twice: at D = 550 fewer, larger chunks pay)
+            rows = max(1, max(_CHUNK_BYTES, P * D * D) // (P * D * 8))
             for chunk in x.split(rows):
                 stats.update(chunk)
         if stats is None:
@@ -269,11 +271,10 @@ class PaDiM:
             raise ValueError(f"padim: fitting needs at least 2 training images; got {n}")
         level_channels, (H, W) = layout
         mean = stats.mean.to(torch.float32)
-        cov = stats.covariance("empirical")  # (P, D, D) float64, divides by n
+        # unbiased (ddof=1), as anomalib (torch / numpy cov); straight from the accumulators, no (P, D, D)
+        # covariance beside them (7.6 GB of float64 at P = 3136, D = 550)
+        factor = self._factorise(stats, H, W)
         del stats
-        cov.mul_(n / (n - 1))  # unbiased, as anomalib (torch / numpy cov with ddof=1)
-        factor = self._factorise(cov, H, W)
-        del cov
         # commit
         self.mean, self.factor, self.channel_index = mean, factor, index.to(mean.device)
         self.level_channels_, self.feature_size_, self.n_samples_ = level_channels, (H, W), int(n)
@@ -479,24 +480,17 @@ class PaDiM:
         dtype = torch.promote_types(*[p.dtype for p in parts]) if len({p.dtype for p in parts}) > 1 else parts[0].dtype
         return torch.cat([p.to(dtype) for p in parts], 1)
 
-    def _factorise(self, cov: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        P, D = cov.shape[0], cov.shape[1]
-        factor = torch.empty(P, D, D, dtype=self.factor_dtype, device=cov.device)
-        step = max(1, _CHUNK_BYTES // (D * D * 8))
-        for s in range(0, P, step):
-            try:
-                # GaussianStats' covariances are symmetric to the bit (scaling keeps them so)
-                factor[s:s + step] = whitening_factor(cov[s:s + step], ridge=self.regularization, dtype=self.factor_dtype,
-                                                      assume_symmetric=True)
-            except NotPositiveDefiniteError as e:
-                pos = s + (e.index[0] if e.index else 0)
-                lam = e.min_eigenvalue if e.min_eigenvalue is not None else float("nan")
-                raise NotPositiveDefiniteError(
-                    f"padim: the covariance of position {pos} (row {pos // W}, column {pos % W} of the {H}x{W} "
-                    f"feature map) plus regularization={self.regularization} is not positive definite "
-                    f"(smallest eigenvalue {lam:.6g}); increase regularization or check for degenerate "
-                    f"(constant or duplicated) features there", index=(pos,), min_eigenvalue=e.min_eigenvalue) from None
-        return factor
+    def _factorise(self, stats: GaussianStats, H: int, W: int) -> torch.Tensor:
+        try:
+            return stats.factor("empirical", ridge=self.regularization, ddof=1, dtype=self.factor_dtype)
+        except NotPositiveDefiniteError as e:
+            pos = e.index[0] if e.index else 0
+            lam = e.min_eigenvalue if e.min_eigenvalue is not None else float("nan")
+            raise NotPositiveDefiniteError(
+                f"padim: the covariance of position {pos} (row {pos // W}, column {pos % W} of the {H}x{W} "
+                f"feature map) plus regularization={self.regularization} is not positive definite "
+                f"(smallest eigenvalue {lam:.6g}); increase regularization or check for degenerate "
+                f"(constant or duplicated) features there", index=(pos,), min_eigenvalue=e.min_eigenvalue) from None
 
     def __repr__(self) -> str:
         if self.mean is None:
