@@ -1,15 +1,15 @@
 // Whitening factors of a batch of covariances (distkern.gaussian.whitening_factor): L lower-triangular with
-// (scale·Σ + ridge·I)⁻¹ = L Lᵀ, in float64, without forming an inverse. With scale = 1/n, Σ may be a scatter
-// matrix: GaussianStats.factor hands its accumulators over as they are, and no covariance is materialised. With J the reversal permutation and
+// (scale·Σ + ridge·I)⁻¹ = L Lᵀ, in float64, without forming an inverse. With J the reversal permutation and
 // J Σ J = C Cᵀ (Cholesky), Σ = U Uᵀ for U = J C J (upper-triangular), so L = U⁻ᵀ = J C⁻ᵀ J: C's triangular
-// inverse, transposed, both axes flipped.
+// inverse, transposed, both axes flipped. With scale = 1/n, Σ may be a scatter matrix: GaussianStats.factor
+// hands its accumulators over as they are, and no covariance is materialised.
 //
 // Why an op: PaDiM fits 3136 covariances (D = 100 to 550). torch's batched Cholesky and triangular solve
 // on the CPU factor one matrix after another on one core, and the flips, symmetrisation and casts each
 // stream all P·D² float64 through memory (2.6 s at P = 3136, D = 100 as whole-batch torch ops, 1.3 s after
 // removing the redundant passes). Here the matrices go one at a time through scratch matrices of each task,
 // in parallel over the batch (at::parallel_for; LAPACK single-threaded inside each), the reversal folded into
-// the load and the store. Other devices run ATen calls on the whole batch at once (cuSOLVER batches them).
+// the load and the store. Other devices run ATen calls on chunks of the batch (cuSOLVER batches each).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

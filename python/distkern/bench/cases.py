@@ -1017,14 +1017,86 @@ def _diffusion_cases() -> list[Case]:
     return diffusion_cases()
 
 
+# ---------------------------------------------------------------------------------------------
+# Whitening factors of P covariances (PaDiM's fit) vs anomalib's float32 inverse
+# ---------------------------------------------------------------------------------------------
+
+
+def _factors_setup(P: int, D: int):
+    def setup(device: str | torch.device, dtype: torch.dtype, *, seed: int = 0) -> Inputs:
+        device = torch.device(device)
+        g = torch.Generator(device=device)
+        g.manual_seed(1_000_003 * (seed + 1) + 7919 * D + P)
+        cov = torch.empty(P, D, D, dtype=torch.float64, device=device)
+        for p0 in range(0, P, 256):  # 256 samples' covariances, + 0.01·I as PaDiM
+            a = torch.randn(min(256, P - p0), D, 2 * D, generator=g, device=device, dtype=torch.float64)
+            torch.bmm(a, a.transpose(1, 2), out=cov[p0:p0 + 256]).div_(2 * D)
+        cov.diagonal(dim1=-2, dim2=-1).add_(0.01)
+        u = torch.randn(P, D, generator=g, device=device, dtype=torch.float64)
+        return {"cov": cov, "cov32": cov.float(), "u": u}
+
+    return setup
+
+
+def _probe(i: Inputs, prec_or_factor: torch.Tensor, factor: bool) -> torch.Tensor:
+    # what the result is used for, cheaply (P·D² against ~D³ a matrix): u_pᵀ Σ_p⁻¹ u_p at every position
+    u = i["u"].to(prec_or_factor.dtype)[:, None, :]
+    if factor:
+        return torch.bmm(u, prec_or_factor).square().sum(-1)[:, 0].double()
+    return (torch.bmm(u, prec_or_factor)[:, 0] * u[:, 0]).sum(-1).double()
+
+
+def _factors_ours(i: Inputs):
+    # PaDiM's factors as GaussianStats.factor computes them: float64, returned in float32
+    L, _ = torch.ops.distkern.whitening_factors(i["cov"], 0.0, False, torch.float32)
+    return _probe(i, L, True)
+
+
+def _factors_anomalib(i: Inputs):
+    # anomalib's MultiVariateGaussian: torch.linalg.inv of the float32 covariances
+    return _probe(i, torch.linalg.inv(i["cov32"]), False)
+
+
+def _factors_torch64(i: Inputs):
+    # the same factor in eager torch, float64: Cholesky of the reversed matrix, triangular solve, reversed back
+    c = torch.linalg.cholesky(i["cov"].flip(-2, -1))
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device).expand_as(c)
+    L = torch.linalg.solve_triangular(c, eye, upper=False).mT.flip(-2, -1).float()
+    return _probe(i, L, True)
+
+
+def _factors_cases() -> list[Case]:
+    out = []
+    for P, D, devs, quick, note in [(3136, 100, ("cpu", "cuda"), False, "resnet18 PaDiM: 3136 covariances"),
+                                    (128, 550, ("cpu",), False, "WRN50 channels, 128 of the 3136 (CPU time budget)"),
+                                    (3136, 550, ("cuda",), False, "WRN50 PaDiM: 7.6 GB of float64 covariances"),
+                                    (64, 48, ("cpu", "cuda"), True, "")]:
+        out.append(Case(
+            op="whitening_factors",
+            label=f"P={P} D={D} fp64 -> fp32",
+            params={"P": P, "D": D},
+            dtype=torch.float32,
+            setup=_factors_setup(P, D),
+            ours=_factors_ours,
+            baselines={"anomalib": _factors_anomalib, "torch-fp64": _factors_torch64},
+            bytes=P * D * D * (8 + 4),
+            flops=P * 2 * D ** 3 // 3,  # Cholesky D³/3 + triangular inverse D³/3, in float64
+            devices=devs,
+            quick=quick,
+            note=(note + "; " if note else "") + "float64 factors (FLOPs held against the fp32 matmul rate); "
+                 "compared through u_pᵀ Σ_p⁻¹ u_p, anomalib's float32 inverse giving the reference",
+        ))
+    return out
+
+
 def _align_cases() -> list[Case]:
     from .align_cases import align_cases
 
     return align_cases()
 
 
-_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases, _fit_cases, _ksum_cases,
-             _diffusion_cases, _align_cases]
+_FAMILIES = [_mahalanobis_cases, _mixture_cases, _positions_cases, _nearest_cases, _fit_cases, _factors_cases,
+             _ksum_cases, _diffusion_cases, _align_cases]
 
 
 def all_cases() -> list[Case]:
