@@ -579,8 +579,10 @@ class GaussianStats:
                dtype: torch.dtype | None = torch.float32, ddof: int = 0) -> torch.Tensor:
         """Whitening factor(s) ``L`` with ``(Σ + ridge·I)⁻¹ = L Lᵀ`` for :func:`distkern.mahalanobis`.
 
-        ``(D, D)`` or ``(K | P, D, D)`` lower-triangular, ``dtype`` (default float32), computed in
-        float64 by :func:`~distkern.gaussian.whitening_factor` from :meth:`covariance` (same arguments).
+        ``(D, D)`` or ``(K | P, D, D)`` lower-triangular, ``dtype`` (default float32; ``None``: float64),
+        computed in float64 by :func:`~distkern.gaussian.whitening_factor` from the estimate
+        :meth:`covariance` gives with the same ``estimator``, ``pooled`` and ``ddof`` (``ddof=1``: the
+        covariance divided by ``n − 1``, as PaDiM uses it), plus ``ridge`` on the diagonal.
 
         Memory: no ``(K | P, D, D)`` covariance is materialised beside the accumulators. The empirical
         estimate of groups that share one count (positions, or balanced classes) is read straight from
