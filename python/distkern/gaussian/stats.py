@@ -600,27 +600,27 @@ class GaussianStats:
             raise ValueError(f"GaussianStats.factor: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
         n = self._counts(pooled, "factor", ddof)
         if pooled or self.mode == "single":
-            return self._factor_of(lambda: self.covariance(estimator, pooled=pooled, ddof=ddof), estimator, 0,
+            return self._factor_of(self.covariance(estimator, pooled=pooled, ddof=ddof), estimator, 0,
                                    ridge=ridge, dtype=dtype, assume_symmetric=True)
         m = self._m
         if estimator == "empirical" and bool((n == n[0]).all()):
             # one call on the accumulators, each matrix symmetrised and scaled as the op loads it:
             # ((a + b)·0.5)·(1/n) has the bits of covariance()'s (a + b)·(0.5/n)
-            return self._factor_of(lambda: m.scatter, estimator, 0, ridge=ridge, dtype=dtype, assume_symmetric=False,
+            return self._factor_of(m.scatter, estimator, 0, ridge=ridge, dtype=dtype, assume_symmetric=False,
                                    scale=1.0 / (float(n[0]) - ddof))
         G, D = m.scatter.shape[0], m.scatter.shape[-1]
         out = torch.empty(G, D, D, dtype=dtype or torch.float64, device=m.scatter.device)
         step = max(1, _FACTOR_CHUNK_BYTES // (D * D * 8))
         for g0 in range(0, G, step):
             sl = slice(g0, g0 + step)
-            out[sl] = self._factor_of(lambda: self._estimate(estimator, False, "factor", ddof, sl)[0], estimator, g0,
+            out[sl] = self._factor_of(self._estimate(estimator, False, "factor", ddof, sl)[0], estimator, g0,
                                       ridge=ridge, dtype=dtype, assume_symmetric=True)
         return out
 
-    def _factor_of(self, matrices, estimator: str, offset: int, **kw) -> torch.Tensor:
-        """whitening_factor(matrices(), **kw), its NotPositiveDefiniteError naming the group (``offset`` + index)."""
+    def _factor_of(self, matrices: torch.Tensor, estimator: str, offset: int, **kw) -> torch.Tensor:
+        """whitening_factor(matrices, **kw), its NotPositiveDefiniteError naming the group (``offset`` + index)."""
         try:
-            return whitening_factor(matrices(), **kw)
+            return whitening_factor(matrices, **kw)
         except NotPositiveDefiniteError as e:
             index = (offset + e.index[0],) if e.index else e.index
             where = f" of {self._group_name} {index[0]}" if index else ""
