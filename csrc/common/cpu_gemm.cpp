@@ -345,6 +345,10 @@ const Kern kAvx2{kMR2, kNR2, kMicro2, kMicro2Pf, &gram_tile2, 6, 96, 2 * kMR2, 2
 // ap[k·mrs + r] = a[r·sam + k·sak] for r < mr, k < kc: a block of A, k-major with stride mrs (the
 // kernel's row tile), as the micro-kernel broadcasts it.
 void pack_a(const float* a, int64_t sam, int64_t sak, int mr, int mrs, int64_t kc, float* ap) {
+  if (sam == 1) {  // A's columns contiguous (A = Zᵀ): mr consecutive floats per k
+    for (int64_t k = 0; k < kc; ++k) std::memcpy(ap + k * mrs, a + k * sak, sizeof(float) * mr);
+    return;
+  }
   for (int r = 0; r < mr; ++r) {
     const float* src = a + r * sam;
     if (sak == 1) {

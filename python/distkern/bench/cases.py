@@ -596,7 +596,9 @@ def _fit_cases() -> list[Case]:
             flops=N * D * (D + 1) + 6 * N * D,
             devices=both,
             quick=quick,
-            note="GaussianStats(product_dtype=float32): float32 products of centred batches, float64 merging",
+            note="GaussianStats(product_dtype=float32): each batch's moments in one op (distkern.centred_moments: "
+                 "rows centred in float64 into an L2 tile, the scatter's upper triangle in float32 products), "
+                 "float64 merging",
         ))
     return out
 
