@@ -58,9 +58,9 @@ TORCH_LIBRARY(distkern, m) {
   m.def("whitening_factors(Tensor cov, float ridge=0., bool symmetrize=True, ScalarType? dtype=None, "
         "float scale=1.) -> (Tensor, Tensor)");
   // One batch's moments for a single Gaussian's streaming fit (csrc/mahalanobis/moments.cpp): x (N, D) →
-  // float64 (Σ x_i (D,), Σ z_i z_iᵀ (D, D), Σ s_i z_i (D,), Σ s_i² ()) for z_i = fp32(x_i − mean), s_i = ‖z_i‖²,
-  // the products in float32.
-  m.def("centred_moments(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
+  // float64 (Σ x_i (D,), Σ z_i z_iᵀ (D, D), Σ s_i z_i (D,), Σ s_i² ()) for z_i = x_i − mean (rounded to float32
+  // unless double_products), s_i = ‖z_i‖², the products in float32 (float64 with double_products).
+  m.def("centred_moments(Tensor x, bool double_products=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // Kernel sums: K(x, y) @ v without storing K. x (N, D), y (M, D), v (M, C) or None (ones:
   // returns (N,)); kernel ids and params in csrc/kernel_sum/kernel_math.h.
   m.def("kernel_matmul(Tensor x, Tensor y, Tensor? v, int kernel, float[] params) -> Tensor");

@@ -89,36 +89,18 @@ def _centred(x: torch.Tensor, mean: torch.Tensor, product_dtype: torch.dtype) ->
     return z
 
 
-def _dense_moments(x: torch.Tensor, product_dtype: torch.dtype = torch.float64,
-                   total: torch.Tensor | None = None) -> _Moments:
-    """Moments over dim 0 of ``x (B, 1, D)`` (any float dtype): one Gaussian, float64 products.
-
-    The mean is accumulated in float64; the batch is centred and its scatter formed with a matrix
-    product in ``product_dtype``, and everything is summed into float64 accumulators. ``total`` may
-    pass the float64 column sums when the caller has them already. (Float32 products:
-    :func:`_fp32_moments`; P positions: :func:`_merge_positions`.)"""
-    n = x.shape[0]
-    mean = (x.sum(0, dtype=torch.float64) if total is None else total) / n
-    z0 = _centred(x, mean, product_dtype)[:, 0]
-    s = (z0 * z0).sum(-1)  # (B,)
-    scatter = (z0.T @ z0).to(torch.float64)[None]
-    cubic = (s @ z0).to(torch.float64)[None]
-    s64 = s.to(torch.float64)
-    count = torch.full((1,), float(n), dtype=torch.float64, device=x.device)
-    return _Moments(count, mean, scatter, cubic, (s64 * s64).sum(0)[None])
-
-
-def _fp32_moments(x: torch.Tensor) -> tuple[torch.Tensor, _Moments]:
-    """``(column sums (D,), moments)`` of ``x (N, D)`` (any float dtype, N > 0) for one Gaussian with float32
-    products: ``distkern.centred_moments`` (csrc/mahalanobis/moments.cpp), which centres each row on the
-    float64 mean and rounds it once, with no temporary of the batch's size on the CPU."""
-    total, scatter, cubic, quartic = torch.ops.distkern.centred_moments(x)
+def _single_moments(x: torch.Tensor, product_dtype: torch.dtype) -> tuple[torch.Tensor, _Moments]:
+    """``(column sums (D,), moments)`` of ``x (N, D)`` (any float dtype, N > 0) for one Gaussian:
+    ``distkern.centred_moments`` (csrc/mahalanobis/moments.cpp), which centres each row on the float64 mean
+    (rounding it once to float32 for float32 products) and forms the products tile by tile, with no
+    temporary of the batch's size on the CPU."""
+    total, scatter, cubic, quartic = torch.ops.distkern.centred_moments(x, product_dtype == torch.float64)
     count = torch.full((1,), float(x.shape[0]), dtype=torch.float64, device=x.device)
     return total, _Moments(count, (total / x.shape[0])[None], scatter[None], cubic[None], quartic[None])
 
 
 @torch.library.register_fake("distkern::centred_moments")
-def _centred_moments_fake(x):
+def _centred_moments_fake(x, double_products=False):
     torch._check(x.dim() == 2, lambda: f"distkern.centred_moments: x must be (N, D); got {tuple(x.shape)}")
     D = x.shape[1]
     f64 = dict(dtype=torch.float64)
@@ -363,8 +345,8 @@ class GaussianStats:
         # A non-finite entry makes the batch's float64 column sums non-finite: check those D
         # values, and scan the rows (to name them) only then, instead of an isfinite pass per batch.
         xt, bm = None, None
-        if self.mode == "single" and self.product_dtype == torch.float32:
-            total, bm = _fp32_moments(x)  # the column sums and the batch's moments in one op
+        if self.mode == "single":
+            total, bm = _single_moments(x, self.product_dtype)  # the column sums and the batch's moments in one op
         elif self.mode == "positions" and self.product_dtype == torch.float64:
             # x laid out as (P, D, B) float64 first (one transposing pass, with room for _merge_positions'
             # extra column): the column sums and the centring then run along contiguous rows
@@ -398,8 +380,7 @@ class GaussianStats:
             if self.mode == "positions":
                 self._m = _merge_positions(self._m, x, self.product_dtype, total, xt)
             else:
-                if bm is None:
-                    bm = _dense_moments(x[:, None, :], self.product_dtype, total[None])
+                assert bm is not None
                 self._m = _merge(self._m, bm, inplace=True)
         self._batches += 1
         return self
