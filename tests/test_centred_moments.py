@@ -144,3 +144,19 @@ def test_stats_through_the_op(product_dtype, rtol, rng):
     with pytest.raises(ValueError, match=r"batch 4 contains inf or NaN in rows \[3\]"):
         st.update(bad)
     assert st.count == 3001
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("double_products", [False, True])
+def test_cuda_matches_cpu(double_products, rng):
+    """On CUDA the op is the ATen composition of the same formulas, and GaussianStats fits on the device."""
+    x = (torch.randn(5000, 200, generator=rng) * 2 + 50).to(torch.bfloat16)
+    for a, b in zip(OP(x.cuda(), double_products), OP(x, double_products)):
+        assert a.is_cuda and a.dtype == torch.float64
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    dtype = torch.float64 if double_products else torch.float32
+    st = GaussianStats(product_dtype=dtype)
+    for k in range(0, 5000, 1024):
+        st.update(x[k:k + 1024].cuda())
+    ref = GaussianStats(product_dtype=dtype).update(x)
+    torch.testing.assert_close(st.covariance().cpu(), ref.covariance(), rtol=1e-5, atol=1e-5)
