@@ -174,6 +174,54 @@ def test_classes_match_per_class_fits_and_pooled(rng):
     assert stats.factor("oas").shape == (K, d, d)
 
 
+@pytest.mark.parametrize("product_dtype", [torch.float64, torch.float32])
+def test_pooled_classes_keep_one_scatter(product_dtype, rng):
+    """GaussianStats(num_classes=K, pooled=True): counts, means and one within-class scatter; the shared
+    empirical / OAS covariance equals the full statistics' and scikit-learn's on the class-centred residuals,
+    whatever the splits (classes missing from batches, one never seen, a large offset)."""
+    K, d, n = 5, 6, 700
+    x = sample(n, d, rng, offset=1e4)
+    labels = torch.randint(0, K - 1, (n,), generator=rng)  # class K-1 never seen
+    labels[:3] = torch.tensor([0, 1, 2])
+    x = x + 5.0 * labels[:, None].double()
+    pooled, full = GaussianStats(num_classes=K, pooled=True, product_dtype=product_dtype), GaussianStats(num_classes=K)
+    for a, b in random_splits(n, rng):
+        pooled.update(x[a:b], labels[a:b])
+        full.update(x[a:b], labels[a:b])
+    assert pooled.state_dict()["scatter"].shape == (1, d, d)
+    assert torch.equal(pooled.count, full.count)
+    assert_close(pooled._m.mean[: K - 1], full._m.mean[: K - 1], 1e-13)
+    resid = torch.cat([x[labels == k] - x[labels == k].mean(0) for k in range(K - 1)])
+    rtol = 1e-6 if product_dtype == torch.float32 else 1e-12
+    for est in ("empirical", "oas"):
+        assert_close(pooled.covariance(est, pooled=True), full.covariance(est, pooled=True), rtol)
+        assert_close(pooled.covariance(est, pooled=True), sk_fit(est, resid.numpy()).covariance_, max(rtol, 1e-6))
+    assert_close(pooled.factor("oas", pooled=True, ridge=1e-6), full.factor("oas", pooled=True, ridge=1e-6), 1e-5)
+    # merge and the state round trip
+    a = GaussianStats(num_classes=K, pooled=True).update(x[:300], labels[:300])
+    a.merge(GaussianStats(num_classes=K, pooled=True).update(x[300:], labels[300:]))
+    assert_close(a.covariance(pooled=True), full.covariance(pooled=True), 1e-12)
+    b = GaussianStats.from_state_dict(a.state_dict())
+    assert b.pooled and torch.equal(b.covariance(pooled=True), a.covariance(pooled=True))
+    # what it cannot give, named
+    with pytest.raises(ValueError, match=r"keep the pooled within-class scatter only .*pass pooled=True"):
+        pooled.covariance()
+    with pytest.raises(ValueError, match=r"keep the pooled within-class scatter only"):
+        pooled.factor("oas")
+    with pytest.raises(ValueError, match=r"Ledoit-Wolf needs each class's fourth moments"):
+        pooled.factor("ledoit-wolf", pooled=True)
+    with pytest.raises(ValueError, match=r"layouts differ: classes x 5 \(pooled\) vs classes x 5"):
+        pooled.merge(full)
+    with pytest.raises(ValueError, match="give num_classes"):
+        GaussianStats(pooled=True)
+    with pytest.raises(TypeError, match="pooled must be a bool"):
+        GaussianStats(num_classes=3, pooled=1)
+    st = a.state_dict()
+    st["scatter"] = torch.zeros(K, d, d, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"scatter must be a tensor of shape \(1, 6, 6\)"):
+        GaussianStats.from_state_dict(st)
+
+
 def test_positions_match_per_position_fits(rng):
     B, P, d = 90, 5, 4
     x = torch.stack([sample(B, d, rng, offset=100.0 * p) for p in range(P)], 1)  # (B, P, D)
@@ -378,9 +426,12 @@ WORKER = textwrap.dedent("""
     single = GaussianStats()          # rank 1 sees no data and does not know D
     if rank == 0:
         single.update(x)
+    pooled = GaussianStats(num_classes=5, pooled=True).update(x[lo:hi], y[lo:hi])
     classes.all_reduce()
     single.all_reduce()
+    pooled.all_reduce()
     res = {f"classes.{k}": v for k, v in classes.state_dict().items() if isinstance(v, torch.Tensor)}
+    res["pooled.cov"] = pooled.covariance("oas", pooled=True)
     res |= {f"single.{k}": v for k, v in single.state_dict().items() if isinstance(v, torch.Tensor)}
     res["lw"] = classes.covariance("ledoit-wolf")
     save_file(res, f"{out}.{rank}")
@@ -406,6 +457,8 @@ def test_all_reduce_two_gloo_processes(rng, tmp_path, gloo_run):
     scale = ref["quartic"] ** 0.75 * ref["count"] ** 0.25
     assert ((r0["classes.cubic"] - ref["cubic"]).abs().amax(1) <= 1e-12 * scale).all()
     assert_close(r0["lw"], GaussianStats.from_state_dict(ref).covariance("ledoit-wolf"), 1e-12)
+    full = GaussianStats.from_state_dict(ref)
+    assert_close(r0["pooled.cov"], full.covariance("oas", pooled=True), 1e-12)
     ref1 = GaussianStats().update(x).state_dict()
     for k in ("count", "mean", "scatter", "cubic", "quartic"):
         assert torch.equal(r0[f"single.{k}"], ref1[k])  # merging an empty rank is exact

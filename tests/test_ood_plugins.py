@@ -142,6 +142,32 @@ def test_mahalanobis_streaming_fit_equals_tensor_fit(MahalanobisOOD, rng):
     torch.testing.assert_close(a.means, c.means, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("estimator,pooled", [("empirical", True), ("oas", True), ("ledoit-wolf", False)])
+def test_mahalanobis_keeps_one_scatter_unless_ledoit_wolf(MahalanobisOOD, rng, monkeypatch, estimator, pooled):
+    """The shared covariance needs one within-class scatter, not K (1000 classes at D = 2048: 34 MB, not 34 GB);
+    Ledoit-Wolf's fourth moments need each class's. Streaming with classes appearing late (K grows) gives the
+    same detector."""
+    import distkern_ood._common as common
+
+    made = []
+
+    class Spy(common.GaussianStats):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(common, "GaussianStats", Spy)
+    x, y, _, _ = _mixture(rng, dtype=torch.float64)
+    det = MahalanobisOOD(estimator=estimator).fit(x, y)
+    assert made and all(st.pooled == pooled for st in made)
+    order = torch.argsort(y, stable=True)
+    streamed = MahalanobisOOD(estimator=estimator).fit(iter([(x[order][i:i + 50], y[order][i:i + 50])
+                                                             for i in range(0, len(x), 50)]))
+    torch.testing.assert_close(streamed.factor, det.factor, rtol=1e-9, atol=1e-9)
+    if pooled:
+        assert made[0].state_dict()["scatter"].shape == (1, 16, 16)
+
+
 def test_mahalanobis_separates_ood_and_predicts(MahalanobisOOD, rng):
     train, y, means, A = _mixture(rng)
     det = MahalanobisOOD().fit(train, y)

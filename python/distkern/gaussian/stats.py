@@ -70,10 +70,13 @@ def _check_ddof(ddof, who: str) -> int:
     return ddof
 
 
-def _zeros(G: int, D: int, device: torch.device) -> _Moments:
+def _zeros(G: int, D: int, device: torch.device, S: int | None = None) -> _Moments:
+    """Empty accumulators of G groups; the scatter and the shrinkage moments of ``S`` (default G; 1 when only
+    the pooled scatter is kept)."""
     z = dict(dtype=torch.float64, device=device)
-    return _Moments(torch.zeros(G, **z), torch.zeros(G, D, **z), torch.zeros(G, D, D, **z),
-                    torch.zeros(G, D, **z), torch.zeros(G, **z))
+    S = G if S is None else S
+    return _Moments(torch.zeros(G, **z), torch.zeros(G, D, **z), torch.zeros(S, D, D, **z),
+                    torch.zeros(S, D, **z), torch.zeros(S, **z))
 
 
 def _centred(x: torch.Tensor, mean: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
@@ -120,6 +123,32 @@ def _grouped_moments(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     zs = z[torch.argsort(inverse, stable=True)]
     scatter = torch.stack([c.T @ c for c in zs.split(counts.tolist())])
     return present, _Moments(cnt, mean, scatter, cubic, quartic)
+
+
+def _class_moments(x: torch.Tensor, labels: torch.Tensor, product_dtype: torch.dtype):
+    """``(labels present (k,), counts (k,), means (k, D), pooled scatter (D, D))`` of ``x (N, D)`` float64: the
+    rows centred on their class's batch mean, and one product of them all."""
+    present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    cnt = counts.to(torch.float64)
+    mean = torch.zeros(present.numel(), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+    mean /= cnt[:, None]
+    z = (x - mean[inverse]).to(product_dtype)
+    return present, cnt, mean, (z.T @ z).to(torch.float64)
+
+
+def _merge_pooled(a: _Moments, present: torch.Tensor, nb: torch.Tensor, mb: torch.Tensor,
+                  sb: torch.Tensor) -> _Moments:
+    """Merge the classes ``present`` (counts ``nb``, means ``mb``) and their pooled scatter ``sb (D, D)`` into
+    pooled accumulators ``a`` (in place): per class Chan's ``M₂ᴬ + M₂ᴮ + n_A n_B/n · δδᵀ``, summed over the
+    classes, is ``a.scatter + sb + Wᵀ W`` with the rows of W ``√(n_A n_B / n) δ``."""
+    na, ma = a.count[present], a.mean[present]
+    n = na + nb
+    delta = mb - ma
+    w = delta * (na * nb / n).sqrt()[:, None]
+    a.scatter[0].add_(sb).addmm_(w.T, w)
+    a.count[present] = n
+    a.mean[present] = ma + (nb / n)[:, None] * delta
+    return a
 
 
 def _shift(cubic: torch.Tensor, quartic: torch.Tensor, n: torch.Tensor, e: torch.Tensor, Se: torch.Tensor,
@@ -248,7 +277,11 @@ class GaussianStats:
 
     * one Gaussian: ``GaussianStats()``; ``update(x)`` with ``x (N, D)``;
     * K classes: ``GaussianStats(num_classes=K)``; ``update(x, labels)`` with ``x (N, D)``
-      and integer ``labels (N,)`` in ``[0, K)``;
+      and integer ``labels (N,)`` in ``[0, K)``. With ``pooled=True`` only the class counts and
+      means and one within-class scatter ``Σ_k M₂_k`` are kept — ``D² + K·D`` floats instead of
+      ``K·D²`` (1000 classes at D = 2048: 34 MB instead of 34 GB) — for the shared covariance of
+      Lee et al.: :meth:`covariance` / :meth:`factor` then need ``pooled=True``, and Ledoit-Wolf,
+      whose fourth moments move with each class's own scatter, is not available (OAS is);
     * P positions: ``GaussianStats(num_positions=P)``; ``update(x)`` with ``x (B, P, D)`` (or
       a ``(B, D, H, W)`` feature map with ``H·W = P``): one Gaussian per position, PaDiM-style.
 
@@ -273,9 +306,13 @@ class GaussianStats:
 
     def __init__(self, num_features: int | None = None, *, num_classes: int | None = None,
                  num_positions: int | None = None, device: torch.device | str | None = None,
-                 product_dtype: torch.dtype = torch.float64) -> None:
+                 product_dtype: torch.dtype = torch.float64, pooled: bool = False) -> None:
         if num_classes is not None and num_positions is not None:
             raise ValueError("GaussianStats: give num_classes or num_positions, not both")
+        if not isinstance(pooled, bool):
+            raise TypeError(f"GaussianStats: pooled must be a bool; got {pooled!r}")
+        if pooled and num_classes is None:
+            raise ValueError("GaussianStats: pooled=True keeps one within-class scatter of K classes; give num_classes")
         for name, v in (("num_features", num_features), ("num_classes", num_classes), ("num_positions", num_positions)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"GaussianStats: {name} must be a positive int; got {v!r}")
@@ -285,11 +322,12 @@ class GaussianStats:
         self.mode: str = "classes" if num_classes is not None else "positions" if num_positions is not None else "single"
         self.num_groups: int = num_classes or num_positions or 1
         self.num_features: int | None = num_features
+        self.pooled: bool = pooled
         self._device = torch.device(device) if device is not None else None
         self._m: _Moments | None = None
         self._batches = 0
         if num_features is not None and self._device is not None:
-            self._m = _zeros(self.num_groups, num_features, self._device)
+            self._m = _zeros(self.num_groups, num_features, self._device, 1 if pooled else None)
 
     # ------------------------------------------------------------------ accumulation
     def _alloc(self, D: int, device: torch.device, who: str) -> None:
@@ -299,7 +337,7 @@ class GaussianStats:
             if self._device is not None and device != self._device:
                 raise ValueError(f"{who}: data is on {device} but the statistics were created for {self._device}")
             self.num_features, self._device = D, device
-            self._m = _zeros(self.num_groups, D, device)
+            self._m = _zeros(self.num_groups, D, device, 1 if self.pooled else None)
         elif device != self._device:
             raise ValueError(f"{who}: data is on {device} but the statistics accumulate on {self._device}; move the batch")
 
@@ -372,10 +410,13 @@ class GaussianStats:
                 rows = torch.nonzero(out)[:5, 0].tolist()
                 raise ValueError(f"{who}: batch {b}: labels must lie in [0, {self.num_groups}); rows {rows} have "
                                  f"{labels[rows].tolist()}")
-            idx, bm = _grouped_moments(x.to(torch.float64), labels)
-            merged = _merge(_Moments(*(t[idx] for t in self._m)), bm)
-            for acc, new in zip(self._m, merged):
-                acc[idx] = new
+            if self.pooled:
+                self._m = _merge_pooled(self._m, *_class_moments(x.to(torch.float64), labels, self.product_dtype))
+            else:
+                idx, bm = _grouped_moments(x.to(torch.float64), labels)
+                merged = _merge(_Moments(*(t[idx] for t in self._m)), bm)
+                for acc, new in zip(self._m, merged):
+                    acc[idx] = new
         else:
             if self.mode == "positions":
                 self._m = _merge_positions(self._m, x, self.product_dtype, total, xt)
@@ -408,17 +449,27 @@ class GaussianStats:
         """
         if not isinstance(other, GaussianStats):
             raise TypeError(f"GaussianStats.merge: expected a GaussianStats; got {type(other).__name__}")
-        if (other.mode, other.num_groups) != (self.mode, self.num_groups):
-            raise ValueError(f"GaussianStats.merge: layouts differ: {self.mode} x {self.num_groups} "
-                             f"vs {other.mode} x {other.num_groups}")
+        if (other.mode, other.num_groups, other.pooled) != (self.mode, self.num_groups, self.pooled):
+            raise ValueError(f"GaussianStats.merge: layouts differ: {self._layout} vs {other._layout}")
         if other._m is None:
             return self
         assert other.num_features is not None
         self._alloc(other.num_features, self._device or other.device, "GaussianStats.merge")
         assert self._m is not None
-        self._m = _merge(self._m, _Moments(*(t.to(self._device) for t in other._m)))
+        self._m = self._merge_moments(self._m, _Moments(*(t.to(self._device) for t in other._m)))
         self._batches += other._batches
         return self
+
+    @property
+    def _layout(self) -> str:
+        return f"{self.mode} x {self.num_groups}{' (pooled)' if self.pooled else ''}"
+
+    def _merge_moments(self, a: _Moments, b: _Moments) -> _Moments:
+        """``a`` merged with ``b`` (whole accumulators of this layout; ``a`` is overwritten when pooled)."""
+        if not self.pooled:
+            return _merge(a, b)
+        present = torch.nonzero(b.count > 0)[:, 0]
+        return _merge_pooled(a, present, b.count[present], b.mean[present], b.scatter[0])
 
     def all_reduce(self, group: Any = None) -> GaussianStats:
         """Merge the statistics of every rank of ``group``; every rank ends with the same totals.
@@ -435,14 +486,15 @@ class GaussianStats:
             raise RuntimeError("GaussianStats.all_reduce: torch.distributed is not initialised (call init_process_group)")
         world = dist.get_world_size(group)
         comm = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
-        header = torch.tensor([_MODES.index(self.mode), self.num_groups, self.num_features or 0], dtype=torch.int64, device=comm)
+        header = torch.tensor([_MODES.index(self.mode) + 4 * self.pooled, self.num_groups, self.num_features or 0],
+                              dtype=torch.int64, device=comm)
         headers = [torch.empty_like(header) for _ in range(world)]
         dist.all_gather(headers, header, group=group)
         hs = [tuple(int(v) for v in h.tolist()) for h in headers]
         dims = {h[2] for h in hs if h[2] > 0}
         if len({h[:2] for h in hs}) > 1 or len(dims) > 1:
             raise ValueError(f"GaussianStats.all_reduce: ranks disagree on (layout, groups, features): "
-                             f"{[(_MODES[h[0]], h[1], h[2] or None) for h in hs]}")
+                             f"{[(_MODES[h[0] % 4] + (' pooled' if h[0] >= 4 else ''), h[1], h[2] or None) for h in hs]}")
         if not dims:
             return self
         D, G = dims.pop(), self.num_groups
@@ -452,12 +504,13 @@ class GaussianStats:
         mine = torch.cat([t.reshape(-1) for t in self._m]).to(comm)
         parts = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(parts, mine, group=group)
-        sizes = [G, G * D, G * D * D, G * D, G]
-        shapes = [(G,), (G, D), (G, D, D), (G, D), (G,)]
+        S = 1 if self.pooled else G
+        sizes = [G, G * D, S * D * D, S * D, S]
+        shapes = [(G,), (G, D), (S, D, D), (S, D), (S,)]
         acc: _Moments | None = None
         for p in parts:
             m = _Moments(*(t.reshape(s).to(self._device) for t, s in zip(p.split(sizes), shapes)))
-            acc = m if acc is None else _merge(acc, m)
+            acc = m if acc is None else self._merge_moments(acc, m)
         self._m = acc
         return self
 
@@ -515,11 +568,23 @@ class GaussianStats:
                              f"ha{'ve' if len(few) > 1 else 's'} only {sorted({int(n[i]) for i in few})} sample(s)")
         return n
 
+    def _check_pooled(self, pooled: bool, estimator: str, who: str) -> None:
+        if not self.pooled:
+            return
+        if not pooled:
+            raise ValueError(f"GaussianStats.{who}: these statistics keep the pooled within-class scatter only "
+                             f"(GaussianStats(num_classes={self.num_groups}, pooled=True)); pass pooled=True")
+        if estimator == "ledoit-wolf":
+            raise ValueError(f"GaussianStats.{who}: Ledoit-Wolf needs each class's fourth moments, which move with "
+                             "each class's own scatter, and pooled=True keeps only their sum; use estimator='oas' or "
+                             "'empirical', or GaussianStats(num_classes=K) without pooled")
+
     def _estimate(self, estimator: str, pooled: bool, who: str, ddof: int = 0,
                   groups: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(covariance, shrinkage) of every group, or of ``groups`` (a slice) only."""
         if estimator not in _ESTIMATORS:
             raise ValueError(f"GaussianStats.{who}: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
+        self._check_pooled(pooled, estimator, who)
         n = self._counts(pooled, who, ddof)
         m = self._m
         if pooled:
@@ -596,6 +661,7 @@ class GaussianStats:
         ddof = _check_ddof(ddof, "GaussianStats.factor")
         if estimator not in _ESTIMATORS:
             raise ValueError(f"GaussianStats.factor: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
+        self._check_pooled(pooled, estimator, "factor")
         n = self._counts(pooled, "factor", ddof)
         if pooled or self.mode == "single":
             return self._factor_of(self.covariance(estimator, pooled=pooled, ddof=ddof), estimator, 0,
@@ -631,10 +697,10 @@ class GaussianStats:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """Plain state: float64 tensors ``count (G,)`` (int64), ``mean``, ``scatter``, ``cubic``, ``quartic``
-        (``G`` = 1, K or P) plus JSON-able ``format``, ``version``, ``mode``, ``num_groups``,
-        ``num_features``, ``batches``. Save the tensors with safetensors and the rest as JSON metadata."""
+        (``G`` = 1, K or P; the last three with a leading 1 when ``pooled``) plus JSON-able ``format``,
+        ``version``, ``mode``, ``num_groups``, ``num_features``, ``batches``, ``pooled``. Save the tensors with safetensors and the rest as JSON metadata."""
         state: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "mode": self.mode, "num_groups": self.num_groups,
-                                 "num_features": self.num_features, "batches": self._batches}
+                                 "num_features": self.num_features, "batches": self._batches, "pooled": self.pooled}
         if self._m is not None:
             state.update({k: t.clone() for k, t in zip(_TENSORS, self._m)})
             state["count"] = self._m.count.to(torch.int64)
@@ -655,12 +721,20 @@ class GaussianStats:
             raise ValueError(f"{who}: unknown mode {mode!r}")
         D = state.get("num_features")
         D = None if D in (None, "None", "") else int(D)
-        self = cls(D, num_classes=G if mode == "classes" else None, num_positions=G if mode == "positions" else None)
+        pooled = state.get("pooled", False)
+        if pooled not in (True, False, "True", "False", "true", "false"):
+            raise ValueError(f"{who}: pooled must be a bool; got {pooled!r}")
+        pooled = pooled in (True, "True", "true")
+        if pooled and mode != "classes":
+            raise ValueError(f"{who}: pooled statistics have mode 'classes'; got {mode!r}")
+        self = cls(D, num_classes=G if mode == "classes" else None, num_positions=G if mode == "positions" else None,
+                   pooled=pooled)
         self._batches = int(state.get("batches", 0))
         if "mean" in state:
             if D is None:
                 raise ValueError(f"{who}: tensors given but num_features is missing")
-            shapes = {"count": (G,), "mean": (G, D), "scatter": (G, D, D), "cubic": (G, D), "quartic": (G,)}
+            S = 1 if pooled else G
+            shapes = {"count": (G,), "mean": (G, D), "scatter": (S, D, D), "cubic": (S, D), "quartic": (S,)}
             ts = []
             for k in _TENSORS:
                 t = state[k]
@@ -676,6 +750,6 @@ class GaussianStats:
     def __repr__(self) -> str:
         n = self.count
         n_s = n if isinstance(n, int) else f"{int(n.sum())} (min {int(n.min())})"
-        return (f"GaussianStats(mode={self.mode}, groups={self.num_groups}, features={self.num_features}, "
-                f"count={n_s}, device={self._device})")
+        return (f"GaussianStats(mode={self.mode}, groups={self.num_groups}{', pooled' if self.pooled else ''}, "
+                f"features={self.num_features}, count={n_s}, device={self._device})")
 

@@ -91,7 +91,7 @@ def _grow(stats: GaussianStats, K: int) -> GaussianStats:
     G = st["num_groups"]
     if "mean" in st:
         pad = K - G
-        for k in ("count", "mean", "scatter", "cubic", "quartic"):
+        for k in ("count", "mean") if st["pooled"] else ("count", "mean", "scatter", "cubic", "quartic"):
             t = st[k]
             st[k] = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))])
     st["num_groups"] = K
@@ -99,10 +99,13 @@ def _grow(stats: GaussianStats, K: int) -> GaussianStats:
 
 
 def class_stats(who: str, features: Any, labels: Any, num_classes: Optional[int],
-                transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> GaussianStats:
+                transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                pooled: bool = False) -> GaussianStats:
     """Streaming float64 per-class statistics of ``features (N, D)`` + ``labels (N,)``, or of an
     iterable of ``(x, y)`` batches. Without ``num_classes`` the class count is ``max(label) + 1``
-    (growing as batches arrive). Every class in ``[0, K)`` must have a sample."""
+    (growing as batches arrive). Every class in ``[0, K)`` must have a sample. ``pooled``: keep one
+    within-class scatter instead of K (``GaussianStats(pooled=True)``: D² + K·D floats, not K·D² — at
+    ImageNet's 1000 classes and D = 2048, 34 MB instead of 34 GB), for every estimator but Ledoit-Wolf."""
     def batches():
         if isinstance(features, torch.Tensor):
             yield features, labels
@@ -135,7 +138,7 @@ def class_stats(who: str, features: Any, labels: Any, num_classes: Optional[int]
             y = y.to(x.device)
         K = num_classes if num_classes is not None else int(y.max()) + 1
         if stats is None:
-            stats = GaussianStats(num_classes=K)
+            stats = GaussianStats(num_classes=K, pooled=pooled)
         elif K > stats.num_groups:
             stats = _grow(stats, K)
         stats.update(transform(x) if transform is not None else x, y)

@@ -86,7 +86,8 @@ class ClassCenter:
         Returns ``self``. Errors as :meth:`MahalanobisOOD.fit <distkern_ood.mahalanobis.MahalanobisOOD.fit>`.
         """
         stats = class_stats(self.name, features, labels, self.num_classes,
-                            transform=self._normalize if self.normalize else None)
+                            transform=self._normalize if self.normalize else None,
+                            pooled=self.metric != "mahalanobis" or self.estimator != "ledoit-wolf")
         if self.metric == "mahalanobis":
             self.factor, self.shrinkage_ = shared_factor(self.name, stats, self.estimator, self.ridge)
         else:

@@ -89,7 +89,8 @@ class MahalanobisOOD:
         non-integer labels) and :class:`distkern.gaussian.NotPositiveDefiniteError` when
         Σ + ridge·I cannot be factorised.
         """
-        stats = class_stats(self.name, features, labels, self.num_classes)
+        # one within-class scatter, not K, unless Ledoit-Wolf needs each class's (its fourth moments)
+        stats = class_stats(self.name, features, labels, self.num_classes, pooled=self.estimator != "ledoit-wolf")
         factor, shrinkage = shared_factor(self.name, stats, self.estimator, self.ridge)
         self.means = stats.mean
         self.factor = factor
