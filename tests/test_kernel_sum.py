@@ -259,21 +259,44 @@ g = torch.Generator().manual_seed(0)
 x, y, v = torch.randn(50, 6, generator=g), torch.randn(90, 6, generator=g), torch.randn(90, 2, generator=g)
 lo, hi = (0, 70) if rank == 0 else (70, 90)   # uneven shards of y
 out = distkern.distributed.kernel_matmul(x, y[lo:hi], v[lo:hi], kernel="gaussian", bandwidth=[1.0, 2.0])
-torch.save(out, f"{path}.{rank}")
+# gradients: the same loss of the result on every rank; a third call where rank 1 holds no rows
+w = torch.randn(50, 2, generator=g)
+xg, yg, vg = x.clone().requires_grad_(), y[lo:hi].clone().requires_grad_(), v[lo:hi].clone().requires_grad_()
+res = distkern.distributed.kernel_matmul(xg, yg, vg, kernel="laplacian", bandwidth=2.0)
+(res * w).sum().backward()
+lo2, hi2 = (0, 90) if rank == 0 else (90, 90)
+xe = x.clone().requires_grad_()
+(distkern.distributed.kernel_matmul(xe, y[lo2:hi2], v[lo2:hi2], kernel="imq", bandwidth=1.5) * w).sum().backward()
+torch.save({"out": out, "res": res.detach(), "x": xg.grad, "y": yg.grad, "v": vg.grad, "x_empty": xe.grad},
+           f"{path}.{rank}")
 dist.destroy_process_group()
 """
 
 
 def test_sharded_y_two_gloo_processes(tmp_path, gloo_run):
+    """y split 70 / 20 (and 90 / 0) over two ranks: the one-process result on both, and its gradients — x's
+    (all-reduced in the backward) on both ranks, each rank's own rows of y's and v's."""
     gloo_run(_SHARD_WORKER, str(tmp_path / "out"))
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in range(2))
-    assert torch.equal(r0, r1)
+    for k in ("out", "res", "x", "x_empty"):
+        assert torch.equal(r0[k], r1[k]), k
     g = torch.Generator().manual_seed(0)
     x, y, v = torch.randn(50, 6, generator=g), torch.randn(90, 6, generator=g), torch.randn(90, 2, generator=g)
     single = kernel_matmul(x, y, v, kernel="gaussian", bandwidth=[1.0, 2.0])
     # float32 rounding of sums with cancellation: relative to Σ_j K_ij·|v_j|, not to the sum itself
     scale = kernel_matmul(x, y, v.abs(), kernel="gaussian", bandwidth=[1.0, 2.0])
-    assert ((r0 - single).abs() <= 1e-5 * scale).all()
+    assert ((r0["out"] - single).abs() <= 1e-5 * scale).all()
+    w = torch.randn(50, 2, generator=g)
+    xs, ys, vs = (t.double().requires_grad_() for t in (x, y, v))
+    res = kernel_matmul(xs, ys, vs, kernel="laplacian", bandwidth=2.0)
+    (res * w.double()).sum().backward()
+    torch.testing.assert_close(r0["res"].double(), res.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r0["x"].double(), xs.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r0["y"], r1["y"]]).double(), ys.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r0["v"], r1["v"]]).double(), vs.grad, rtol=1e-4, atol=1e-5)
+    xe = x.double().requires_grad_()
+    (kernel_matmul(xe, y.double(), v.double(), kernel="imq", bandwidth=1.5) * w.double()).sum().backward()
+    torch.testing.assert_close(r0["x_empty"].double(), xe.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_distributed_needs_init():
@@ -567,7 +590,7 @@ cases = {
     "x's rows differ": lambda: km(torch.randn(5 + rank, 3), torch.randn(4, 3), bandwidth=1.0),
     "v on one rank": lambda: km(x, torch.randn(4, 3), torch.randn(4, 2) if rank else None, bandwidth=1.0),
     "bad bandwidth, empty shard": lambda: km(x, torch.randn(4 * (1 - rank), 3), bandwidth=-1.0),
-    "requires grad": lambda: km(x.clone().requires_grad_(), torch.randn(4, 3), bandwidth=1.0),
+    "x requires grad on one rank": lambda: km(x.clone().requires_grad_(rank == 1), torch.randn(4, 3), bandwidth=1.0),
     "mmd2 D differs": lambda: mmd(torch.randn(4, 3 + rank), torch.randn(4, 3 + rank), bandwidth=1.0),
     "mmd2 dtype differs": lambda: mmd(torch.randn(4, 3, dtype=torch.float64 if rank else torch.float32),
                                       torch.randn(4, 3), bandwidth=1.0),
@@ -589,7 +612,8 @@ dist.destroy_process_group()
 def test_sharded_argument_errors_raise_on_every_rank(tmp_path, gloo_run):
     """Ranks that disagree, or one rank refusing its arguments, give the same clear error on every rank —
     they used to hang (a rank without rows skipped the checks and waited in all_reduce), abort the process
-    (gloo on mismatched sizes) or silently reduce different things; inputs requiring grad are refused."""
+    (gloo on mismatched sizes) or silently reduce different things; x requiring grad on some ranks only (its
+    backward all-reduces) is refused."""
     gloo_run(_SHARD_ERRORS_WORKER, str(tmp_path / "err"))
     r0, r1 = (torch.load(tmp_path / f"err.{r}") for r in range(2))
     for got in (r0, r1):
@@ -597,7 +621,7 @@ def test_sharded_argument_errors_raise_on_every_rank(tmp_path, gloo_run):
         assert "disagree on x's shape" in got["x's rows differ"]
         assert "disagree on v" in got["v on one rank"]
         assert got["bad bandwidth, empty shard"].startswith("ValueError")
-        assert "forward only" in got["requires grad"]
+        assert "disagree on x requires grad" in got["x requires grad on one rank"]
         assert "disagree on D" in got["mmd2 D differs"]
         assert "disagree on x's dtype" in got["mmd2 dtype differs"]
         assert got["mmd2 bad shards on one rank"].startswith("ValueError")  # rank 0: refused by rank 1

@@ -55,10 +55,14 @@ def kernel_matmul(x: torch.Tensor, y_local: torch.Tensor, v_local: torch.Tensor 
     Every rank passes the same ``x`` and its own rows ``y_local`` (``v_local``); the local sums
     are all-reduced, so every rank ends with the result one process would compute on the whole
     of ``y`` (up to the order of the float additions). Keyword arguments are those of
-    :func:`distkern.kernel_matmul`. Forward only: with grad mode on, inputs that require grad are refused
-    (the all-reduce is not differentiated, so a backward would see this rank's part only);
-    :func:`mmd2` has exact per-shard gradients. The ranks first check that they agree on x's shape, D,
-    the dtypes and v's columns, and all raise the same ``ValueError`` if one refuses its arguments.
+    :func:`distkern.kernel_matmul`. The ranks first check that they agree on x's shape, D, the dtypes,
+    v's columns and whether x requires grad, and all raise the same ``ValueError`` if one refuses its
+    arguments.
+
+    Differentiable, for a loss that every rank computes alike from the (replicated) result: each rank
+    gets the one-process gradient w.r.t. its ``y_local`` and ``v_local`` (no collective), and w.r.t.
+    ``x`` the sum over the ranks of their parts (one all-reduce in the backward, so every rank must run
+    it when x requires grad).
     """
     who = "distkern.distributed.kernel_matmul"
     dist = _require_dist("kernel_matmul")
@@ -74,26 +78,54 @@ def kernel_matmul(x: torch.Tensor, y_local: torch.Tensor, v_local: torch.Tensor 
                       **{k: w for k, w in kernel.items() if k != "kernel"})
     except (ValueError, TypeError) as e:
         error = e
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y_local, v_local))
+    x_grad = torch.is_grad_enabled() and x.requires_grad
     C = -1 if v_local is None else (0 if v_local.dim() <= 1 else v_local.shape[-1])
     _agree(dist, who, group, x.device, error, [  # (a 0-dim tensor was refused above; -1 keeps the header well formed)
         ("x's shape (rows)", x.shape[0] if x.dim() else -1), ("D", x.shape[-1] if x.dim() else -1),
         ("y's D", y_local.shape[-1] if y_local.dim() else -1),
         ("x's dtype", _dtype_code(x)), ("y's dtype", _dtype_code(y_local)), ("v (absent: -1, 1-D: 0, else C)", C),
-        ("inputs requiring grad", int(grad))])
-    if grad:
-        raise RuntimeError(f"{who}: forward only — the all-reduce is not differentiated, so a backward would "
-                           "see this rank's part of the sum only; call it under torch.no_grad() (or detach the "
-                           "inputs), or use distkern.distributed.mmd2, whose gradients are exact")
+        ("x requires grad", int(x_grad))])
 
-    if y_local.shape[0] == 0:  # a rank without rows still takes part in the reduction
+    if y_local.shape[0] == 0 and not x_grad:  # a rank without rows still takes part in the reduction
         C = v_local.shape[1] if v_local is not None and v_local.dim() == 2 else None
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        out = torch.zeros((x.shape[0], C) if C else (x.shape[0],), dtype=acc, device=x.device)
-    else:
-        out = _kernel_matmul(x, y_local, v_local, **kernel)
-    dist.all_reduce(out, group=group)
-    return out
+        part = torch.zeros((x.shape[0], C) if C else (x.shape[0],), dtype=acc, device=x.device)
+    else:  # (with x requiring grad even without rows: x's gradient is all-reduced in the backward)
+        part = _kernel_matmul(_XToShards.apply(x, group) if x_grad else x, y_local, v_local, **kernel)
+    if torch.is_grad_enabled() and part.requires_grad:
+        return _SumOfShards.apply(part, group)
+    dist.all_reduce(part, group=group)
+    return part
+
+
+class _XToShards(torch.autograd.Function):
+    """x as it is; its gradient summed over the ranks (each rank's part of the sum contributes one)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        _require_dist("kernel_matmul").all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _SumOfShards(torch.autograd.Function):
+    """The ranks' partial sums all-reduced; the gradient passes as it is (every rank's loss is the same
+    function of the same result, so each part's gradient is the result's)."""
+
+    @staticmethod
+    def forward(ctx, part, group):
+        out = part.clone()
+        _require_dist("kernel_matmul").all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
 
 
 def _require_dist(who: str):
