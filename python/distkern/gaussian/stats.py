@@ -215,7 +215,7 @@ def _batch_last(x: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-def _merge_positions(a: _Moments, x: torch.Tensor, product_dtype: torch.dtype, total: torch.Tensor,
+def _merge_positions(a: _Moments | None, x: torch.Tensor, product_dtype: torch.dtype, total: torch.Tensor,
                      xt: torch.Tensor | None) -> _Moments:
     """:func:`_merge` of the batch ``x (B, P, D)`` (column sums ``total (P, D)``, float64) into the
     accumulators ``a``, whose scatter is updated in place, without forming the batch's own. ``xt``: with
@@ -228,7 +228,10 @@ def _merge_positions(a: _Moments, x: torch.Tensor, product_dtype: torch.dtype, t
     a rank-1 float64 update), while the batch's ``M₂ e_B`` and ``tr M₂`` come from ``Z`` itself. Per
     batch: one read of ``M₂`` for ``M₂ e_A`` and one read-modify-write, where forming the batch's scatter
     and merging it took six (with the transposing copy in update(): 1.50 s → 0.23 s an update at B = 32,
-    P = 3136, D = 100, on 2 cores)."""
+    P = 3136, D = 100, on 2 cores).
+
+    ``a`` None (the first batch): the batch's own moments, its scatter written by the products themselves —
+    no zeroed accumulators to fill, shift and add into (a pass each over the P × D² float64)."""
     nb_int, P, D = x.shape
     mean_b = total / nb_int
     if xt is not None:  # float64: centred in the (P, D, B + 1) buffer, whose last column takes √c·δ
@@ -239,6 +242,17 @@ def _merge_positions(a: _Moments, x: torch.Tensor, product_dtype: torch.dtype, t
     sq64 = sq.to(torch.float64)
     cubic_b = torch.bmm(zt, sq[:, :, None])[..., 0].to(torch.float64)
     quartic_b = (sq64 * sq64).sum(1)
+    if a is None:
+        if xt is not None:
+            scatter = torch.bmm(zt, zt.transpose(1, 2))
+        else:
+            scatter = torch.empty(P, D, D, dtype=torch.float64, device=x.device)
+            step = max(1, (16 << 20) // (D * D * 4))
+            for p0 in range(0, P, step):
+                blk = zt[p0:p0 + step]
+                scatter[p0:p0 + step] = torch.bmm(blk, blk.transpose(1, 2))
+        count = torch.full((P,), float(nb_int), dtype=torch.float64, device=x.device)
+        return _Moments(count, mean_b, scatter, cubic_b, quartic_b)
     nb = torch.full_like(a.count, float(nb_int))
     delta = mean_b - a.mean
     n, safe, ea, eb = _shifts(a.count, nb, delta)
@@ -330,14 +344,17 @@ class GaussianStats:
             self._m = _zeros(self.num_groups, num_features, self._device, 1 if pooled else None)
 
     # ------------------------------------------------------------------ accumulation
-    def _alloc(self, D: int, device: torch.device, who: str) -> None:
+    def _alloc(self, D: int, device: torch.device, who: str, lazy: bool = False) -> None:
+        """Check D and the device; allocate zeroed accumulators on the first call (unless ``lazy``: the caller
+        then builds them from the batch)."""
         if self.num_features is not None and D != self.num_features:
             raise ValueError(f"{who}: expected {self.num_features} features (the last dimension); got {D}")
         if self._m is None:
             if self._device is not None and device != self._device:
                 raise ValueError(f"{who}: data is on {device} but the statistics were created for {self._device}")
             self.num_features, self._device = D, device
-            self._m = _zeros(self.num_groups, D, device, 1 if self.pooled else None)
+            if not lazy:
+                self._m = _zeros(self.num_groups, D, device, 1 if self.pooled else None)
         elif device != self._device:
             raise ValueError(f"{who}: data is on {device} but the statistics accumulate on {self._device}; move the batch")
 
@@ -376,7 +393,8 @@ class GaussianStats:
                 raise ValueError(f"{who}: labels must have shape ({x.shape[0]},) to match x; got {tuple(labels.shape)}")
         elif labels is not None:
             raise ValueError(f"{who}: labels are only accepted with num_classes (this is a {self.mode} GaussianStats)")
-        self._alloc(x.shape[-1], x.device, who)
+        # P positions build their accumulators from the first batch (_merge_positions)
+        self._alloc(x.shape[-1], x.device, who, lazy=self.mode == "positions" and x.shape[0] > 0)
         if x.shape[0] == 0:
             return self
         x = x.detach()  # statistics are not differentiable; never hold a graph
@@ -401,7 +419,7 @@ class GaussianStats:
                 raise ValueError(f"{who}: batch {b} has finite values whose column sums overflow float64 "
                                  f"(max |x| = {float(x.abs().max()):.3g}); rescale the features")
             raise ValueError(f"{who}: batch {b} contains inf or NaN in {what} {bad_s}{'...' if len(bad) == 5 else ''}")
-        assert self._m is not None
+        assert self._m is not None or self.mode == "positions"
         if self.mode == "classes":
             assert labels is not None
             labels = labels.to(device=x.device, dtype=torch.int64)
