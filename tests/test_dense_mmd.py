@@ -29,7 +29,7 @@ def test_dense_gram(n, K, layout, rng):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (13, 7, 33), (64, 128, 2048), (100, 50, 31), (12, 0, 5), (25, 300, 17),
-                                   (3, 600, 40), (5, 40, 1001)])
+                                   (3, 600, 40), (5, 40, 1001), (200, 64, 300), (500, 64, 100)])
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
 def test_dense_mm(M, K, N, ta, tb, rng):
     a = torch.randn(K, M, generator=rng).T if ta else torch.randn(M, K, generator=rng)
