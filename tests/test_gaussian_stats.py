@@ -222,6 +222,23 @@ def test_pooled_classes_keep_one_scatter(product_dtype, rng):
         GaussianStats.from_state_dict(st)
 
 
+def test_statistics_larger_than_memory_are_refused_with_what_to_do(monkeypatch):
+    """Zero-filling accumulators larger than the memory left would end in the kernel's OOM killer (the
+    allocation itself is overcommitted): refused before, with the way out for each layout."""
+    import distkern.gaussian.stats as S
+
+    monkeypatch.setattr(S, "_available_memory", lambda: 10 << 20)  # 10 MiB left
+    with pytest.raises(MemoryError, match=r"1000 classes × D = 64 need 33\.8 MB and 10\.5 MB are available; for a "
+                                          r"shared covariance .*GaussianStats\(num_classes=1000, pooled=True\) keeps "
+                                          r"one within-class scatter \(33 kB\)"):
+        GaussianStats(num_classes=1000).update(torch.randn(4, 64), torch.arange(4))
+    GaussianStats(num_classes=1000, pooled=True).update(torch.randn(4, 64), torch.arange(4))  # 0.5 MB: fits
+    with pytest.raises(MemoryError, match="keep fewer features"):
+        GaussianStats(64, num_positions=400, device="cpu")
+    monkeypatch.setattr(S, "_available_memory", lambda: None)  # not Linux: no check
+    GaussianStats(num_classes=1000).update(torch.randn(4, 64), torch.arange(4))
+
+
 def test_positions_match_per_position_fits(rng):
     B, P, d = 90, 5, 4
     x = torch.stack([sample(B, d, rng, offset=100.0 * p) for p in range(P)], 1)  # (B, P, D)

@@ -79,6 +79,38 @@ def _zeros(G: int, D: int, device: torch.device, S: int | None = None) -> _Momen
                     torch.zeros(S, D, **z), torch.zeros(S, **z))
 
 
+def _available_memory() -> int | None:
+    """Bytes that can still be allocated: Linux's ``MemAvailable`` plus free swap; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        return (kb["MemAvailable"] + kb.get("SwapFree", 0)) * 1024
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.0f} kB"
+
+
+def _check_fits(G: int, D: int, S: int, device: torch.device, mode: str, who: str) -> None:
+    """Refuse CPU accumulators larger than the memory left, with what to do instead: zero-filling them would
+    otherwise run until the kernel's OOM killer ends the process (Linux overcommits the allocation itself)."""
+    if device.type != "cpu":
+        return
+    need = 8 * (G + G * D + S * D * D + S * D + S)
+    avail = _available_memory()
+    if avail is None or need <= avail:
+        return
+    hint = {"classes": f"; for a shared covariance (Lee et al.) GaussianStats(num_classes={G}, pooled=True) keeps one "
+                       f"within-class scatter ({_size(8 * D * D)})",
+            "positions": "; keep fewer features (PaDiM's random channel selection) or fit on a GPU",
+            "single": ""}[mode]
+    what = {"classes": "classes", "positions": "positions", "single": "Gaussian"}[mode]
+    raise MemoryError(f"{who}: the float64 statistics of {G} {what} × D = {D} need {_size(need)} and "
+                      f"{_size(avail)} are available{hint}")
+
+
 def _centred(x: torch.Tensor, mean: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
     """``x (B, G, D)`` centred on its float64 batch ``mean (G, D)``, in ``product_dtype``."""
     if torch.finfo(x.dtype).eps < torch.finfo(product_dtype).eps:
@@ -341,7 +373,9 @@ class GaussianStats:
         self._m: _Moments | None = None
         self._batches = 0
         if num_features is not None and self._device is not None:
-            self._m = _zeros(self.num_groups, num_features, self._device, 1 if pooled else None)
+            S = 1 if pooled else self.num_groups
+            _check_fits(self.num_groups, num_features, S, self._device, self.mode, "GaussianStats")
+            self._m = _zeros(self.num_groups, num_features, self._device, S)
 
     # ------------------------------------------------------------------ accumulation
     def _alloc(self, D: int, device: torch.device, who: str, lazy: bool = False) -> None:
@@ -352,9 +386,11 @@ class GaussianStats:
         if self._m is None:
             if self._device is not None and device != self._device:
                 raise ValueError(f"{who}: data is on {device} but the statistics were created for {self._device}")
+            S = 1 if self.pooled else self.num_groups
+            _check_fits(self.num_groups, D, S, device, self.mode, who)
             self.num_features, self._device = D, device
             if not lazy:
-                self._m = _zeros(self.num_groups, D, device, 1 if self.pooled else None)
+                self._m = _zeros(self.num_groups, D, device, S)
         elif device != self._device:
             raise ValueError(f"{who}: data is on {device} but the statistics accumulate on {self._device}; move the batch")
 
