@@ -222,6 +222,29 @@ def test_pooled_classes_keep_one_scatter(product_dtype, rng):
         GaussianStats.from_state_dict(st)
 
 
+def test_classes_merge_a_chunk_of_classes_at_a_time(rng, monkeypatch):
+    """The present classes' scatters are formed, gathered, merged and written back ~64 MiB at a time (all at
+    once they doubled the accumulators' size transiently): chunks of 3 classes give the one-chunk result."""
+    import distkern.gaussian.stats as S
+
+    K, d, n = 11, 5, 400
+    x = sample(n, d, rng, offset=1e3)
+    y = torch.randint(0, K, (n,), generator=rng)
+    splits = random_splits(n, rng, max_batch=80)
+    one = GaussianStats(num_classes=K)
+    for a, b in splits:
+        one.update(x[a:b], y[a:b])
+    monkeypatch.setattr(S, "_FACTOR_CHUNK_BYTES", 3 * d * d * 8)
+    chunked = GaussianStats(num_classes=K)
+    for a, b in splits:
+        chunked.update(x[a:b], y[a:b])
+    a, b = chunked.state_dict(), one.state_dict()
+    for k in ("count", "mean", "scatter", "quartic"):
+        assert_close(a[k], b[k], 1e-13)
+    scale = b["quartic"] ** 0.75 * b["count"] ** 0.25  # Σ‖z‖²z: a signed sum far below its terms
+    assert ((a["cubic"] - b["cubic"]).abs().amax(1) <= 1e-12 * scale).all()
+
+
 def test_statistics_larger_than_memory_are_refused_with_what_to_do(monkeypatch):
     """Zero-filling accumulators larger than the memory left would end in the kernel's OOM killer (the
     allocation itself is overcommitted): refused before, with the way out for each layout."""
