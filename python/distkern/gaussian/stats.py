@@ -142,32 +142,35 @@ def _centred_moments_fake(x, double_products=False):
     return x.new_empty(D, **f64), x.new_empty(D, D, **f64), x.new_empty(D, **f64), x.new_empty((), **f64)
 
 
-def _grouped_moments(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, _Moments, list[torch.Tensor]]:
-    """Moments of ``x (N, D)`` float64 per label present: ``(labels present (k,), moments (k, ...), rows)``, the
-    moments' scatter left empty ``(k, 0, 0)``; ``rows[i]`` are class i's centred rows, from which the caller
-    forms the scatters a chunk of classes at a time (all k at once is k·D² float64: 3.4 GB for 100 classes at
-    D = 2048, twice the accumulators' size with the merge's copies)."""
+def _class_centred(x: torch.Tensor, labels: torch.Tensor):
+    """``(labels present (k,), inverse (N,), counts (k,) int64, counts float64, batch means (k, D), x − its class's
+    batch mean)`` for ``x (N, D)`` float64."""
     present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    k, D = present.numel(), x.shape[1]
     cnt = counts.to(torch.float64)
-    mean = torch.zeros(k, D, dtype=x.dtype, device=x.device).index_add_(0, inverse, x) / cnt[:, None]
-    z = x - mean[inverse]
+    mean = torch.zeros(present.numel(), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+    mean /= cnt[:, None]
+    return present, inverse, counts, cnt, mean, x - mean[inverse]
+
+
+def _grouped_moments(x: torch.Tensor, labels: torch.Tensor):
+    """Moments of ``x (N, D)`` float64 per label present, but the scatters: ``(labels present (k,), counts, means,
+    cubic, quartic, rows)`` with ``rows[i]`` class i's centred rows, from which the caller forms the scatters a
+    chunk of classes at a time (all k at once is k·D² float64: 3.4 GB for 100 classes at D = 2048, twice the
+    accumulators' size with the merge's copies)."""
+    present, inverse, counts, cnt, mean, z = _class_centred(x, labels)
+    k, D = present.numel(), x.shape[1]
     s = (z * z).sum(1)
     cubic = torch.zeros(k, D, dtype=x.dtype, device=x.device).index_add_(0, inverse, s[:, None] * z)
     quartic = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inverse, s * s)
-    zs = z[torch.argsort(inverse, stable=True)]
-    empty = x.new_empty(k, 0, 0)
-    return present, _Moments(cnt, mean, empty, cubic, quartic), list(zs.split(counts.tolist()))
+    rows = z[torch.argsort(inverse, stable=True)].split(counts.tolist())
+    return present, cnt, mean, cubic, quartic, rows
 
 
 def _class_moments(x: torch.Tensor, labels: torch.Tensor, product_dtype: torch.dtype):
     """``(labels present (k,), counts (k,), means (k, D), pooled scatter (D, D))`` of ``x (N, D)`` float64: the
     rows centred on their class's batch mean, and one product of them all."""
-    present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    cnt = counts.to(torch.float64)
-    mean = torch.zeros(present.numel(), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
-    mean /= cnt[:, None]
-    z = (x - mean[inverse]).to(product_dtype)
+    present, _, _, cnt, mean, z = _class_centred(x, labels)
+    z = z.to(product_dtype)
     return present, cnt, mean, (z.T @ z).to(torch.float64)
 
 
@@ -250,6 +253,21 @@ def _batch_last(x: torch.Tensor) -> torch.Tensor:
     return buf
 
 
+def _f32_products(zt: torch.Tensor, out: torch.Tensor, *, add: bool) -> torch.Tensor:
+    """``out (P, D, D)`` float64 ``=`` (or ``+=`` with ``add``) ``Z Zᵀ`` for ``zt (P, D, B)`` float32, ~16 MB of float32
+    products at a time; returns ``out``."""
+    D = zt.shape[1]
+    step = max(1, (16 << 20) // (D * D * 4))
+    for p0 in range(0, zt.shape[0], step):
+        blk = zt[p0:p0 + step]
+        prod = torch.bmm(blk, blk.transpose(1, 2))
+        if add:
+            out[p0:p0 + step].add_(prod)
+        else:
+            out[p0:p0 + step].copy_(prod)
+    return out
+
+
 def _merge_positions(a: _Moments | None, x: torch.Tensor, product_dtype: torch.dtype, total: torch.Tensor,
                      xt: torch.Tensor | None) -> _Moments:
     """:func:`_merge` of the batch ``x (B, P, D)`` (column sums ``total (P, D)``, float64) into the
@@ -281,11 +299,7 @@ def _merge_positions(a: _Moments | None, x: torch.Tensor, product_dtype: torch.d
         if xt is not None:
             scatter = torch.bmm(zt, zt.transpose(1, 2))
         else:
-            scatter = torch.empty(P, D, D, dtype=torch.float64, device=x.device)
-            step = max(1, (16 << 20) // (D * D * 4))
-            for p0 in range(0, P, step):
-                blk = zt[p0:p0 + step]
-                scatter[p0:p0 + step] = torch.bmm(blk, blk.transpose(1, 2))
+            scatter = _f32_products(zt, torch.empty(P, D, D, dtype=torch.float64, device=x.device), add=False)
         count = torch.full((P,), float(nb_int), dtype=torch.float64, device=x.device)
         return _Moments(count, mean_b, scatter, cubic_b, quartic_b)
     nb = torch.full_like(a.count, float(nb_int))
@@ -300,10 +314,7 @@ def _merge_positions(a: _Moments | None, x: torch.Tensor, product_dtype: torch.d
         xt[..., nb_int] = v
         a.scatter.baddbmm_(xt, xt.transpose(1, 2))
     else:
-        step = max(1, (16 << 20) // (zt.shape[1] * zt.shape[1] * 4))  # ~16 MB of float32 products at a time
-        for p0 in range(0, zt.shape[0], step):
-            blk = zt[p0:p0 + step]
-            a.scatter[p0:p0 + step].add_(torch.bmm(blk, blk.transpose(1, 2)))
+        _f32_products(zt, a.scatter, add=True)
         a.scatter.baddbmm_(v[:, :, None], v[:, None, :])
     return _Moments(n, a.mean + ea, a.scatter, sa[0] + sb[0], sa[1] + sb[1])
 
@@ -470,14 +481,13 @@ class GaussianStats:
             if self.pooled:
                 self._m = _merge_pooled(self._m, *_class_moments(x.to(torch.float64), labels, self.product_dtype))
             else:
-                idx, bm, rows = _grouped_moments(x.to(torch.float64), labels)
-                # the present classes' scatters gathered, merged and written back ~64 MiB at a time
+                idx, cnt, mean, cubic, quartic, rows = _grouped_moments(x.to(torch.float64), labels)
+                # the present classes' scatters formed, gathered, merged and written back ~64 MiB at a time
                 D = x.shape[1]
                 step = max(1, _FACTOR_CHUNK_BYTES // (D * D * 8))
                 for c0 in range(0, idx.numel(), step):
                     ii, sl = idx[c0:c0 + step], slice(c0, c0 + step)
-                    part = _Moments(bm.count[sl], bm.mean[sl], torch.stack([c.T @ c for c in rows[sl]]),
-                                    bm.cubic[sl], bm.quartic[sl])
+                    part = _Moments(cnt[sl], mean[sl], torch.stack([c.T @ c for c in rows[sl]]), cubic[sl], quartic[sl])
                     merged = _merge(_Moments(*(t[ii] for t in self._m)), part)
                     for acc, new in zip(self._m, merged):
                         acc[ii] = new
