@@ -57,6 +57,11 @@ TORCH_LIBRARY(distkern, m) {
   // of the leading minor that is not positive definite (L is then NaN on the CPU, undefined on CUDA).
   m.def("whitening_factors(Tensor cov, float ridge=0., bool symmetrize=True, ScalarType? dtype=None, "
         "float scale=1.) -> (Tensor, Tensor)");
+  // The same, consuming cov: its contents are undefined afterwards, and on the CPU the memory of each matrix
+  // that factorised goes back to the operating system as the op goes (GaussianStats.factor(release=True):
+  // PaDiM's factors then take the place of its scatter instead of adding to it).
+  m.def("whitening_factors_release_(Tensor(a!) cov, float ridge=0., bool symmetrize=True, ScalarType? dtype=None, "
+        "float scale=1.) -> (Tensor, Tensor)");
   // One batch's moments for a single Gaussian's streaming fit (csrc/mahalanobis/moments.cpp): x (N, D) →
   // float64 (Σ x_i (D,), Σ z_i z_iᵀ (D, D), Σ s_i z_i (D,), Σ s_i² ()) for z_i = x_i − mean (rounded to float32
   // unless double_products), s_i = ‖z_i‖², the products in float32 (float64 with double_products).

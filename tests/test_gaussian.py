@@ -84,8 +84,9 @@ def test_estimators_refuse_bad_data():
         ledoit_wolf(torch.ones(3))
 
 
-# 7, 150: rows / columns in fours and the rest; 257: LAPACK's Cholesky + the recursive inverse
-@pytest.mark.parametrize("D", [1, 2, 7, 100, 150, 257])
+# 1, 2, 7: the op's own Cholesky and inverse (rows / columns in fours and the rest); from 9: LAPACK's Cholesky
+# and the recursive inverse (9: one leaf; 100, 150: two levels; 257: three, leaves of 64 and 65 → 32 + 33)
+@pytest.mark.parametrize("D", [1, 2, 7, 9, 100, 150, 257])
 @pytest.mark.parametrize("symmetrize", [True, False])
 def test_whitening_factors_op(D, symmetrize, rng):
     """distkern.whitening_factors against float64 linear algebra: L lower-triangular, L Lᵀ = (½(Σ+Σᵀ) + ridge·I)⁻¹,
@@ -127,6 +128,44 @@ def test_whitening_factors_op(D, symmetrize, rng):
         torch.ops.distkern.whitening_factors(torch.zeros(2, 3, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="ridge"):
         torch.ops.distkern.whitening_factors(cov, -1.0)
+
+
+def test_whitening_factors_release(rng):
+    """whitening_factors_release_: the same bits as whitening_factors; cov is consumed — on Linux the pages
+    inside each matrix that factorised read as zeros afterwards (handed back to the OS), while a matrix that
+    failed keeps its contents for the caller's report; non-contiguous or float32 input (a copy is made)
+    leaves the caller's tensor as it was. whitening_factor(release=True) and opcheck of the mutating op."""
+    import sys
+
+    from distkern.gaussian import whitening_factor
+
+    G, D = 6, 100  # 80 KB a matrix: whole pages inside each
+    A = torch.randn(G, D, D + 4, generator=rng, dtype=torch.float64)
+    cov = A @ A.transpose(1, 2) / (D + 4)
+    cov[4, 10, 10] = -5.0
+    want, winfo = torch.ops.distkern.whitening_factors(cov, 0.0, True, torch.float32)
+    c = cov.clone()
+    L, info = torch.ops.distkern.whitening_factors_release_(c, 0.0, True, torch.float32)
+    assert torch.equal(info, winfo) and info.tolist()[4] > 0 and not info[[0, 1, 2, 3, 5]].any()
+    assert torch.equal(L[[0, 1, 2, 3, 5]], want[[0, 1, 2, 3, 5]]) and L[4].isnan().all()
+    assert torch.equal(c[4], cov[4])  # the failure is kept
+    if sys.platform.startswith("linux"):
+        assert not c[[0, 1, 2, 3, 5], 40:60].any()  # rows 40..59 lie on pages wholly inside each matrix
+    t = cov.transpose(1, 2)  # not contiguous: nothing released, same factors
+    assert torch.equal(torch.ops.distkern.whitening_factors_release_(t, 0.0, True, torch.float32)[0][:4], want[:4])
+    assert torch.equal(t, cov.transpose(1, 2))
+    c32 = cov[:4].float()
+    L32 = torch.ops.distkern.whitening_factors_release_(c32.clone(), 0.0, True, None)[0]
+    assert torch.equal(L32, torch.ops.distkern.whitening_factors(c32, 0.0, True, None)[0])
+    good = cov[[0, 1, 2, 3, 5]].clone()
+    assert torch.equal(whitening_factor(good.clone(), ridge=0.01, release=True),
+                       whitening_factor(good, ridge=0.01))
+    bad = cov.clone()
+    with pytest.raises(NotPositiveDefiniteError, match="batch index") as e:
+        whitening_factor(bad, release=True)
+    assert e.value.index == (4,) and e.value.min_eigenvalue < 0  # read from the kept matrix
+    torch.library.opcheck(torch.ops.distkern.whitening_factors_release_.default,
+                          (cov[:2].clone(), 0.01, True, torch.float32))
 
 
 @pytest.mark.cuda

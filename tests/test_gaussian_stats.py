@@ -630,6 +630,38 @@ def test_factor_from_the_accumulators_and_in_chunks(rng, monkeypatch):
         GaussianStats(num_positions=2).update(x[:2, :2]).covariance(ddof=2)
 
 
+def test_factor_release(rng):
+    """factor(release=True): the same factors as without, and the statistics emptied afterwards — on the
+    direct path (positions) and the chunked one (shrinkage), after success and after a failure (whose error
+    still names the position and its eigenvalue); a later update starts afresh; release must be a bool."""
+    B, P, d = 64, 5, 24
+    x = torch.randn(B, P, d, generator=rng) * 2.0 + 1.0
+    want = GaussianStats(num_positions=P).update(x).factor(ddof=1, ridge=0.01)
+    stats = GaussianStats(num_positions=P).update(x)
+    assert torch.equal(stats.factor(ddof=1, ridge=0.01, release=True), want)
+    for who in (lambda s: s.mean, lambda s: s.covariance(), lambda s: s.factor()):
+        with pytest.raises(ValueError, match=r"released by factor\(release=True\)"):
+            who(stats)
+    assert stats.count == 0
+    stats.update(x[:10]).update(x[10:])  # fit again
+    assert torch.equal(stats.factor(ddof=1, ridge=0.01), want)
+    lw = GaussianStats(num_positions=P).update(x)
+    want_lw = lw.factor("ledoit-wolf")
+    assert torch.equal(lw.factor("ledoit-wolf", release=True), want_lw)
+    with pytest.raises(ValueError, match="released"):
+        lw.mean
+    bad = x.clone()
+    bad[:, 3, 7] = 2.0  # position 3 singular
+    s = GaussianStats(num_positions=P).update(bad)
+    with pytest.raises(NotPositiveDefiniteError, match=r"position 3 is not positive definite \(smallest eigenvalue") as e:
+        s.factor(release=True)
+    assert e.value.index == (3,) and abs(e.value.min_eigenvalue) < 1e-6
+    with pytest.raises(ValueError, match="released"):
+        s.mean
+    with pytest.raises(TypeError, match="release must be a bool"):
+        GaussianStats(num_positions=P).update(x).factor(release=1)
+
+
 def test_whitening_factor_scale(rng):
     """whitening_factor(S, scale=c) factorises c·S (+ ridge): a scatter matrix with scale 1/n gives its
     covariance's factor; the op refuses scale <= 0 or non-finite, the wrapper non-numbers too."""

@@ -11,6 +11,7 @@
 // in parallel over the batch (at::parallel_for; LAPACK single-threaded inside each), the reversal folded into
 // the load and the store. Other devices run ATen calls on chunks of the batch (cuSOLVER batches each).
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -19,19 +20,34 @@
 #include <optional>
 #include <tuple>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #include "common/check.h"
 #include "common/cpu_reduce.h"
+
+// LAPACK's Cholesky and BLAS's trsm through ATen's own wrappers (declared for its builds with LAPACK / BLAS):
+// the integer ABI of the library torch links is then ATen's business, not ours.
+#if AT_BUILD_WITH_LAPACK() && AT_BUILD_WITH_BLAS()
+#include <ATen/native/BatchLinearAlgebra.h>
+#define DISTKERN_DIRECT_LAPACK 1
+#else
+#define DISTKERN_DIRECT_LAPACK 0
+#endif
 
 namespace distkern {
 namespace {
 
 constexpr const char* kOp = "distkern.whitening_factors";
-// Largest D factorised and inverted by the code below (D³/6 FMAs each, one matrix in cache); above it,
-// LAPACK's blocked Cholesky and a blocked triangular inverse through GEMMs (tri_inverse_t). Per matrix on one
-// core of the Zen 4 EPYC (AVX-512), this code / LAPACK + tri_inverse_t: D = 100 0.10 / 0.12 ms, 128 0.17 /
-// 0.22, 192 0.45 / 0.40, 256 0.96 / 1.04, 384 2.6 / 2.4, 550 7.4 / 7.2 (LAPACK's Cholesky alone 3.6 ms
-// there, 15 GFLOP/s; a 550³ GEMM runs at 37): even from 192 to 384, so the line stays where it was drawn.
-constexpr int64_t kOwnInverseMaxD = 192;
+// Largest D factorised and inverted by the code below alone (D³/6 FMAs each, one matrix in cache); above it,
+// LAPACK's Cholesky in place (ATen's wrapper of potrf, no copies) and tri_inverse_t. Per matrix on one core of
+// the Zen 4 EPYC (AVX-512; MKL takes its AVX2 code there), this code / LAPACK + tri_inverse_t: D = 4 0.27 /
+// 0.37 µs, 8 0.87 / 0.89, 16 3.2 / 2.5, 32 10.0 / 8.6, 64 43 / 38, 100 108 / 94, 192 450 / 365, 256 925 / 820,
+// 550 7150 / 5850 (LAPACK's Cholesky 2.6 ms there, ~21 GFLOP/s, the inverse 2.9 ms). Without LAPACK in the
+// torch build, this code at every D.
+constexpr int64_t kOwnInverseMaxD = 8;
 
 // xt (D×D, row-major, leading dimension ldx) = (c⁻¹)ᵀ for c lower-triangular (row-major, leading dimension
 // ldc; its strict upper triangle is not read): column j of the inverse, (c⁻¹)[i, j] = −c[i, j:i]·(c⁻¹)[j:i, j]
@@ -92,45 +108,72 @@ int32_t cholesky_lower(double* a, int64_t D) {
   return 0;
 }
 
-// xt ← (c⁻¹)ᵀ, upper-triangular, for c lower-triangular (n × n float64 views with unit column stride; c's
-// strict upper triangle must be 0, xt's strict lower triangle is left undefined). Recursive on halves, as
-// LAPACK's blocked trtri, in the transposed form: with c = [[A, 0], [B, C]], c⁻ᵀ = [[A⁻ᵀ, −A⁻ᵀ·Bᵀ·C⁻ᵀ], [0, C⁻ᵀ]],
-// the off-diagonal block by two GEMMs (Bᵀ a transposed operand, no copy); ~2n³/3 FLOPs where a solve
-// against the identity costs n³. Blocks of ≤ 64 by lower_inverse_t, in place.
-void tri_inverse_t(const at::Tensor& c, const at::Tensor& xt) {
-  const int64_t n = c.size(0);
-  if (n <= 64) {
-    lower_inverse_t(c.data_ptr<double>(), c.stride(0), n, xt.data_ptr<double>(), xt.stride(0));
+#if DISTKERN_DIRECT_LAPACK
+// Leaves of tri_inverse_t at most this order go to lower_inverse_t.
+constexpr int kTriLeaf = 64;
+
+// y (n × n, row-major, leading dimension ldy) ← (c⁻¹)ᵀ for c lower-triangular (row-major, leading dimension
+// ldc; its strict upper triangle is not read), y's strict lower triangle left undefined. In BLAS's
+// column-major terms c is U = cᵀ, upper, and y is Y = U⁻ᵀ, lower. Recursive on halves, as LAPACK's blocked
+// trtri: with U = [[U₁₁, U₁₂], [0, U₂₂]], U⁻ᵀ = [[U₁₁⁻ᵀ, 0], [−U₂₂⁻ᵀ·U₁₂ᵀ·U₁₁⁻ᵀ, U₂₂⁻ᵀ]]: the off-diagonal block is
+// −U₁₂ᵀ copied in place and solved against the two diagonal blocks of the factor (two trsm, h·m·(h + m)
+// FMAs / 2 — what the product with a triangle costs; n³/6 FMAs in all). The diagonal blocks recurse on the
+// factor alone, so nothing waits on an inverse. Blocks of ≤ kTriLeaf by lower_inverse_t.
+void tri_inverse_t(double* c, int ldc, int n, double* y, int ldy) {
+  if (n <= kTriLeaf) {
+    lower_inverse_t(c, ldc, n, y, ldy);
     return;
   }
-  const int64_t h = n / 2, m = n - h;
-  const at::Tensor xa = xt.narrow(0, 0, h).narrow(1, 0, h), xc = xt.narrow(0, h, m).narrow(1, h, m);
-  tri_inverse_t(c.narrow(0, 0, h).narrow(1, 0, h), xa);
-  tri_inverse_t(c.narrow(0, h, m).narrow(1, h, m), xc);
-  xt.narrow(0, h, m).narrow(1, 0, h).zero_();  // xa's own lower block, read by the GEMM of the level above
-  const at::Tensor t = at::mm(xa, c.narrow(0, h, m).narrow(1, 0, h).t());
-  at::Tensor x12 = xt.narrow(0, 0, h).narrow(1, h, m);
-  at::addmm_out(x12, x12, t, xc, /*beta=*/0, /*alpha=*/-1);
+  const int h = n / 2, m = n - h;
+  tri_inverse_t(c, ldc, h, y, ldy);
+  tri_inverse_t(c + h * ldc + h, ldc, m, y + h * ldy + h, ldy);
+  // row-major y[i, h + k] (i < h, k < m) is Y's block (h + k, i): Y₂₁ = −U₁₂ᵀ, U₁₂[i, k] = c's row-major
+  // entry [h + k, i], so y[i, h + k] = −c[h + k, i]
+  double* y21 = y + h;  // column-major Y₂₁: m × h, leading dimension ldy
+  for (int i = 0; i < h; ++i) {
+    double* yi = y + int64_t(i) * ldy + h;
+    for (int k = 0; k < m; ++k) yi[k] = -c[int64_t(h + k) * ldc + i];
+  }
+  // Y₂₁ ← U₂₂⁻ᵀ·Y₂₁, then Y₂₁ ← Y₂₁·U₁₁⁻ᵀ (U₂₂ at c + h·ldc + h, U₁₁ at c, both upper in column-major)
+  at::native::blasTriangularSolve<double>('L', 'U', 'T', 'N', m, h, c + int64_t(h) * ldc + h, ldc, y21, ldy);
+  at::native::blasTriangularSolve<double>('R', 'U', 'T', 'N', m, h, c, ldc, y21, ldy);
+}
+#endif
+
+// Hands the pages lying wholly inside [p, p + bytes) back to the operating system (their contents become
+// undefined: zeros on Linux, where this is madvise(MADV_DONTNEED); elsewhere nothing is done).
+void release_pages(const void* p, int64_t bytes) {
+#if defined(__linux__)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p), e = b + static_cast<uintptr_t>(bytes);
+  const uintptr_t lo = (b + page - 1) / page * page, hi = e / page * page;
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+#else
+  (void)p;
+  (void)bytes;
+#endif
 }
 
 // Factors of cov[g] for g in [g0, g1) on the CPU, one matrix at a time through two D×D scratch matrices of
-// this task: the reversed (symmetrised, loaded) covariance's lower triangle, its Cholesky factor C, xt = C⁻ᵀ,
-// and L = J C⁻ᵀ J written to out. D ≤ kOwnInverseMaxD: the Cholesky in place and the inverse by the code
-// above. Larger D: LAPACK's blocked Cholesky into a third scratch matrix and tri_inverse_t. No temporaries of
-// the batch, no flips or transposes through memory: the reversal is in the load and the store.
+// this task: the reversed (symmetrised, loaded) covariance's lower triangle, its Cholesky factor C (in place),
+// xt = C⁻ᵀ, and L = J C⁻ᵀ J written to out. D ≤ kOwnInverseMaxD: the Cholesky and the inverse by the code
+// above; larger D: LAPACK's Cholesky and tri_inverse_t. No temporaries of the batch, no flips or transposes
+// through memory: the reversal is in the load and the store. With `release` (cov contiguous), the pages lying
+// wholly inside a matrix that factorised go back to the operating system once it is loaded: PaDiM's factors
+// (3.8 GB at D = 550) then take the place of its scatter (7.6 GB) instead of adding to it. A matrix that
+// fails keeps its pages (the caller reads it to report its eigenvalues).
 template <typename out_t>
 void factor_range_cpu(const at::Tensor& cov, int64_t g0, int64_t g1, double ridge, bool symmetrize, double scale,
-                      at::Tensor& out, at::Tensor& info) {
+                      bool release, at::Tensor& out, at::Tensor& info) {
   const int64_t D = cov.size(-1);
   const int64_t s0 = cov.stride(0), s1 = cov.stride(1), s2 = cov.stride(2);
+#if DISTKERN_DIRECT_LAPACK
   const bool own = D <= kOwnInverseMaxD;
+#else
+  const bool own = true;
+#endif
   const at::TensorOptions f64 = cov.options();
   at::Tensor a = at::zeros({D, D}, f64), xt = at::empty({D, D}, f64);
-  at::Tensor chol, cinfo;
-  if (!own) {
-    chol = at::empty({D, D}, f64);
-    cinfo = at::empty({}, f64.dtype(at::kInt));
-  }
   double* ap = a.data_ptr<double>();
   const double* xp = xt.data_ptr<double>();
   int32_t* ip = info.data_ptr<int32_t>();
@@ -151,18 +194,26 @@ void factor_range_cpu(const at::Tensor& cov, int64_t g0, int64_t g1, double ridg
     if (own) {
       ip[g] = cholesky_lower(ap, D);
     } else {
-      at::linalg_cholesky_ex_out(chol, cinfo, a, /*upper=*/false, /*check_errors=*/false);
-      ip[g] = *cinfo.data_ptr<int32_t>();
+#if DISTKERN_DIRECT_LAPACK
+      // a's lower triangle (row-major) is the upper one in LAPACK's column-major terms: U with JΣJ = UᵀU, in
+      // place, is C = Uᵀ read row-major — the factor cholesky_lower computes
+      int info_g = 0;
+      at::native::lapackCholesky<double>('U', static_cast<int>(D), ap, static_cast<int>(D), &info_g);
+      ip[g] = info_g;
+#endif
     }
     out_t* o = op + g * D * D;
     if (ip[g] != 0) {  // undefined for this g (the caller raises): NaN, not stale memory
       for (int64_t k = 0; k < D * D; ++k) o[k] = static_cast<out_t>(NAN);
       continue;
     }
+    if (release) release_pages(c, D * D * int64_t(sizeof(double)));
     if (own) {
       lower_inverse_t(ap, D, D, xt.data_ptr<double>(), D);
     } else {
-      tri_inverse_t(chol, xt);
+#if DISTKERN_DIRECT_LAPACK
+      tri_inverse_t(ap, static_cast<int>(D), static_cast<int>(D), xt.data_ptr<double>(), static_cast<int>(D));
+#endif
     }
     // L[r, s] = C⁻¹[D−1−s, D−1−r] = xt[D−1−r, D−1−s] for s ≤ r (xt's upper triangle read backwards), 0 above
     for (int64_t r = 0; r < D; ++r) {
@@ -174,18 +225,20 @@ void factor_range_cpu(const at::Tensor& cov, int64_t g0, int64_t g1, double ridg
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> whitening_factors(const at::Tensor& cov_in, double ridge, bool symmetrize,
-                                                     std::optional<at::ScalarType> dtype, double scale) {
-  check_dim(kOp, "cov", cov_in, 3, "(G, D, D)");
-  check_float(kOp, "cov", cov_in);
-  TORCH_CHECK_VALUE(cov_in.size(1) == cov_in.size(2), kOp, ": cov must be (G, D, D) square matrices; got shape ",
+std::tuple<at::Tensor, at::Tensor> factors_impl(const char* op, const at::Tensor& cov_in, double ridge,
+                                                bool symmetrize, std::optional<at::ScalarType> dtype, double scale,
+                                                bool release) {
+  check_dim(op, "cov", cov_in, 3, "(G, D, D)");
+  check_float(op, "cov", cov_in);
+  TORCH_CHECK_VALUE(cov_in.size(1) == cov_in.size(2), op, ": cov must be (G, D, D) square matrices; got shape ",
                     shape_str(cov_in));
-  TORCH_CHECK_VALUE(ridge >= 0.0, kOp, ": ridge must be >= 0; got ", ridge);
-  TORCH_CHECK_VALUE(scale > 0.0 && std::isfinite(scale), kOp, ": scale must be finite and > 0; got ", scale);
+  TORCH_CHECK_VALUE(ridge >= 0.0, op, ": ridge must be >= 0; got ", ridge);
+  TORCH_CHECK_VALUE(scale > 0.0 && std::isfinite(scale), op, ": scale must be finite and > 0; got ", scale);
   const at::ScalarType out_t = dtype.value_or(at::kDouble);
-  TORCH_CHECK_TYPE(is_float_kind(out_t), kOp, ": dtype must be a floating type; got ", out_t);
-  const at::Tensor cov = cov_in.to(at::kDouble);
+  TORCH_CHECK_TYPE(is_float_kind(out_t), op, ": dtype must be a floating type; got ", out_t);
+  const at::Tensor cov = cov_in.to(at::kDouble);  // with release, a copy made here is released as well
   const int64_t G = cov.size(0), D = cov.size(1);
+  release = release && cov.is_contiguous();  // each matrix then spans its own D² doubles
   at::Tensor out = at::empty({G, D, D}, cov.options().dtype(out_t));
   at::Tensor info = at::empty({G}, cov.options().dtype(at::kInt));
   if (G == 0 || D == 0) {
@@ -214,10 +267,23 @@ std::tuple<at::Tensor, at::Tensor> whitening_factors(const at::Tensor& cov_in, d
   // in parallel over the matrices (LAPACK single-threaded inside each), every step on one matrix in cache
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "whitening_factors", [&] {
-      factor_range_cpu<scalar_t>(cov, g0, g1, ridge, symmetrize, scale, out, info);
+      factor_range_cpu<scalar_t>(cov, g0, g1, ridge, symmetrize, scale, release, out, info);
     });
   });
   return {out, info};
+}
+
+std::tuple<at::Tensor, at::Tensor> whitening_factors(const at::Tensor& cov, double ridge, bool symmetrize,
+                                                     std::optional<at::ScalarType> dtype, double scale) {
+  return factors_impl(kOp, cov, ridge, symmetrize, dtype, scale, /*release=*/false);
+}
+
+// The same factors; cov's contents are undefined afterwards. On the CPU, when cov is contiguous, the memory of
+// each matrix that factorised is handed back to the operating system as the op goes (see factor_range_cpu).
+std::tuple<at::Tensor, at::Tensor> whitening_factors_release(at::Tensor& cov, double ridge, bool symmetrize,
+                                                             std::optional<at::ScalarType> dtype, double scale) {
+  return factors_impl("distkern.whitening_factors_release_", cov, ridge, symmetrize, dtype, scale,
+                      /*release=*/true);
 }
 
 }  // namespace
@@ -225,4 +291,5 @@ std::tuple<at::Tensor, at::Tensor> whitening_factors(const at::Tensor& cov_in, d
 
 TORCH_LIBRARY_IMPL(distkern, CompositeExplicitAutograd, m) {
   m.impl("whitening_factors", &distkern::whitening_factors);
+  m.impl("whitening_factors_release_", &distkern::whitening_factors_release);
 }

@@ -32,7 +32,7 @@ class NotPositiveDefiniteError(ValueError):
 
 
 def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtype | None = torch.float32,
-                     assume_symmetric: bool = False, scale: float = 1.0) -> torch.Tensor:
+                     assume_symmetric: bool = False, scale: float = 1.0, release: bool = False) -> torch.Tensor:
     r"""Lower-triangular ``L`` with ``(scale·Σ + ridge·I)⁻¹ = L Lᵀ``, for :func:`distkern.mahalanobis`.
 
     Computed in float64 without forming the inverse: with ``J`` the reversal permutation and
@@ -48,6 +48,10 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
             transpose, a pass over all of it. Otherwise ``½(Σ + Σᵀ)`` is factorised.
         scale: ``Σ`` is multiplied by it (``> 0``) as it is loaded, e.g. ``1/n`` to factorise a scatter
             matrix ``Σ z zᵀ`` as the covariance it gives, without materialising that covariance.
+        release: ``cov`` is not needed afterwards, and its contents are then undefined. On the CPU
+            (Linux), with ``cov`` contiguous float64, the memory of each matrix that factorised goes back to
+            the operating system as soon as it is loaded, so the factors take the place of ``cov`` instead
+            of adding to it (``distkern.whitening_factors_release_``). A matrix that fails is kept as it was.
 
     Raises:
         NotPositiveDefiniteError: a covariance is not positive definite; the message names its
@@ -67,8 +71,9 @@ def whitening_factor(cov: torch.Tensor, *, ridge: float = 0.0, dtype: torch.dtyp
     D = c.shape[-1]
     batch = c.shape[:-2]
     # the factorisation itself: distkern's op (csrc/mahalanobis/factor.cpp), chunked and parallel on the CPU
-    L, info = torch.ops.distkern.whitening_factors(c.reshape(-1, D, D), ridge, not assume_symmetric,
-                                                  torch.float64 if dtype is None else dtype, float(scale))
+    op = torch.ops.distkern.whitening_factors_release_ if release else torch.ops.distkern.whitening_factors
+    L, info = op(c.reshape(-1, D, D), ridge, not assume_symmetric, torch.float64 if dtype is None else dtype,
+                 float(scale))
     bad = torch.nonzero(info > 0)
     if bad.numel():
         flat = int(bad[0, 0])
@@ -92,3 +97,8 @@ def _whitening_factors_fake(cov, ridge=0.0, symmetrize=True, dtype=None, scale=1
     torch._check(cov.dim() == 3 and cov.shape[1] == cov.shape[2],
                  lambda: f"distkern.whitening_factors: cov must be (G, D, D); got {tuple(cov.shape)}")
     return cov.new_empty(cov.shape, dtype=dtype or torch.float64), cov.new_empty(cov.shape[:1], dtype=torch.int32)
+
+
+@torch.library.register_fake("distkern::whitening_factors_release_")
+def _whitening_factors_release_fake(cov, ridge=0.0, symmetrize=True, dtype=None, scale=1.0):
+    return _whitening_factors_fake(cov, ridge, symmetrize, dtype, scale)

@@ -272,7 +272,8 @@ class PaDiM:
         level_channels, (H, W) = layout
         mean = stats.mean.to(torch.float32)
         # unbiased (ddof=1), as anomalib (torch / numpy cov); straight from the accumulators, no (P, D, D)
-        # covariance beside them (7.6 GB of float64 at P = 3136, D = 550)
+        # covariance beside them (7.6 GB of float64 at P = 3136, D = 550), and the accumulators released as
+        # they are read (the float32 factors, 3.8 GB there, take the scatter's place instead of adding to it)
         factor = self._factorise(stats, H, W)
         del stats
         # commit
@@ -482,7 +483,7 @@ class PaDiM:
 
     def _factorise(self, stats: GaussianStats, H: int, W: int) -> torch.Tensor:
         try:
-            return stats.factor("empirical", ridge=self.regularization, ddof=1, dtype=self.factor_dtype)
+            return stats.factor("empirical", ridge=self.regularization, ddof=1, dtype=self.factor_dtype, release=True)
         except NotPositiveDefiniteError as e:
             pos = e.index[0] if e.index else 0
             lam = e.min_eigenvalue if e.min_eigenvalue is not None else float("nan")
