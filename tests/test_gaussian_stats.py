@@ -662,6 +662,29 @@ def test_factor_release(rng):
         GaussianStats(num_positions=P).update(x).factor(release=1)
 
 
+def test_positions_batch_buffer_kept_between_updates(rng):
+    """The float64 positions path keeps its (P, D, B + 1) batch buffer from one update to the next (a smaller
+    batch takes its first elements, a larger one a new buffer), and drops it when the statistics are read:
+    the statistics are the same bits as with a fresh buffer every update, for both layouts of x."""
+    P, d = 6, 5
+    for embed in (False, True):
+        xs = [torch.randn(n, d, P, generator=rng).transpose(1, 2) if embed else torch.randn(n, P, d, generator=rng)
+              for n in (9, 4, 9, 12)]
+        kept, fresh = GaussianStats(num_positions=P), GaussianStats(num_positions=P)
+        ptrs = []
+        for x in xs:
+            kept.update(x)
+            ptrs.append(kept._scratch.data_ptr())
+            fresh.update(x)
+            fresh.mean  # a read drops the buffer
+            assert fresh._scratch is None
+        assert ptrs[0] == ptrs[1] == ptrs[2] != ptrs[3]
+        a, b = kept.state_dict(), fresh.state_dict()
+        assert kept._scratch is None
+        for k in ("count", "mean", "scatter", "cubic", "quartic"):
+            assert torch.equal(a[k], b[k]), k
+
+
 def test_whitening_factor_scale(rng):
     """whitening_factor(S, scale=c) factorises c·S (+ ridge): a scatter matrix with scale 1/n gives its
     covariance's factor; the op refuses scale <= 0 or non-finite, the wrapper non-numbers too."""

@@ -231,26 +231,36 @@ def _merge(a: _Moments, b: _Moments, *, inplace: bool = False) -> _Moments:
     return _Moments(n, a.mean + ea, scatter, sa[0] + sb[0], sa[1] + sb[1])
 
 
-def _batch_last(x: torch.Tensor) -> torch.Tensor:
+def _batch_last(x: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x (B, P, D)`` copied into float64 with the batch axis last: a ``(P, D, B + 1)`` view (the last
     column left for :func:`_merge_positions`) whose rows of ``B`` are contiguous. Where ``x`` is a
     ``(B, D, P)`` embedding seen as ``(B, P, D)`` (PaDiM's) or a contiguous ``(B, P, D)``, one 2-D
     transpose of ``(B, ·)`` into ``(·, B)`` (49 ms against 87 for the general 3-D permuted copy at
     B = 32, P = 3136, D = 100); the buffer is then ``(D, P, B + 1)`` or ``(P, D, B + 1)`` in memory, either
-    of which the batched products read in place."""
+    of which the batched products read in place. Returns that view and the 1-D buffer under it.
+
+    The buffer is the first elements of ``scratch`` (1-D) when that float64 tensor on ``x``'s device is
+    large enough (the previous batch's, kept by :class:`GaussianStats`), and then ``scratch`` is returned
+    as the buffer: a fresh one is new memory, whose first touch costs more than the copy (at P = 3136,
+    D = 550, B = 32: 441 MB, an update 1.97 → 1.33 s with it reused; D = 100: 0.15 → 0.13 s)."""
     B, P, D = x.shape
-    kw = dict(dtype=torch.float64, device=x.device)
+    n = P * D * (B + 1)
+    if scratch is not None and scratch.numel() >= n and scratch.device == x.device and scratch.dtype == torch.float64:
+        whole = scratch
+    else:
+        whole = torch.empty(n, dtype=torch.float64, device=x.device)
+    flat = whole[:n]
     if x.transpose(1, 2).is_contiguous():  # (B, D, P) in memory
-        buf = torch.empty(D * P, B + 1, **kw)
+        buf = flat.view(D * P, B + 1)
         buf[:, :B].copy_(x.transpose(1, 2).reshape(B, D * P).T)
-        return buf.view(D, P, B + 1).permute(1, 0, 2)
+        return buf.view(D, P, B + 1).permute(1, 0, 2), whole
     if x.is_contiguous():
-        buf = torch.empty(P * D, B + 1, **kw)
+        buf = flat.view(P * D, B + 1)
         buf[:, :B].copy_(x.reshape(B, P * D).T)
-        return buf.view(P, D, B + 1)
-    buf = torch.empty(P, D, B + 1, **kw)
+        return buf.view(P, D, B + 1), whole
+    buf = flat.view(P, D, B + 1)
     buf[..., :B].copy_(x.permute(1, 2, 0))
-    return buf
+    return buf, whole
 
 
 def _f32_products(zt: torch.Tensor, out: torch.Tensor, *, add: bool) -> torch.Tensor:
@@ -387,6 +397,9 @@ class GaussianStats:
         self._m: _Moments | None = None
         self._batches = 0
         self._released = False  # emptied by factor(release=True)
+        # the float64 positions path's (P, D, B + 1) batch buffer, kept from one update to the next
+        # (_batch_last); dropped when the statistics are read (_require) or saved
+        self._scratch: torch.Tensor | None = None
         if num_features is not None and self._device is not None:
             S = 1 if pooled else self.num_groups
             _check_fits(self.num_groups, num_features, S, self._device, self.mode, "GaussianStats")
@@ -457,7 +470,7 @@ class GaussianStats:
         elif self.mode == "positions" and self.product_dtype == torch.float64:
             # x laid out as (P, D, B) float64 first (one transposing pass, with room for _merge_positions'
             # extra column): the column sums and the centring then run along contiguous rows
-            xt = _batch_last(x)
+            xt, self._scratch = _batch_last(x, self._scratch)
             total = xt[..., :-1].sum(2)
         else:
             total = x.sum(0, dtype=torch.float64)
@@ -596,6 +609,7 @@ class GaussianStats:
         return self._device
 
     def _require(self, who: str) -> _Moments:
+        self._scratch = None  # updates are over, for now: the batch buffer goes
         if self._m is None:
             if self._released:
                 raise ValueError(f"GaussianStats.{who}: the statistics were released by factor(release=True); "
@@ -748,7 +762,7 @@ class GaussianStats:
         try:
             return self._factor(estimator, ridge, pooled, dtype, ddof, True)
         finally:
-            self._m, self._batches, self._released = None, 0, True
+            self._m, self._batches, self._released, self._scratch = None, 0, True, None
 
     def _factor(self, estimator, ridge, pooled, dtype, ddof, release: bool) -> torch.Tensor:
         ridge = check_ridge(ridge, "GaussianStats.factor")
@@ -793,6 +807,7 @@ class GaussianStats:
         """Plain state: float64 tensors ``count (G,)`` (int64), ``mean``, ``scatter``, ``cubic``, ``quartic``
         (``G`` = 1, K or P; the last three with a leading 1 when ``pooled``) plus JSON-able ``format``,
         ``version``, ``mode``, ``num_groups``, ``num_features``, ``batches``, ``pooled``. Save the tensors with safetensors and the rest as JSON metadata."""
+        self._scratch = None
         state: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "mode": self.mode, "num_groups": self.num_groups,
                                  "num_features": self.num_features, "batches": self._batches, "pooled": self.pooled}
         if self._m is not None:
