@@ -190,3 +190,6 @@ def test_whitening_factors_op_cuda(rng):
     Lc, ic = torch.ops.distkern.whitening_factors(S, 0.01, True, None, 1 / (D + 8))
     assert info.cpu().tolist() == ic.tolist() and ic[29] > 0 and not ic[:29].any()
     assert torch.allclose(L.cpu()[:29], Lc[:29], rtol=1e-9, atol=1e-9 * float(Lc[:29].abs().max()))
+    # the consuming variant on CUDA: the same factors (nothing is handed back there)
+    Lr, ir = torch.ops.distkern.whitening_factors_release_(S[:4].cuda(), 0.01, True, None, 1 / (D + 8))
+    assert torch.equal(ir, info[:4]) and torch.allclose(Lr, L[:4], rtol=1e-12, atol=1e-12 * float(Lc[:4].abs().max()))
