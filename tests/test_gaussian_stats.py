@@ -660,6 +660,11 @@ def test_factor_release(rng):
         s.mean
     with pytest.raises(TypeError, match="release must be a bool"):
         GaussianStats(num_positions=P).update(x).factor(release=1)
+    kept = GaussianStats(num_positions=P).update(x)  # a bad argument releases nothing
+    for bad_args in ({"estimator": "nope"}, {"ridge": -1.0}, {"ddof": -1}, {"dtype": torch.int32}):
+        with pytest.raises((TypeError, ValueError)):
+            kept.factor(release=True, **bad_args)
+    assert torch.equal(kept.factor(ddof=1, ridge=0.01, release=True), want)
 
 
 def test_positions_batch_buffer_kept_between_updates(rng):

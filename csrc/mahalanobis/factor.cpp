@@ -126,7 +126,7 @@ void tri_inverse_t(double* c, int ldc, int n, double* y, int ldy) {
   }
   const int h = n / 2, m = n - h;
   tri_inverse_t(c, ldc, h, y, ldy);
-  tri_inverse_t(c + h * ldc + h, ldc, m, y + h * ldy + h, ldy);
+  tri_inverse_t(c + int64_t(h) * ldc + h, ldc, m, y + int64_t(h) * ldy + h, ldy);
   // row-major y[i, h + k] (i < h, k < m) is Y's block (h + k, i): Y₂₁ = −U₁₂ᵀ, U₁₂[i, k] = c's row-major
   // entry [h + k, i], so y[i, h + k] = −c[h + k, i]
   double* y21 = y + h;  // column-major Y₂₁: m × h, leading dimension ldy
@@ -159,7 +159,7 @@ void release_pages(const void* p, int64_t bytes) {
 // xt = C⁻ᵀ, and L = J C⁻ᵀ J written to out. D ≤ kOwnInverseMaxD: the Cholesky and the inverse by the code
 // above; larger D: LAPACK's Cholesky and tri_inverse_t. No temporaries of the batch, no flips or transposes
 // through memory: the reversal is in the load and the store. With `release` (cov contiguous), the pages lying
-// wholly inside a matrix that factorised go back to the operating system once it is loaded: PaDiM's factors
+// wholly inside a matrix go back to the operating system once it has factorised: PaDiM's factors
 // (3.8 GB at D = 550) then take the place of its scatter (7.6 GB) instead of adding to it. A matrix that
 // fails keeps its pages (the caller reads it to report its eigenvalues).
 template <typename out_t>

@@ -755,22 +755,25 @@ class GaussianStats:
             NotPositiveDefiniteError: a covariance is not positive definite; the message names the
                 class / position and its smallest eigenvalue (pass ``ridge > 0`` or use shrinkage).
         """
+        # the arguments are checked before anything is released: a typo does not cost the statistics
         if not isinstance(release, bool):
             raise TypeError(f"GaussianStats.factor: release must be a bool; got {release!r}")
-        if not release:
-            return self._factor(estimator, ridge, pooled, dtype, ddof, False)
-        try:
-            return self._factor(estimator, ridge, pooled, dtype, ddof, True)
-        finally:
-            self._m, self._batches, self._released, self._scratch = None, 0, True, None
-
-    def _factor(self, estimator, ridge, pooled, dtype, ddof, release: bool) -> torch.Tensor:
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"GaussianStats.factor: dtype must be a floating dtype or None; got {dtype!r}")
         ridge = check_ridge(ridge, "GaussianStats.factor")
         ddof = _check_ddof(ddof, "GaussianStats.factor")
         if estimator not in _ESTIMATORS:
             raise ValueError(f"GaussianStats.factor: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
         self._check_pooled(pooled, estimator, "factor")
         n = self._counts(pooled, "factor", ddof)
+        if not release:
+            return self._factor(estimator, ridge, pooled, dtype, ddof, n, False)
+        try:
+            return self._factor(estimator, ridge, pooled, dtype, ddof, n, True)
+        finally:
+            self._m, self._batches, self._released, self._scratch = None, 0, True, None
+
+    def _factor(self, estimator, ridge, pooled, dtype, ddof, n: torch.Tensor, release: bool) -> torch.Tensor:
         if pooled or self.mode == "single":
             return self._factor_of(self.covariance(estimator, pooled=pooled, ddof=ddof), estimator, 0,
                                    ridge=ridge, dtype=dtype, assume_symmetric=True)
