@@ -108,7 +108,7 @@ class _XToShards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
+        g = g.clone(memory_format=torch.contiguous_format)  # one copy, contiguous, for the collective
         _require_dist("kernel_matmul").all_reduce(g, group=ctx.group)
         return g, None
 

@@ -766,12 +766,11 @@ class GaussianStats:
             raise ValueError(f"GaussianStats.factor: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
         self._check_pooled(pooled, estimator, "factor")
         n = self._counts(pooled, "factor", ddof)
-        if not release:
-            return self._factor(estimator, ridge, pooled, dtype, ddof, n, False)
         try:
-            return self._factor(estimator, ridge, pooled, dtype, ddof, n, True)
+            return self._factor(estimator, ridge, pooled, dtype, ddof, n, release)
         finally:
-            self._m, self._batches, self._released, self._scratch = None, 0, True, None
+            if release:
+                self._m, self._batches, self._released, self._scratch = None, 0, True, None
 
     def _factor(self, estimator, ridge, pooled, dtype, ddof, n: torch.Tensor, release: bool) -> torch.Tensor:
         if pooled or self.mode == "single":
