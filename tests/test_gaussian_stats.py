@@ -375,6 +375,66 @@ def test_state_dict_round_trip(rng, tmp_path):
         GaussianStats.from_state_dict(state | {"scatter": torch.zeros(3, 5, 5)})
 
 
+@pytest.mark.parametrize("mode", ["single", "classes", "positions", "positions-f32"])
+def test_without_fourth_moments(mode, rng):
+    """fourth_moments=False: the same counts, means and scatters (to the bit) and the same empirical / OAS /
+    ridge estimates as with them, over uneven batches; Ledoit-Wolf refused by name; the flag kept by
+    state_dict, by merge (with and without give without) and by repr."""
+    K, P, d, n = 3, 4, 5, 90
+    splits = random_splits(n, rng, max_batch=23)
+    if mode == "classes":
+        x, y = sample(n, d, rng, offset=1e3), torch.randint(0, K, (n,), generator=rng)
+        make = lambda fm: GaussianStats(num_classes=K, fourth_moments=fm)
+        batches = [(x[a:b], y[a:b]) for a, b in splits]
+    elif mode.startswith("positions"):
+        x = torch.stack([sample(n, d, rng, offset=1e2 * (p + 1)) for p in range(P)], 1)  # (n, P, d)
+        pd = torch.float32 if mode == "positions-f32" else torch.float64
+        make = lambda fm: GaussianStats(num_positions=P, product_dtype=pd, fourth_moments=fm)
+        batches = [(x[a:b], None) for a, b in splits]
+    else:
+        x = sample(n, d, rng, offset=1e3)
+        make = lambda fm: GaussianStats(fourth_moments=fm)
+        batches = [(x[a:b], None) for a, b in splits]
+    full, lean = make(True), make(False)
+    for xb, yb in batches:
+        full.update(xb, yb)
+        lean.update(xb, yb)
+    a, b = full.state_dict(), lean.state_dict()
+    assert b["fourth_moments"] is False and a["fourth_moments"] is True
+    for k in ("count", "mean", "scatter"):
+        assert torch.equal(a[k], b[k]), k
+    assert not b["cubic"].any() and not b["quartic"].any()
+    for est in ("empirical", "oas"):
+        assert torch.equal(full.covariance(est, ridge=0.1), lean.covariance(est, ridge=0.1))
+    assert torch.equal(full.factor(ridge=0.01), lean.factor(ridge=0.01))
+    for call in (lambda s: s.covariance("ledoit-wolf"), lambda s: s.shrinkage(), lambda s: s.factor("ledoit-wolf"),
+                 lambda s: s.factor("ledoit-wolf", release=True)):
+        with pytest.raises(ValueError, match=r"Ledoit-Wolf needs the fourth moments.*fourth_moments=False"):
+            call(lean)
+    assert lean.count == full.count if mode != "classes" else torch.equal(lean.count, full.count)
+    assert "fourth_moments=False" in repr(lean) and "fourth_moments" not in repr(full)
+    back = GaussianStats.from_state_dict(b | {"fourth_moments": "false"})
+    assert back.fourth_moments is False and torch.equal(back.covariance(), lean.covariance())
+    assert GaussianStats.from_state_dict({k: v for k, v in a.items() if k != "fourth_moments"}).fourth_moments
+    with pytest.raises(ValueError, match="fourth_moments must be a bool"):
+        GaussianStats.from_state_dict(b | {"fourth_moments": "maybe"})
+    with pytest.raises(TypeError, match="fourth_moments must be a bool"):
+        GaussianStats(fourth_moments=1)
+    # merging: with + without = without (the moments of one part alone would be wrong for the whole)
+    half = len(batches) // 2
+    first, second = make(True), make(False)
+    for xb, yb in batches[:half]:
+        first.update(xb, yb)
+    for xb, yb in batches[half:]:
+        second.update(xb, yb)
+    first.merge(second)
+    assert first.fourth_moments is False
+    assert_close(first.covariance("oas"), full.covariance("oas"), 1e-10)
+    with pytest.raises(ValueError, match="Ledoit-Wolf needs the fourth moments"):
+        first.covariance("ledoit-wolf")
+    assert make(False).merge(full).fourth_moments is False
+
+
 def test_errors_are_clear():
     s = GaussianStats()
     with pytest.raises(ValueError, match="no data yet"):
@@ -474,6 +534,16 @@ WORKER = textwrap.dedent("""
     res["pooled.cov"] = pooled.covariance("oas", pooled=True)
     res |= {f"single.{k}": v for k, v in single.state_dict().items() if isinstance(v, torch.Tensor)}
     res["lw"] = classes.covariance("ledoit-wolf")
+    # positions without the fourth moments, and ranks that disagree about keeping them
+    pos = GaussianStats(num_positions=3, fourth_moments=False).update(x[lo:hi, :6].reshape(-1, 3, 2))
+    pos.all_reduce()
+    res["positions.cov"] = pos.covariance("oas")
+    mixed = GaussianStats(fourth_moments=rank == 0).update(x[lo:hi])
+    try:
+        mixed.all_reduce()
+        raise SystemExit("all_reduce merged ranks with and without fourth moments")
+    except ValueError as e:
+        assert "without fourth moments" in str(e), e
     save_file(res, f"{out}.{rank}")
     dist.destroy_process_group()
 """)
@@ -502,6 +572,8 @@ def test_all_reduce_two_gloo_processes(rng, tmp_path, gloo_run):
     ref1 = GaussianStats().update(x).state_dict()
     for k in ("count", "mean", "scatter", "cubic", "quartic"):
         assert torch.equal(r0[f"single.{k}"], ref1[k])  # merging an empty rank is exact
+    pos = GaussianStats(num_positions=3).update(x[:, :6].reshape(-1, 3, 2))
+    assert_close(r0["positions.cov"], pos.covariance("oas"), 1e-12)
 
 
 # ------------------------------------------------------------------ PCA / NPCA

@@ -524,13 +524,13 @@ def fit_lowrank_gaussian(data, rank: int | None = None, *, energy: float | None 
     elif isinstance(data, torch.Tensor):
         if data.dim() < 2:
             raise ValueError(f"distkern.fit_lowrank_gaussian: data must be (N, ...) samples; got shape {tuple(data.shape)}")
-        stats = GaussianStats().update(data.reshape(data.shape[0], -1))
+        stats = GaussianStats(fourth_moments=False).update(data.reshape(data.shape[0], -1))
     else:
         def flat(b):  # a batch, or an (x, labels, ...) tuple from a DataLoader: its samples are x
             x = b[0] if isinstance(b, (tuple, list)) else b
             return x.reshape(x.shape[0], -1)
 
-        stats = GaussianStats().fit((flat(b) for b in data), progress=progress)
+        stats = GaussianStats(fourth_moments=False).fit((flat(b) for b in data), progress=progress)
     lam, U = eigendecomposition(stats.covariance())
     keep = lam > min_variance
     if energy is not None:

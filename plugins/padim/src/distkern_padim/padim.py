@@ -252,7 +252,9 @@ class PaDiM:
             if stats is None:
                 layout = self._layout(levels)
                 index = self._channel_index(layout[0])
-                stats = GaussianStats(num_positions=layout[1][0] * layout[1][1])
+                # empirical covariance + ridge, as anomalib: no fourth moments (only Ledoit-Wolf needs them), which
+                # spares each update a read of the P × D² float64 scatter (D = 550: 7.6 GB, ~40 % of an update)
+                stats = GaussianStats(num_positions=layout[1][0] * layout[1][1], fourth_moments=False)
                 selections = self._make_selections(index, layout[0], levels[0].device)
             else:
                 self._check_layout(levels, layout, "fit", f" (batch {b} differs from batch 0)")
