@@ -174,9 +174,9 @@ PYBIND11_MODULE(_C, m) {
         "1 distkern's tile kernels at every D, 2 cuBLAS panels at every D. For tests and benchmarks.");
   m.def("kernel_sum_schedule", &distkern::kernel_sum::schedule);
   m.def("set_mahalanobis_schedule", &distkern::mahalanobis::set_schedule,
-        "mahalanobis' CUDA forward schedule: 0 auto (the products by cuBLAS in bounded panels from D >= 512 "
-        "with float32 accumulation), 1 distkern's tile kernel, 2 cuBLAS panels wherever they apply. For tests "
-        "and benchmarks.");
+        "mahalanobis' and mahalanobis_pos' CUDA forward schedule: 0 auto (the products by cuBLAS in bounded "
+        "panels from D >= 512 with float32 accumulation; for mahalanobis_pos with float32 factors and B >= 16), "
+        "1 distkern's tile kernel, 2 cuBLAS panels wherever they apply. For tests and benchmarks.");
   m.def("mahalanobis_schedule", &distkern::mahalanobis::schedule);
   m.def("set_nearest_schedule", &distkern::nearest::set_schedule,
         "nearest_cosine's CUDA schedule: 0 auto (the products by cuBLAS in bounded panels from D >= 128 "

@@ -329,6 +329,48 @@ def test_mahalanobis_forward_panels(lib, N, D, R, lower, rows, block):
     assert (plan[0], plan[1]) == (100, 160)
 
 
+@pytest.mark.parametrize("B,P,D,R,lower,positions,block", [(5, 7, 70, 70, True, 3, 32), (3, 40, 33, 33, True, 40, 64),
+                                                              (4, 5, 40, 17, False, 2, 17), (1, 1, 1, 1, True, 1, 64)])
+def test_mahalanobis_positions_panels(lib, B, P, D, R, lower, positions, block):
+    """The per-position forward's Gram panels: the centring kernels (lanes along the features for a contiguous
+    (B, P, D); the shared-memory transpose for anomalib's (B, P, D) view of a (B, D, P) embedding, 32 positions
+    a block, with short tails) and the scattered sum of squares around a CPU batched GEMM — several panels
+    with a short last one, triangular factors in column blocks, general ones in one product, fp32 / bf16 / fp16
+    x, a non-finite entry; plus the plan and the automatic schedule's choice."""
+    g = torch.Generator().manual_seed(B + P + D + R + positions)
+    L = torch.stack([_factor(D, R, g, lower) for _ in range(P)])
+    mu = torch.randn(P, D, generator=g)
+    x = torch.randn(B, P, D, generator=g) + mu
+    if B * P > 2:
+        x[B - 1, P // 2, D // 3] = float("nan")
+    emb = x.permute(0, 2, 1).contiguous().permute(0, 2, 1)  # (B, P, D) view of a (B, D, P) embedding
+    for xd in (x, emb, x.bfloat16(), emb.half()):
+        out, calls, flops = torch.full((B, P), -1.0), I64(), I64()
+        _call(lib.emu_maha_pos_panels, INT(DT[xd.dtype]), _p(xd), I64(xd.stride(0)), I64(xd.stride(1)),
+              I64(xd.stride(2)), _p(mu), _p(L), _p(out), I64(B), I64(P), I64(D), I64(R), INT(lower), I64(positions),
+              I64(block), ctypes.byref(calls), ctypes.byref(flops))
+        ref = distkern.mahalanobis_pos(xd.double(), mu.double(), L.double(), lower=lower)
+        ok = torch.isfinite(ref)
+        assert out[~ok].isnan().all() and ok.sum() >= B * P - 1
+        assert _rel(out[ok], ref[ok]) < 2e-6, (xd.dtype, xd.stride())
+        panels, blocks = -(-P // positions), (-(-D // block) if lower else 1)
+        assert calls.value == panels * blocks
+        per_pos = sum(2 * B * min(block, D - c) * (D - c) for c in range(0, D, block)) if lower else 2 * B * D * R
+        assert flops.value == P * per_pos
+    plan = (I64 * 2)()
+    lib.emu_maha_pos_panel_plan(I64(32), I64(3136), I64(550), I64(550), INT(1), plan)
+    assert (plan[0], plan[1]) == ((1 << 23) // (32 * 550), 160)  # 32 MiB buffers: 476 positions a panel
+    lib.emu_maha_pos_panel_plan(I64(1 << 20), I64(10), I64(64), I64(64), INT(1), plan)
+    assert plan[0] == 1  # one position more than a buffer's worth: one position a panel
+    F32, BF16, F64 = DT[torch.float32], DT[torch.bfloat16], DT[torch.float64]
+    auto = lambda xt, ft, B, D, R: lib.emu_maha_use_pos_panels(INT(xt), INT(ft), I64(B), I64(D), I64(R), INT(0))
+    assert auto(F32, F32, 32, 550, 550) and auto(BF16, F32, 16, 512, 512)
+    assert not auto(F32, BF16, 32, 550, 550)  # 16-bit factors: the tile kernel reads them as they are
+    assert not auto(F32, F32, 32, 100, 100) and not auto(F32, F32, 8, 550, 550) and not auto(F64, F64, 32, 550, 550)
+    assert lib.emu_maha_use_pos_panels(INT(F32), INT(F32), I64(1), I64(8), I64(8), INT(2))  # forced
+    assert not lib.emu_maha_use_pos_panels(INT(F32), INT(F32), I64(32), I64(550), I64(550), INT(1))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reduce", [0, 1, 2])
 def test_mahalanobis_k_components(lib, mode, reduce):

@@ -4,6 +4,7 @@ import torch
 
 import distkern
 from distkern.gaussian import whitening_factor
+from cuda_refs import cuda_schedule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -108,8 +109,42 @@ def test_cuda_sanitizer_case_pos():
         means, cov, L = random_positions(P, D, g, "cuda")
         x = torch.randn(B, P, D, generator=g).to("cuda", torch.bfloat16)
         out = distkern.mahalanobis_pos(x, means.float(), L.to(torch.bfloat16).contiguous())
+        # the Gram panels (float32 factors), both centring kernels: contiguous x and an embedding's view
+        with cuda_schedule("mahalanobis", 2):
+            for xs in (x, x.permute(0, 2, 1).contiguous().permute(0, 2, 1)):
+                out2 = distkern.mahalanobis_pos(xs, means.float(), L.float().contiguous())
+                assert torch.isfinite(out2).all()
         torch.cuda.synchronize()
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("schedule", [0, 1, 2])  # automatic, the tile kernel, Gram panels (batched cuBLAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,P,D,lower", [(1, 1, 1, True), (32, 600, 520, True), (17, 40, 300, False),
+                                         (3, 70, 64, True)])
+def test_cuda_schedules_match_float64_per_position(schedule, dtype, B, P, D, lower, rng):
+    """mahalanobis_pos under each CUDA schedule against float64: anomalib's (B, P, D) view of a (B, D, P)
+    embedding (the panels' transposing centring) and a contiguous x, several panels (600 × 32 × 520 floats
+    exceed one 32 MiB buffer), triangular factors in column blocks, general (D, R) ones, a non-finite entry;
+    16-bit factors, which the panels leave to the tile kernel, under every schedule."""
+    means = torch.randn(P, D, generator=rng).cuda()
+    if lower:  # triangular factors with a dominant diagonal (P of them: no factorisation needed to make them)
+        W = (torch.randn(P, D, D, generator=rng) / D**0.5).tril() + torch.eye(D)
+    else:
+        W = torch.randn(P, D, D // 2 + 1, generator=rng) / D**0.5
+    x = (means + torch.randn(B, P, D, generator=rng).cuda()).to(dtype)
+    if B * P > 5:
+        x[B - 1, P // 3, D // 2] = float("nan")
+    for fdtype in (torch.float32, torch.bfloat16):
+        Wd = W.to(fdtype).contiguous().cuda()  # the reference uses the same (rounded) factors, in float64
+        z = torch.bmm((x.double() - means.double()).transpose(0, 1), Wd.double())  # (P, B, R)
+        ref = z.square().sum(-1).T
+        ok = torch.isfinite(ref)
+        for xs in (x, x.permute(0, 2, 1).contiguous().permute(0, 2, 1)):
+            with cuda_schedule("mahalanobis", schedule):
+                out = distkern.mahalanobis_pos(xs, means, Wd, lower=lower)
+            assert out[~ok].isnan().all() and rel(out[ok], ref[ok]) < 2e-5, (xs.stride(), fdtype)
 
 
 @pytest.mark.parametrize("fdtype", [torch.float32, torch.bfloat16, torch.float16])

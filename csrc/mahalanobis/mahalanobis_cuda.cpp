@@ -41,6 +41,23 @@ int panel_gemm(void* ctx, int64_t rows, int64_t k0, int64_t c0, int64_t cols) {
   return 0;
 }
 
+// The per-position panels' GEMMs (PosPanels): one batched product a column block, a position a batch entry, on
+// views of the buffers and of the factors in place (cuBLAS's strided-batched GEMM takes them as they are).
+struct PosPanelCtx {
+  at::Tensor xc, z, factors;  // positions × B × D, positions × B × R, P × D × R, float32
+  int64_t D;
+  cuda::MatMode mode;
+};
+
+int pos_panel_gemm(void* ctx, int64_t p0, int64_t n, int64_t k0, int64_t c0, int64_t cols) {
+  auto* c = static_cast<PosPanelCtx*>(ctx);
+  const CublasPrecisionGuard precision(c->mode);
+  at::Tensor Z = c->z.narrow(0, 0, n).narrow(2, c0, cols);
+  at::bmm_out(Z, c->xc.narrow(0, 0, n).narrow(2, k0, c->D - k0),
+              c->factors.narrow(0, p0, n).narrow(1, k0, c->D - k0).narrow(2, c0, cols));
+  return 0;
+}
+
 // out = ‖Wᵀ(x − mean)‖² (mean, factor: the accumulation type, contiguous; out: N values of it), by the tile
 // kernel or, at large D with float32 accumulation, by cuBLAS in bounded panels (FwdPanels,
 // mahalanobis_launch.h). The single-Gaussian op and the tied K-Gaussian ops' ‖z‖² term.
@@ -142,6 +159,20 @@ at::Tensor pos_cuda(const at::Tensor& x, const at::Tensor& means, const at::Tens
   PosInputs in = prepare_pos("distkern.mahalanobis_pos", x, means, factors, lower);
   at::Tensor out = at::empty({in.B, in.P}, x.options().dtype(in.acc));
   if (in.B == 0) return out;
+  const DType xt = to_dtype(x.scalar_type()), ft = to_dtype(factors.scalar_type());
+  if (use_pos_panels(xt, ft, in.B, in.D, in.R, static_cast<Schedule>(g_schedule.load(std::memory_order_relaxed)))) {
+    const PosPanelPlan plan = pos_panel_plan(in.B, in.P, in.D, in.R, lower);
+    const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+    PosPanelCtx ctx{at::empty({plan.positions, in.B, in.D}, f32), at::empty({plan.positions, in.B, in.R}, f32),
+                    factors, in.D, matmul_mode_for(x)};
+    at::Tensor guard = at::empty({plan.positions, in.B}, f32);
+    const PosPanels p{&pos_panel_gemm, &ctx, ctx.xc.data_ptr<float>(), ctx.z.data_ptr<float>(),
+                      guard.data_ptr<float>(), plan.positions, plan.block};
+    C10_CUDA_CHECK(launch_positions_panels(xt, x.data_ptr(), x.stride(0), x.stride(1), x.stride(2),
+                                           in.means.data_ptr<float>(), out.data_ptr<float>(), in.B, in.P, in.D, in.R,
+                                           lower, p, at::cuda::getCurrentCUDAStream()));
+    return out;
+  }
   C10_CUDA_CHECK(launch_positions(to_dtype(x.scalar_type()), to_dtype(factors.scalar_type()), x.data_ptr(),
                                   x.stride(0), x.stride(1), x.stride(2), in.means.data_ptr(),
                                   factors.data_ptr(), out.data_ptr(), in.B, in.P, in.D, in.R, lower,

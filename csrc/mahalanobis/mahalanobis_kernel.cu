@@ -438,28 +438,78 @@ cudaError_t positions_typed(const void* x, int64_t sb, int64_t sp, int64_t sd, c
   return launch<acc_t, S::template Epi>(B, D, R, tri, P, ppb, a, b, e, mode, stream);
 }
 
-// ---- Gram panels (launch_forward_panels) ---------------------------------------------------------------
+// ---- Gram panels (launch_forward_panels, launch_positions_panels) ----------------------------------------
 
-// xc = x − mean for a panel's rows (float32, rows × D) and each row's guard; one warp a row.
-constexpr int kPanelWarps = 8;
+constexpr int kPanelWarps = 8;  // warps a block of the panels' row kernels
+
+// The panels' rows, for both forwards: (position, image) pairs, position-major — row r = p·B + b of the panel
+// starting at position p0 holds x[b, p0 + p] (the single-Gaussian forward: one position, B = the panel's rows,
+// x from the panel's first row, sp = 0).
+
+// xc = x − means for a panel's rows (float32, rows × D) and each row's guard; one warp a row, lanes along the
+// features (for x whose features are close in memory: a contiguous (N, D) or (B, P, D)).
 template <typename T>
 __global__ void __launch_bounds__(kPanelWarps * 32)
-    center_rows_kernel(const T* __restrict__ x, int64_t sx0, int64_t sx1, const float* __restrict__ mean,
-                       float* __restrict__ xc, float* __restrict__ guard, int64_t rows, int64_t D) {
+    center_rows_kernel(const T* __restrict__ x, int64_t sb, int64_t sp, int64_t sd, const float* __restrict__ means,
+                       int64_t p0, int64_t B, int64_t D, float* __restrict__ xc, float* __restrict__ guard,
+                       int64_t rows) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kPanelWarps + threadIdx.x / 32;
   if (r >= rows) return;  // whole warps
+  const int64_t p = p0 + r / B, b = r % B;
+  const T* xr = x + b * sb + p * sp;
+  const float* mr = means + p * D;
   const int lane = threadIdx.x % 32;
   float g = 0;
 #pragma unroll 4
-  for (int64_t k = lane; k < D; k += 32) xc[r * D + k] = center(to_acc<float>(x[r * sx0 + k * sx1]), mean[k], g);
+  for (int64_t k = lane; k < D; k += 32) xc[r * D + k] = center(to_acc<float>(xr[k * sd]), mr[k], g);
   g = cuda::warp_sum(g);
   if (lane == 0) guard[r] = g;
 }
 
-// out = Σ z² + guard for a panel's rows; one warp a row, lanes along z's row, a fixed order of sums.
+// The same through a shared-memory transpose, for x whose positions are closer in memory than its features
+// (PaDiM's (B, P, D) view of a (B, D, H·W) embedding: positions contiguous, features H·W apart), where a warp
+// along the features would read one element per 32-byte sector. A block takes 32 positions of one image b,
+// 32 features at a time: lanes read along the positions, then write xc's rows along the features. 256 threads:
+// lane l of warp w reads features k0 + w + 8j (j < 4) at position l, and writes position w + 8j at feature
+// k0 + l; each row's guard is summed in registers over the k steps, then over the warp's lanes.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    center_pos_tiles_kernel(const T* __restrict__ x, int64_t sb, int64_t sp, int64_t sd,
+                            const float* __restrict__ means, int64_t p0, int64_t n, int64_t B, int64_t D,
+                            float* __restrict__ xc, float* __restrict__ guard) {
+  __shared__ float tile[32][33];  // [feature][position], padded: the column reads hit 32 banks
+  const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+  const int64_t pb = static_cast<int64_t>(blockIdx.x) * 32;  // first position of the block, within the panel
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    float g[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t k0 = 0; k0 < D; k0 += 32) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t k = k0 + w + 8 * j, p = pb + lane;
+        tile[w + 8 * j][lane] = (k < D && p < n) ? to_acc<float>(x[b * sb + (p0 + p) * sp + k * sd]) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t p = pb + w + 8 * j, k = k0 + lane;
+        if (k < D && p < n) xc[(p * B + b) * D + k] = center(tile[lane][w + 8 * j], means[(p0 + p) * D + k], g[j]);
+      }
+      __syncthreads();  // the tile is rewritten by the next k step
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float gs = cuda::warp_sum(g[j]);
+      const int64_t p = pb + w + 8 * j;
+      if (lane == 0 && p < n) guard[p * B + b] = gs;
+    }
+  }
+}
+
+// out[b·P + p0 + p] = Σ z² + guard for a panel's rows (the single-Gaussian forward: P = 1, out[r]); one warp a
+// row, lanes along z's row, a fixed order of sums.
 __global__ void __launch_bounds__(kPanelWarps * 32)
     sumsq_rows_kernel(const float* __restrict__ z, int64_t R, const float* __restrict__ guard,
-                      float* __restrict__ out, int64_t rows) {
+                      float* __restrict__ out, int64_t p0, int64_t B, int64_t P, int64_t rows) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kPanelWarps + threadIdx.x / 32;
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
@@ -467,7 +517,7 @@ __global__ void __launch_bounds__(kPanelWarps * 32)
 #pragma unroll 4
   for (int64_t k = lane; k < R; k += 32) s += z[r * R + k] * z[r * R + k];
   s = cuda::warp_sum(s);
-  if (lane == 0) out[r] = finish(s, guard[r]);
+  if (lane == 0) out[(r % B) * P + p0 + r / B] = finish(s, guard[r]);
 }
 
 template <typename T>
@@ -477,8 +527,8 @@ cudaError_t forward_panels_typed(const void* xv, int64_t sx0, int64_t sx1, const
   for (int64_t r0 = 0; r0 < N; r0 += p.rows) {
     const int64_t rows = N - r0 < p.rows ? N - r0 : p.rows;
     const unsigned blocks = static_cast<unsigned>((rows + kPanelWarps - 1) / kPanelWarps);
-    center_rows_kernel<T><<<blocks, kPanelWarps * 32, 0, stream>>>(x + r0 * sx0, sx0, sx1, mean, p.xc, p.guard,
-                                                                    rows, D);
+    center_rows_kernel<T><<<blocks, kPanelWarps * 32, 0, stream>>>(x + r0 * sx0, sx0, 0, sx1, mean, 0, rows, D, p.xc,
+                                                                    p.guard, rows);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     if (lower) {
@@ -487,7 +537,38 @@ cudaError_t forward_panels_typed(const void* xv, int64_t sx0, int64_t sx1, const
     } else if (p.gemm(p.ctx, rows, 0, 0, R) != 0) {
       return cudaErrorUnknown;
     }
-    sumsq_rows_kernel<<<blocks, kPanelWarps * 32, 0, stream>>>(p.z, R, p.guard, out + r0, rows);
+    sumsq_rows_kernel<<<blocks, kPanelWarps * 32, 0, stream>>>(p.z, R, p.guard, out + r0, 0, rows, 1, rows);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t positions_panels_typed(const void* xv, int64_t sb, int64_t sp, int64_t sd, const float* means,
+                                   float* out, int64_t B, int64_t P, int64_t D, int64_t R, bool lower,
+                                   const PosPanels& pp, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(xv);
+  const bool transpose = (sp < 0 ? -sp : sp) < (sd < 0 ? -sd : sd);
+  for (int64_t p0 = 0; p0 < P; p0 += pp.positions) {
+    const int64_t n = P - p0 < pp.positions ? P - p0 : pp.positions, rows = n * B;
+    const unsigned blocks = static_cast<unsigned>((rows + kPanelWarps - 1) / kPanelWarps);
+    if (transpose) {
+      const dim3 grid(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>(B < 65535 ? B : 65535));
+      center_pos_tiles_kernel<T><<<grid, 256, 0, stream>>>(x, sb, sp, sd, means, p0, n, B, D, pp.xc, pp.guard);
+    } else {
+      center_rows_kernel<T><<<blocks, kPanelWarps * 32, 0, stream>>>(x, sb, sp, sd, means, p0, B, D, pp.xc, pp.guard,
+                                                                      rows);
+    }
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    if (lower) {
+      for (int64_t c0 = 0; c0 < D; c0 += pp.block)
+        if (pp.gemm(pp.ctx, p0, n, c0, c0, D - c0 < pp.block ? D - c0 : pp.block) != 0) return cudaErrorUnknown;
+    } else if (pp.gemm(pp.ctx, p0, n, 0, 0, R) != 0) {
+      return cudaErrorUnknown;
+    }
+    sumsq_rows_kernel<<<blocks, kPanelWarps * 32, 0, stream>>>(pp.z, R, pp.guard, out, p0, B, P, rows);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -558,6 +639,23 @@ cudaError_t launch_forward_panels(DType xtype, const void* x, int64_t sx0, int64
     case DType::F32: return forward_panels_typed<float>(x, sx0, sx1, mean, out, N, D, R, lower, p, stream);
     case DType::F16: return forward_panels_typed<__half>(x, sx0, sx1, mean, out, N, D, R, lower, p, stream);
     case DType::BF16: return forward_panels_typed<__nv_bfloat16>(x, sx0, sx1, mean, out, N, D, R, lower, p, stream);
+    case DType::F64: break;  // float64 accumulates in double: the tile kernel
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_positions_panels(DType xtype, const void* x, int64_t sb, int64_t sp, int64_t sd,
+                                    const float* means, float* out, int64_t B, int64_t P, int64_t D, int64_t R,
+                                    bool lower, const PosPanels& p, cudaStream_t stream) {
+  if (B <= 0 || P <= 0) return cudaSuccess;
+  if (p.gemm == nullptr || p.xc == nullptr || p.z == nullptr || p.guard == nullptr || p.positions <= 0 ||
+      (lower && (p.block <= 0 || R != D)))
+    return cudaErrorInvalidValue;
+  switch (xtype) {
+    case DType::F32: return positions_panels_typed<float>(x, sb, sp, sd, means, out, B, P, D, R, lower, p, stream);
+    case DType::F16: return positions_panels_typed<__half>(x, sb, sp, sd, means, out, B, P, D, R, lower, p, stream);
+    case DType::BF16:
+      return positions_panels_typed<__nv_bfloat16>(x, sb, sp, sd, means, out, B, P, D, R, lower, p, stream);
     case DType::F64: break;  // float64 accumulates in double: the tile kernel
   }
   return cudaErrorInvalidValue;

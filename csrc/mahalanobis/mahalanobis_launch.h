@@ -115,5 +115,49 @@ cudaError_t launch_positions(DType xtype, DType ftype, const void* x, int64_t sb
                              int64_t B, int64_t P, int64_t D, int64_t R, bool lower,
                              cuda::MatMode mode, cudaStream_t stream);
 
+// Gram panels for the per-position forward (float32 factors and accumulation): per panel of `positions`
+// positions, a centring kernel writes xc[p][b] = x[b, p] − means[p] (float32, positions × B × D) and the rows'
+// guards, the caller's batched GEMMs (cuBLAS through ATen, one batch entry a position; a CPU loop in the
+// emulation tests) write z[p] = xc[p]·W_p into positions × B × R — for lower-triangular factors column block
+// by column block, each over the rows of W_p below its diagonal block, as FwdPanels — and a row kernel writes
+// out[b, p] = Σ z² + guard. anomalib's way is one batched GEMM against the full inverse; this one reads the
+// factors once, in place, at cuBLAS's rate, and skips their zero blocks. (The tile kernel, which reads them
+// once too, ran at 13 % of the H200's copy bandwidth at P = 3136, D = 550: 0.79× anomalib.)
+struct PosPanels {
+  // Z[0 : n, :, c0 : c0 + cols] = XC[0 : n, :, k0 : D] · W[p0 : p0 + n, k0 : D, c0 : c0 + cols] (batched over
+  // the n positions of the panel starting at p0) into the buffers below; returns 0 on success.
+  int (*gemm)(void* ctx, int64_t p0, int64_t n, int64_t k0, int64_t c0, int64_t cols);
+  void* ctx;
+  float* xc;          // positions × B × D
+  float* z;           // positions × B × R
+  float* guard;       // positions × B
+  int64_t positions;  // positions of a panel
+  int64_t block;      // columns of a block of lower-triangular factors
+};
+constexpr int64_t kPosPanelMinB = 16;  // fewer rows than that per position: matrix-vector products, the tile kernel
+// The per-position forward's CUDA schedule (set_mahalanobis_schedule, shared with the single-Gaussian forward):
+// automatic — panels for float32 factors from D ≥ kPanelMinD with R ≥ 128 and B ≥ kPosPanelMinB, else the
+// tile kernel (which also serves 16-bit factors, read as they are) — or one forced where it applies.
+inline bool use_pos_panels(DType xtype, DType ftype, int64_t B, int64_t D, int64_t R, Schedule s) {
+  if (xtype == DType::F64 || ftype != DType::F32 || s == Schedule::Tiles) return false;
+  return s == Schedule::Gram || (D >= kPanelMinD && R >= 128 && B >= kPosPanelMinB);
+}
+struct PosPanelPlan {
+  int64_t positions, block;
+};
+inline PosPanelPlan pos_panel_plan(int64_t B, int64_t P, int64_t D, int64_t R, bool lower) {
+  const int64_t width = D > R ? D : R;
+  int64_t n = kPanelFloats / (B * width);  // a buffer of kPanelFloats at most, unless one position exceeds it
+  n = n < 1 ? 1 : n;
+  n = n > P ? P : n;
+  return {n, panel_plan(B, D, R, lower).block};
+}
+
+// out[b·P + p] = ‖W_pᵀ(x[b, p] − means[p])‖² through the panels (means float32 P×D, out float32 B×P; the
+// factors are the caller's).
+cudaError_t launch_positions_panels(DType xtype, const void* x, int64_t sb, int64_t sp, int64_t sd,
+                                    const float* means, float* out, int64_t B, int64_t P, int64_t D, int64_t R,
+                                    bool lower, const PosPanels& p, cudaStream_t stream);
+
 }  // namespace mahalanobis
 }  // namespace distkern

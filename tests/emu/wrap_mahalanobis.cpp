@@ -94,3 +94,60 @@ extern "C" void emu_maha_panel_plan(int64_t N, int64_t D, int64_t R, int lower, 
   plan[0] = pl.rows;
   plan[1] = pl.block;
 }
+
+namespace {
+
+struct CpuPosPanels {
+  const float* factors;  // P × D × R
+  float* xc;             // positions × B × D
+  float* z;              // positions × B × R
+  int64_t B, D, R;
+  int64_t calls = 0, flops = 0;
+};
+
+// Z[p, :, c0 : c0 + cols] = XC[p, :, k0 : D] · W[p0 + p, k0 : D, c0 : c0 + cols] for p < n, summed in double
+int cpu_pos_panel_gemm(void* ctx, int64_t p0, int64_t n, int64_t k0, int64_t c0, int64_t cols) {
+  auto* c = static_cast<CpuPosPanels*>(ctx);
+  ++c->calls;
+  c->flops += 2 * n * c->B * cols * (c->D - k0);
+  for (int64_t p = 0; p < n; ++p) {
+    const float* w = c->factors + (p0 + p) * c->D * c->R;
+    for (int64_t i = 0; i < c->B; ++i)
+      for (int64_t j = c0; j < c0 + cols; ++j) {
+        double s = 0.0;
+        for (int64_t k = k0; k < c->D; ++k) s += double(c->xc[(p * c->B + i) * c->D + k]) * w[k * c->R + j];
+        c->z[(p * c->B + i) * c->R + j] = static_cast<float>(s);
+      }
+  }
+  return 0;
+}
+
+}  // namespace
+
+// The per-position forward's Gram panels with `positions` positions a panel and column blocks of `block`, a
+// CPU loop as the batched GEMMs; *calls / *flops as emu_maha_forward_panels.
+extern "C" int emu_maha_pos_panels(int xt, const void* x, int64_t sb, int64_t sp, int64_t sd, const float* means,
+                                   const float* factors, float* out, int64_t B, int64_t P, int64_t D, int64_t R,
+                                   int lower, int64_t positions, int64_t block, int64_t* calls, int64_t* flops) {
+  std::vector<float> xc(static_cast<size_t>(positions * B * D), NAN), z(static_cast<size_t>(positions * B * R), NAN),
+      guard(static_cast<size_t>(positions * B), NAN);
+  CpuPosPanels c{factors, xc.data(), z.data(), B, D, R};
+  const distkern::mahalanobis::PosPanels p{&cpu_pos_panel_gemm, &c, xc.data(), z.data(), guard.data(), positions,
+                                           block};
+  const int rc = static_cast<int>(distkern::mahalanobis::launch_positions_panels(
+      static_cast<DType>(xt), x, sb, sp, sd, means, out, B, P, D, R, lower != 0, p, nullptr));
+  *calls = c.calls;
+  *flops = c.flops;
+  return rc;
+}
+
+// distkern::mahalanobis::pos_panel_plan and use_pos_panels (automatic schedule), for the test to check them
+extern "C" void emu_maha_pos_panel_plan(int64_t B, int64_t P, int64_t D, int64_t R, int lower, int64_t* plan) {
+  const distkern::mahalanobis::PosPanelPlan pl = distkern::mahalanobis::pos_panel_plan(B, P, D, R, lower != 0);
+  plan[0] = pl.positions;
+  plan[1] = pl.block;
+}
+extern "C" int emu_maha_use_pos_panels(int xt, int ft, int64_t B, int64_t D, int64_t R, int schedule) {
+  return distkern::mahalanobis::use_pos_panels(static_cast<DType>(xt), static_cast<DType>(ft), B, D, R,
+                                               static_cast<distkern::mahalanobis::Schedule>(schedule));
+}

@@ -984,7 +984,7 @@ def _fused_cases(base: list[Case]) -> list[Case]:
 
 
 # The CUDA schedules of kernel_matmul (distkern._C.set_kernel_sum_schedule), nearest_cosine
-# (set_nearest_schedule) and the mahalanobis forward (set_mahalanobis_schedule): from D = 256 / 128 / 512 on the
+# (set_nearest_schedule) and the mahalanobis / mahalanobis_pos forwards (set_mahalanobis_schedule): from D = 256 / 128 / 512 on the
 # automatic one lets cuBLAS form the products in bounded panels (Gram panels; TF32 tensor cores in the tf32
 # mode), below it distkern's tile kernels fuse the products with what follows them. Neither side of either switch has run on a GPU yet:
 # each case here forces the schedule the automatic one does not take at its D.
@@ -993,10 +993,13 @@ _SCHEDULE_VARIANTS = {  # (op's switch, suffix): (schedule, the cases it is forc
     ("kernel_sum_schedule", "tiles"): (1, ("kernel_matmul/gaussian x3 N=M=65536 D=512 fp32",
                                            "kernel_matmul/gaussian x3 N=M=65536 D=512 fp32 tf32",
                                            "kernel_matmul/gaussian x3 N=M=65536 D=2048 fp32")),
-    ("mahalanobis_schedule", "gram"): (2, ("mahalanobis/N=1000000 D=256 fp32",)),
+    ("mahalanobis_schedule", "gram"): (2, ("mahalanobis/N=1000000 D=256 fp32",
+                                           "mahalanobis_pos/B=32 P=3136 D=100 x fp32 factors fp32")),
     ("mahalanobis_schedule", "tiles"): (1, ("mahalanobis/N=1000000 D=512 fp32",
                                             "mahalanobis/N=1000000 D=512 bf16",
-                                            "mahalanobis/N=1000000 D=512 fp32 tf32")),
+                                            "mahalanobis/N=1000000 D=512 fp32 tf32",
+                                            "mahalanobis_pos/B=32 P=3136 D=550 x fp32 factors fp32",
+                                            "mahalanobis_pos/B=32 P=3136 D=550 x fp32 factors fp32 tf32")),
     ("nearest_schedule", "tiles"): (1, ("nearest_cosine/N=100352 M=12544 D=512 fp32",
                                         "nearest_cosine/N=100352 M=12544 D=512 bf16")),
 }

@@ -339,6 +339,11 @@ def mahalanobis_pos(x: torch.Tensor, means: torch.Tensor, factors: torch.Tensor,
             (float64 only with float64 ``x``). They are read in place and never copied or
             converted as a whole: at PaDiM's sizes (P = 3136, D = 550) they are 3.8 GB in fp32,
             1.9 GB in bf16; each is read once per call whatever B is. Arithmetic is in float32.
+            With ``lower=True`` the strict upper triangle must be zero (as
+            :func:`~distkern.gaussian.whitening_factor` leaves it): the CPU refuses it otherwise; on
+            CUDA it is not checked (that would read all P factors once more), and float32 factors at
+            D ≥ 512 and B ≥ 16, whose products cuBLAS forms by column blocks that include the
+            diagonal blocks whole, would multiply it.
 
     Returns:
         ``(B, P)`` float32 (float64 for float64 ``x``), never negative; NaN for a row with an
