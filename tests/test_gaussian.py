@@ -84,15 +84,16 @@ def test_estimators_refuse_bad_data():
         ledoit_wolf(torch.ones(3))
 
 
-# 1, 2, 7: the op's own Cholesky and inverse (rows / columns in fours and the rest); from 9: LAPACK's Cholesky
-# and the recursive inverse (9: one leaf; 100, 150: two levels; 257: three, leaves of 64 and 65 → 32 + 33)
+# G = 1, one matrix at a time: 1, 2, 7: the op's own Cholesky and inverse (rows / columns in fours and the rest);
+# from 9: LAPACK's Cholesky and the recursive inverse (9: one leaf; 100, 150: two levels; 257: three, leaves of 64
+# and 65 → 32 + 33). G = 5: the vector lanes where the CPU has AVX2 (groups of 4 or 8, the last one padded).
 @pytest.mark.parametrize("D", [1, 2, 7, 9, 100, 150, 257])
 @pytest.mark.parametrize("symmetrize", [True, False])
-def test_whitening_factors_op(D, symmetrize, rng):
+@pytest.mark.parametrize("G", [1, 5])
+def test_whitening_factors_op(D, symmetrize, G, rng):
     """distkern.whitening_factors against float64 linear algebra: L lower-triangular, L Lᵀ = (½(Σ+Σᵀ) + ridge·I)⁻¹,
     in the asked dtype; info names the first non-definite minor of each matrix (and its L is NaN on the CPU
     path, never stale memory); batches of 0, opcheck."""
-    G = 5
     A = torch.randn(G, D, D + 2, generator=rng, dtype=torch.float64)
     cov = A @ A.transpose(1, 2) / (D + 2) + 0.05 * torch.eye(D, dtype=torch.float64)
     if not symmetrize:
@@ -110,7 +111,7 @@ def test_whitening_factors_op(D, symmetrize, rng):
     assert torch.equal(torch.ops.distkern.whitening_factors(cov.transpose(1, 2), ridge, symmetrize, None)[0], L)
     L32, _ = torch.ops.distkern.whitening_factors(cov, ridge, symmetrize, torch.float32)
     assert L32.dtype == torch.float32 and torch.allclose(L32.double(), L, rtol=1e-6, atol=1e-6 * float(L.abs().max()))
-    if D > 1:  # matrix 3 loses definiteness at its leading minor of order 2 (in the reversed order the op factors)
+    if D > 1 and G == 5:  # matrix 3 loses definiteness at its leading minor of order 2 (in the reversed order)
         bad = cov.clone()
         bad[3, D - 2, D - 2] = bad[3, D - 1, D - 1] = 1.0
         bad[3, D - 2, D - 1] = bad[3, D - 1, D - 2] = 2.0
@@ -128,6 +129,66 @@ def test_whitening_factors_op(D, symmetrize, rng):
         torch.ops.distkern.whitening_factors(torch.zeros(2, 3, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="ridge"):
         torch.ops.distkern.whitening_factors(cov, -1.0)
+
+
+LANES_CODE = """
+import sys, torch, distkern
+g = torch.Generator().manual_seed(11)
+res = {"isa": distkern._C.cpu_math_isa()}
+for D in (1, 6, 33, 100):
+    A = torch.randn(19, D, D + 3, generator=g, dtype=torch.float64)
+    cov = A @ A.transpose(1, 2) / (D + 3) + 0.05 * torch.eye(D, dtype=torch.float64)
+    cov[2, D // 2, D // 2] = -7.0           # not positive definite
+    cov[9, 0, D - 1] = float("nan")          # NaN off the diagonal (read by the symmetrisation)
+    cov[17, D - 1, D - 1] = -1.0            # the first pivot of the reversed matrix
+    for G in (4, 5, 8, 19):
+        for dt in (torch.float64, torch.float32, torch.bfloat16):
+            res[D, G, dt] = torch.ops.distkern.whitening_factors(cov[:G], 0.01, True, dt, 0.5)
+    res[D, "t"] = torch.ops.distkern.whitening_factors(cov.transpose(1, 2)[:11], 0.0, False, None, 1.0)
+    res[D, "cov"] = cov
+torch.save(res, sys.argv[1])
+"""
+
+
+def test_whitening_factors_lanes(with_and_without_avx512):
+    """The CPU factors of W matrices at a time on vector lanes (AVX-512: 8, AVX2: 4, the last group padded with
+    identities) and one at a time (DISTKERN_CPU_GEMM=0, LAPACK): one info everywhere (the first non-definite
+    minor, a NaN one included, the other matrices of the group unaffected), NaN factors where it is not 0,
+    float64 accuracy and every output dtype; a matrix gets the same bits in any batch at D ≤ 48 (batches of 4 to
+    19: whole groups and the narrower ones of the rest), in any batch where it falls in a whole group above, and
+    in both instruction sets."""
+    runs = with_and_without_avx512(LANES_CODE)
+    assert runs[2]["isa"] == "none"
+    for D in (1, 6, 33, 100):
+        cov = runs[0][D, "cov"]
+        S = 0.5 * (0.5 * (cov + cov.transpose(1, 2))) + 0.01 * torch.eye(D, dtype=torch.float64)
+        ref_info = [0] * 19
+        ref_info[2] = D - D // 2 if D > 1 else 1
+        ref_info[17] = 1
+        for res in runs:
+            for G in (4, 5, 8, 19):
+                L, info = res[D, G, torch.float64]
+                want = ref_info[:G]
+                if G > 9:  # NaN off the diagonal (on it at D = 1): fails where the NaN first reaches a pivot
+                    want[9] = info.tolist()[9] if D > 1 else 1
+                    assert want[9] > 0
+                assert info.tolist() == want, (res["isa"], D, G)
+                ok = info == 0
+                assert L[~ok].isnan().all()
+                eye = torch.eye(D, dtype=torch.float64).expand(int(ok.sum()), D, D)
+                assert torch.allclose(L[ok] @ (L[ok].transpose(1, 2) @ S[:G][ok]), eye, rtol=0, atol=1e-9)
+                for dt in (torch.float32, torch.bfloat16):
+                    Ld, id_ = res[D, G, dt]
+                    assert torch.equal(id_, info) and torch.equal(Ld[ok], L[ok].to(dt))
+            Lt, it = res[D, "t"]
+            assert torch.equal(it, torch.tensor(ref_info[:11], dtype=torch.int32)) or D == 1
+        lanes = [r for r in runs if r["isa"] != "none"]
+        for res in lanes:  # the same bits in every group
+            big = res[D, 19, torch.float64][0]
+            for G in ((4, 5, 8) if D <= 48 else (8,)):
+                assert torch.equal(res[D, G, torch.float64][0].nan_to_num(7.0), big[:G].nan_to_num(7.0)), (res["isa"], D, G)
+        if len(lanes) == 2:  # AVX-512 and AVX2: the same bits
+            assert torch.equal(lanes[0][D, 19, torch.float64][0].nan_to_num(7.0), lanes[1][D, 19, torch.float64][0].nan_to_num(7.0))
 
 
 def test_whitening_factors_release(rng):

@@ -104,6 +104,71 @@ struct Avx2 {
   }
 };
 
+// float64 lanes (the whitening factors' batched Cholesky and inverse, one matrix a lane): the arithmetic they
+// need, each operation correctly rounded in both sets, so a lane's results do not depend on the set.
+struct Avx512d {
+  using V = __m512d;
+  static constexpr int W = 8;
+  DK_AVX512 static V set1(double a) { return _mm512_set1_pd(a); }
+  DK_AVX512 static V zero() { return _mm512_setzero_pd(); }
+  DK_AVX512 static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  DK_AVX512 static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
+  DK_AVX512 static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
+  DK_AVX512 static V div(V a, V b) { return _mm512_div_pd(a, b); }
+  DK_AVX512 static V sqrt(V a) { return _mm512_sqrt_pd(a); }
+  DK_AVX512 static V fmadd(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }  // a·b + c
+  DK_AVX512 static V load(const double* p) { return _mm512_load_pd(p); }     // 64-byte aligned
+  DK_AVX512 static void store(double* p, V a) { _mm512_store_pd(p, a); }
+};
+
+struct Avx2d {
+  using V = __m256d;
+  static constexpr int W = 4;
+  DK_AVX2 static V set1(double a) { return _mm256_set1_pd(a); }
+  DK_AVX2 static V zero() { return _mm256_setzero_pd(); }
+  DK_AVX2 static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  DK_AVX2 static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+  DK_AVX2 static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  DK_AVX2 static V div(V a, V b) { return _mm256_div_pd(a, b); }
+  DK_AVX2 static V sqrt(V a) { return _mm256_sqrt_pd(a); }
+  DK_AVX2 static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  DK_AVX2 static V load(const double* p) { return _mm256_load_pd(p); }  // 32-byte aligned
+  DK_AVX2 static void store(double* p, V a) { _mm256_store_pd(p, a); }
+};
+
+// The same float64 operations on 2 lanes (SSE registers, VEX-encoded FMA) and on 1 (a scalar), for the last
+// matrices of a batch that fill no whole AVX2 group: a lane's arithmetic, hence its bits, is the same at every
+// width.
+struct Fma2d {
+  using V = __m128d;
+  static constexpr int W = 2;
+  DK_AVX2 static V set1(double a) { return _mm_set1_pd(a); }
+  DK_AVX2 static V zero() { return _mm_setzero_pd(); }
+  DK_AVX2 static V add(V a, V b) { return _mm_add_pd(a, b); }
+  DK_AVX2 static V sub(V a, V b) { return _mm_sub_pd(a, b); }
+  DK_AVX2 static V mul(V a, V b) { return _mm_mul_pd(a, b); }
+  DK_AVX2 static V div(V a, V b) { return _mm_div_pd(a, b); }
+  DK_AVX2 static V sqrt(V a) { return _mm_sqrt_pd(a); }
+  DK_AVX2 static V fmadd(V a, V b, V c) { return _mm_fmadd_pd(a, b, c); }
+  DK_AVX2 static V load(const double* p) { return _mm_load_pd(p); }  // 16-byte aligned
+  DK_AVX2 static void store(double* p, V a) { _mm_store_pd(p, a); }
+};
+
+struct Fma1d {
+  using V = double;
+  static constexpr int W = 1;
+  DK_AVX2 static V set1(double a) { return a; }
+  DK_AVX2 static V zero() { return 0.0; }
+  DK_AVX2 static V add(V a, V b) { return a + b; }
+  DK_AVX2 static V sub(V a, V b) { return a - b; }
+  DK_AVX2 static V mul(V a, V b) { return a * b; }
+  DK_AVX2 static V div(V a, V b) { return a / b; }
+  DK_AVX2 static V sqrt(V a) { return _mm_cvtsd_f64(_mm_sqrt_sd(_mm_setzero_pd(), _mm_set_sd(a))); }
+  DK_AVX2 static V fmadd(V a, V b, V c) { return _mm_cvtsd_f64(_mm_fmadd_sd(_mm_set_sd(a), _mm_set_sd(b), _mm_set_sd(c))); }
+  DK_AVX2 static V load(const double* p) { return *p; }
+  DK_AVX2 static void store(double* p, V a) { *p = a; }
+};
+
 }  // namespace simd
 }  // namespace distkern
 #endif  // DK_AVX512_CODE
