@@ -7,9 +7,10 @@
 // Why an op: PaDiM fits 3136 covariances (D = 100 to 550). torch's batched Cholesky and triangular solve
 // on the CPU factor one matrix after another on one core, and the flips, symmetrisation and casts each
 // stream all P·D² float64 through memory (2.6 s at P = 3136, D = 100 as whole-batch torch ops, 1.3 s after
-// removing the redundant passes). Here the matrices go one at a time through scratch matrices of each task,
-// in parallel over the batch (at::parallel_for; LAPACK single-threaded inside each), the reversal folded into
-// the load and the store. Other devices run ATen calls on chunks of the batch (cuSOLVER batches each).
+// removing the redundant passes). Here, in parallel over the batch (at::parallel_for), the matrices go through
+// scratch buffers of each task with the reversal folded into the load and the store: eight at a time on
+// AVX-512 lanes (four on AVX2; factor_lanes.inc) up to D = kLanesMaxD, else one at a time (LAPACK
+// single-threaded inside each). Other devices run ATen calls on chunks of the batch (cuSOLVER batches each).
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
@@ -241,7 +242,10 @@ void factor_group_cpu(const at::Tensor& cov, int64_t g, int64_t W, double ridge,
   // each Σ once along its rows p (W streams, the lanes innermost): Σ[p][q] for q > p is stored as it is, and
   // completed at row q, where Σ[q][p] arrives: ((Σ[p][q] + Σ[q][p])·0.5)·scale. (Element by element, the
   // symmetrisation read down the columns: ~40 % of the op's time at D = 100.)
-  auto at_a = [&](int64_t p, int64_t q) { const int64_t i = D - 1 - p; return a + (i * (i + 1) / 2 + (D - 1 - q)) * W; };
+  auto at_a = [&](int64_t p, int64_t q) {
+    const int64_t i = D - 1 - p;
+    return a + (i * (i + 1) / 2 + (D - 1 - q)) * W;
+  };
   for (int64_t p = 0; p < D; ++p) {
     if (symmetrize)
       for (int64_t q = 0; q < p; ++q) {  // completes pair (q, p)
