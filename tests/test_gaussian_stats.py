@@ -433,6 +433,10 @@ def test_without_fourth_moments(mode, rng):
     with pytest.raises(ValueError, match="Ledoit-Wolf needs the fourth moments"):
         first.covariance("ledoit-wolf")
     assert make(False).merge(full).fourth_moments is False
+    if mode == "single":  # a refused merge (another D) leaves the flag and the moments as they were
+        with pytest.raises(ValueError, match="features"):
+            full.merge(GaussianStats(fourth_moments=False).update(torch.randn(4, d + 1, dtype=torch.float64)))
+        assert full.fourth_moments and torch.equal(full.state_dict()["quartic"], a["quartic"])
 
 
 def test_errors_are_clear():

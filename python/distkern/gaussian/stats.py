@@ -572,11 +572,11 @@ class GaussianStats:
         if other._m is None:
             return self
         assert other.num_features is not None
-        if self.fourth_moments and not other.fourth_moments and self._m is not None:
-            self._m = self._m._replace(cubic=self._m.cubic.zero_(), quartic=self._m.quartic.zero_())
-        self.fourth_moments = self.fourth_moments and other.fourth_moments
         self._alloc(other.num_features, self._device or other.device, "GaussianStats.merge")
         assert self._m is not None
+        if self.fourth_moments and not other.fourth_moments:  # after the checks: a refused merge changes nothing
+            self._m = self._m._replace(cubic=self._m.cubic.zero_(), quartic=self._m.quartic.zero_())
+            self.fourth_moments = False
         self._m = self._merge_moments(self._m, _Moments(*(t.to(self._device) for t in other._m)))
         self._batches += other._batches
         return self
