@@ -245,6 +245,41 @@ def test_classes_merge_a_chunk_of_classes_at_a_time(rng, monkeypatch):
     assert ((a["cubic"] - b["cubic"]).abs().amax(1) <= 1e-12 * scale).all()
 
 
+@pytest.mark.parametrize("product_dtype", [torch.float64, torch.float32])
+def test_classes_both_ways_of_forming_the_moments(product_dtype, rng, monkeypatch):
+    """A batch's per-class moments by one centred_moments call a class (many rows a class) and by the float64
+    rows centred at once (few): the same statistics as the per-class float64 reference, over uneven batches
+    with absent classes and a one-row class, with large offsets, in chunks of classes too."""
+    import distkern.gaussian.stats as stats_mod
+
+    K, d, n = 6, 7, 300
+    x = sample(n, d, rng, offset=1e3)
+    labels = torch.randint(0, K - 1, (n,), generator=rng)  # class K-1 never seen
+    labels[17] = 2
+    x[:, 0] += 5.0 * labels  # class-dependent means
+    splits = random_splits(n, rng, max_batch=90)
+    fits = {}
+    for rows, chunk in ((0, 1 << 30), (1 << 30, 1 << 30), (0, 2 * d * d * 8)):
+        monkeypatch.setattr(stats_mod, "_OP_ROWS_PER_CLASS", rows)
+        monkeypatch.setattr(stats_mod, "_FACTOR_CHUNK_BYTES", chunk)
+        st = GaussianStats(num_classes=K, product_dtype=product_dtype)
+        for a, b in splits:
+            st.update(x[a:b], labels[a:b])
+        fits[rows, chunk] = st
+    tol = 1e-10 if product_dtype == torch.float64 else 2e-6
+    for st in fits.values():
+        assert st.count.tolist() == [int((labels == k).sum()) for k in range(K)]
+        sd = st.state_dict()
+        for k in range(K - 1):
+            z = x[labels == k] - x[labels == k].mean(0)
+            sq = (z * z).sum(1)
+            assert_close(sd["mean"][k], x[labels == k].mean(0), 1e-13)
+            assert_close(sd["scatter"][k], z.T @ z, tol)
+            assert_close(sd["quartic"][k], (sq * sq).sum(), 10 * tol)
+            # Σ‖z‖²z is a signed sum far below its terms: on the scale of Σ‖z‖³
+            assert (sd["cubic"][k] - (sq[:, None] * z).sum(0)).abs().max() <= 10 * tol * (sq ** 1.5).sum()
+
+
 def test_statistics_larger_than_memory_are_refused_with_what_to_do(monkeypatch):
     """Zero-filling accumulators larger than the memory left would end in the kernel's OOM killer (the
     allocation itself is overcommitted): refused before, with the way out for each layout."""
