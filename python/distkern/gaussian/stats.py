@@ -146,10 +146,12 @@ def _centred_moments_fake(x, double_products=False):
     return x.new_empty(D, **f64), x.new_empty(D, D, **f64), x.new_empty(D, **f64), x.new_empty((), **f64)
 
 
-def _class_centred(x: torch.Tensor, labels: torch.Tensor):
+def _class_centred(x: torch.Tensor, labels: torch.Tensor, uniq: tuple | None = None):
     """``(labels present (k,), inverse (N,), counts (k,) int64, counts float64, batch means (k, D), x − its class's
-    batch mean)`` for ``x (N, D)`` float64."""
-    present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    batch mean)`` for ``x (N, D)`` float64; ``uniq``: ``torch.unique(labels, return_inverse=True,
+    return_counts=True)`` when the caller has it."""
+    present, inverse, counts = uniq if uniq is not None else torch.unique(labels, return_inverse=True,
+                                                                           return_counts=True)
     cnt = counts.to(torch.float64)
     mean = torch.zeros(present.numel(), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
     mean /= cnt[:, None]
@@ -169,10 +171,11 @@ def _grouped_moments(x: torch.Tensor, labels: torch.Tensor, product_dtype: torch
     rows centred on the class's float64 mean, products tile by tile, in ``product_dtype`` (10 classes × 819 rows at
     D = 256: 45 → 20 ms an update). With fewer, the calls' fixed cost dominates: the rows are centred in float64 all
     at once and each class's scatter is one small float64 product."""
-    present, counts = torch.unique(labels, return_counts=True)
+    uniq = torch.unique(labels, return_inverse=True, return_counts=True)
+    present, inverse, counts = uniq
     k = present.numel()
     if x.shape[0] >= _OP_ROWS_PER_CLASS * k:
-        xs = x[torch.argsort(labels, stable=True)]
+        xs = x[torch.argsort(inverse, stable=True)]
         bounds = [0] + counts.cumsum(0).tolist()
         double = product_dtype == torch.float64
         for c0 in range(0, k, step):
@@ -182,7 +185,7 @@ def _grouped_moments(x: torch.Tensor, labels: torch.Tensor, product_dtype: torch
             cnt = counts[c0:c1].to(torch.float64)
             yield present[c0:c1], _Moments(cnt, total / cnt[:, None], scatter, cubic, quartic)
         return
-    present, inverse, counts, cnt, mean, z = _class_centred(x.to(torch.float64), labels)
+    _, _, _, cnt, mean, z = _class_centred(x.to(torch.float64), labels, uniq)
     sq = (z * z).sum(1)
     cubic = torch.zeros(k, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, inverse, sq[:, None] * z)
     quartic = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(0, inverse, sq * sq)
@@ -712,7 +715,9 @@ class GaussianStats:
                              f"ha{'ve' if len(few) > 1 else 's'} only {sorted({int(n[i]) for i in few})} sample(s)")
         return n
 
-    def _check_pooled(self, pooled: bool, estimator: str, who: str) -> None:
+    def _check_estimator(self, pooled: bool, estimator: str, who: str) -> None:
+        """Refuse what these statistics cannot estimate: Ledoit-Wolf without the fourth moments, a per-group
+        estimate from pooled statistics, Ledoit-Wolf from pooled ones."""
         if estimator == "ledoit-wolf" and not self.fourth_moments:
             raise ValueError(f"GaussianStats.{who}: Ledoit-Wolf needs the fourth moments, which these statistics do "
                              "not keep (GaussianStats(..., fourth_moments=False)); use estimator='oas' or 'empirical' "
@@ -732,7 +737,7 @@ class GaussianStats:
         """(covariance, shrinkage) of every group, or of ``groups`` (a slice) only."""
         if estimator not in _ESTIMATORS:
             raise ValueError(f"GaussianStats.{who}: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
-        self._check_pooled(pooled, estimator, who)
+        self._check_estimator(pooled, estimator, who)
         n = self._counts(pooled, who, ddof)
         m = self._m
         if pooled:
@@ -820,7 +825,7 @@ class GaussianStats:
         ddof = _check_ddof(ddof, "GaussianStats.factor")
         if estimator not in _ESTIMATORS:
             raise ValueError(f"GaussianStats.factor: estimator must be one of {_ESTIMATORS}; got {estimator!r}")
-        self._check_pooled(pooled, estimator, "factor")
+        self._check_estimator(pooled, estimator, "factor")
         n = self._counts(pooled, "factor", ddof)
         try:
             return self._factor(estimator, ridge, pooled, dtype, ddof, n, release)
